@@ -1,0 +1,16 @@
+"""fdbox: keep VM guest-memory file descriptors alive, by name, across VMM restarts and kexec.
+
+The package is laid out one concept a module:
+
+- :mod:`fdboxd.errors`   the one exception class and the error names every front-end speaks
+- :mod:`fdboxd.names`    box and entry name rules
+- :mod:`fdboxd.fdtypes`  what kind of file an fd really is (never trust the client)
+- :mod:`fdboxd.model`    boxes, entries, states, callers
+- :mod:`fdboxd.store`    the core: rules, ownership, limits, events
+- :mod:`fdboxd.manifest` the on-disk record of names, owners and types
+- :mod:`fdboxd.backends` where the file references actually live (memory, kernel)
+- :mod:`fdboxd.varlink`  the socket protocol (framing) and server
+- :mod:`fdboxd.client`   the client library used by fdboxctl and integrators
+"""
+
+__version__ = "0.1.0"

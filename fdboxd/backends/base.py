@@ -1,0 +1,89 @@
+"""The backend contract: the part of fdbox that actually holds file references.
+
+The store (:mod:`fdboxd.store`) owns names, owners, states and rules; a backend only
+holds files and answers what it holds. Two backends exist:
+
+- ``memory``: the daemon process holds a dup of each fd. Survives nothing by itself;
+  under systemd the fds are also pushed to the service's fdstore (see fdboxd.systemd).
+- ``kernel``: ``/dev/fdbox`` holds the references; they survive the daemon and, once a
+  box is sealed, kexec.
+
+Rules every backend follows:
+
+- ``put`` takes its *own* reference. The caller's fd stays open and is the caller's to
+  close, on success and on failure.
+- ``get`` returns a *new* fd (``O_CLOEXEC``) that the caller owns and must close.
+- Methods are called only with names the store has validated and in states the store
+  has checked; a backend still refuses what it cannot do, with an ``FdboxError``.
+- ``inventory`` reports what the backend really holds, so the store can reconcile the
+  manifest after a restart or a kexec instead of believing it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from ..fdtypes import FdInfo, FdType
+from ..model import BoxState
+
+
+@dataclass
+class BackendEntry:
+    name: str
+    type: FdType
+    size: int
+
+
+@dataclass
+class BackendBox:
+    name: str
+    state: BoxState
+    entries: dict[str, BackendEntry] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    #: Short name shown in Status and on D-Bus ("memory", "kernel").
+    name: str = "?"
+    #: True if sealed boxes survive a kexec with this backend.
+    survives_kexec: bool = False
+
+    @abc.abstractmethod
+    def accepts(self, fd_type: FdType) -> bool:
+        """Whether this backend can hold files of this type at all."""
+
+    @abc.abstractmethod
+    def create_box(self, box: str) -> None: ...
+
+    @abc.abstractmethod
+    def delete_box(self, box: str) -> None:
+        """Drop the box and every reference it holds."""
+
+    @abc.abstractmethod
+    def put(self, box: str, name: str, fd: int, info: FdInfo) -> None:
+        """Hold a reference to the file behind ``fd`` (the caller keeps ``fd``)."""
+
+    @abc.abstractmethod
+    def get(self, box: str, name: str) -> int:
+        """Return a new fd for the entry; the caller owns it."""
+
+    @abc.abstractmethod
+    def remove(self, box: str, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def seal(self, box: str) -> None:
+        """Make the box ready to cross kexec (the store already refused bad states)."""
+
+    @abc.abstractmethod
+    def unseal(self, box: str) -> None:
+        """Undo :meth:`seal` with nothing lost."""
+
+    def finish(self, box: str) -> None:
+        """A restored box is done: release restore-only resources. Default: nothing."""
+
+    @abc.abstractmethod
+    def inventory(self) -> dict[str, BackendBox]:
+        """What the backend really holds, by box name."""
+
+    def close(self) -> None:
+        """Release the backend's handle (not its entries, for the kernel backend)."""

@@ -1,0 +1,174 @@
+"""fdboxd: the daemon. Wires a backend, the manifest, the store and the front-ends
+onto one asyncio loop, and runs until SIGTERM/SIGINT.
+
+Run ``fdboxd --help``. With no options as root it is the system daemon
+(``/run/fdbox/fdboxd.sock``, ``/var/lib/fdbox``, the kernel backend if ``/dev/fdbox``
+exists); ``--user`` (the default for non-root) keeps everything in directories the user
+owns and uses the memory backend unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__, paths
+from .backends import DEVICE_PATH, open_backend
+from .errors import FdboxError
+from .fdtypes import MEMORY_TYPES, FdType
+from .manifest import Manifest
+from .model import Caller
+from .store import Limits, Store
+from .varlink.protocol import MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
+from .varlink.server import VarlinkServer, bind_socket
+from .varlink.service import StoreService
+
+log = logging.getLogger("fdboxd")
+
+
+@dataclass
+class Config:
+    socket: str
+    state_dir: str
+    backend: str = "auto"
+    device: str = DEVICE_PATH
+    allowed_types: frozenset[FdType] = MEMORY_TYPES
+    limits: Limits = field(default_factory=Limits)
+    max_fds: int = MAX_FDS_PER_MESSAGE
+    max_message_size: int = MAX_MESSAGE_SIZE
+    bus: str | None = None  # D-Bus front-end: "system", "session" or an address
+    log_level: str = "info"
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog="fdboxd", description="fdbox daemon: named boxes of file descriptors.")
+    p.add_argument("--user", action="store_true", default=None,
+                   help="run as a user daemon: socket and state under the user's own directories")
+    p.add_argument("--socket", help="Varlink socket path (default: /run/fdbox/fdboxd.sock as root)")
+    p.add_argument("--state-dir", help="where manifest.json lives (default: /var/lib/fdbox as root)")
+    p.add_argument("--backend", choices=["auto", "memory", "kernel"], default="auto",
+                   help="auto: kernel if /dev/fdbox exists, else memory")
+    p.add_argument("--device", default=DEVICE_PATH, help=argparse.SUPPRESS)
+    p.add_argument("--allow-type", action="append", default=[], metavar="TYPE",
+                   choices=[t.value for t in FdType],
+                   help="also accept fds of this type (tap, other); memfd types are always accepted")
+    p.add_argument("--max-entries-per-box", type=int, default=Limits.max_entries_per_box)
+    p.add_argument("--max-entries", type=int, default=Limits.max_entries_total)
+    p.add_argument("--max-boxes", type=int, default=Limits.max_boxes)
+    p.add_argument("--max-fds-per-message", type=int, default=MAX_FDS_PER_MESSAGE)
+    p.add_argument("--bus", help="also serve D-Bus: system, session, or a bus address")
+    p.add_argument("--log-level", default=os.environ.get("FDBOX_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"fdboxd {__version__}")
+    a = p.parse_args(argv)
+    user = a.user if a.user is not None else os.geteuid() != 0
+    if not 1 <= a.max_fds_per_message <= MAX_FDS_PER_MESSAGE:
+        p.error(f"--max-fds-per-message must be 1..{MAX_FDS_PER_MESSAGE}")
+    return Config(
+        socket=a.socket or paths.default_socket(user),
+        state_dir=a.state_dir or paths.default_state_dir(user),
+        backend=a.backend,
+        device=a.device,
+        allowed_types=MEMORY_TYPES | {FdType(t) for t in a.allow_type},
+        limits=Limits(max_boxes=a.max_boxes, max_entries_per_box=a.max_entries_per_box,
+                      max_entries_total=a.max_entries),
+        max_fds=a.max_fds_per_message,
+        bus=a.bus,
+        log_level=a.log_level,
+    )
+
+
+class Daemon:
+    """Everything the running daemon owns, so tests and front-ends can reach it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.backend = open_backend(config.backend, config.device)
+        self.store = Store(self.backend, Manifest(config.state_dir), limits=config.limits,
+                           allowed_types=config.allowed_types)
+        self.stopping = asyncio.Event()
+        self.varlink: VarlinkServer | None = None
+        self.frontends: list[Any] = []  # objects with an async close()
+
+    def limits(self) -> dict[str, int]:
+        lim = self.config.limits
+        return {
+            "max_boxes": lim.max_boxes,
+            "max_entries_per_box": lim.max_entries_per_box,
+            "max_entries": lim.max_entries_total,
+            "max_fds_per_message": self.config.max_fds,
+            "max_message_size": self.config.max_message_size,
+        }
+
+    async def start(self, listener: Any = None) -> None:
+        """Open the front-ends. ``listener``: an already-bound socket (socket activation)."""
+        sock = listener if listener is not None else bind_socket(self.config.socket)
+        self.varlink = VarlinkServer(
+            StoreService(self.store, self.limits()), sock,
+            max_message_size=self.config.max_message_size, max_fds=self.config.max_fds,
+            log_op=log_op,
+        )
+        st = self.store.status()
+        log.info("fdboxd %s ready on %s: backend %s, %d boxes, %d entries, %d lost, %d adopted",
+                 __version__, self.config.socket, st["backend"], st["boxes"], st["entries"],
+                 len(st["lost"]), len(st["adopted"]))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.start()
+        await self.stopping.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        for fe in reversed(self.frontends):
+            await fe.close()
+        if self.varlink is not None:
+            self.varlink.close()
+        # Only the memory backend's references die with the process; the kernel keeps its own.
+        self.backend.close()
+        log.info("fdboxd stopped")
+
+
+def log_op(caller: Caller, method: Any, params: dict[str, Any], error: FdboxError | None) -> None:
+    """One log line per state-changing call (reads are not logged)."""
+    op = str(method).rsplit(".", 1)[-1]
+    if op in ("List", "Status", "GetInfo", "GetInterfaceDescription"):
+        return
+    box, name = params.get("box"), params.get("name")
+    where = f"{box}/{name}" if name else f"{box}" if box else "*"
+    if error is None:
+        log.info("%s %s by uid %d pid %d", op, where, caller.uid, caller.pid)
+    else:
+        log.info("%s %s by uid %d pid %d refused: %s", op, where, caller.uid, caller.pid, error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="fdboxd: %(levelname)s %(message)s")
+    try:
+        daemon = asyncio.run(_main(config))
+    except FdboxError as e:
+        log.error("%s", e.message)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0 if daemon else 1
+
+
+async def _main(config: Config) -> Daemon:
+    daemon = Daemon(config)
+    await daemon.run()
+    return daemon
+
+
+if __name__ == "__main__":
+    sys.exit(main())

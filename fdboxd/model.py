@@ -1,0 +1,114 @@
+"""The data model: boxes of named entries, their states, and who is asking.
+
+A **box** is a named group of entries, usually one VM's files. An **entry** is one named
+file in a box. Boxes move ``open`` → ``sealed`` (no put/remove; ready for kexec) →
+(after kexec) ``restored`` (entries can be taken back) → ``open`` again when every entry
+was claimed, on ``Unseal`` or on finish.
+
+These are plain records. The rules live in :mod:`fdboxd.store`; the file references
+live in a backend. Both the manifest and every front-end serialise entries through
+:meth:`Entry.to_dict`, so a field is named once.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .fdtypes import FdType
+
+
+class BoxState(enum.StrEnum):
+    OPEN = "open"
+    SEALED = "sealed"
+    RESTORED = "restored"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking, as the kernel told us (SO_PEERCRED, the bus), never the message."""
+
+    uid: int
+    gid: int
+    pid: int = 0
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+
+@dataclass
+class Entry:
+    box: str
+    name: str
+    type: FdType
+    size: int
+    uid: int
+    gid: int
+    created: float = field(default_factory=time.time)
+    metadata: dict[str, str] = field(default_factory=dict)
+    seals: int | None = None
+    sha256: str | None = None
+    #: In a restored box: the owner took it back (the box reopens when all are).
+    claimed: bool = False
+    #: Type-specific facts worth carrying (a tap's interface record, see fdboxd.net).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def owned_by(self, caller: Caller) -> bool:
+        return caller.is_root or caller.uid == self.uid
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "box": self.box,
+            "name": self.name,
+            "type": str(self.type),
+            "size": self.size,
+            "uid": self.uid,
+            "gid": self.gid,
+            "created": self.created,
+            "metadata": dict(self.metadata),
+        }
+        if self.seals is not None:
+            d["seals"] = self.seals
+        if self.sha256 is not None:
+            d["sha256"] = self.sha256
+        if self.claimed:
+            d["claimed"] = True
+        if self.extra:
+            d["extra"] = self.extra
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Entry:
+        return cls(
+            box=str(d["box"]),
+            name=str(d["name"]),
+            type=FdType(d["type"]),
+            size=int(d["size"]),
+            uid=int(d["uid"]),
+            gid=int(d["gid"]),
+            created=float(d["created"]),
+            metadata={str(k): str(v) for k, v in d.get("metadata", {}).items()},
+            seals=d.get("seals"),
+            sha256=d.get("sha256"),
+            claimed=bool(d.get("claimed", False)),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+@dataclass
+class Box:
+    name: str
+    state: BoxState = BoxState.OPEN
+    entries: dict[str, Entry] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": str(self.state),
+            "entries": len(self.entries),
+            "size": sum(e.size for e in self.entries.values()),
+        }

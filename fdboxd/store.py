@@ -1,0 +1,515 @@
+"""The core of fdbox: rules, ownership, limits and events over a backend.
+
+Every front-end (Varlink, D-Bus, the systemd fdstore mirror) calls the same
+:class:`Store` methods with a :class:`~fdboxd.model.Caller` it got from the kernel, so
+the rules below hold the same everywhere:
+
+- names follow :mod:`fdboxd.names`; types are *detected* (:mod:`fdboxd.fdtypes`) and
+  only ``allowed_types`` are accepted;
+- a box belongs to whoever created it; only its owner (or root) may put into it, seal,
+  unseal or delete it; only an entry's owner (or root) may get or remove the entry;
+  non-root callers see only their own entries;
+- a sealed box takes no put and no remove;
+- every change is written to the manifest before it is reported done; if that write
+  fails the change is undone and the caller gets ``BackendUnavailable``;
+- the caller's fds are never closed here: backends take their own references.
+
+The store is single-threaded: the daemon calls it from its one asyncio loop. Long work
+(checksumming a big box at seal time) is done in :meth:`Store.seal` in one go; callers
+that must stay responsive run it in a worker while holding the loop's attention
+elsewhere — see the Varlink server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .backends.base import Backend
+from .backends.memory import MemoryBackend
+from .errors import FdboxError
+from .fdtypes import MEMORY_TYPES, FdInfo, FdType, detect
+from .manifest import Manifest, ManifestData
+from .model import Box, BoxState, Caller, Entry
+from .names import check_box_name, check_entry_name
+
+log = logging.getLogger("fdboxd.store")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep one caller from exhausting the daemon (all: LimitExceeded)."""
+
+    max_boxes: int = 1024
+    max_entries_per_box: int = 1024
+    max_entries_total: int = 16384
+    max_metadata_keys: int = 32
+    max_metadata_bytes: int = 4096
+
+
+@dataclass(frozen=True)
+class Event:
+    """A change front-ends may mirror: D-Bus signals, the systemd fdstore, the journal.
+
+    ``fd`` is set on ``entry-added`` only and is borrowed: valid during the callback.
+    """
+
+    kind: str  # "entry-added" | "entry-removed" | "state-changed"
+    box: str
+    entry: Entry | None = None
+    state: BoxState | None = None
+    fd: int | None = None
+
+
+@dataclass(frozen=True)
+class PutItem:
+    name: str
+    fd: int
+    metadata: dict[str, str]
+
+
+Listener = Callable[[Event], None]
+
+
+class Store:
+    def __init__(
+        self,
+        backend: Backend,
+        manifest: Manifest | None = None,
+        *,
+        limits: Limits = Limits(),
+        allowed_types: Iterable[FdType] = MEMORY_TYPES,
+    ) -> None:
+        self.backend = backend
+        # Types the main backend cannot hold (tap fds with the kernel backend) are
+        # held by the daemon itself.
+        self.side: Backend = backend if isinstance(backend, MemoryBackend) else MemoryBackend()
+        self.manifest = manifest
+        self.limits = limits
+        self.allowed_types = frozenset(allowed_types)
+        self.boxes: dict[str, Box] = {}
+        self.owners: dict[str, int] = {}
+        self.generation = 0
+        #: Entries the manifest named but no backend held at start (reported, not invented).
+        self.lost: list[dict[str, Any]] = []
+        #: Entries a backend held that the manifest did not know (adopted as root's).
+        self.adopted: list[dict[str, Any]] = []
+        self.listeners: list[Listener] = []
+        self._reconcile(manifest.load() if manifest else ManifestData())
+
+    # ------------------------------------------------------------------ start-up
+
+    def _reconcile(self, data: ManifestData) -> None:
+        """Believe the backends for what exists, the manifest for who owns it."""
+        held = dict(self.backend.inventory())
+        if self.side is not self.backend:
+            for name, sbox in self.side.inventory().items():
+                held.setdefault(name, sbox).entries.update(sbox.entries)
+        self.generation = data.generation
+        for name, box in data.boxes.items():
+            hbox = held.get(name)
+            for ename, entry in list(box.entries.items()):
+                if hbox is not None and ename in hbox.entries:
+                    entry.size = hbox.entries[ename].size
+                    continue
+                if entry.extra.get("recreate"):
+                    continue  # e.g. a tap to be recreated after kexec (fdboxd.net)
+                del box.entries[ename]
+                self.lost.append({"box": name, "name": ename, "type": str(entry.type)})
+                log.warning("entry %s/%s is in the manifest but no backend holds it", name, ename)
+            if hbox is not None:
+                box.state = hbox.state
+            elif not box.entries:
+                log.warning("box %s is in the manifest but no backend holds it", name)
+                continue
+            self.boxes[name] = box
+            self.owners[name] = data.owners.get(name, 0)
+        for name, hbox in held.items():
+            box = self.boxes.get(name)
+            if box is None:
+                box = self.boxes[name] = Box(name, hbox.state)
+                self.owners[name] = 0
+            for ename, he in hbox.entries.items():
+                if ename not in box.entries:
+                    box.entries[ename] = Entry(name, ename, he.type, he.size, 0, 0)
+                    self.adopted.append({"box": name, "name": ename, "type": str(he.type)})
+                    log.warning("adopted %s/%s held by the backend but not in the manifest", name, ename)
+        if self.manifest is not None:
+            self._save()
+
+    # ------------------------------------------------------------------ queries
+
+    def status(self) -> dict[str, Any]:
+        entries = sum(len(b.entries) for b in self.boxes.values())
+        states = {s: 0 for s in BoxState}
+        for b in self.boxes.values():
+            states[b.state] += 1
+        return {
+            "backend": self.backend.name,
+            "survives_kexec": self.backend.survives_kexec,
+            "boxes": len(self.boxes),
+            "entries": entries,
+            "sealed": states[BoxState.SEALED],
+            "restored": states[BoxState.RESTORED],
+            "state": self.overall_state(),
+            "lost": list(self.lost),
+            "adopted": list(self.adopted),
+            "generation": self.generation,
+        }
+
+    def overall_state(self) -> str:
+        """One word for the whole store: open, sealed (every non-empty box), restored."""
+        states = {b.state for b in self.boxes.values()}
+        if BoxState.RESTORED in states:
+            return "restored"
+        if states == {BoxState.SEALED}:
+            return "sealed"
+        return "open"
+
+    def list(self, caller: Caller, box: str | None = None) -> list[Entry]:
+        boxes = [self._box(box)] if box is not None else list(self.boxes.values())
+        out = []
+        for b in sorted(boxes, key=lambda b: b.name):
+            for e in sorted(b.entries.values(), key=lambda e: e.name):
+                if e.owned_by(caller):
+                    out.append(e)
+        return out
+
+    def list_boxes(self, caller: Caller) -> list[dict[str, Any]]:
+        out = []
+        for name in sorted(self.boxes):
+            b = self.boxes[name]
+            mine = [e for e in b.entries.values() if e.owned_by(caller)]
+            if caller.is_root or mine or self.owners.get(name) == caller.uid:
+                s = b.summary()
+                s["owner"] = self.owners.get(name, 0)
+                if not caller.is_root:
+                    s["entries"] = len(mine)
+                    s["size"] = sum(e.size for e in mine)
+                out.append(s)
+        return out
+
+    # ------------------------------------------------------------------ changes
+
+    def put(self, caller: Caller, box: str, name: str, fd: int, metadata: dict[str, str] | None = None) -> Entry:
+        return self.put_many(caller, box, [PutItem(name, fd, metadata or {})])[0]
+
+    def put_many(self, caller: Caller, box: str, items: list[PutItem]) -> list[Entry]:
+        """Put several entries into one box: all of them, or none."""
+        check_box_name(box)
+        if not items:
+            raise FdboxError("InvalidRequest", "no entries to put", box=box)
+        names = [check_entry_name(it.name) for it in items]
+        if len(set(names)) != len(names):
+            raise FdboxError("AlreadyExists", "the same name twice in one request", box=box)
+        infos = [self._check_fd(it.fd) for it in items]
+        for it in items:
+            self._check_metadata(it.metadata)
+        b = self.boxes.get(box)
+        if b is not None:
+            if not (caller.is_root or self.owners.get(box) == caller.uid):
+                raise FdboxError("PermissionDenied", f"box {box} belongs to another user", box=box)
+            if b.state != BoxState.OPEN:
+                raise FdboxError("Sealed", f"box {box} is {b.state}", box=box, state=str(b.state))
+            for n in names:
+                if n in b.entries:
+                    raise FdboxError("AlreadyExists", f"{box}/{n} exists", box=box, name=n)
+        elif len(self.boxes) >= self.limits.max_boxes:
+            raise FdboxError("LimitExceeded", f"at most {self.limits.max_boxes} boxes", limit="boxes")
+        have = len(b.entries) if b else 0
+        if have + len(items) > self.limits.max_entries_per_box:
+            raise FdboxError(
+                "LimitExceeded", f"at most {self.limits.max_entries_per_box} entries per box", box=box, limit="entries_per_box"
+            )
+        if self.entry_count() + len(items) > self.limits.max_entries_total:
+            raise FdboxError("LimitExceeded", f"at most {self.limits.max_entries_total} entries", limit="entries")
+
+        created_box = b is None
+        if created_box:
+            self._create_box(box)
+            b = self.boxes[box]
+            self.owners[box] = caller.uid
+        done: list[Entry] = []
+        try:
+            for it, info in zip(items, infos, strict=True):
+                self._backend_for(info.type).put(box, it.name, it.fd, info)
+                entry = Entry(
+                    box, it.name, info.type, info.size, caller.uid, caller.gid,
+                    metadata=dict(it.metadata), seals=info.seals,
+                )
+                b.entries[it.name] = entry
+                done.append(entry)
+            self._save()
+        except BaseException:
+            for entry in done:
+                self._drop(b, entry.name)
+            if created_box:
+                self._delete_box_backends(box)
+                del self.boxes[box]
+                self.owners.pop(box, None)
+            raise
+        for entry, it in zip(done, items, strict=False):
+            self._emit(Event("entry-added", box, entry=entry, fd=it.fd))
+        return done
+
+    def get(self, caller: Caller, box: str, name: str) -> tuple[Entry, int]:
+        """A new fd for one entry (the caller closes it). In a restored box, a claim."""
+        entry = self._entry(box, name)
+        if not entry.owned_by(caller):
+            raise FdboxError("PermissionDenied", f"{box}/{name} belongs to another user", box=box, name=name)
+        fd = self._backend_for(entry.type).get(box, name)
+        self._claim(self.boxes[box], [entry])
+        return entry, fd
+
+    def get_box(self, caller: Caller, box: str) -> list[tuple[Entry, int]]:
+        """Every entry of a box the caller owns, with a new fd each: all or nothing."""
+        b = self._box(box)
+        mine = sorted((e for e in b.entries.values() if e.owned_by(caller)), key=lambda e: e.name)
+        if not mine and b.entries:
+            raise FdboxError("PermissionDenied", f"no entry of box {box} belongs to you", box=box)
+        out: list[tuple[Entry, int]] = []
+        try:
+            for e in mine:
+                out.append((e, self._backend_for(e.type).get(box, e.name)))
+        except BaseException:
+            for _, fd in out:
+                os.close(fd)
+            raise
+        self._claim(b, mine)
+        return out
+
+    def remove(self, caller: Caller, box: str, name: str) -> None:
+        entry = self._entry(box, name)
+        if not entry.owned_by(caller):
+            raise FdboxError("PermissionDenied", f"{box}/{name} belongs to another user", box=box, name=name)
+        b = self.boxes[box]
+        if b.state == BoxState.SEALED:
+            raise FdboxError("Sealed", f"box {box} is sealed", box=box)
+        self._drop(b, name)
+        self._save_or_log()
+        self._emit(Event("entry-removed", box, entry=entry))
+
+    def delete_box(self, caller: Caller, box: str) -> None:
+        b = self._box(box)
+        self._check_box_owner(caller, box)
+        if any(not e.owned_by(caller) for e in b.entries.values()):
+            raise FdboxError("PermissionDenied", f"box {box} holds other users' entries", box=box)
+        if b.state == BoxState.SEALED:
+            raise FdboxError("Sealed", f"box {box} is sealed", box=box)
+        entries = list(b.entries.values())
+        self._delete_box_backends(box)
+        del self.boxes[box]
+        self.owners.pop(box, None)
+        self._save_or_log()
+        for e in entries:
+            self._emit(Event("entry-removed", box, entry=e))
+
+    def seal(self, caller: Caller, box: str | None = None, progress: Callable[[str, str], None] | None = None) -> list[str]:
+        """Seal one box, or every open box (``box=None``). Returns the boxes sealed.
+
+        Every entry is checked first — held by a backend that can carry its type — so
+        a failure leaves nothing half-sealed. Each entry's size and SHA-256 are recorded
+        so the next kernel's daemon can verify what comes back.
+        """
+        if box is not None:
+            targets = [self._box(box)]
+            self._check_box_owner(caller, box)
+            if targets[0].state == BoxState.SEALED:
+                raise FdboxError("Sealed", f"box {box} is already sealed", box=box)
+            if targets[0].state == BoxState.RESTORED:
+                raise FdboxError("InvalidRequest", f"box {box} is restored: claim or finish it first", box=box)
+        else:
+            if not caller.is_root:
+                raise FdboxError("PermissionDenied", "only root may seal every box")
+            targets = [b for b in self.boxes.values() if b.state == BoxState.OPEN]
+        for b in targets:
+            for e in b.entries.values():
+                if e.type not in self.allowed_types:
+                    raise FdboxError("UnsupportedType", f"{b.name}/{e.name} is {e.type}", box=b.name, name=e.name)
+        for b in targets:
+            for e in b.entries.values():
+                if progress:
+                    progress(b.name, e.name)
+                if e.type in MEMORY_TYPES:
+                    e.size, e.sha256 = self._checksum(b.name, e)
+        sealed: list[str] = []
+        try:
+            for b in targets:
+                self.backend.seal(b.name)
+                b.state = BoxState.SEALED
+                sealed.append(b.name)
+            self._save()
+        except BaseException:
+            for name in sealed:
+                self.backend.unseal(name)
+                self.boxes[name].state = BoxState.OPEN
+            raise
+        for name in sealed:
+            self._emit(Event("state-changed", name, state=BoxState.SEALED))
+        return sealed
+
+    def unseal(self, caller: Caller, box: str) -> None:
+        b = self._box(box)
+        self._check_box_owner(caller, box)
+        if b.state != BoxState.SEALED:
+            raise FdboxError("NotSealed", f"box {box} is {b.state}", box=box, state=str(b.state))
+        self.backend.unseal(box)
+        b.state = BoxState.OPEN
+        self._save_or_log()
+        self._emit(Event("state-changed", box, state=BoxState.OPEN))
+
+    def finish(self, caller: Caller, box: str | None = None) -> list[str]:
+        """End the restore phase: unclaimed entries of restored boxes are released."""
+        if box is None and not caller.is_root:
+            raise FdboxError("PermissionDenied", "only root may finish every box")
+        targets = [self._box(box)] if box is not None else [b for b in self.boxes.values() if b.state == BoxState.RESTORED]
+        for b in targets:
+            self._check_box_owner(caller, b.name)
+            if b.state != BoxState.RESTORED:
+                raise FdboxError("InvalidRequest", f"box {b.name} is {b.state}, not restored", box=b.name)
+        done = []
+        for b in targets:
+            for e in [e for e in b.entries.values() if not e.claimed]:
+                self._drop(b, e.name)
+                self._emit(Event("entry-removed", b.name, entry=e))
+            self._reopen(b)
+            done.append(b.name)
+        self._save_or_log()
+        return done
+
+    # ------------------------------------------------------------------ helpers
+
+    def entry_count(self) -> int:
+        return sum(len(b.entries) for b in self.boxes.values())
+
+    def subscribe(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+
+    def _emit(self, event: Event) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a front-end's mirror must never undo a done change
+                log.exception("event listener failed on %s", event.kind)
+
+    def _box(self, box: str) -> Box:
+        check_box_name(box)
+        b = self.boxes.get(box)
+        if b is None:
+            raise FdboxError("NotFound", f"no box {box}", box=box)
+        return b
+
+    def _entry(self, box: str, name: str) -> Entry:
+        b = self._box(box)
+        check_entry_name(name)
+        e = b.entries.get(name)
+        if e is None:
+            raise FdboxError("NotFound", f"no entry {box}/{name}", box=box, name=name)
+        return e
+
+    def _check_box_owner(self, caller: Caller, box: str) -> None:
+        if not (caller.is_root or self.owners.get(box) == caller.uid):
+            raise FdboxError("PermissionDenied", f"box {box} belongs to another user", box=box)
+
+    def _check_fd(self, fd: int) -> FdInfo:
+        try:
+            info = detect(fd)
+        except OSError as e:
+            raise FdboxError("InvalidRequest", f"not a usable file descriptor: {e.strerror}") from e
+        if info.type not in self.allowed_types:
+            raise FdboxError("UnsupportedType", f"files of type {info.type} are not accepted", type=str(info.type))
+        return info
+
+    def _check_metadata(self, metadata: object) -> None:
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise FdboxError("InvalidRequest", "metadata must map strings to strings")
+        if len(metadata) > self.limits.max_metadata_keys:
+            raise FdboxError("LimitExceeded", f"at most {self.limits.max_metadata_keys} metadata keys", limit="metadata")
+        if sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items()) > self.limits.max_metadata_bytes:
+            raise FdboxError("LimitExceeded", f"metadata over {self.limits.max_metadata_bytes} bytes", limit="metadata")
+
+    def _backend_for(self, fd_type: FdType) -> Backend:
+        return self.backend if self.backend.accepts(fd_type) else self.side
+
+    def _create_box(self, box: str) -> None:
+        self.backend.create_box(box)
+        if self.side is not self.backend:
+            self.side.create_box(box)
+        self.boxes[box] = Box(box)
+
+    def _delete_box_backends(self, box: str) -> None:
+        self.backend.delete_box(box)
+        if self.side is not self.backend:
+            self.side.delete_box(box)
+
+    def _drop(self, b: Box, name: str) -> None:
+        entry = b.entries.pop(name)
+        if entry.extra.get("recreate") and entry.type not in MEMORY_TYPES:
+            try:
+                self.side.remove(b.name, name)
+            except FdboxError:
+                pass  # recorded for recreation only, nothing held
+            return
+        self._backend_for(entry.type).remove(b.name, name)
+
+    def _claim(self, b: Box, entries: list[Entry]) -> None:
+        if b.state != BoxState.RESTORED:
+            return
+        for e in entries:
+            e.claimed = True
+        if all(e.claimed for e in b.entries.values()):
+            self._reopen(b)
+        self._save_or_log()
+
+    def _reopen(self, b: Box) -> None:
+        self.backend.finish(b.name)
+        b.state = BoxState.OPEN
+        for e in b.entries.values():
+            e.claimed = False
+        self._emit(Event("state-changed", b.name, state=BoxState.OPEN))
+
+    def _checksum(self, box: str, entry: Entry) -> tuple[int, str]:
+        fd = self._backend_for(entry.type).get(box, entry.name)
+        try:
+            return file_digest(fd)
+        finally:
+            os.close(fd)
+
+    def _manifest_data(self) -> ManifestData:
+        return ManifestData(boxes=self.boxes, owners=self.owners, generation=self.generation)
+
+    def _save(self) -> None:
+        if self.manifest is None:
+            return
+        data = self._manifest_data()
+        try:
+            self.manifest.save(data)
+        except OSError as e:
+            raise FdboxError("BackendUnavailable", f"cannot write the manifest: {e.strerror}") from e
+        self.generation = data.generation
+
+    def _save_or_log(self) -> None:
+        """Save after a change that already happened in the backend and cannot be undone."""
+        try:
+            self._save()
+        except FdboxError:
+            log.exception("manifest write failed; the next successful write will include this change")
+
+
+def file_digest(fd: int) -> tuple[int, str]:
+    """Size and SHA-256 of the whole file behind ``fd`` (reads by offset, moves no cursor)."""
+    size = os.fstat(fd).st_size
+    h = hashlib.sha256()
+    if size:
+        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            step = 16 << 20
+            for off in range(0, size, step):
+                h.update(m[off : off + step])
+    return size, h.hexdigest()

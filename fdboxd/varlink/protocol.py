@@ -1,0 +1,170 @@
+"""Varlink framing with file descriptors — bytes in, messages out, and nothing else.
+
+A message is one JSON object followed by a NUL byte on an AF_UNIX SOCK_STREAM socket.
+File descriptors ride as SCM_RIGHTS on the ``sendmsg()`` that carries the first byte
+of the message needing them. A reader therefore attaches the fds of a ``recvmsg()`` to
+the message whose bytes began in that read.
+
+:class:`Framer` is the whole receive side, used by the server (non-blocking, fed from
+the event loop) and the client (blocking): feed it what ``recvmsg`` returned, take
+complete ``(message, fds)`` pairs out. It enforces the message size and fd-count limits
+and owns every fd it has been given until it hands it out or closes it.
+
+:func:`send_message` is the send side for blocking sockets; the server builds its own
+buffers with :func:`encode`.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Linux refuses more than SCM_MAX_FD (253) fds in one SCM_RIGHTS message.
+MAX_FDS_PER_MESSAGE = 253
+MAX_MESSAGE_SIZE = 1 << 20
+RECV_CHUNK = 64 << 10
+_FD_SIZE = array.array("i").itemsize
+CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing; ``reply`` says whether an error reply is still useful."""
+
+
+@dataclass
+class Frame:
+    """One received message and the fds that came with it (now owned by the taker)."""
+
+    message: Any
+    fds: list[int] = field(default_factory=list)
+    error: str | None = None  # set instead of message when the frame was malformed
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\0"
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], bool]:
+    """Fds from recvmsg ancillary data, and whether anything else came (refused)."""
+    fds: list[int] = []
+    other = False
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % _FD_SIZE)])
+            fds.extend(arr)
+        else:
+            other = True
+    return fds, other
+
+
+class Framer:
+    """Splits a byte stream into NUL-terminated JSON messages with their fds.
+
+    Oversized messages and undecodable JSON become :class:`Frame` objects with
+    ``error`` set, so the server can answer them; the stream then resynchronises at the
+    next NUL. Fds that arrive with such a frame, or more than the limit, are closed.
+    """
+
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE, max_fds: int = MAX_FDS_PER_MESSAGE) -> None:
+        self.max_size = max_size
+        self.max_fds = max_fds
+        self._buf = bytearray()
+        self._fds: list[int] = []  # fds for the message currently being read
+        self._skipping = False  # discarding the rest of an oversized message
+        self._problem: str | None = None  # the fds of the current message were refused
+        self._frames: deque[Frame] = deque()
+
+    def feed(self, data: bytes, fds: list[int] | None = None, truncated: bool = False) -> None:
+        """Add one ``recvmsg`` result. ``truncated`` is MSG_CTRUNC: some fds were lost.
+
+        The kernel ends a stream read right after the chunk that carried fds, and a
+        sender puts a message's fds on the ``sendmsg`` that starts it, so the fds belong
+        to the *last* message that begins in this read (or, if none begins here, to the
+        message still arriving).
+        """
+        fds = list(fds or [])
+        problem = "file descriptors were truncated (too many in one message)" if truncated else None
+        if len(fds) > self.max_fds:
+            problem = f"more than {self.max_fds} file descriptors in one message"
+        parts = data.split(b"\0")
+        in_progress = bool(self._buf) or self._skipping
+        last = len(parts) - 1
+        starts = [i for i in range(len(parts)) if (i > 0 or not in_progress) and (i < last or parts[i])]
+        target = starts[-1] if starts else 0
+        for i, part in enumerate(parts):
+            if i == target and (fds or problem):
+                self._fds.extend(fds)
+                self._problem = self._problem or problem
+            if not self._skipping:
+                if len(self._buf) + len(part) > self.max_size:
+                    self._skipping = True
+                    self._buf.clear()
+                else:
+                    self._buf += part
+            if i < last:
+                self._finish()
+
+    def _finish(self) -> None:
+        fds, self._fds = self._fds, []
+        problem, self._problem = self._problem, None
+        raw = bytes(self._buf)
+        self._buf.clear()
+        if self._skipping:
+            self._skipping = False
+            problem = f"message larger than {self.max_size} bytes"
+        if problem is None:
+            try:
+                message = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                problem = f"not a JSON message: {e}"
+            else:
+                if isinstance(message, dict):
+                    self._frames.append(Frame(message, fds))
+                    return
+                problem = "a message must be a JSON object"
+        close_fds(fds)
+        self._frames.append(Frame(None, [], problem))
+
+    def take(self) -> Frame | None:
+        return self._frames.popleft() if self._frames else None
+
+    def close(self) -> None:
+        """Close every fd still owned: those of a partial message and untaken frames."""
+        close_fds(self._fds)
+        self._fds = []
+        while self._frames:
+            close_fds(self._frames.popleft().fds)
+
+
+def recv_into(sock: socket.socket, framer: Framer) -> bool:
+    """One ``recvmsg`` into ``framer``. False on end of stream. Raises BlockingIOError."""
+    data, ancdata, flags, _ = sock.recvmsg(RECV_CHUNK, CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+    fds, _other = fds_from_ancdata(ancdata)
+    if not data:
+        close_fds(fds)
+        return False
+    framer.feed(data, fds, truncated=bool(flags & socket.MSG_CTRUNC))
+    return True
+
+
+def send_message(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    """Send one message (blocking socket), fds attached to its first byte."""
+    data = encode(message)
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sent = sock.sendmsg([data], anc)
+    if sent < len(data):
+        sock.sendall(data[sent:])

@@ -1,0 +1,240 @@
+"""The ``io.fdbox.Store`` and ``org.varlink.service`` methods: parameters in, replies out.
+
+This module knows the method names, checks parameter shapes, maps fd indexes to the
+fds of the message, and calls the :class:`~fdboxd.store.Store`. It knows nothing about
+sockets (that is :mod:`fdboxd.varlink.server`) or bytes (:mod:`fdboxd.varlink.protocol`).
+
+A handler returns a :class:`Reply`: parameters plus the fds to attach, which the server
+closes once they are sent. The fds that came *with* a call are always closed by the
+server after the handler returns, whatever happened: backends took their own references.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from ..errors import FdboxError
+from ..model import Caller
+from ..store import PutItem, Store
+
+INTERFACE = "io.fdbox.Store"
+SERVICE = "org.varlink.service"
+
+SERVICE_DESCRIPTION = """\
+# The Varlink Service Interface is provided by every varlink service.
+interface org.varlink.service
+
+# Get a list of all the interfaces a service provides and information
+# about the implementation.
+method GetInfo() -> (
+  vendor: string,
+  product: string,
+  version: string,
+  url: string,
+  interfaces: []string
+)
+
+# Get the description of an interface that is implemented by this service.
+method GetInterfaceDescription(interface: string) -> (description: string)
+
+error InterfaceNotFound (interface: string)
+error MethodNotFound (method: string)
+error MethodNotImplemented (method: string)
+error InvalidParameter (parameter: string)
+"""
+
+
+def interface_description() -> str:
+    return importlib.resources.files(__package__).joinpath(f"{INTERFACE}.varlink").read_text()
+
+
+class VarlinkError(Exception):
+    """A protocol-level error with a full Varlink error name (not an fdbox problem)."""
+
+    def __init__(self, error: str, **params: Any) -> None:
+        super().__init__(error)
+        self.error = error
+        self.params = params
+
+
+@dataclass
+class Reply:
+    params: dict[str, Any] = field(default_factory=dict)
+    fds: list[int] = field(default_factory=list)
+
+
+Handler = Callable[["Call"], Reply]
+
+
+@dataclass
+class Call:
+    caller: Caller
+    params: dict[str, Any]
+    fds: list[int]
+
+    def str(self, key: str) -> str:
+        v = self.params.get(key)
+        if not isinstance(v, str):
+            raise FdboxError("InvalidRequest", f"parameter {key!r} must be a string")
+        return v
+
+    def opt_str(self, key: str) -> str | None:
+        return None if self.params.get(key) is None else self.str(key)
+
+    def fd(self, index: object, key: str = "fd") -> int:
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise FdboxError("InvalidRequest", f"parameter {key!r} must be an fd index")
+        if not 0 <= index < len(self.fds):
+            raise FdboxError(
+                "InvalidRequest", f"{key!r} is {index}, but the message carried {len(self.fds)} fds"
+            )
+        return self.fds[index]
+
+    def metadata(self, value: object) -> dict[str, str]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise FdboxError("InvalidRequest", "metadata must be an object of strings")
+        return value  # contents are checked by the store
+
+
+class StoreService:
+    """Dispatches Varlink method calls to a :class:`Store`."""
+
+    def __init__(self, store: Store, limits: dict[str, int] | None = None) -> None:
+        self.store = store
+        self.limits = limits or {}
+        self.methods: dict[str, tuple[Handler, frozenset[str]]] = {}
+        for name, params in _SIGNATURES.items():
+            self.methods[f"{INTERFACE}.{name}"] = (getattr(self, f"do_{name}"), params)
+        self.methods[f"{SERVICE}.GetInfo"] = (self.do_GetInfo, frozenset())
+        self.methods[f"{SERVICE}.GetInterfaceDescription"] = (self.do_GetInterfaceDescription, frozenset({"interface"}))
+
+    def dispatch(self, method: object, call: Call) -> Reply:
+        """Run one call. Raises FdboxError or VarlinkError for the server to turn into replies."""
+        if not isinstance(method, str) or "." not in method:
+            raise FdboxError("InvalidRequest", "'method' must be a qualified method name")
+        entry = self.methods.get(method)
+        if entry is None:
+            interface = method.rsplit(".", 1)[0]
+            if interface not in (INTERFACE, SERVICE):
+                raise VarlinkError(f"{SERVICE}.InterfaceNotFound", interface=interface)
+            raise VarlinkError(f"{SERVICE}.MethodNotFound", method=method)
+        handler, allowed = entry
+        unknown = set(call.params) - allowed
+        if unknown:
+            raise FdboxError("InvalidRequest", f"unknown parameter(s) {sorted(unknown)} for {method}")
+        return handler(call)
+
+    # -------------------------------------------------------------- org.varlink.service
+
+    def do_GetInfo(self, call: Call) -> Reply:
+        return Reply({
+            "vendor": "fdbox",
+            "product": "fdboxd",
+            "version": __version__,
+            "url": "https://github.com/fdbox/fdbox",
+            "interfaces": [SERVICE, INTERFACE],
+        })
+
+    def do_GetInterfaceDescription(self, call: Call) -> Reply:
+        name = call.params.get("interface")
+        if name == INTERFACE:
+            return Reply({"description": interface_description()})
+        if name == SERVICE:
+            return Reply({"description": SERVICE_DESCRIPTION})
+        raise VarlinkError(f"{SERVICE}.InterfaceNotFound", interface=name if isinstance(name, str) else "")
+
+    # -------------------------------------------------------------- io.fdbox.Store
+
+    def do_Put(self, call: Call) -> Reply:
+        entry = self.store.put(
+            call.caller, call.str("box"), call.str("name"), call.fd(call.params.get("fd")),
+            call.metadata(call.params.get("metadata")),
+        )
+        return Reply({"entry": entry.to_dict()})
+
+    def do_PutMany(self, call: Call) -> Reply:
+        raw = call.params.get("entries")
+        if not isinstance(raw, list) or not all(isinstance(i, dict) for i in raw):
+            raise FdboxError("InvalidRequest", "'entries' must be a list of {name, fd, metadata}")
+        items = []
+        for i, it in enumerate(raw):
+            extra = set(it) - {"name", "fd", "metadata"}
+            if extra:
+                raise FdboxError("InvalidRequest", f"entries[{i}]: unknown field(s) {sorted(extra)}")
+            name = it.get("name")
+            if not isinstance(name, str):
+                raise FdboxError("InvalidRequest", f"entries[{i}].name must be a string")
+            items.append(PutItem(name, call.fd(it.get("fd"), f"entries[{i}].fd"), call.metadata(it.get("metadata"))))
+        entries = self.store.put_many(call.caller, call.str("box"), items)
+        return Reply({"entries": [e.to_dict() for e in entries]})
+
+    def do_Get(self, call: Call) -> Reply:
+        entry, fd = self.store.get(call.caller, call.str("box"), call.str("name"))
+        return Reply({"entry": entry.to_dict(), "fd": 0}, [fd])
+
+    def do_GetBox(self, call: Call) -> Reply:
+        got = self.store.get_box(call.caller, call.str("box"))
+        return Reply({"entries": [{"entry": e.to_dict(), "fd": i} for i, (e, _) in enumerate(got)]}, [fd for _, fd in got])
+
+    def do_List(self, call: Call) -> Reply:
+        box = call.opt_str("box")
+        entries = self.store.list(call.caller, box)
+        boxes = [b for b in self.store.list_boxes(call.caller) if box is None or b["name"] == box]
+        return Reply({"entries": [e.to_dict() for e in entries], "boxes": boxes})
+
+    def do_Remove(self, call: Call) -> Reply:
+        self.store.remove(call.caller, call.str("box"), call.str("name"))
+        return Reply()
+
+    def do_DeleteBox(self, call: Call) -> Reply:
+        self.store.delete_box(call.caller, call.str("box"))
+        return Reply()
+
+    def do_Seal(self, call: Call) -> Reply:
+        return Reply({"sealed": self.store.seal(call.caller, call.opt_str("box"))})
+
+    def do_Unseal(self, call: Call) -> Reply:
+        self.store.unseal(call.caller, call.str("box"))
+        return Reply()
+
+    def do_Finish(self, call: Call) -> Reply:
+        return Reply({"finished": self.store.finish(call.caller, call.opt_str("box"))})
+
+    def do_Status(self, call: Call) -> Reply:
+        st = self.store.status()
+        if not call.caller.is_root:  # these name other users' entries
+            st["lost"], st["adopted"] = [], []
+        return Reply({
+            "version": __version__,
+            "backend": st["backend"],
+            "survives_kexec": st["survives_kexec"],
+            "state": st["state"],
+            "boxes": st["boxes"],
+            "entries": st["entries"],
+            "sealed": st["sealed"],
+            "restored": st["restored"],
+            "lost": st["lost"],
+            "adopted": st["adopted"],
+            "limits": self.limits,
+        })
+
+
+_SIGNATURES: dict[str, frozenset[str]] = {
+    "Put": frozenset({"box", "name", "fd", "metadata"}),
+    "PutMany": frozenset({"box", "entries"}),
+    "Get": frozenset({"box", "name"}),
+    "GetBox": frozenset({"box"}),
+    "List": frozenset({"box"}),
+    "Remove": frozenset({"box", "name"}),
+    "DeleteBox": frozenset({"box"}),
+    "Seal": frozenset({"box"}),
+    "Unseal": frozenset({"box"}),
+    "Finish": frozenset({"box"}),
+    "Status": frozenset(),
+}
