@@ -1,0 +1,173 @@
+"""The fdbox client library: talk to fdboxd over its Varlink socket, fds included.
+
+Blocking and dependency-free, so a VMM can use it from any thread::
+
+    from fdboxd.client import Client
+
+    with Client() as c:                      # $FDBOX_SOCKET, /run/fdbox/fdboxd.sock, or the user socket
+        c.put("vm1", "ram0", memfd)          # fdbox keeps its own reference; close yours when you like
+        entry, fd = c.get("vm1", "ram0")     # a new fd, yours to close
+
+Errors are :class:`fdboxd.errors.FdboxError` with the name the daemon sent
+(``NotFound``, ``PermissionDenied``, …). Protocol-level failures the daemon reports
+with another Varlink error name raise :class:`VarlinkCallError`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from . import paths
+from .errors import ERROR_NAMES, FdboxError
+from .varlink.protocol import Framer, close_fds, recv_into, send_message
+from .varlink.service import INTERFACE
+
+Entry = dict[str, Any]
+
+
+class VarlinkCallError(Exception):
+    def __init__(self, error: str, params: dict[str, Any]) -> None:
+        super().__init__(f"{error}: {params}")
+        self.error = error
+        self.params = params
+
+
+class ConnectionClosed(OSError):
+    pass
+
+
+class Client:
+    def __init__(self, socket_path: str | None = None, timeout: float | None = 60.0) -> None:
+        self.path = socket_path or paths.client_socket()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(self.path)
+        except OSError as e:
+            self.sock.close()
+            raise FdboxError("BackendUnavailable", f"cannot connect to fdboxd at {self.path}: {e.strerror}") from e
+        self.framer = Framer()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.framer.close()
+        self.sock.close()
+
+    # ------------------------------------------------------------------ raw calls
+
+    def call(self, method: str, params: dict[str, Any] | None = None, fds: Iterable[int] = ()) -> tuple[dict[str, Any], list[int]]:
+        """One call; returns the reply parameters and the reply's fds (now the caller's).
+
+        ``method`` without a dot is taken from ``io.fdbox.Store``. ``fds`` are sent, not
+        closed: they stay the caller's.
+        """
+        if "." not in method:
+            method = f"{INTERFACE}.{method}"
+        send_message(self.sock, {"method": method, "parameters": params or {}}, list(fds))
+        frame = self._receive()
+        reply = frame.message or {}
+        if frame.error is not None:
+            raise FdboxError("InvalidRequest", f"malformed reply from fdboxd: {frame.error}")
+        error = reply.get("error")
+        if error is not None:
+            close_fds(frame.fds)
+            rparams = reply.get("parameters") or {}
+            short = str(error).removeprefix(f"{INTERFACE}.")
+            if short in ERROR_NAMES and str(error).startswith(INTERFACE):
+                details = {k: v for k, v in rparams.items() if k != "message"}
+                raise FdboxError(short, str(rparams.get("message", short)), **details)
+            raise VarlinkCallError(str(error), rparams)
+        return reply.get("parameters") or {}, frame.fds
+
+    def _receive(self):  # type: ignore[no-untyped-def]
+        while (frame := self.framer.take()) is None:
+            if not recv_into(self.sock, self.framer):
+                raise ConnectionClosed("fdboxd closed the connection")
+        return frame
+
+    # ------------------------------------------------------------------ io.fdbox.Store
+
+    def put(self, box: str, name: str, fd: int, metadata: dict[str, str] | None = None) -> Entry:
+        params: dict[str, Any] = {"box": box, "name": name, "fd": 0}
+        if metadata:
+            params["metadata"] = metadata
+        reply, _ = self.call("Put", params, [fd])
+        return reply["entry"]
+
+    def put_many(self, box: str, items: Iterable[tuple[str, int] | tuple[str, int, dict[str, str]]]) -> list[Entry]:
+        """Put several ``(name, fd[, metadata])`` of one box in one message: all or none."""
+        entries, fds = [], []
+        for i, item in enumerate(items):
+            e: dict[str, Any] = {"name": item[0], "fd": i}
+            if len(item) > 2 and item[2]:
+                e["metadata"] = item[2]
+            entries.append(e)
+            fds.append(item[1])
+        reply, _ = self.call("PutMany", {"box": box, "entries": entries}, fds)
+        return reply["entries"]
+
+    def get(self, box: str, name: str) -> tuple[Entry, int]:
+        reply, fds = self.call("Get", {"box": box, "name": name})
+        return reply["entry"], _take(fds, reply.get("fd"))
+
+    def get_box(self, box: str) -> list[tuple[Entry, int]]:
+        reply, fds = self.call("GetBox", {"box": box})
+        try:
+            return [(g["entry"], fds[g["fd"]]) for g in reply["entries"]]
+        except (KeyError, IndexError, TypeError):
+            close_fds(fds)
+            raise FdboxError("InvalidRequest", "GetBox reply does not match its fds") from None
+
+    def list(self, box: str | None = None) -> dict[str, Any]:
+        reply, _ = self.call("List", {"box": box} if box else {})
+        return reply
+
+    def remove(self, box: str, name: str) -> None:
+        self.call("Remove", {"box": box, "name": name})
+
+    def delete_box(self, box: str) -> None:
+        self.call("DeleteBox", {"box": box})
+
+    def seal(self, box: str | None = None) -> list[str]:
+        reply, _ = self.call("Seal", {"box": box} if box else {})
+        return reply["sealed"]
+
+    def unseal(self, box: str) -> None:
+        self.call("Unseal", {"box": box})
+
+    def finish(self, box: str | None = None) -> list[str]:
+        reply, _ = self.call("Finish", {"box": box} if box else {})
+        return reply["finished"]
+
+    def status(self) -> dict[str, Any]:
+        reply, _ = self.call("Status")
+        return reply
+
+
+def _take(fds: list[int], index: object) -> int:
+    if not isinstance(index, int) or not 0 <= index < len(fds):
+        close_fds(fds)
+        raise FdboxError("InvalidRequest", "reply names an fd it did not carry")
+    keep = fds.pop(index)
+    close_fds(fds)
+    return keep
+
+
+def read_all(fd: int) -> bytes:
+    """The whole content of a memfd-like fd, from offset 0 (cursor untouched)."""
+    size = os.fstat(fd).st_size
+    out = bytearray()
+    while len(out) < size:
+        chunk = os.pread(fd, min(1 << 20, size - len(out)), len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
