@@ -136,6 +136,10 @@ extern struct fdbox_counters fdbox_counters;
 /* fdbox_main.c, for the restore path */
 struct fdbox_box *fdbox_box_alloc(const char *name);
 int fdbox_box_publish(struct fdbox_box *box);
+int fdbox_box_publish_restored(struct fdbox_box *box);
+void fdbox_box_free(struct fdbox_box *box);
+int fdbox_reserve_entry(void);
+void fdbox_unreserve_entry(void);
 struct fdbox_entry *fdbox_entry_alloc(void);
 void fdbox_entry_free(struct fdbox_entry *entry);
 int fdbox_entry_set_file(struct fdbox_entry *entry, struct file *file);
@@ -147,7 +151,7 @@ u32 fdbox_file_seals(struct file *file);
 #ifdef CONFIG_KEXEC_HANDOVER
 u32 fdbox_kho_features(void);
 int fdbox_kho_seal(struct fdbox_box *box);
-void fdbox_kho_unseal(struct fdbox_box *box);
+int fdbox_kho_unseal(struct fdbox_box *box);
 int fdbox_kho_restore_entry(struct fdbox_entry *entry, struct file *target);
 void fdbox_kho_discard_entry(struct fdbox_entry *entry);
 int fdbox_kho_init(void);
@@ -162,7 +166,10 @@ static inline int fdbox_kho_seal(struct fdbox_box *box)
 	return -ENODEV;
 }
 
-static inline void fdbox_kho_unseal(struct fdbox_box *box) { }
+static inline int fdbox_kho_unseal(struct fdbox_box *box)
+{
+	return 0;
+}
 
 static inline int fdbox_kho_restore_entry(struct fdbox_entry *entry,
 					  struct file *target)
