@@ -152,7 +152,10 @@ class Framer:
 
 def recv_into(sock: socket.socket, framer: Framer) -> bool:
     """One ``recvmsg`` into ``framer``. False on end of stream. Raises BlockingIOError."""
-    data, ancdata, flags, _ = sock.recvmsg(RECV_CHUNK, CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+    # Room for exactly the framer's limit: a peer that sends more gets MSG_CTRUNC (the
+    # kernel drops the excess) instead of making us install fds we will refuse anyway.
+    space = CMSG_SPACE if framer.max_fds >= MAX_FDS_PER_MESSAGE else socket.CMSG_SPACE(framer.max_fds * _FD_SIZE)
+    data, ancdata, flags, _ = sock.recvmsg(RECV_CHUNK, space, socket.MSG_CMSG_CLOEXEC)
     fds, _other = fds_from_ancdata(ancdata)
     if not data:
         close_fds(fds)

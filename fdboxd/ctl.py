@@ -1,0 +1,362 @@
+"""``fdboxctl``: the command line for fdboxd, built on :mod:`fdboxd.client` only.
+
+Human tables by default, ``--json`` for scripts. Exit codes mean something:
+
+- ``0`` done;
+- ``1`` usage error or something unexpected (a protocol error, a bug);
+- ``2`` argparse's own usage errors;
+- ``fdboxd.errors.EXIT_CODES[name]`` (10 and up) for each fdbox error name, so a script
+  can tell ``NotFound`` from ``PermissionDenied`` without parsing text;
+- ``get … -- CMD`` and ``get-box … -- CMD`` *become* CMD (exec, like
+  ``s6-fdholder-retrieve``), so its exit status is CMD's; 127 if CMD cannot be run.
+
+``get`` hands the fd over the systemd way: fd 3, ``LISTEN_FDS=1``,
+``LISTEN_FDNAMES=NAME`` and ``LISTEN_PID`` set to the pid of the program that runs (the
+same process, since fdboxctl execs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__, paths
+from .client import Client, VarlinkCallError, read_all
+from .errors import EXIT_CODES, FdboxError
+
+SD_LISTEN_FDS_START = 3
+EXIT_EXEC_FAILED = 127
+
+
+class UsageError(Exception):
+    """A command line that parsed but makes no sense (exit 1)."""
+
+
+# ---------------------------------------------------------------------- output helpers
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [len(h) for h in header]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _entry_row(e: dict[str, Any], states: dict[str, str]) -> list[str]:
+    meta = ",".join(f"{k}={v}" for k, v in sorted(e.get("metadata", {}).items()))
+    return [
+        e["box"], e["name"], e["type"], _human_size(int(e["size"])), f"{e['uid']}:{e['gid']}",
+        states.get(e["box"], "?") + ("*" if e.get("claimed") else ""), _when(e["created"]), meta,
+    ]
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_status(c: Client, a: argparse.Namespace) -> int:
+    st = c.status()
+    if a.json:
+        _print_json(st)
+        return 0
+    print(f"fdboxd {st.get('version', '?')}: backend {st['backend']}"
+          f" ({'survives' if st['survives_kexec'] else 'does not survive'} kexec)")
+    print(f"state:    {st['state']}")
+    print(f"boxes:    {st['boxes']} ({st['sealed']} sealed, {st['restored']} restored)")
+    print(f"entries:  {st['entries']}")
+    for what in ("lost", "adopted"):
+        items = st.get(what) or []
+        if items:
+            print(f"{what}:    " + ", ".join(f"{i['box']}/{i['name']} ({i['type']})" for i in items))
+    return 0
+
+
+def cmd_list(c: Client, a: argparse.Namespace) -> int:
+    reply = c.list(a.box)
+    if a.json:
+        _print_json(reply)
+        return 0
+    states = {b["name"]: b["state"] for b in reply.get("boxes", [])}
+    rows = [_entry_row(e, states) for e in reply.get("entries", [])]
+    # Boxes with no visible entries still deserve a line.
+    shown = {e["box"] for e in reply.get("entries", [])}
+    for b in reply.get("boxes", []):
+        if b["name"] not in shown:
+            rows.append([b["name"], "-", "-", "0B", str(b.get("owner", "?")), b["state"], "-", ""])
+    _table(["BOX", "NAME", "TYPE", "SIZE", "OWNER", "STATE", "CREATED", "METADATA"], rows)
+    return 0
+
+
+def _parse_meta(items: Sequence[str]) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--meta wants KEY=VALUE, not {item!r}")
+        meta[key] = value
+    return meta
+
+
+def cmd_put(c: Client, a: argparse.Namespace) -> int:
+    meta = _parse_meta(a.meta)
+    if a.fd is not None:
+        try:
+            os.fstat(a.fd)
+        except OSError as e:
+            raise UsageError(f"--fd {a.fd}: {e.strerror}") from None
+        entry = c.put(a.box, a.name, a.fd, meta)
+    else:
+        try:
+            fd = os.open(a.file, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            try:
+                fd = os.open(a.file, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise UsageError(f"--file {a.file}: {e.strerror}") from None
+        try:
+            entry = c.put(a.box, a.name, fd, meta)
+        finally:
+            os.close(fd)
+    if a.json:
+        _print_json(entry)
+    else:
+        print(f"{entry['box']}/{entry['name']}: {entry['type']}, {_human_size(int(entry['size']))}")
+    return 0
+
+
+def _exec_with_fds(c: Client, fds: list[int], names: list[str], argv: list[str]) -> int:
+    """Become ``argv`` with ``fds`` at 3, 4, … and the systemd LISTEN_* variables."""
+    c.close()
+    n = len(fds)
+    # Move every fd above the target range first, so no dup2 clobbers one still needed.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, SD_LISTEN_FDS_START + n) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for i, fd in enumerate(high):
+        os.dup2(fd, SD_LISTEN_FDS_START + i, inheritable=True)
+        os.close(fd)
+    env = dict(os.environ)
+    env["LISTEN_FDS"] = str(n)
+    env["LISTEN_FDNAMES"] = ":".join(names)
+    env["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid: this is CMD's pid
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as e:
+        print(f"fdboxctl: cannot run {argv[0]}: {e.strerror}", file=sys.stderr)
+        return EXIT_EXEC_FAILED
+    return EXIT_EXEC_FAILED  # pragma: no cover - execvpe does not return
+
+
+def _copy_out(fd: int, out: str) -> None:
+    data = read_all(fd)
+    if out == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    with open(out, "wb") as f:
+        f.write(data)
+
+
+def cmd_get(c: Client, a: argparse.Namespace) -> int:
+    entry, fd = c.get(a.box, a.name)
+    if a.cmd:
+        return _exec_with_fds(c, [fd], [entry["name"]], a.cmd)
+    try:
+        _copy_out(fd, a.out)
+    finally:
+        os.close(fd)
+    return 0
+
+
+def cmd_get_box(c: Client, a: argparse.Namespace) -> int:
+    got = c.get_box(a.box)
+    if not a.cmd:
+        for _, fd in got:
+            os.close(fd)
+        if a.json:
+            _print_json([e for e, _ in got])
+        else:
+            for e, _ in got:
+                print(f"{e['box']}/{e['name']}: {e['type']}, {_human_size(int(e['size']))}")
+        return 0
+    return _exec_with_fds(c, [fd for _, fd in got], [e["name"] for e, _ in got], a.cmd)
+
+
+def cmd_rm(c: Client, a: argparse.Namespace) -> int:
+    c.remove(a.box, a.name)
+    return 0
+
+
+def cmd_delete_box(c: Client, a: argparse.Namespace) -> int:
+    c.delete_box(a.box)
+    return 0
+
+
+def cmd_seal(c: Client, a: argparse.Namespace) -> int:
+    sealed = c.seal(None if a.all else a.box)
+    if a.json:
+        _print_json({"sealed": sealed})
+    else:
+        for name in sealed:
+            print(f"sealed {name}")
+    return 0
+
+
+def cmd_unseal(c: Client, a: argparse.Namespace) -> int:
+    c.unseal(a.box)
+    return 0
+
+
+def cmd_finish(c: Client, a: argparse.Namespace) -> int:
+    done = c.finish(a.box)
+    if a.json:
+        _print_json({"finished": done})
+    else:
+        for name in done:
+            print(f"finished {name}")
+    return 0
+
+
+# ---------------------------------------------------------------------- argument parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fdboxctl",
+        description="Control fdboxd: named boxes of file descriptors.",
+        epilog="Exit codes: 0 ok, 1 usage/unexpected, 2 bad arguments, "
+        + ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items()) + ".",
+    )
+    p.add_argument("--socket", default=None, help="fdboxd socket (default: $FDBOX_SOCKET, "
+                   f"{paths.SYSTEM_SOCKET} if present, else the user socket)")
+    p.add_argument("--json", action="store_true", default=False, help="machine-readable output")
+    p.add_argument("--version", action="version", version=f"fdboxctl {__version__}")
+    # Sub-commands accept --json too; SUPPRESS keeps them from resetting the global one.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("status", parents=[common], help="daemon state, backend, lost entries")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("list", aliases=["ls"], parents=[common], help="list entries (of one box)")
+    s.add_argument("box", nargs="?", metavar="BOX")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("put", parents=[common], help="store an fd as BOX/NAME")
+    s.add_argument("box", metavar="BOX")
+    s.add_argument("name", metavar="NAME")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--fd", type=int, help="an fd this process inherited")
+    src.add_argument("--file", help="open this path and store it (e.g. /proc/PID/fd/N of a memfd)")
+    s.add_argument("--meta", action="append", default=[], metavar="K=V", help="user metadata (repeatable)")
+    s.set_defaults(func=cmd_put)
+
+    s = sub.add_parser("get", parents=[common], help="run CMD with BOX/NAME as fd 3 (LISTEN_FDS=1)")
+    s.add_argument("box", metavar="BOX")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--out", metavar="FILE", help="copy the file's contents to FILE ('-': stdout) instead")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+    s.set_defaults(func=cmd_get)
+
+    s = sub.add_parser("get-box", parents=[common], help="run CMD with every entry of BOX from fd 3 on")
+    s.add_argument("box", metavar="BOX")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+    s.set_defaults(func=cmd_get_box)
+
+    s = sub.add_parser("rm", aliases=["remove"], parents=[common], help="remove BOX/NAME")
+    s.add_argument("box", metavar="BOX")
+    s.add_argument("name", metavar="NAME")
+    s.set_defaults(func=cmd_rm)
+
+    s = sub.add_parser("delete-box", parents=[common], help="remove BOX and all its entries")
+    s.add_argument("box", metavar="BOX")
+    s.set_defaults(func=cmd_delete_box)
+
+    s = sub.add_parser("seal", parents=[common], help="seal BOX (or --all) for kexec")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("box", nargs="?", metavar="BOX")
+    which.add_argument("--all", action="store_true", help="every open box (root only)")
+    s.set_defaults(func=cmd_seal)
+
+    s = sub.add_parser("unseal", parents=[common], help="reopen a sealed BOX")
+    s.add_argument("box", metavar="BOX")
+    s.set_defaults(func=cmd_unseal)
+
+    s = sub.add_parser("finish", parents=[common], help="end the restore phase of BOX (or all)")
+    s.add_argument("box", nargs="?", metavar="BOX")
+    s.set_defaults(func=cmd_finish)
+    return p
+
+
+def _fix_remainder(a: argparse.Namespace) -> None:
+    """Split ``get BOX NAME [--out F] [--json] [--] CMD…``: REMAINDER swallows options."""
+    cmd: list[str] = a.cmd
+    while cmd and cmd[0] != "--":
+        if cmd[0] == "--json":
+            a.json = True
+            cmd = cmd[1:]
+        elif cmd[0] == "--out" and len(cmd) > 1 and hasattr(a, "out"):
+            a.out, cmd = cmd[1], cmd[2:]
+        elif cmd[0].startswith("--out=") and hasattr(a, "out"):
+            a.out, cmd = cmd[0].partition("=")[2], cmd[1:]
+        else:
+            break
+    a.cmd = cmd[1:] if cmd and cmd[0] == "--" else cmd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if hasattr(a, "cmd"):
+        _fix_remainder(a)
+        if a.command == "get" and not a.cmd and not a.out:
+            parser.error("get needs a command after -- (or --out FILE)")
+        if a.command == "get" and a.cmd and a.out:
+            parser.error("get takes either a command or --out, not both")
+    try:
+        with Client(a.socket or paths.client_socket()) as c:
+            return a.func(c, a)
+    except FdboxError as e:
+        print(f"fdboxctl: {e.name}: {e.message}", file=sys.stderr)
+        return EXIT_CODES[e.name]
+    except UsageError as e:
+        print(f"fdboxctl: {e}", file=sys.stderr)
+        return 1
+    except VarlinkCallError as e:
+        print(f"fdboxctl: {e.error}: {e.params}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        print(f"fdboxctl: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Test helpers shared by every test directory: a real fdboxd process, memfds, patterns.
+
+Fixtures that use these live in ``tests/conftest.py``; test modules import the helpers
+directly (``from fdboxtest import memfd_with``): ``tests/`` is on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fdboxd.client import Client  # noqa: E402
+
+READY_TIMEOUT = 15.0
+
+
+class DaemonError(RuntimeError):
+    pass
+
+
+class DaemonProcess:
+    """One fdboxd subprocess. ``restart()`` keeps the socket and state dir."""
+
+    def __init__(
+        self,
+        runtime_dir: Path,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        state_dir: Path | None = None,
+        socket_path: Path | None = None,
+    ) -> None:
+        self.runtime_dir = runtime_dir
+        self.socket = str(socket_path or runtime_dir / "fdboxd.sock")
+        self.state_dir = str(state_dir or runtime_dir / "state")
+        self.log_path = runtime_dir / "fdboxd.log"
+        self.args = list(args)
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "daemon not running"
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "fdboxd", "--user", "--socket", self.socket,
+                "--state-dir", self.state_dir, "--log-level", "debug", *self.args]
+
+    def start(self) -> DaemonProcess:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("LISTEN_FDS", None)
+        env.update(self.env)
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, env=env, cwd=str(REPO), close_fds=True)
+        finally:
+            log.close()
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise DaemonError(f"fdboxd exited with {self.proc.returncode}:\n{self.log()}")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                s.connect(self.socket)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise DaemonError(f"fdboxd did not answer on {self.socket}:\n{self.log()}") from None
+                time.sleep(0.02)
+            finally:
+                s.close()
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and wait; returns the exit status (None if it was not running)."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> DaemonProcess:
+        self.stop()
+        return self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def client(self, timeout: float | None = 30.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def make_runtime_dir() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="fdbox-test-", dir="/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+def memfd_with(data: bytes, name: str = "test", flags: int = os.MFD_CLOEXEC) -> int:
+    """A memfd holding ``data`` (the caller closes it)."""
+    fd = os.memfd_create(name, flags)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Deterministic, position-dependent bytes (a shifted copy would not compare equal)."""
+    block = bytes((i * 31 + seed * 7 + (i >> 8)) & 0xFF for i in range(4096))
+    return (block * (size // 4096 + 1))[:size]
