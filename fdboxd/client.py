@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import paths
@@ -72,6 +72,11 @@ class Client:
         if "." not in method:
             method = f"{INTERFACE}.{method}"
         send_message(self.sock, {"method": method, "parameters": params or {}}, list(fds))
+        reply, rfds = self._reply()
+        return reply.get("parameters") or {}, rfds
+
+    def _reply(self) -> tuple[dict[str, Any], list[int]]:
+        """The next reply message and its fds; error replies raise."""
         frame = self._receive()
         reply = frame.message or {}
         if frame.error is not None:
@@ -85,7 +90,7 @@ class Client:
                 details = {k: v for k, v in rparams.items() if k != "message"}
                 raise FdboxError(short, str(rparams.get("message", short)), **details)
             raise VarlinkCallError(str(error), rparams)
-        return reply.get("parameters") or {}, frame.fds
+        return reply, frame.fds
 
     def _receive(self):  # type: ignore[no-untyped-def]
         while (frame := self.framer.take()) is None:
@@ -136,9 +141,19 @@ class Client:
     def delete_box(self, box: str) -> None:
         self.call("DeleteBox", {"box": box})
 
-    def seal(self, box: str | None = None) -> list[str]:
-        reply, _ = self.call("Seal", {"box": box} if box else {})
-        return reply["sealed"]
+    def seal(self, box: str | None = None, progress: Callable[[dict[str, Any]], None] | None = None) -> list[str]:
+        """Seal one box or all. ``progress`` gets ``{box, name, done, total}`` per entry checksummed."""
+        params = {"box": box} if box else {}
+        if progress is None:
+            reply, _ = self.call("Seal", params)
+            return reply["sealed"]
+        send_message(self.sock, {"method": f"{INTERFACE}.Seal", "parameters": params, "more": True})
+        while True:
+            reply, fds = self._reply()
+            close_fds(fds)
+            if not reply.get("continues"):
+                return (reply.get("parameters") or {})["sealed"]
+            progress((reply.get("parameters") or {}).get("progress", {}))
 
     def unseal(self, box: str) -> None:
         self.call("Unseal", {"box": box})

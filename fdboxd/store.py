@@ -27,18 +27,24 @@ import logging
 import mmap
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdInfo, FdType, detect
-from .manifest import Manifest, ManifestData
+from .manifest import Manifest, ManifestData, decode, encode
 from .model import Box, BoxState, Caller, Entry
 from .names import check_box_name, check_entry_name
 
 log = logging.getLogger("fdboxd.store")
+
+#: The box that carries the manifest of the sealed boxes across kexec, inside the sealed
+#: set itself, so the next kernel's daemon learns owners, metadata and checksums even
+#: when the state directory did not survive. Reserved: callers cannot name it.
+CARRY_BOX = "fdboxd.manifest"
+CARRY_ENTRY = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,28 @@ class Event:
     entry: Entry | None = None
     state: BoxState | None = None
     fd: int | None = None
+
+
+@dataclass
+class SealItem:
+    box: str
+    name: str
+    fd: int  # owned by the plan
+    digest: tuple[int, str] | None = None  # (size, sha256), filled by whoever checksums
+
+
+@dataclass
+class SealPlan:
+    """What :meth:`Store.seal_begin` froze: boxes and one open fd per memory entry."""
+
+    boxes: list[str]
+    items: list[SealItem] = field(default_factory=list)
+
+    def close(self) -> None:
+        for item in self.items:
+            if item.fd >= 0:
+                os.close(item.fd)
+                item.fd = -1
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,7 @@ class Store:
         #: Entries a backend held that the manifest did not know (adopted as root's).
         self.adopted: list[dict[str, Any]] = []
         self.listeners: list[Listener] = []
+        self._sealing: set[str] = set()  # boxes between seal_begin and seal_commit/abort
         self._reconcile(manifest.load() if manifest else ManifestData())
 
     # ------------------------------------------------------------------ start-up
@@ -107,6 +136,9 @@ class Store:
     def _reconcile(self, data: ManifestData) -> None:
         """Believe the backends for what exists, the manifest for who owns it."""
         held = dict(self.backend.inventory())
+        carried = held.pop(CARRY_BOX, None)
+        if carried is not None and carried.state == BoxState.RESTORED:
+            data = self._take_carried_manifest(data, held)
         if self.side is not self.backend:
             for name, sbox in self.side.inventory().items():
                 held.setdefault(name, sbox).entries.update(sbox.entries)
@@ -141,6 +173,96 @@ class Store:
                     log.warning("adopted %s/%s held by the backend but not in the manifest", name, ename)
         if self.manifest is not None:
             self._save()
+
+    def _take_carried_manifest(self, data: ManifestData, held: dict[str, Any]) -> ManifestData:
+        """After kexec: the manifest that crossed with the data wins for restored boxes."""
+        try:
+            fd = self.backend.get(CARRY_BOX, CARRY_ENTRY)
+            try:
+                carried = decode(_read_fd(fd))
+            finally:
+                os.close(fd)
+        except (FdboxError, OSError) as e:
+            log.error("the manifest carried across kexec is unreadable: %s", e)
+            return data
+        finally:
+            self._drop_carry_box()
+        for name, box in carried.boxes.items():
+            hbox = held.get(name)
+            if hbox is not None and hbox.state == BoxState.RESTORED:
+                data.boxes[name] = box
+                data.owners[name] = carried.owners.get(name, 0)
+        log.info("restored the manifest of %d sealed boxes from the previous kernel", len(carried.boxes))
+        return data
+
+    def verify_restored(self) -> list[dict[str, Any]]:
+        """Check every restored entry against the SHA-256 recorded when it was sealed.
+
+        An entry that does not match is dropped and reported in ``lost`` with the
+        reason: handing a VM memory that changed under it is worse than handing none.
+        Returns the entries that failed.
+        """
+        failed = []
+        for b in self.boxes.values():
+            if b.state != BoxState.RESTORED:
+                continue
+            for e in sorted(b.entries.values(), key=lambda e: e.name):
+                if e.sha256 is None or e.type not in MEMORY_TYPES:
+                    continue
+                try:
+                    fd = self._backend_for(e.type).get(b.name, e.name)
+                    try:
+                        size, digest = file_digest(fd)
+                    finally:
+                        os.close(fd)
+                    problem = None if (size, digest) == (e.size, e.sha256) else (
+                        f"checksum mismatch: {size} bytes sha256 {digest[:16]}…, sealed as {e.size} bytes {e.sha256[:16]}…")
+                except (FdboxError, OSError) as err:
+                    problem = f"cannot restore: {err}"
+                if problem is not None:
+                    log.error("restored entry %s/%s refused: %s", b.name, e.name, problem)
+                    report = {"box": b.name, "name": e.name, "type": str(e.type), "reason": problem}
+                    failed.append(report)
+                    self.lost.append(report)
+                    try:
+                        self._drop(b, e.name)
+                    except FdboxError:
+                        b.entries.pop(e.name, None)
+        if failed:
+            self._save_or_log()
+        return failed
+
+    def _carry_manifest(self) -> None:
+        """Put the manifest of every sealed box into the sealed set (kexec-capable backends)."""
+        if not self.backend.survives_kexec:
+            return
+        self._drop_carry_box()
+        sealed = {n: b for n, b in self.boxes.items() if b.state == BoxState.SEALED}
+        if not sealed:
+            return
+        raw = encode(ManifestData(boxes=sealed, owners={n: self.owners.get(n, 0) for n in sealed},
+                                  generation=self.generation))
+        fd = os.memfd_create("fdboxd-manifest", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, raw)
+            self.backend.create_box(CARRY_BOX)
+            self.backend.put(CARRY_BOX, CARRY_ENTRY, fd, detect(fd))
+            self.backend.seal(CARRY_BOX)
+        except BaseException:
+            self._drop_carry_box()
+            raise
+        finally:
+            os.close(fd)
+
+    def _drop_carry_box(self) -> None:
+        held = self.backend.inventory().get(CARRY_BOX)
+        if held is None:
+            return
+        if held.state == BoxState.SEALED:
+            self.backend.unseal(CARRY_BOX)
+        elif held.state == BoxState.RESTORED:
+            self.backend.finish(CARRY_BOX)
+        self.backend.delete_box(CARRY_BOX)
 
     # ------------------------------------------------------------------ queries
 
@@ -202,6 +324,8 @@ class Store:
     def put_many(self, caller: Caller, box: str, items: list[PutItem]) -> list[Entry]:
         """Put several entries into one box: all of them, or none."""
         check_box_name(box)
+        if box == CARRY_BOX:
+            raise FdboxError("InvalidName", f"box name {box} is reserved for fdboxd", box=box)
         if not items:
             raise FdboxError("InvalidRequest", "no entries to put", box=box)
         names = [check_entry_name(it.name) for it in items]
@@ -214,8 +338,9 @@ class Store:
         if b is not None:
             if not (caller.is_root or self.owners.get(box) == caller.uid):
                 raise FdboxError("PermissionDenied", f"box {box} belongs to another user", box=box)
-            if b.state != BoxState.OPEN:
-                raise FdboxError("Sealed", f"box {box} is {b.state}", box=box, state=str(b.state))
+            if b.state != BoxState.OPEN or box in self._sealing:
+                state = "sealing" if b.state == BoxState.OPEN else str(b.state)
+                raise FdboxError("Sealed", f"box {box} is {state}", box=box, state=state)
             for n in names:
                 if n in b.entries:
                     raise FdboxError("AlreadyExists", f"{box}/{n} exists", box=box, name=n)
@@ -288,7 +413,7 @@ class Store:
         if not entry.owned_by(caller):
             raise FdboxError("PermissionDenied", f"{box}/{name} belongs to another user", box=box, name=name)
         b = self.boxes[box]
-        if b.state == BoxState.SEALED:
+        if b.state == BoxState.SEALED or box in self._sealing:
             raise FdboxError("Sealed", f"box {box} is sealed", box=box)
         self._drop(b, name)
         self._save_or_log()
@@ -299,7 +424,7 @@ class Store:
         self._check_box_owner(caller, box)
         if any(not e.owned_by(caller) for e in b.entries.values()):
             raise FdboxError("PermissionDenied", f"box {box} holds other users' entries", box=box)
-        if b.state == BoxState.SEALED:
+        if b.state == BoxState.SEALED or box in self._sealing:
             raise FdboxError("Sealed", f"box {box} is sealed", box=box)
         entries = list(b.entries.values())
         self._delete_box_backends(box)
@@ -309,49 +434,91 @@ class Store:
         for e in entries:
             self._emit(Event("entry-removed", box, entry=e))
 
-    def seal(self, caller: Caller, box: str | None = None, progress: Callable[[str, str], None] | None = None) -> list[str]:
-        """Seal one box, or every open box (``box=None``). Returns the boxes sealed.
+    def seal(self, caller: Caller, box: str | None = None) -> list[str]:
+        """Seal one box, or every open box (``box=None``), in one go. Returns the boxes sealed.
 
-        Every entry is checked first — held by a backend that can carry its type — so
-        a failure leaves nothing half-sealed. Each entry's size and SHA-256 are recorded
-        so the next kernel's daemon can verify what comes back.
+        The daemon's front-ends use the three phases below instead, so that checksumming
+        gigabytes runs in a worker thread while the loop keeps serving (and the watchdog
+        keeps being fed); this is the same thing, synchronously.
+        """
+        plan = self.seal_begin(caller, box)
+        try:
+            for item in plan.items:
+                item.digest = file_digest(item.fd)
+        except BaseException:
+            self.seal_abort(plan)
+            raise
+        return self.seal_commit(plan)
+
+    def seal_begin(self, caller: Caller, box: str | None = None) -> SealPlan:
+        """Check everything, then freeze the boxes (no put/remove) and open each entry.
+
+        Every entry is checked first, so a failure leaves nothing half-sealed. The plan
+        holds one fd per memory entry for checksumming; :meth:`seal_commit` or
+        :meth:`seal_abort` closes them.
         """
         if box is not None:
             targets = [self._box(box)]
             self._check_box_owner(caller, box)
-            if targets[0].state == BoxState.SEALED:
+            if targets[0].state == BoxState.SEALED or box in self._sealing:
                 raise FdboxError("Sealed", f"box {box} is already sealed", box=box)
             if targets[0].state == BoxState.RESTORED:
                 raise FdboxError("InvalidRequest", f"box {box} is restored: claim or finish it first", box=box)
         else:
             if not caller.is_root:
                 raise FdboxError("PermissionDenied", "only root may seal every box")
-            targets = [b for b in self.boxes.values() if b.state == BoxState.OPEN]
+            targets = [b for b in self.boxes.values() if b.state == BoxState.OPEN and b.name not in self._sealing]
         for b in targets:
             for e in b.entries.values():
                 if e.type not in self.allowed_types:
                     raise FdboxError("UnsupportedType", f"{b.name}/{e.name} is {e.type}", box=b.name, name=e.name)
-        for b in targets:
-            for e in b.entries.values():
-                if progress:
-                    progress(b.name, e.name)
-                if e.type in MEMORY_TYPES:
-                    e.size, e.sha256 = self._checksum(b.name, e)
-        sealed: list[str] = []
+                if e.type in MEMORY_TYPES and not self.backend.accepts(e.type):
+                    raise FdboxError("UnsupportedType", f"the {self.backend.name} backend cannot carry {e.type}",
+                                     box=b.name, name=e.name, type=str(e.type))
+        plan = SealPlan([b.name for b in targets])
         try:
             for b in targets:
-                self.backend.seal(b.name)
-                b.state = BoxState.SEALED
-                sealed.append(b.name)
-            self._save()
+                for e in sorted(b.entries.values(), key=lambda e: e.name):
+                    if e.type in MEMORY_TYPES:
+                        plan.items.append(SealItem(b.name, e.name, self._backend_for(e.type).get(b.name, e.name)))
         except BaseException:
-            for name in sealed:
-                self.backend.unseal(name)
-                self.boxes[name].state = BoxState.OPEN
+            plan.close()
             raise
+        self._sealing.update(plan.boxes)
+        return plan
+
+    def seal_commit(self, plan: SealPlan) -> list[str]:
+        """Record the checksums, seal in the backend, write the manifest (and carry it)."""
+        try:
+            for item in plan.items:
+                if item.digest is None:
+                    raise FdboxError("InvalidRequest", f"{item.box}/{item.name} was not checksummed")
+                entry = self.boxes[item.box].entries[item.name]
+                entry.size, entry.sha256 = item.digest
+            sealed: list[str] = []
+            try:
+                for name in plan.boxes:
+                    self.backend.seal(name)
+                    self.boxes[name].state = BoxState.SEALED
+                    sealed.append(name)
+                self._save()
+                self._carry_manifest()
+            except BaseException:
+                for name in sealed:
+                    self.backend.unseal(name)
+                    self.boxes[name].state = BoxState.OPEN
+                self._save_or_log()
+                raise
+        finally:
+            self.seal_abort(plan)
         for name in sealed:
             self._emit(Event("state-changed", name, state=BoxState.SEALED))
         return sealed
+
+    def seal_abort(self, plan: SealPlan) -> None:
+        """Forget a plan: close its fds and let its boxes take puts again."""
+        plan.close()
+        self._sealing.difference_update(plan.boxes)
 
     def unseal(self, caller: Caller, box: str) -> None:
         b = self._box(box)
@@ -361,6 +528,10 @@ class Store:
         self.backend.unseal(box)
         b.state = BoxState.OPEN
         self._save_or_log()
+        try:
+            self._carry_manifest()
+        except FdboxError:
+            log.exception("could not rewrite the carried manifest after unsealing %s", box)
         self._emit(Event("state-changed", box, state=BoxState.OPEN))
 
     def finish(self, caller: Caller, box: str | None = None) -> list[str]:
@@ -475,13 +646,6 @@ class Store:
             e.claimed = False
         self._emit(Event("state-changed", b.name, state=BoxState.OPEN))
 
-    def _checksum(self, box: str, entry: Entry) -> tuple[int, str]:
-        fd = self._backend_for(entry.type).get(box, entry.name)
-        try:
-            return file_digest(fd)
-        finally:
-            os.close(fd)
-
     def _manifest_data(self) -> ManifestData:
         return ManifestData(boxes=self.boxes, owners=self.owners, generation=self.generation)
 
@@ -503,6 +667,11 @@ class Store:
             log.exception("manifest write failed; the next successful write will include this change")
 
 
+def _read_fd(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0) if size else b""
+
+
 def file_digest(fd: int) -> tuple[int, str]:
     """Size and SHA-256 of the whole file behind ``fd`` (reads by offset, moves no cursor)."""
     size = os.fstat(fd).st_size
@@ -513,3 +682,32 @@ def file_digest(fd: int) -> tuple[int, str]:
             for off in range(0, size, step):
                 h.update(m[off : off + step])
     return size, h.hexdigest()
+
+
+async def seal_in_worker(
+    store: Store, caller: Caller, box: str | None = None,
+    progress: Callable[[SealItem, int, int], None] | None = None,
+) -> list[str]:
+    """:meth:`Store.seal` for the event loop: checksums run in a worker thread.
+
+    The loop stays free to serve other clients and feed the watchdog while gigabytes are
+    read. The boxes are frozen (``seal_begin``) before the first byte is read, so nothing
+    changes under the checksums. ``progress(item, done_bytes, total_bytes)`` is called
+    on the loop after each entry.
+    """
+    import asyncio
+
+    plan = store.seal_begin(caller, box)
+    try:
+        total = sum(os.fstat(i.fd).st_size for i in plan.items)
+        done = 0
+        loop = asyncio.get_running_loop()
+        for item in plan.items:
+            item.digest = await loop.run_in_executor(None, file_digest, item.fd)
+            done += item.digest[0]
+            if progress is not None:
+                progress(item, done, total)
+    except BaseException:
+        store.seal_abort(plan)
+        raise
+    return store.seal_commit(plan)

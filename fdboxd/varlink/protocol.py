@@ -139,6 +139,10 @@ class Framer:
         close_fds(fds)
         self._frames.append(Frame(None, [], problem))
 
+    @property
+    def has_frames(self) -> bool:
+        return bool(self._frames)
+
     def take(self) -> Frame | None:
         return self._frames.popleft() if self._frames else None
 

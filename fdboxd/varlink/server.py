@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
+import inspect
 import logging
 import os
 import socket
@@ -54,6 +55,9 @@ class Connection:
         self.out_bytes = 0
         self.reading = False
         self.closed = False
+        self.eof = False
+        self.task: asyncio.Future[Any] | None = None
+        self.task_fds: list[int] = []  # fds of the message the running task serves
         self._resume_reading()
 
     # -------------------------------------------------------------- input
@@ -76,42 +80,85 @@ class Connection:
         except OSError as e:
             log.debug("read from pid %d failed: %s", self.caller.pid, e)
             alive = False
-        while (frame := self.framer.take()) is not None:
+        if not alive:
+            self.eof = True
+            self._pause_reading()
+        self._process()
+
+    def _process(self) -> None:
+        """Handle queued messages in order; stop while an async call is running."""
+        while self.task is None and not self.closed and (frame := self.framer.take()) is not None:
             try:
                 if frame.error is not None:
                     self._send_error(ERROR_PREFIX + "InvalidRequest", {"message": frame.error})
                 else:
                     self._handle(frame.message, frame.fds)
             finally:
-                close_fds(frame.fds)
-        if not alive:
-            self.close()
+                if self.task is None:
+                    close_fds(frame.fds)
+                else:
+                    self.task_fds = frame.fds
+        if self.closed or self.task is not None:
+            return
+        if self.eof:
+            if not self.out:
+                self.close()
         elif self.out_bytes > MAX_PENDING_OUT:
             self._pause_reading()
+        else:
+            self._resume_reading()
 
     def _handle(self, message: dict[str, Any], fds: list[int]) -> None:
+        method = message.get("method")
         oneway = message.get("oneway") is True
         params = message.get("parameters", {})
         if not isinstance(params, dict):
             self._reply_error(ERROR_PREFIX + "InvalidRequest", {"message": "'parameters' must be an object"}, oneway)
             return
-        if message.get("more") is True:
-            # No method of ours streams; answer once, as the spec allows.
-            pass
+        call = Call(self.caller, params, fds)
+        if message.get("more") is True and not oneway:
+            call.more = lambda p: self._queue(encode({"parameters": p, "continues": True}), [])
         try:
-            reply = self.server.service.dispatch(message.get("method"), Call(self.caller, params, fds))
-        except FdboxError as e:
-            self._reply_error(ERROR_PREFIX + e.name, e.to_params(), oneway)
-            self.server.log_op(self.caller, message.get("method"), params, e)
+            result = self.server.service.dispatch(method, call)
+        except Exception as e:
+            self._finish_call(method, params, oneway, None, e)
             return
-        except VarlinkError as e:
-            self._reply_error(e.error, e.params, oneway)
+        if inspect.isawaitable(result):
+            # Long calls (Seal) run as a task; this connection reads nothing more until
+            # it is done, so replies stay in order, while other connections go on.
+            self._pause_reading()
+            self.task = asyncio.ensure_future(result)
+            self.task.add_done_callback(lambda t: self._task_done(t, method, params, oneway))
             return
-        except Exception:
-            log.exception("internal error in %s", message.get("method"))
+        self._finish_call(method, params, oneway, result, None)
+
+    def _task_done(self, task: asyncio.Future[Any], method: Any, params: dict[str, Any], oneway: bool) -> None:
+        self.task = None
+        close_fds(self.task_fds)
+        self.task_fds = []
+        if task.cancelled():
+            return
+        if self.closed:
+            if task.exception() is None:
+                close_fds(task.result().fds)
+            return
+        exc = task.exception()
+        self._finish_call(method, params, oneway, None if exc else task.result(), exc)
+        self._process()
+
+    def _finish_call(self, method: Any, params: dict[str, Any], oneway: bool, reply: Any, exc: BaseException | None) -> None:
+        if isinstance(exc, FdboxError):
+            self._reply_error(ERROR_PREFIX + exc.name, exc.to_params(), oneway)
+            self.server.log_op(self.caller, method, params, exc)
+            return
+        if isinstance(exc, VarlinkError):
+            self._reply_error(exc.error, exc.params, oneway)
+            return
+        if exc is not None:
+            log.error("internal error in %s", method, exc_info=exc)
             self._reply_error(ERROR_PREFIX + "BackendUnavailable", {"message": "internal error; see the daemon log"}, oneway)
             return
-        self.server.log_op(self.caller, message.get("method"), params, None)
+        self.server.log_op(self.caller, method, params, None)
         if oneway:
             close_fds(reply.fds)
             return
@@ -158,12 +205,17 @@ class Connection:
             loop.add_writer(self.sock.fileno(), self._flush)
         else:
             loop.remove_writer(self.sock.fileno())
-        if self.out_bytes <= MAX_PENDING_OUT:
+            if self.eof and self.task is None and not self.framer.has_frames:
+                self.close()
+                return
+        if self.out_bytes <= MAX_PENDING_OUT and self.task is None and not self.eof:
             self._resume_reading()
 
     def close(self) -> None:
         if self.closed:
             return
+        # A running task (a seal) is left to finish: stopping it half-way would only
+        # leave work to undo. Its reply is dropped, its fds closed by its callback.
         self._pause_reading()
         self.server.loop.remove_writer(self.sock.fileno())
         self.closed = True

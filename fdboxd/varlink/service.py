@@ -19,7 +19,7 @@ from typing import Any
 from .. import __version__
 from ..errors import FdboxError
 from ..model import Caller
-from ..store import PutItem, Store
+from ..store import PutItem, SealItem, Store, seal_in_worker
 
 INTERFACE = "io.fdbox.Store"
 SERVICE = "org.varlink.service"
@@ -67,7 +67,7 @@ class Reply:
     fds: list[int] = field(default_factory=list)
 
 
-Handler = Callable[["Call"], Reply]
+Handler = Callable[["Call"], Any]  # returns a Reply, or an awaitable of one
 
 
 @dataclass
@@ -75,6 +75,8 @@ class Call:
     caller: Caller
     params: dict[str, Any]
     fds: list[int]
+    #: Set when the caller asked for "more": sends an intermediate reply (continues=true).
+    more: Callable[[dict[str, Any]], None] | None = None
 
     def str(self, key: str) -> str:
         v = self.params.get(key)
@@ -196,8 +198,14 @@ class StoreService:
         self.store.delete_box(call.caller, call.str("box"))
         return Reply()
 
-    def do_Seal(self, call: Call) -> Reply:
-        return Reply({"sealed": self.store.seal(call.caller, call.opt_str("box"))})
+    async def do_Seal(self, call: Call) -> Reply:
+        """Seal in a worker; with ``more``, one progress reply per entry checksummed."""
+
+        def progress(item: SealItem, done: int, total: int) -> None:
+            if call.more is not None:
+                call.more({"progress": {"box": item.box, "name": item.name, "done": done, "total": total}})
+
+        return Reply({"sealed": await seal_in_worker(self.store, call.caller, call.opt_str("box"), progress)})
 
     def do_Unseal(self, call: Call) -> Reply:
         self.store.unseal(call.caller, call.str("box"))
