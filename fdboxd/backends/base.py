@@ -17,6 +17,22 @@ Rules every backend follows:
   has checked; a backend still refuses what it cannot do, with an ``FdboxError``.
 - ``inventory`` reports what the backend really holds, so the store can reconcile the
   manifest after a restart or a kexec instead of believing it.
+
+Live update (backends with ``survives_kexec``):
+
+- ``seal(box)`` preserves every entry of the box for the next kernel, all or nothing;
+  ``unseal(box)`` undoes it with nothing lost.
+- After kexec, ``inventory()`` reports the carried boxes in state ``restored``.
+- ``get(box, name)`` on a restored entry restores it *transparently*: the backend makes
+  a fresh memfd of the entry's kind (``MFD_HUGETLB`` with the right page size for
+  hugetlb entries, ``MFD_ALLOW_SEALING``), sizes it, has the preserved data copied in,
+  re-applies the seals, and from then on the entry holds that file; the caller gets a
+  new fd for it like for any entry. A second ``get`` returns the same file again.
+- ``finish(box)`` on a restored box releases whatever was not restored (those entries
+  are gone from the inventory afterwards) and reopens the box.
+- The store uses one reserved box, ``fdboxd.manifest`` (see ``fdboxd.store.CARRY_BOX``),
+  through these same calls — create_box, put, seal, unseal, get, finish, delete_box —
+  to carry its manifest across the kexec inside the sealed set.
 """
 
 from __future__ import annotations
