@@ -92,6 +92,11 @@ class Daemon:
         self.backend = open_backend(config.backend, config.device)
         self.store = Store(self.backend, Manifest(config.state_dir), limits=config.limits,
                            allowed_types=config.allowed_types)
+        if self.store.status()["restored"]:
+            # After a kexec: check every entry against the checksum it was sealed with
+            # before anyone can take it back (mismatches are dropped and reported lost).
+            failed = self.store.verify_restored()
+            log.info("verified restored entries: %d failed", len(failed))
         self.stopping = asyncio.Event()
         self.varlink: VarlinkServer | None = None
         self.frontends: list[Any] = []  # objects with an async close()
