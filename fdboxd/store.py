@@ -354,6 +354,8 @@ class Store:
         if self.entry_count() + len(items) > self.limits.max_entries_total:
             raise FdboxError("LimitExceeded", f"at most {self.limits.max_entries_total} entries", limit="entries")
 
+        extras = [self._net_record(it.fd, info, caller) for it, info in zip(items, infos, strict=True)]
+
         created_box = b is None
         if created_box:
             self._create_box(box)
@@ -361,11 +363,11 @@ class Store:
             self.owners[box] = caller.uid
         done: list[Entry] = []
         try:
-            for it, info in zip(items, infos, strict=True):
+            for it, info, extra in zip(items, infos, extras, strict=True):
                 self._backend_for(info.type).put(box, it.name, it.fd, info)
                 entry = Entry(
                     box, it.name, info.type, info.size, caller.uid, caller.gid,
-                    metadata=dict(it.metadata), seals=info.seals,
+                    metadata=dict(it.metadata), seals=info.seals, extra=extra,
                 )
                 b.entries[it.name] = entry
                 done.append(entry)
@@ -495,6 +497,10 @@ class Store:
                     raise FdboxError("InvalidRequest", f"{item.box}/{item.name} was not checksummed")
                 entry = self.boxes[item.box].entries[item.name]
                 entry.size, entry.sha256 = item.digest
+            for name in plan.boxes:
+                for e in self.boxes[name].entries.values():
+                    if e.type == FdType.TAP and "net" in e.extra:
+                        e.extra["recreate"] = True  # held, not carried: fdboxd.net recreates it
             sealed: list[str] = []
             try:
                 for name in plan.boxes:
@@ -595,6 +601,14 @@ class Store:
         if info.type not in self.allowed_types:
             raise FdboxError("UnsupportedType", f"files of type {info.type} are not accepted", type=str(info.type))
         return info
+
+    def _net_record(self, fd: int, info: FdInfo, caller: Caller) -> dict[str, Any]:
+        """A tap's interface record (``extra["net"]``); pyroute2 is imported only here."""
+        if info.type != FdType.TAP:
+            return {}
+        from . import net
+
+        return {"net": net.record(fd, info, caller.pid)}
 
     def _check_metadata(self, metadata: object) -> None:
         if not isinstance(metadata, dict) or not all(
