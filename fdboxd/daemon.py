@@ -97,6 +97,13 @@ class Daemon:
             # before anyone can take it back (mismatches are dropped and reported lost).
             failed = self.store.verify_restored()
             log.info("verified restored entries: %d failed", len(failed))
+        # Taps cannot cross a kexec: recreate the recorded interfaces no backend holds.
+        from . import net  # standard library only; pyroute2 is imported if there is work
+
+        if net.pending(self.store):
+            done = net.restore_pending(self.store)
+            log.info("network devices: %d recreated, %d failed",
+                     sum(r.status == "recreated" for r in done), sum(r.status == "failed" for r in done))
         self.stopping = asyncio.Event()
         self.varlink: VarlinkServer | None = None
         self.frontends: list[Any] = []  # objects with an async close()
