@@ -162,6 +162,11 @@ class Client:
         reply, _ = self.call("Finish", {"box": box} if box else {})
         return reply["finished"]
 
+    def net_restore(self, box: str) -> list[dict[str, Any]]:
+        """Recreate the box's recorded network interfaces that are gone (see fdboxd.net)."""
+        reply, _ = self.call("NetRestore", {"box": box})
+        return reply["entries"]
+
     def status(self) -> dict[str, Any]:
         reply, _ = self.call("Status")
         return reply

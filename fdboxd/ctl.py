@@ -242,6 +242,19 @@ def cmd_finish(c: Client, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_net_restore(c: Client, a: argparse.Namespace) -> int:
+    """Recreate BOX's network interfaces that are gone; exit non-zero if one failed."""
+    results = c.net_restore(a.box)
+    if a.json:
+        _print_json({"entries": results})
+    else:
+        for r in results:
+            line = f"{r['status']:9} {r['box']}/{r['name']} ({r['ifname']})"
+            print(line + (f": {r['error_name']}: {r['error']}" if r.get("error") else ""))
+    failed = [r for r in results if r["status"] == "failed"]
+    return EXIT_CODES.get(failed[0].get("error_name") or "", 1) if failed else 0
+
+
 # ---------------------------------------------------------------------- argument parsing
 
 
@@ -311,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("finish", parents=[common], help="end the restore phase of BOX (or all)")
     s.add_argument("box", nargs="?", metavar="BOX")
     s.set_defaults(func=cmd_finish)
+
+    s = sub.add_parser("net-restore", parents=[common],
+                       help="recreate the tap/macvtap interfaces of BOX that are gone")
+    s.add_argument("box", metavar="BOX")
+    s.set_defaults(func=cmd_net_restore)
     return p
 
 

@@ -211,6 +211,12 @@ class StoreService:
         self.store.unseal(call.caller, call.str("box"))
         return Reply()
 
+    def do_NetRestore(self, call: Call) -> Reply:
+        from .. import net  # pyroute2 is imported only if an interface must be recreated
+
+        results = net.restore_box(self.store, call.caller, call.str("box"))
+        return Reply({"entries": [r.to_dict() for r in results]})
+
     def do_Finish(self, call: Call) -> Reply:
         return Reply({"finished": self.store.finish(call.caller, call.opt_str("box"))})
 
@@ -244,5 +250,6 @@ _SIGNATURES: dict[str, frozenset[str]] = {
     "Seal": frozenset({"box"}),
     "Unseal": frozenset({"box"}),
     "Finish": frozenset({"box"}),
+    "NetRestore": frozenset({"box"}),
     "Status": frozenset(),
 }
