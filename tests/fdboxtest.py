@@ -149,3 +149,115 @@ def pattern(size: int, seed: int = 0) -> bytes:
     """Deterministic, position-dependent bytes (a shifted copy would not compare equal)."""
     block = bytes((i * 31 + seed * 7 + (i >> 8)) & 0xFF for i in range(4096))
     return (block * (size // 4096 + 1))[:size]
+
+
+def sha256_of_fd(fd: int) -> str:
+    import hashlib
+
+    from fdboxd.client import read_all
+
+    return hashlib.sha256(read_all(fd)).hexdigest()
+
+
+def run_as_user(uid: int, fn, gid: int | None = None, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    """Run ``fn()`` in a forked child that dropped to ``uid`` with ``os.setresuid``.
+
+    Returns what ``fn`` returned (JSON-able), or ``{"error": NAME}`` if it raised an
+    FdboxError. The child never returns into pytest: it ``_exit``s.
+    """
+    import json
+
+    from fdboxd.errors import FdboxError
+
+    gid = uid if gid is None else gid
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            try:
+                out = {"ok": fn()}
+            except FdboxError as e:
+                out = {"error": e.name, "message": e.message}
+            os.write(w, json.dumps(out).encode())
+            os._exit(0)
+        except BaseException as e:  # noqa: BLE001 - report anything to the parent
+            try:
+                os.write(w, json.dumps({"crash": repr(e)}).encode())
+            finally:
+                os._exit(1)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            break
+    os.close(r)
+    os.waitpid(pid, 0)
+    result = json.loads(b"".join(chunks) or b'{"crash": "no output"}')
+    if "crash" in result:
+        raise AssertionError(f"child as uid {uid} crashed: {result['crash']}")
+    return result
+
+
+class RawConnection:
+    """A Varlink connection that sends whatever bytes and fds a test wants."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        from fdboxd.varlink.protocol import Framer
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.framer = Framer()
+
+    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        import array
+
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        sent = self.sock.sendmsg([data], anc)
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    def send_json(self, message: object, fds: Sequence[int] = ()) -> None:
+        import json
+
+        self.send(json.dumps(message).encode() + b"\0", fds)
+
+    def recv(self):  # type: ignore[no-untyped-def]
+        """The next reply message (a dict); its fds are closed."""
+        from fdboxd.varlink.protocol import close_fds, recv_into
+
+        while (frame := self.framer.take()) is None:
+            if not recv_into(self.sock, self.framer):
+                raise ConnectionError("daemon closed the connection")
+        close_fds(frame.fds)
+        assert frame.error is None, frame.error
+        return frame.message
+
+    def close(self) -> None:
+        self.framer.close()
+        self.sock.close()
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
