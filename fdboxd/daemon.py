@@ -89,9 +89,16 @@ class Daemon:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        from . import systemd as sd  # standard library only
+
+        # Under systemd: the Varlink listener and the fdstore's fds come in LISTEN_FDS;
+        # the fds are adopted before the store is built so that it reconciles them.
+        self.activation = sd.Activation.from_environ()
         self.backend = open_backend(config.backend, config.device)
+        refused = sd.adopt_store_fds(self.activation, self.backend, Manifest(config.state_dir))
         self.store = Store(self.backend, Manifest(config.state_dir), limits=config.limits,
                            allowed_types=config.allowed_types)
+        self.systemd = sd.SystemdIntegration(self.store, self.activation, refused)
         if self.store.status()["restored"]:
             # After a kexec: check every entry against the checksum it was sealed with
             # before anyone can take it back (mismatches are dropped and reported lost).
@@ -120,16 +127,24 @@ class Daemon:
 
     async def start(self, listener: Any = None) -> None:
         """Open the front-ends. ``listener``: an already-bound socket (socket activation)."""
+        if listener is None:
+            listener, self.activation.listener = self.activation.listener, None
         sock = listener if listener is not None else bind_socket(self.config.socket)
         self.varlink = VarlinkServer(
             StoreService(self.store, self.limits()), sock,
             max_message_size=self.config.max_message_size, max_fds=self.config.max_fds,
             log_op=log_op,
         )
+        if self.config.bus:
+            from .dbus import DBusFrontend  # dbus-fast is imported only when --bus is given
+
+            self.frontends.append(await DBusFrontend(self.store, self.limits(), log_op).start(self.config.bus))
+        self.systemd.attach(self.config.state_dir)
         st = self.store.status()
         log.info("fdboxd %s ready on %s: backend %s, %d boxes, %d entries, %d lost, %d adopted",
                  __version__, self.config.socket, st["backend"], st["boxes"], st["entries"],
                  len(st["lost"]), len(st["adopted"]))
+        self.systemd.ready()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -140,12 +155,14 @@ class Daemon:
         await self.close()
 
     async def close(self) -> None:
+        self.systemd.stopping()
         for fe in reversed(self.frontends):
             await fe.close()
         if self.varlink is not None:
             self.varlink.close()
         # Only the memory backend's references die with the process; the kernel keeps its own.
         self.backend.close()
+        self.systemd.close()
         log.info("fdboxd stopped")
 
 
@@ -156,16 +173,18 @@ def log_op(caller: Caller, method: Any, params: dict[str, Any], error: FdboxErro
         return
     box, name = params.get("box"), params.get("name")
     where = f"{box}/{name}" if name else f"{box}" if box else "*"
+    fields = {"FDBOX_OP": op, "FDBOX_BOX": box, "FDBOX_ENTRY": name}  # journal fields (fdboxd.systemd)
     if error is None:
-        log.info("%s %s by uid %d pid %d", op, where, caller.uid, caller.pid)
+        log.info("%s %s by uid %d pid %d", op, where, caller.uid, caller.pid, extra=fields)
     else:
-        log.info("%s %s by uid %d pid %d refused: %s", op, where, caller.uid, caller.pid, error)
+        log.info("%s %s by uid %d pid %d refused: %s", op, where, caller.uid, caller.pid, error, extra=fields)
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="fdboxd: %(levelname)s %(message)s")
+    from .systemd import setup_logging  # journal fields under journald, plain lines otherwise
+
+    setup_logging(config.log_level)
     try:
         daemon = asyncio.run(_main(config))
     except FdboxError as e:

@@ -1,0 +1,521 @@
+"""The D-Bus front-end: ``io.fdbox1`` at ``/io/fdbox1``, interface ``io.fdbox1.Manager``.
+
+Enabled with ``fdboxd --bus system|session|ADDRESS``; only then is ``dbus_fast`` imported
+(the core daemon needs the standard library alone). It runs on the daemon's asyncio
+loop, next to the Varlink server, and calls the same :class:`~fdboxd.store.Store`, so
+names, limits, ownership and errors are the same on both: a store error ``X`` is the
+D-Bus error ``io.fdbox1.Error.X``.
+
+Why dbus-fast and not pydbus: pydbus (last release 2016) can receive an fd only
+through a private attribute and cannot *return* one, so ``Get`` would be impossible.
+dbus-fast is maintained, asyncio-native and passes ``h`` both ways once the connection
+negotiated fd passing (``negotiate_unix_fd=True``; without it fd calls fail with
+``NotSupported``).
+
+Who is calling: the bus tells us, never the message. The sender's unique name is
+resolved with ``org.freedesktop.DBus.GetConnectionUnixUser`` (and
+``GetConnectionUnixProcessID`` for logs). A unique name belongs to one connection for
+the bus's whole life and that connection's credentials are fixed when it
+authenticates, so the answer is cached per unique name and dropped on
+``NameOwnerChanged``.
+
+Method calls to our object are taken by a bus message handler (public dbus-fast API)
+instead of dbus-fast's own dispatcher, for three reasons the dispatcher cannot serve:
+the handler sees the sender (for the uid), it owns the fds that arrived with the call
+(dbus-fast never closes received fds: we close them after the call, whatever
+happened), and it knows when a reply carrying fds was really written (``bus.send``
+returns a future resolved after the write), which is when the fds ``Get`` returns may
+be closed. The :class:`Manager` methods below are still declared with dbus-fast's
+decorators, so introspection, properties and signals come from one definition.
+
+List entries are the struct ``ENTRY_SIGNATURE`` = ``(ssstuuda{ss}xsbs)``, the fields of
+a Varlink ``Entry`` in order: box, name, type, size, uid, gid, created (seconds since
+the epoch), metadata, seals (-1: none), sha256 ('' until sealed), claimed, extra (a
+JSON object as text, '' if none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.constants import NameFlag, PropertyAccess, RequestNameReply
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
+
+from . import __version__
+from .errors import FdboxError
+from .model import Caller, Entry
+from .store import Event, Store, seal_in_worker
+
+log = logging.getLogger("fdboxd.dbus")
+
+BUS_NAME = "io.fdbox1"
+OBJECT_PATH = "/io/fdbox1"
+INTERFACE = "io.fdbox1.Manager"
+ERROR_PREFIX = "io.fdbox1.Error."
+ENTRY_SIGNATURE = "(ssstuuda{ss}xsbs)"
+BOX_SIGNATURE = "(ssttu)"
+
+_DBUS = "org.freedesktop.DBus"
+_DBUS_PATH = "/org/freedesktop/DBus"
+_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+_MAX_CACHED_CALLERS = 4096
+
+#: The caller of the method being run (set by the message handler, read by Manager).
+_current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("fdbox_dbus_caller")
+
+
+@dataclass
+class FdReply:
+    """A method result that carries fds: ``body`` refers to them by index."""
+
+    body: list[Any]
+    fds: list[int]
+
+
+def entry_struct(e: Entry) -> list[Any]:
+    return [
+        e.box, e.name, str(e.type), e.size, e.uid, e.gid, float(e.created), dict(e.metadata),
+        -1 if e.seals is None else e.seals, e.sha256 or "", bool(e.claimed),
+        json.dumps(e.extra, sort_keys=True) if e.extra else "",
+    ]
+
+
+def _u32(v: int) -> int:
+    return max(0, min(int(v), 0xFFFFFFFF))
+
+
+class Manager(ServiceInterface):
+    """``io.fdbox1.Manager``: one method per store operation, as on Varlink."""
+
+    def __init__(self, store: Store, limits: dict[str, int], log_op: Callable[..., None] | None = None) -> None:
+        super().__init__(INTERFACE)
+        self.store = store
+        self.limits = limits
+        self.log_op = log_op
+        self._shown: dict[str, Any] = {}
+
+    @staticmethod
+    def caller() -> Caller:
+        return _current_caller.get()
+
+    # ------------------------------------------------------------------ methods
+
+    @dbus_method()
+    def Put(self, box: "s", name: "s", fd: "h", metadata: "a{ss}"):  # noqa: F821, N802
+        """Store ``fd`` as box/name. The fd is the daemon's to close, and it does."""
+        self.store.put(self.caller(), box, name, fd, metadata)
+
+    @dbus_method()
+    def Get(self, box: "s", name: "s") -> "h":  # noqa: F821, N802
+        _entry, fd = self.store.get(self.caller(), box, name)
+        return FdReply([0], [fd])
+
+    @dbus_method()
+    def GetBox(self, box: "s") -> "a(sh)":  # noqa: F821, N802
+        got = self.store.get_box(self.caller(), box)
+        return FdReply([[[e.name, i] for i, (e, _) in enumerate(got)]], [fd for _, fd in got])
+
+    @dbus_method()
+    def List(self) -> "a(ssstuuda{ss}xsbs)":  # noqa: F821, N802
+        return [entry_struct(e) for e in self.store.list(self.caller())]
+
+    @dbus_method()
+    def ListBoxes(self) -> "a(ssttu)":  # noqa: F821, N802
+        return [
+            [b["name"], b["state"], b["entries"], b["size"], b.get("owner", 0)]
+            for b in self.store.list_boxes(self.caller())
+        ]
+
+    @dbus_method()
+    def Remove(self, box: "s", name: "s"):  # noqa: F821, N802
+        self.store.remove(self.caller(), box, name)
+
+    @dbus_method()
+    def DeleteBox(self, box: "s"):  # noqa: F821, N802
+        self.store.delete_box(self.caller(), box)
+
+    @dbus_method()
+    async def Seal(self, box: "s") -> "as":  # noqa: F821, N802
+        """Seal one box, or every open box when ``box`` is '' (root only)."""
+        return await seal_in_worker(self.store, self.caller(), box or None)
+
+    @dbus_method()
+    def Unseal(self, box: "s"):  # noqa: F821, N802
+        self.store.unseal(self.caller(), box)
+
+    @dbus_method()
+    def Finish(self, box: "s") -> "as":  # noqa: F821, N802
+        """End the restore phase of one box, or of every restored box when '' (root only)."""
+        return self.store.finish(self.caller(), box or None)
+
+    @dbus_method()
+    def Status(self) -> "a{sv}":  # noqa: F821, N802
+        st = self.store.status()
+        root = self.caller().is_root
+
+        def triples(items: list[dict[str, Any]]) -> Variant:
+            rows = [[str(i.get("box", "")), str(i.get("name", "")), str(i.get("type", ""))] for i in items] if root else []
+            return Variant("a(sss)", rows)
+
+        return {
+            "version": Variant("s", __version__),
+            "backend": Variant("s", st["backend"]),
+            "survives_kexec": Variant("b", bool(st["survives_kexec"])),
+            "state": Variant("s", st["state"]),
+            "boxes": Variant("u", _u32(st["boxes"])),
+            "entries": Variant("u", _u32(st["entries"])),
+            "sealed": Variant("u", _u32(st["sealed"])),
+            "restored": Variant("u", _u32(st["restored"])),
+            "lost": triples(st["lost"]),
+            "adopted": triples(st["adopted"]),
+            "limits": Variant("a{st}", {k: int(v) for k, v in self.limits.items()}),
+        }
+
+    # ------------------------------------------------------------------ properties
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":  # noqa: F821, N802
+        return self.store.overall_state()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Backend(self) -> "s":  # noqa: F821, N802
+        return self.store.backend.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":  # noqa: F821, N802
+        return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def EntryCount(self) -> "u":  # noqa: F821, N802
+        return _u32(self.store.entry_count())
+
+    # ------------------------------------------------------------------ signals
+
+    @dbus_signal()
+    def EntryAdded(self, box: str, name: str, uid: int) -> "ssu":  # noqa: F821, N802
+        return [box, name, uid]
+
+    @dbus_signal()
+    def EntryRemoved(self, box: str, name: str, uid: int) -> "ssu":  # noqa: F821, N802
+        return [box, name, uid]
+
+    @dbus_signal()
+    def StateChanged(self, box: str, state: str) -> "ss":  # noqa: F821, N802
+        return [box, state]
+
+    def on_event(self, ev: Event) -> None:
+        """Store events → signals, then PropertiesChanged for what changed."""
+        if ev.kind == "entry-added" and ev.entry is not None:
+            self.EntryAdded(ev.box, ev.entry.name, ev.entry.uid)
+        elif ev.kind == "entry-removed" and ev.entry is not None:
+            self.EntryRemoved(ev.box, ev.entry.name, ev.entry.uid)
+        elif ev.kind == "state-changed" and ev.state is not None:
+            self.StateChanged(ev.box, str(ev.state))
+        self.emit_changes()
+
+    def emit_changes(self) -> None:
+        now = {"State": self.store.overall_state(), "EntryCount": _u32(self.store.entry_count())}
+        changed = {k: v for k, v in now.items() if self._shown.get(k) != v}
+        self._shown.update(now)
+        if changed:
+            self.emit_properties_changed(changed)
+
+
+# The methods the handler dispatches: name -> (in signature, out signature, function).
+_METHODS: dict[str, tuple[str, str, Callable[..., Any]]] = {}
+for _m in ServiceInterface._get_methods(Manager(None, {})):  # type: ignore[arg-type]
+    _METHODS[_m.name] = (_m.in_signature, _m.out_signature, _m.fn)
+del _m
+
+
+class DBusFrontend:
+    """Owns the bus connection, the exported :class:`Manager` and the fds in flight."""
+
+    def __init__(self, store: Store, limits: dict[str, int], log_op: Callable[..., None] | None = None) -> None:
+        self.store = store
+        self.manager = Manager(store, limits, log_op)
+        self.log_op = log_op
+        self.bus: MessageBus | None = None
+        self._callers: OrderedDict[str, asyncio.Future[Caller]] = OrderedDict()
+        self._in_flight: set[int] = set()  # fds queued in replies, not yet written
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._watch: asyncio.Task[Any] | None = None
+
+    async def start(self, bus: str) -> DBusFrontend:
+        if bus == "system":
+            self.bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        elif bus == "session":
+            self.bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
+        else:
+            self.bus = MessageBus(bus_address=bus, negotiate_unix_fd=True)
+        try:
+            await self.bus.connect()
+        except Exception as e:
+            raise FdboxError("BackendUnavailable", f"cannot connect to the D-Bus bus {bus!r}: {e}") from e
+        self.bus.add_message_handler(self._on_message)
+        self.bus.export(OBJECT_PATH, self.manager)
+        await self._bus_call("AddMatch", "s", [
+            f"type='signal',sender='{_DBUS}',interface='{_DBUS}',member='NameOwnerChanged'"
+        ])
+        reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            self.bus.disconnect()
+            raise FdboxError("AlreadyExists", f"the D-Bus name {BUS_NAME} is taken on {bus}")
+        self.store.subscribe(self.manager.on_event)
+        self.manager.emit_changes()  # remember what was shown; nothing is emitted twice
+        self._watch = asyncio.ensure_future(self._watch_disconnect(bus))
+        log.info("D-Bus: %s at %s on %s", BUS_NAME, OBJECT_PATH, bus)
+        return self
+
+    async def _watch_disconnect(self, bus: str) -> None:
+        try:
+            await self.bus.wait_for_disconnect()  # type: ignore[union-attr]
+        except Exception as e:  # noqa: BLE001 - the reason is only logged
+            log.warning("D-Bus connection to %s lost: %s; Varlink goes on", bus, e)
+        else:
+            log.info("D-Bus connection to %s closed", bus)
+        self._close_in_flight()
+
+    async def close(self) -> None:
+        if self.manager.on_event in self.store.listeners:
+            self.store.listeners.remove(self.manager.on_event)
+        if self.bus is not None and self.bus.connected:
+            self.bus.disconnect()
+        if self._watch is not None:
+            self._watch.cancel()
+        self._close_in_flight()
+
+    def _close_in_flight(self) -> None:
+        for fd in list(self._in_flight):
+            self._release(fd)
+
+    def _release(self, fd: int) -> None:
+        if fd in self._in_flight:
+            self._in_flight.discard(fd)
+            os.close(fd)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _on_message(self, msg: Message) -> bool:
+        """Every message of the connection passes here first; ours are handled here."""
+        if msg.message_type == MessageType.SIGNAL:
+            if msg.member == "NameOwnerChanged" and msg.sender == _DBUS and len(msg.body) == 3:
+                name, _old, new = msg.body
+                if not new:
+                    self._callers.pop(name, None)
+            self._close_received(msg)
+            return False
+        if msg.message_type != MessageType.METHOD_CALL:
+            self._close_received(msg)
+            return False
+        if msg.path != OBJECT_PATH or msg.interface not in (INTERFACE, None) or msg.member not in _METHODS:
+            # Introspect, Properties, Peer, or an unknown method: dbus-fast answers; no
+            # method of those takes fds, so any that came along are closed right after.
+            self._close_received(msg)
+            return False
+        fds = list(msg.unix_fds or [])
+        for fd in fds:
+            os.set_inheritable(fd, False)  # dbus-fast receives without MSG_CMSG_CLOEXEC
+        in_sig, out_sig, fn = _METHODS[msg.member]
+        if msg.signature != in_sig:
+            self._close(fds)
+            self._reply(msg, Message.new_error(msg, _INVALID_ARGS,
+                                               f"{msg.member} takes ({in_sig}), not ({msg.signature})"), [])
+            return True
+        try:
+            args = self._args(msg, in_sig, fds)
+        except FdboxError as e:
+            self._close(fds)
+            self._reply(msg, Message.new_error(msg, ERROR_PREFIX + e.name, e.message), [])
+            return True
+        cached = self._callers.get(msg.sender)
+        if cached is not None and cached.done() and cached.exception() is None:
+            self._run(msg, fn, out_sig, args, fds, cached.result())
+            return True
+        fut = cached if cached is not None else self._resolve(msg.sender)
+        fut.add_done_callback(lambda f: self._run_resolved(msg, fn, out_sig, args, fds, f))
+        return True
+
+    def _args(self, msg: Message, in_sig: str, fds: list[int]) -> list[Any]:
+        """The call's arguments with each ``h`` index replaced by the received fd."""
+        from dbus_fast.signature import get_signature_tree
+
+        args = list(msg.body)
+        for i, t in enumerate(get_signature_tree(in_sig).types):
+            if t.signature == "h":
+                idx = args[i]
+                if not 0 <= idx < len(fds):
+                    raise FdboxError("InvalidRequest", f"fd index {idx}, but the message carried {len(fds)} fds")
+                args[i] = fds[idx]
+        return args
+
+    def _resolve(self, sender: str) -> asyncio.Future[Caller]:
+        fut = asyncio.ensure_future(self._credentials(sender))
+        self._callers[sender] = fut
+        while len(self._callers) > _MAX_CACHED_CALLERS:
+            self._callers.popitem(last=False)
+        return fut
+
+    async def _credentials(self, sender: str) -> Caller:
+        uid_reply, pid_reply = await asyncio.gather(
+            self._bus_call("GetConnectionUnixUser", "s", [sender]),
+            self._bus_call("GetConnectionUnixProcessID", "s", [sender]),
+        )
+        if uid_reply.message_type != MessageType.METHOD_RETURN:
+            self._callers.pop(sender, None)
+            raise FdboxError("PermissionDenied", f"the bus cannot identify {sender}: {uid_reply.error_name}")
+        uid = int(uid_reply.body[0])
+        pid = int(pid_reply.body[0]) if pid_reply.message_type == MessageType.METHOD_RETURN else 0
+        return Caller(uid=uid, gid=_gid_of(pid, uid), pid=pid)
+
+    async def _bus_call(self, member: str, signature: str, body: list[Any]) -> Message:
+        assert self.bus is not None
+        reply = await self.bus.call(Message(destination=_DBUS, path=_DBUS_PATH, interface=_DBUS,
+                                            member=member, signature=signature, body=body))
+        assert reply is not None
+        return reply
+
+    def _run_resolved(self, msg: Message, fn: Callable[..., Any], out_sig: str, args: list[Any],
+                      fds: list[int], fut: asyncio.Future[Caller]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            self._close(fds)
+            if isinstance(exc, FdboxError):
+                err = Message.new_error(msg, ERROR_PREFIX + exc.name, exc.message)
+            else:
+                log.error("cannot identify D-Bus caller %s", msg.sender, exc_info=exc)
+                err = Message.new_error(msg, ERROR_PREFIX + "BackendUnavailable", "cannot identify the caller")
+            self._reply(msg, err, [])
+            return
+        self._run(msg, fn, out_sig, args, fds, fut.result())
+
+    def _run(self, msg: Message, fn: Callable[..., Any], out_sig: str, args: list[Any],
+             fds: list[int], caller: Caller) -> None:
+        token = _current_caller.set(caller)
+        try:
+            result = fn(self.manager, *args)
+        except BaseException as e:  # noqa: BLE001 - every failure becomes a reply
+            self._close(fds)
+            self._finish(msg, out_sig, caller, None, e)
+            return
+        finally:
+            _current_caller.reset(token)
+        if asyncio.iscoroutine(result):
+            ctx = contextvars.copy_context()
+            ctx.run(_current_caller.set, caller)
+            task = ctx.run(asyncio.ensure_future, result)
+            self._tasks.add(task)
+
+            def done(t: asyncio.Future[Any]) -> None:
+                self._tasks.discard(t)
+                self._close(fds)
+                if t.cancelled():
+                    return
+                self._finish(msg, out_sig, caller, None if t.exception() else t.result(), t.exception())
+
+            task.add_done_callback(done)
+            return
+        self._close(fds)  # the store took its own references (or refused)
+        self._finish(msg, out_sig, caller, result, None)
+
+    def _finish(self, msg: Message, out_sig: str, caller: Caller, result: Any, exc: BaseException | None) -> None:
+        params = _params(msg)
+        if isinstance(exc, FdboxError):
+            if self.log_op is not None:
+                self.log_op(caller, f"{INTERFACE}.{msg.member}", params, exc)
+            self._reply(msg, Message.new_error(msg, ERROR_PREFIX + exc.name, exc.message), [])
+            return
+        if exc is not None:
+            log.error("internal error in %s", msg.member, exc_info=exc)
+            self._reply(msg, Message.new_error(msg, ERROR_PREFIX + "BackendUnavailable",
+                                               "internal error; see the daemon log"), [])
+            return
+        if self.log_op is not None:
+            self.log_op(caller, f"{INTERFACE}.{msg.member}", params, None)
+        if isinstance(result, FdReply):
+            body, out_fds = result.body, result.fds
+        elif out_sig == "":
+            body, out_fds = [], []
+        else:
+            body, out_fds = [result], []
+        try:
+            reply = Message.new_method_return(msg, out_sig, body, out_fds)
+        except Exception:
+            self._close(out_fds)
+            raise
+        self._reply(msg, reply, out_fds)
+
+    def _reply(self, msg: Message, reply: Message, fds: list[int]) -> None:
+        """Send ``reply``; the ``fds`` it carries are closed once written, not before.
+
+        dbus-fast keeps only the fd numbers until the socket is writable, so closing
+        them when the handler returns could send a closed (or reused!) number.
+        """
+        bus = self.bus
+        if msg.flags & 0x1 or bus is None or not bus.connected:  # NO_REPLY_EXPECTED
+            self._close(fds)
+            return
+        self._in_flight.update(fds)
+        try:
+            fut = bus.send(reply)
+        except Exception:
+            log.exception("cannot send the reply to %s", msg.sender)
+            for fd in fds:
+                self._release(fd)
+            return
+        if fds:
+            fut.add_done_callback(lambda _f: [self._release(fd) for fd in fds])
+
+    @staticmethod
+    def _close(fds: list[int]) -> None:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        fds.clear()
+
+    def _close_received(self, msg: Message) -> None:
+        """Close fds that came with a message we do not handle (they would leak)."""
+        if msg.unix_fds:
+            fds = list(msg.unix_fds)
+            asyncio.get_running_loop().call_soon(self._close, fds)
+
+
+def _params(msg: Message) -> dict[str, Any]:
+    """The box/name of a call, for the operation log."""
+    body = msg.body
+    out: dict[str, Any] = {}
+    if body and isinstance(body[0], str):
+        out["box"] = body[0]
+    if len(body) > 1 and isinstance(body[1], str) and msg.member in ("Put", "Get", "Remove"):
+        out["name"] = body[1]
+    return out
+
+
+def _gid_of(pid: int, uid: int) -> int:
+    """The caller's effective gid: from /proc while its uid still matches, else its passwd group."""
+    if pid:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(fields["Uid"].split()[1]) == uid:
+                return int(fields["Gid"].split()[1])
+        except (OSError, KeyError, ValueError, IndexError):
+            pass
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid

@@ -1,0 +1,435 @@
+"""fdboxd under systemd: notify, watchdog, socket activation, the fdstore, the journal.
+
+Everything here speaks systemd's documented, stable protocols directly with the
+standard library instead of going through systemd-python:
+
+- ``sd_notify``: one ``AF_UNIX``/``SOCK_DGRAM`` datagram of ``KEY=value`` lines to
+  ``$NOTIFY_SOCKET``, fds as ``SCM_RIGHTS`` (sd_notify(3) calls the protocol stable);
+- socket activation: fds 3… with ``$LISTEN_PID``, ``$LISTEN_FDS``, ``$LISTEN_FDNAMES``
+  (sd_listen_fds(3));
+- the journal's native protocol: a datagram of fields to
+  ``/run/systemd/journal/socket`` (systemd.journal-fields(7), "Native Protocol").
+
+Why not systemd-python: it is a C extension that needs libsystemd headers and a
+compiler to install (no wheels on PyPI), and the daemon must run where it is missing
+(``python3 -m fdboxd --user`` on the standard library alone). The three protocols
+above are a few dozen lines, and speaking them ourselves lets the tests point the
+daemon at their own notify and journal sockets.
+
+**fdstore self-preservation** (memory backend): each held fd is also pushed to the
+service's fd store (``FDSTORE=1``, ``FDNAME=<box>/<entry>``) and taken out again
+(``FDSTOREREMOVE=1``) when the entry goes. When the service restarts, systemd hands
+the fds back in ``LISTEN_FDS``; :func:`adopt_store_fds` gives them to the
+:class:`~fdboxd.backends.memory.MemoryBackend` *before* the store is built, so the
+store's reconciliation sees them (owners and metadata come from the manifest).
+
+FDNAME encoding: systemd's ``fdname_is_valid`` accepts printable ASCII except ``:``
+(the ``LISTEN_FDNAMES`` separator), at most 255 characters. Box and entry names are
+already inside that set and neither may contain ``/``, so ``<box>/<entry>`` is
+unambiguous; socket fds (``FileDescriptorName=varlink``) have no ``/``. If the pair is
+longer than 255 characters (a 63-character box and a long entry), the name is
+``<box>/#<sha256 of the entry name>`` and the entry is found again through the
+manifest (``#`` cannot occur in an entry name).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends.base import Backend
+from .backends.memory import MemoryBackend
+from .errors import FdboxError
+from .manifest import Manifest
+from .model import BoxState, Caller
+from .names import check_box_name, check_entry_name
+from .store import Event, Store
+
+log = logging.getLogger("fdboxd.systemd")
+
+SD_LISTEN_FDS_START = 3
+FDNAME_MAX = 255
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+# ---------------------------------------------------------------------- fd names
+
+
+def fdname_is_valid(name: str) -> bool:
+    """systemd's rule (src/basic/fd-util.c): printable ASCII but ':', ≤ 255 chars."""
+    return len(name) <= FDNAME_MAX and all(32 <= ord(c) < 127 and c != ":" for c in name)
+
+
+def _hashed(entry: str) -> str:
+    return "#" + hashlib.sha256(entry.encode()).hexdigest()
+
+
+def fdname_for(box: str, entry: str) -> str:
+    """The FDNAME of entry ``box/entry`` (see the module docstring)."""
+    plain = f"{box}/{entry}"
+    return plain if len(plain) <= FDNAME_MAX else f"{box}/{_hashed(entry)}"
+
+
+def parse_fdname(fdname: str) -> tuple[str, str] | None:
+    """``(box, entry-or-#hash)`` of an entry's FDNAME, ``None`` for anything else."""
+    box, sep, rest = fdname.partition("/")
+    if not sep or not box or not rest:
+        return None
+    return box, rest
+
+
+# ---------------------------------------------------------------------- activation
+
+
+@dataclass
+class Activation:
+    """What systemd passed in ``LISTEN_FDS``: the Varlink listener and stored entries."""
+
+    listener: socket.socket | None = None
+    store_fds: list[tuple[str, int]] = field(default_factory=list)  # (fdname, fd)
+    #: FDNAMEs adopted into the backend, so they need not be pushed again.
+    adopted: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None, unset: bool = True) -> Activation:
+        env = os.environ if environ is None else environ
+        act = cls()
+        try:
+            pid = int(env.get("LISTEN_PID", "0"))
+            count = int(env.get("LISTEN_FDS", "0"))
+        except ValueError:
+            pid, count = 0, 0
+        names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+        if unset:
+            for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+                env.pop(k, None)
+        if pid != os.getpid() or count <= 0:
+            return act
+        if len(names) != count:
+            names = ["unknown"] * count
+        for i, name in enumerate(names):
+            fd = SD_LISTEN_FDS_START + i
+            try:
+                os.set_inheritable(fd, False)
+                st = os.fstat(fd)
+            except OSError:
+                log.warning("LISTEN_FDS names fd %d (%s) but it is not open", fd, name)
+                continue
+            if parse_fdname(name) is not None:
+                act.store_fds.append((name, fd))
+            elif act.listener is None and stat.S_ISSOCK(st.st_mode) and _is_listening_stream(fd):
+                act.listener = socket.socket(fileno=fd)
+                log.info("socket activation: Varlink listener from fd %d (%s)", fd, name)
+            else:
+                log.warning("ignoring passed fd %d named %r", fd, name)
+                os.close(fd)
+        return act
+
+
+def _is_listening_stream(fd: int) -> bool:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return (s.family == socket.AF_UNIX and s.type == socket.SOCK_STREAM
+                and bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)))
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def adopt_store_fds(act: Activation, backend: Backend, manifest: Manifest) -> list[str]:
+    """Give the fdstore's fds to the memory backend, before the store is built.
+
+    Returns the FDNAMEs that could not be adopted (their fds are closed; the caller
+    removes them from the fdstore once the notify socket is known).
+    """
+    refused: list[str] = []
+    if not act.store_fds:
+        return refused
+    if not isinstance(backend, MemoryBackend):
+        log.warning("%d fds from the fd store ignored: backend %s keeps its own", len(act.store_fds), backend.name)
+        for name, fd in act.store_fds:
+            os.close(fd)
+            refused.append(name)
+        act.store_fds = []
+        return refused
+    try:
+        data = manifest.load()
+    except FdboxError as e:
+        log.error("manifest unreadable (%s): fd store entries adopted without owners", e.message)
+        data = None
+    for fdname, fd in act.store_fds:
+        parsed = parse_fdname(fdname)
+        assert parsed is not None
+        box, entry = parsed
+        mbox = data.boxes.get(box) if data else None
+        if entry.startswith("#"):
+            match = [e for e in (mbox.entries if mbox else {}) if fdname_for(box, e) == fdname]
+            entry = match[0] if match else entry[1:]  # unknown: named by its hash
+        try:
+            check_box_name(box)
+            check_entry_name(entry)
+            backend.adopt(box, entry, fd)
+        except (FdboxError, OSError) as e:
+            log.warning("fd store entry %r not adopted: %s", fdname, e)
+            os.close(fd)
+            refused.append(fdname)
+            continue
+        act.adopted.add(fdname_for(box, entry))
+        if mbox is not None and mbox.state == BoxState.SEALED:
+            backend.seal(box)
+    log.info("adopted %d fds from the systemd fd store", len(act.adopted))
+    act.store_fds = []
+    return refused
+
+
+# ---------------------------------------------------------------------- notify
+
+
+class Notifier:
+    """sd_notify(3) without libsystemd. A no-op when ``$NOTIFY_SOCKET`` is unset."""
+
+    def __init__(self, address: str | None = None) -> None:
+        addr = os.environ.get("NOTIFY_SOCKET") if address is None else address
+        self.address: str | None = None
+        self.sock: socket.socket | None = None
+        if addr and (addr.startswith("/") or addr.startswith("@")):
+            self.address = "\0" + addr[1:] if addr.startswith("@") else addr
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @property
+    def enabled(self) -> bool:
+        return self.sock is not None
+
+    def send(self, text: str, fds: list[int] | tuple[int, ...] = ()) -> bool:
+        if self.sock is None:
+            return False
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        try:
+            self.sock.sendmsg([text.encode()], anc, 0, self.address)
+            return True
+        except OSError as e:
+            log.warning("sd_notify %r failed: %s", text.split("\n", 1)[0], e)
+            return False
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of ``WATCHDOG_USEC``), or None."""
+    env = os.environ if environ is None else environ
+    try:
+        usec = int(env.get("WATCHDOG_USEC", "0"))
+        pid = int(env.get("WATCHDOG_PID", str(os.getpid())))
+    except ValueError:
+        return None
+    if usec <= 0 or pid != os.getpid():
+        return None
+    return usec / 2 / 1_000_000
+
+
+class SystemdIntegration:
+    """READY/STATUS/WATCHDOG/STOPPING and the fdstore mirror of a running daemon."""
+
+    def __init__(self, store: Store, activation: Activation, refused: list[str] | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.store = store
+        self.activation = activation
+        self.notifier = notifier or Notifier()
+        self.refused = refused or []
+        self._watchdog: asyncio.Task[Any] | None = None
+        self._pin: int | None = None
+        self.mirror = self.notifier.enabled and isinstance(store.backend, MemoryBackend)
+
+    def attach(self, state_dir: str | None = None) -> None:
+        """Subscribe to the store and bring the fdstore in line with what is held."""
+        if not self.notifier.enabled:
+            return
+        self.store.subscribe(self.on_event)
+        if state_dir is not None:
+            self._pin_state_dir(state_dir)
+        if not self.mirror:
+            return
+        for fdname in self.refused:
+            self.notifier.send(f"FDSTOREREMOVE=1\nFDNAME={fdname}")
+        backend = self.store.backend
+        assert isinstance(backend, MemoryBackend)
+        pushed = 0
+        for e in self.store.list(_ROOT):
+            name = fdname_for(e.box, e.name)
+            if name in self.activation.adopted:
+                continue
+            try:
+                fd = backend.peek(e.box, e.name)
+            except KeyError:
+                continue  # recorded only (a tap to recreate): nothing held
+            if self._push(name, fd):
+                pushed += 1
+        if pushed:
+            log.info("pushed %d held fds to the systemd fd store", pushed)
+
+    def _push(self, fdname: str, fd: int) -> bool:
+        if not fdname_is_valid(fdname):  # cannot happen with valid names; checked anyway
+            log.error("not pushing %r to the fd store: invalid FDNAME", fdname)
+            return False
+        return self.notifier.send(f"FDSTORE=1\nFDNAME={fdname}", [fd])
+
+    def on_event(self, ev: Event) -> None:
+        if self.mirror and ev.entry is not None:
+            name = fdname_for(ev.box, ev.entry.name)
+            if ev.kind == "entry-added":
+                backend = self.store.backend
+                assert isinstance(backend, MemoryBackend)
+                try:
+                    self._push(name, backend.peek(ev.box, ev.entry.name))
+                except KeyError:
+                    pass
+            elif ev.kind == "entry-removed":
+                self.notifier.send(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        self.notifier.send(f"STATUS={self.status_text()}")
+
+    def status_text(self) -> str:
+        st = self.store.status()
+        return (f"{st['boxes']} boxes, {st['entries']} entries, {st['sealed']} sealed, "
+                f"{st['restored']} restored; backend {st['backend']}")
+
+    def ready(self) -> None:
+        if not self.notifier.enabled:
+            return
+        self.notifier.send(f"READY=1\nSTATUS={self.status_text()}\nMAINPID={os.getpid()}")
+        interval = watchdog_interval()
+        if interval is not None:
+            self._watchdog = asyncio.ensure_future(self._feed(interval))
+
+    async def _feed(self, interval: float) -> None:
+        """Ping from the event loop itself: a stuck loop stops the pings, as it should."""
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def stopping(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self.notifier.send("STOPPING=1\nSTATUS=stopping")
+
+    def close(self) -> None:
+        self.stopping()
+        if self.on_event in self.store.listeners:
+            self.store.listeners.remove(self.on_event)
+        if self._pin is not None:
+            os.close(self._pin)
+            self._pin = None
+        self.notifier.close()
+
+    def _pin_state_dir(self, path: str) -> None:
+        """Hold the state directory open so shutdown cannot unmount it under a seal.
+
+        At ``systemctl kexec`` fdboxd keeps running through shutdown.target (its unit
+        does not conflict with it) while fdbox-seal.service writes the sealed manifest;
+        a separate ``/var`` is unmounted by umount.target in parallel. An open fd makes
+        that unmount fail (EBUSY) until systemd-shutdown kills us and remounts it
+        read-only, after the manifest was fsync'ed.
+        """
+        try:
+            self._pin = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            log.debug("cannot pin %s: %s", path, e)
+
+
+_ROOT = Caller(uid=0, gid=0, pid=0)
+
+
+# ---------------------------------------------------------------------- journal
+
+
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+def under_journald(stream: Any = None) -> bool:
+    """True if ``stream`` (stderr) is the journal stream systemd gave us ($JOURNAL_STREAM)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class JournalHandler(logging.Handler):
+    """Send records with the journal's native protocol, ``FDBOX_*`` extras as fields.
+
+    ``log.info("...", extra={"FDBOX_BOX": "vm1", "FDBOX_OP": "Put"})`` becomes a journal
+    entry ``journalctl FDBOX_BOX=vm1`` finds. If the datagram cannot be sent, the line
+    goes to stderr (which journald also reads) so nothing is lost.
+    """
+
+    def __init__(self, path: str | None = None, identifier: str = "fdboxd") -> None:
+        super().__init__()
+        self.path = path or os.environ.get("FDBOX_JOURNAL_SOCKET") or JOURNAL_SOCKET
+        self.identifier = identifier
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.fallback = logging.StreamHandler(sys.stderr)
+        self.fallback.setFormatter(logging.Formatter("fdboxd: %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, str] = {
+                "MESSAGE": self.format(record),
+                "PRIORITY": str(_PRIORITY.get(record.levelno, 6)),
+                "SYSLOG_IDENTIFIER": self.identifier,
+                "CODE_FILE": record.pathname,
+                "CODE_LINE": str(record.lineno),
+                "CODE_FUNC": record.funcName,
+                "LOGGER": record.name,
+            }
+            for k, v in record.__dict__.items():
+                if k.startswith("FDBOX_") and v is not None:
+                    fields[k] = str(v)
+            self.sock.sendto(encode_journal_fields(fields), self.path)
+        except OSError:
+            self.fallback.emit(record)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
+
+
+def encode_journal_fields(fields: dict[str, str]) -> bytes:
+    """The native protocol: ``KEY=value\\n``, or ``KEY\\n<le64 size><value>\\n`` if multi-line."""
+    out = bytearray()
+    for k, v in fields.items():
+        data = v.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += k.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += k.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+def setup_logging(level: str) -> None:
+    """Journal fields when stderr is journald's stream, plain lines on stderr otherwise."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    if under_journald():
+        handler: logging.Handler = JournalHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fdboxd: %(levelname)s %(message)s"))
+    root.handlers[:] = [handler]
