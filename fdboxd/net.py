@@ -22,9 +22,10 @@ so no queue index is recorded. Keep all queues of one interface in one box: a re
 of another box holding more queues of it would find the name taken.
 
 **What is recorded** (``extra["net"]``, version 1): ``ifname``, ``kind`` (``tap`` or
-``macvtap``), ``mac``, ``mtu``, ``up`` (administrative IFF_UP), ``tun_flags`` (TUNGETIFF
-value: IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE...) and ``flags`` (their
-names), ``persist``, ``owner``/``group`` (TUNSETOWNER/TUNSETGROUP values, -1 for
+``macvtap``), ``mac``, ``mtu``, ``up`` (administrative IFF_UP), ``tun_flags`` (IFF_TAP,
+IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE...: TUNGETIFF, except IFF_NO_PI, whose bit
+TUNGETIFF reuses for IFF_NOFILTER, so it comes from netlink ``IFLA_TUN_PI``) and
+``flags`` (their names), ``persist``, ``owner``/``group`` (TUNSETOWNER/TUNSETGROUP values, -1 for
 none, read from netlink ``IFLA_TUN_OWNER``/``IFLA_TUN_GROUP`` — sysfs would show the
 daemon's namespace, not the tap's), ``vnet_hdr_sz`` and ``sndbuf`` of the fd,
 ``master`` (bridge name), ``vlans`` (bridge port VLANs: vid, pvid, untagged),
@@ -114,6 +115,7 @@ IFF_PERSIST = 0x0800
 IFF_NAPI = 0x0010
 IFF_NAPI_FRAGS = 0x0020
 IFF_ONE_QUEUE = 0x2000
+IFF_DETACH_QUEUE = 0x0400
 #: The TUNSETIFF flags that are chosen at open time and must be asked for again.
 TUN_OPEN_FLAGS = IFF_TUN | IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE | IFF_NAPI | IFF_NAPI_FRAGS
 FLAG_NAMES = {
@@ -336,6 +338,7 @@ def read_interface(ipr: Any, ifname: str, kind: str) -> dict[str, Any]:
         rec["owner"] = -1 if owner is None else int(owner)
         rec["group"] = -1 if group is None else int(group)
         rec["persist"] = bool(data.get_attr("IFLA_TUN_PERSIST")) if data is not None else False
+        rec["pi"] = bool(data.get_attr("IFLA_TUN_PI")) if data is not None else None
     else:
         lower = link.get_attr("IFLA_LINK")
         rec["link"] = ipr.link("get", index=lower)[0].get_attr("IFLA_IFNAME") if lower else None
@@ -360,6 +363,11 @@ def record(fd: int, info: FdInfo, caller_pid: int = 0) -> dict[str, Any]:
     finally:
         os.close(nsfd)
     flags = info.tun_flags
+    if kind == "tap" and rec.get("pi") is not None:
+        # TUNGETIFF reports IFF_NOFILTER (0x1000, no socket filter attached) in the bit
+        # IFF_NO_PI uses, so packet information is taken from netlink (IFLA_TUN_PI).
+        flags = (flags & ~(IFF_NO_PI | IFF_DETACH_QUEUE)) | (0 if rec["pi"] else IFF_NO_PI)
+    rec.pop("pi", None)
     rec.update({
         "version": RECORD_VERSION,
         "netns": netns,
