@@ -18,7 +18,9 @@ A run is one qemu process that boots once per stage:
 Inside a stage (``/bin/sh -e``, cwd = the checkout) the environment has
 ``FDBOX_VM_STAGE``, ``FDBOX_VM_REPO``, ``FDBOX_VM_KERNEL``, ``FDBOX_VM_INITRD``,
 ``FDBOX_VM_MODULE`` (if a module was given), ``PYTHON`` (the host's interpreter,
-also first on PATH as ``python3``) and ``vm-kexec`` on PATH. Guest paths: the
+also first on PATH as ``python3``) and ``vm-kexec`` on PATH. The host's tools come
+first on PATH; busybox applets (``/run/fdbox-vm/bin``) fill the gaps, e.g.
+``insmod``/``rmmod``/``lsmod`` on a host without the kmod package. Guest paths: the
 checkout and anything else on the host root except ``/tmp``, ``/var/tmp`` and
 ``/run`` (fresh tmpfs in the guest); files under the run's output directory are
 at ``/out/...`` (see :meth:`GuestRun.guest_path`).
@@ -455,7 +457,8 @@ def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment every stage script starts with (see the module docstring)."""
     py = sys.executable
     env = {
-        "PATH": f"{GUEST_BIN}:{Path(py).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": f"{GUEST_BIN}:{Path(py).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        ":/run/fdbox-vm/bin",
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "TERM": "dumb",
