@@ -231,11 +231,33 @@ class Manager(ServiceInterface):
             self.emit_properties_changed(changed)
 
 
+def _complete_introspection() -> dict[str, tuple[str, str, Callable[..., Any]]]:
+    """Name every out and signal argument, mark constant properties; return the methods.
+
+    dbus-fast names in-arguments after the Python parameters but leaves results and
+    signal arguments unnamed; ``busctl introspect`` and code generators read the names.
+    """
+    out_names = {"Get": ["fd"], "GetBox": ["entries"], "List": ["entries"], "ListBoxes": ["boxes"],
+                 "Seal": ["sealed"], "Finish": ["finished"], "Status": ["status"]}
+    signal_names = {"EntryAdded": ["box", "name", "uid"], "EntryRemoved": ["box", "name", "uid"],
+                    "StateChanged": ["box", "state"]}
+    probe = Manager(None, {})  # type: ignore[arg-type]
+    methods = {}
+    for m in ServiceInterface._get_methods(probe):
+        for arg, n in zip(m.introspection.out_args, out_names.get(m.name, []), strict=False):
+            arg.name = n
+        methods[m.name] = (m.in_signature, m.out_signature, m.fn)
+    for sig in ServiceInterface._get_signals(probe):
+        for arg, n in zip(sig.introspection.args, signal_names.get(sig.name, []), strict=False):
+            arg.name = n
+    for prop in ServiceInterface._get_properties(probe):
+        if prop.name in ("Backend", "Version"):
+            prop.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "const"
+    return methods
+
+
 # The methods the handler dispatches: name -> (in signature, out signature, function).
-_METHODS: dict[str, tuple[str, str, Callable[..., Any]]] = {}
-for _m in ServiceInterface._get_methods(Manager(None, {})):  # type: ignore[arg-type]
-    _METHODS[_m.name] = (_m.in_signature, _m.out_signature, _m.fn)
-del _m
+_METHODS = _complete_introspection()
 
 
 class DBusFrontend:

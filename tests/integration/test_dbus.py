@@ -1,0 +1,324 @@
+"""io.fdbox1 on a real, private dbus-daemon: gdbus puts, busctl/dbus-fast/Varlink get.
+
+The test starts its own ``dbus-daemon`` with a session-like configuration in a temp
+directory (any uid may connect, fds may pass), starts fdboxd with ``--bus ADDRESS``
+and drives it with the real tools: ``gdbus call`` sends fds (busctl on systemd 252
+cannot: "UNIX file descriptor not supported as type"), ``busctl`` receives them and
+introspects, a second uid is a real process after ``setresuid``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from fdboxtest import memfd_with, pattern, wait_for
+
+from fdboxd.client import read_all
+from fdboxd.errors import ERROR_NAMES
+
+pytest.importorskip("dbus_fast")
+for _tool in ("dbus-daemon", "gdbus", "busctl", "dbus-monitor"):
+    if shutil.which(_tool) is None:
+        pytest.skip(f"{_tool} not installed", allow_module_level=True)
+
+OTHER_UID = 65534
+DEST = ["-d", "io.fdbox1", "-o", "/io/fdbox1"]
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={path}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+@pytest.fixture(scope="module")
+def bus():
+    d = Path(tempfile.mkdtemp(prefix="fdbox-bus-", dir="/tmp"))
+    d.chmod(0o755)  # the second uid must reach the socket
+    conf = d / "bus.conf"
+    conf.write_text(BUS_CONFIG.format(path=d / "bus"))
+    proc = subprocess.Popen(["dbus-daemon", "--nofork", f"--config-file={conf}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: (d / "bus").exists(), 10), "dbus-daemon did not start"
+    yield f"unix:path={d / 'bus'}"
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def name_owned(address: str) -> bool:
+    out = subprocess.run(["busctl", f"--address={address}", "call", "org.freedesktop.DBus",
+                          "/org/freedesktop/DBus", "org.freedesktop.DBus", "NameHasOwner", "s", "io.fdbox1"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() == "b true"
+
+
+@pytest.fixture
+def dbus_daemon(daemon_factory, bus):
+    d = daemon_factory("--bus", bus)
+    assert wait_for(lambda: name_owned(bus), 10), d.log()
+    yield d
+    d.stop()
+    assert wait_for(lambda: not name_owned(bus), 10)
+
+
+def demote(uid: int):  # type: ignore[no-untyped-def]
+    def fn() -> None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    return fn
+
+
+def gdbus(address: str, method: str, *args: str, fd: int | None = None, uid: int | None = None,
+          check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``gdbus call``; an ``fd`` becomes the process's fd 3 (``3<&0``), the way a shell passes one."""
+    cmd = ["gdbus", "call", "-a", address, *DEST, "-m", f"io.fdbox1.Manager.{method}", *args]
+    if fd is not None:
+        cmd = ["sh", "-c", 'exec "$@" 3<&0', "sh", *cmd]
+    out = subprocess.run(cmd, stdin=fd if fd is not None else subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=30, preexec_fn=demote(uid) if uid is not None else None)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def put(address: str, box: str, name: str, fd: int, metadata: str = "@a{ss} {}", **kw):  # type: ignore[no-untyped-def]
+    return gdbus(address, "Put", box, name, "3", metadata, fd=fd, **kw)
+
+
+def error_of(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode != 0, out.stdout
+    m = re.search(r"GDBus\.Error:([\w.]+):", out.stderr)
+    assert m, out.stderr
+    return m.group(1)
+
+
+def busctl(address: str, *args: str, uid: int | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["busctl", f"--address={address}", *args], capture_output=True, text=True,
+                          timeout=30, preexec_fn=demote(uid) if uid is not None else None)
+
+
+async def _dbus_fast_get(address: str, box: str, name: str) -> bytes:
+    from dbus_fast import Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    bus = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+    try:
+        reply = await bus.call(Message(destination="io.fdbox1", path="/io/fdbox1", interface="io.fdbox1.Manager",
+                                       member="Get", signature="ss", body=[box, name]))
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+        assert reply.signature == "h" and len(reply.unix_fds) == 1
+        fd = reply.unix_fds[reply.body[0]]
+        try:
+            return read_all(fd)
+        finally:
+            os.close(fd)
+    finally:
+        bus.disconnect()
+
+
+def test_gdbus_put_then_varlink_busctl_and_dbus_fast_get(dbus_daemon, bus):
+    data = pattern(2 * 4096 + 77, seed=3)
+    fd = memfd_with(data, "guest-ram")
+    before = dbus_daemon.fd_count()
+    put(bus, "vm1", "ram0", fd, "{'slot': '0'}")
+    os.close(fd)
+    # The Varlink client sees the same store, the same bytes, and the metadata.
+    with dbus_daemon.client() as c:
+        entry, got = c.get("vm1", "ram0")
+        try:
+            assert read_all(got) == data
+        finally:
+            os.close(got)
+    assert entry["type"] == "memfd" and entry["size"] == len(data) and entry["metadata"] == {"slot": "0"}
+    assert entry["uid"] == 0
+    # busctl receives the fd (prints "h N"); dbus-fast receives it and reads the bytes.
+    out = busctl(bus, "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "Get", "ss", "vm1", "ram0")
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"h \d+", out.stdout.strip()), out.stdout
+    for _ in range(3):
+        assert asyncio.run(_dbus_fast_get(bus, "vm1", "ram0")) == data
+    # The fd that came in with Put is closed, every fd sent with Get is closed after
+    # it was written: only the held reference remains.
+    assert wait_for(lambda: dbus_daemon.fd_count() == before + 1, 5), os.listdir(f"/proc/{dbus_daemon.pid}/fd")
+    # List: the documented struct, same fields as Varlink.
+    out = gdbus(bus, "List")
+    assert "'vm1', 'ram0', 'memfd', uint64 %d, uint32 0, uint32 0" % len(data) in out.stdout, out.stdout
+    assert "{'slot': '0'}" in out.stdout
+
+
+def test_introspection_is_complete(dbus_daemon, bus):
+    out = busctl(bus, "introspect", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager")
+    assert out.returncode == 0, out.stderr
+    rows = {}
+    for line in out.stdout.splitlines()[1:]:
+        f = line.split()
+        if f and f[0].startswith("."):
+            rows[f[0][1:]] = (f[1], f[2], f[3])
+    assert rows["Put"] == ("method", "ssha{ss}", "-")
+    assert rows["Get"] == ("method", "ss", "h")
+    assert rows["List"] == ("method", "-", "a(ssstuuda{ss}xsbs)")
+    assert rows["GetBox"] == ("method", "s", "a(sh)")
+    for m, sig in {"Remove": "ss", "DeleteBox": "s", "Seal": "s", "Unseal": "s", "Status": "-", "Finish": "s"}.items():
+        assert rows[m][:2] == ("method", sig), m
+    for p, sig in {"State": "s", "Backend": "s", "Version": "s", "EntryCount": "u"}.items():
+        assert rows[p][:2] == ("property", sig), p
+    assert rows["Backend"][2] == '"memory"'
+    for s, sig in {"EntryAdded": "ssu", "EntryRemoved": "ssu", "StateChanged": "ss"}.items():
+        assert rows[s][:2] == ("signal", sig), s
+    xml = subprocess.run(["gdbus", "introspect", "-a", bus, *DEST, "--xml"], capture_output=True, text=True).stdout
+    import xml.etree.ElementTree as ET
+
+    iface = ET.fromstring(xml).find("interface[@name='io.fdbox1.Manager']")
+    assert iface is not None, xml
+    get_out = iface.find("method[@name='Get']/arg[@direction='out']")
+    assert get_out.attrib == {"name": "fd", "direction": "out", "type": "h"}
+    for arg in iface.iter("arg"):  # every argument is named
+        assert arg.get("name"), ET.tostring(arg)
+    const = {p.get("name") for p in iface.findall("property")
+             if p.find("annotation[@name='org.freedesktop.DBus.Property.EmitsChangedSignal']") is not None}
+    assert const == {"Backend", "Version"}
+
+
+def test_every_error_name(dbus_daemon, bus, tmp_path):
+    seen = set()
+
+    def expect(name: str, out: subprocess.CompletedProcess[str]) -> None:
+        assert error_of(out) == f"io.fdbox1.Error.{name}", out.stderr
+        seen.add(name)
+
+    fd = memfd_with(b"x" * 100)
+    put(bus, "vm1", "a", fd)
+    expect("NotFound", gdbus(bus, "Get", "vm1", "nope", check=False))
+    expect("AlreadyExists", put(bus, "vm1", "a", fd, check=False))
+    expect("InvalidName", put(bus, "bad box!", "a", fd, check=False))
+    regular = tmp_path / "plain"
+    regular.write_bytes(b"not a memfd")
+    with open(regular, "rb") as f:
+        expect("UnsupportedType", put(bus, "vm1", "b", f.fileno(), check=False))
+    expect("NotSealed", gdbus(bus, "Unseal", "vm1", check=False))
+    expect("InvalidRequest", gdbus(bus, "Finish", "vm1", check=False))
+    many = "{" + ", ".join(f"'k{i}': 'v'" for i in range(40)) + "}"
+    expect("LimitExceeded", put(bus, "vm1", "c", fd, many, check=False))
+    expect("PermissionDenied", gdbus(bus, "Get", "vm1", "a", uid=OTHER_UID, check=False))
+    assert gdbus(bus, "Seal", "vm1").stdout.strip() == "(['vm1'],)"
+    expect("Sealed", put(bus, "vm1", "d", fd, check=False))
+    gdbus(bus, "Unseal", "vm1")
+    # A manifest that cannot be written: the put is undone, BackendUnavailable.
+    manifest = Path(dbus_daemon.state_dir) / "manifest.json"
+    manifest.unlink()
+    manifest.mkdir()
+    (manifest / "keep").write_text("")
+    try:
+        expect("BackendUnavailable", put(bus, "vm1", "e", fd, check=False))
+    finally:
+        shutil.rmtree(manifest)
+    os.close(fd)
+    assert seen == set(ERROR_NAMES)
+    # Wrong argument types are the bus's standard error, not a crash.
+    out = busctl(bus, "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "Get", "s", "vm1")
+    assert out.returncode != 0 and "vm1" not in out.stdout
+    assert dbus_daemon.alive()
+
+
+def test_second_uid_is_identified_by_the_bus(dbus_daemon, bus):
+    root_fd = memfd_with(b"root's")
+    put(bus, "rootbox", "secret", root_fd)
+    mine = memfd_with(b"nobody's bytes")
+    put(bus, "nobox", "mine", mine, uid=OTHER_UID)
+    # The uid was taken from the bus, not from anything the caller said.
+    with dbus_daemon.client() as c:
+        entries = {(e["box"], e["name"]): e for e in c.list()["entries"]}
+    assert entries[("nobox", "mine")]["uid"] == OTHER_UID
+    assert entries[("rootbox", "secret")]["uid"] == 0
+    # The other uid sees and gets only its own entries.
+    out = gdbus(bus, "List", uid=OTHER_UID)
+    assert "'mine'" in out.stdout and "secret" not in out.stdout
+    for call in (["Get", "rootbox", "secret"], ["Remove", "rootbox", "secret"], ["DeleteBox", "rootbox"],
+                 ["Seal", "rootbox"], ["Seal", ""]):
+        assert error_of(gdbus(bus, *call, uid=OTHER_UID, check=False)) == "io.fdbox1.Error.PermissionDenied", call
+    assert error_of(put(bus, "rootbox", "intruder", mine, uid=OTHER_UID, check=False)) == \
+        "io.fdbox1.Error.PermissionDenied"
+    out = busctl(bus, "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "Get", "ss", "nobox", "mine",
+                 uid=OTHER_UID)
+    assert out.returncode == 0 and out.stdout.startswith("h "), out.stderr
+    gdbus(bus, "Remove", "nobox", "mine", uid=OTHER_UID)
+    os.close(root_fd)
+    os.close(mine)
+
+
+def test_signals_and_properties_changed(dbus_daemon, bus):
+    mon = subprocess.Popen(["dbus-monitor", "--address", bus, "type='signal',sender='io.fdbox1'"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(0.5)  # the monitor's match is in place
+        fd = memfd_with(b"abc")
+        put(bus, "vm2", "disk", fd)
+        os.close(fd)
+        assert gdbus(bus, "Seal", "vm2").returncode == 0
+        gdbus(bus, "Unseal", "vm2")
+        gdbus(bus, "Remove", "vm2", "disk")
+        time.sleep(0.5)
+    finally:
+        mon.send_signal(signal.SIGINT)
+        text = mon.communicate(timeout=10)[0]
+    members = re.findall(r"member=(\w+)", text)
+    assert members.count("EntryAdded") == 1 and members.count("EntryRemoved") == 1, text
+    assert members.count("StateChanged") == 2, text
+    assert 'string "sealed"' in text and 'string "open"' in text
+    assert "PropertiesChanged" in members
+    assert 'string "EntryCount"' in text and 'string "State"' in text
+    out = busctl(bus, "get-property", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "EntryCount")
+    assert out.stdout.strip() == "u 0"
+
+
+def test_status_over_dbus(dbus_daemon, bus):
+    out = busctl(bus, "--json=short", "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "Status")
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)["data"][0]
+    assert st["backend"]["data"] == "memory" and st["state"]["data"] == "open"
+    assert st["entries"]["data"] == 0 and st["limits"]["data"]["max_boxes"] > 0
+
+
+def test_daemon_survives_losing_the_bus(daemon_factory, tmp_path):
+    d = tmp_path / "bus2"
+    d.mkdir()
+    conf = tmp_path / "bus2.conf"
+    conf.write_text(BUS_CONFIG.format(path=d / "bus"))
+    proc = subprocess.Popen(["dbus-daemon", "--nofork", f"--config-file={conf}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: (d / "bus").exists(), 10)
+        address = f"unix:path={d / 'bus'}"
+        daemon = daemon_factory("--bus", address)
+        assert wait_for(lambda: name_owned(address), 10)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    time.sleep(0.3)
+    assert daemon.alive(), daemon.log()
+    fd = memfd_with(b"still here")
+    with daemon.client() as c:
+        c.put("vm", "m", fd)
+        assert c.status()["entries"] == 1
+    os.close(fd)
+    assert "D-Bus connection" in daemon.log()
