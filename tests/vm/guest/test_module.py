@@ -1,0 +1,871 @@
+"""fdbox.ko in a real kernel: every ioctl, its error paths, bad input, and a stress run.
+
+Runs inside the VM (tests/vm/test_module.py boots it). The module is loaded at the start
+of the session and unloaded at the end; after every test all boxes are deleted and the
+module's counters must be back to zero, so a leaked file reference fails the test that
+leaked it. The host side checks dmesg for BUG/WARNING/Oops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import mmap
+import os
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import kmodtools as km
+from fdboxd import uapi
+
+F_ADD_SEALS = 1033
+F_GET_SEALS = 1034
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
+HUGE = 2 << 20
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session", autouse=True)
+def module() -> Iterator[None]:
+    """Load fdbox.ko for the session; unloading it at the end must work."""
+    if not km.is_loaded():
+        km.load()
+    assert km.DEVICE.exists()
+    yield
+    with uapi.FdboxDevice() as d:
+        assert d.list_boxes() == []
+    km.unload()
+    assert not km.is_loaded()
+
+
+def _cleanup(d: uapi.FdboxDevice) -> None:
+    for b in d.list_boxes():
+        if b.state == uapi.BoxState.SEALED:
+            d.unseal(b.name)
+        elif b.state == uapi.BoxState.RESTORED:
+            d.finish(b.name)
+        d.delete_box(b.name)
+
+
+@pytest.fixture
+def dev() -> Iterator[uapi.FdboxDevice]:
+    """An open /dev/fdbox; afterwards nothing may be left held."""
+    d = uapi.FdboxDevice()
+    _cleanup(d)
+    try:
+        yield d
+        _cleanup(d)
+        s = km.stats(d)
+        leaked = {k: s[k] for k in ("boxes", "entries", "file_refs", "pinned_folios", "restored_pending") if s[k]}
+        assert not leaked, f"module still holds {leaked}"
+    finally:
+        d.close()
+
+
+def memfd(data: bytes = b"", size: int | None = None, flags: int = os.MFD_ALLOW_SEALING, name: str = "t") -> int:
+    fd = os.memfd_create(name, flags | os.MFD_CLOEXEC)
+    if data:
+        os.write(fd, data)
+    if size is not None:
+        os.ftruncate(fd, size)
+    return fd
+
+
+def read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return b""
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+        return m[:]
+
+
+def hugepages_free() -> int:
+    try:
+        with open("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages") as f:
+            return int(f.read())
+    except FileNotFoundError:
+        return 0
+
+
+def expect_errno(err: int, fn, *args, **kw) -> uapi.FdboxOSError:  # type: ignore[no-untyped-def]
+    with pytest.raises(uapi.FdboxOSError) as exc:
+        fn(*args, **kw)
+    assert exc.value.errno == err, f"expected {errno.errorcode[err]}, got {exc.value}"
+    return exc.value
+
+
+def kho_on(d: uapi.FdboxDevice) -> bool:
+    return bool(d.version().features & uapi.FDBOX_FEATURE_KHO_ON)
+
+
+needs_kho = pytest.mark.skipif(
+    "kho=on" not in km.cmdline() or "kho=off" in km.cmdline(), reason="boot without kho=on"
+)
+
+
+# --------------------------------------------------------------------------- device and module
+
+
+def test_device_node_is_root_only_char_device() -> None:
+    st = os.stat(km.DEVICE)
+    assert stat.S_ISCHR(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == 0 and st.st_gid == 0
+
+
+def test_version_and_limits(dev: uapi.FdboxDevice) -> None:
+    v = dev.version()
+    assert v.api_version == uapi.FDBOX_API_VERSION
+    assert v.features & uapi.FDBOX_FEATURE_KHO
+    assert bool(v.features & uapi.FDBOX_FEATURE_KHO_ON) == ("kho=on" in km.cmdline() and "kho=off" not in km.cmdline())
+    assert (v.max_boxes, v.max_entries_per_box, v.max_entries) == (1024, 4096, 65536)
+    assert v.restore_status == 0
+
+
+def test_unknown_ioctls_are_enotty(dev: uapi.FdboxDevice) -> None:
+    buf = km.struct_bytes(uapi.Version())
+    for number in (
+        uapi._IO(uapi.FDBOX_IOCTL_TYPE, 0x0D),  # next free number
+        uapi._IO(uapi.FDBOX_IOCTL_TYPE, 0xFF),
+        uapi._IO(0x42, uapi.FDBOX_CMD_VERSION),  # another driver's type
+        uapi.FDBOX_IOC_VERSION | (3 << 30) | (len(buf) << 16),  # _IOWR-style encoding
+    ):
+        assert km.raw_ioctl(dev, number, buf)[0] == errno.ENOTTY, hex(number)
+
+
+def test_every_ioctl_needs_cap_sys_admin(dev: uapi.FdboxDevice) -> None:
+    """A process that lost CAP_SYS_ADMIN gets EPERM even with the device already open."""
+    dev.create_box("capbox")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop all capabilities by becoming nobody, then try every ioctl
+        try:
+            os.close(r)
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            results = []
+            for name, number in uapi.IOCTLS.items():
+                results.append(f"{name}={km.raw_ioctl(dev, number, bytes(512))[0]}")
+            os.write(w, " ".join(results).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = os.read(r, 65536).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    got = dict(item.split("=") for item in out.split())
+    assert set(got) == set(uapi.IOCTLS)
+    assert all(int(e) == errno.EPERM for e in got.values()), got
+
+
+def test_unload_refused_while_a_box_exists(dev: uapi.FdboxDevice) -> None:
+    dev.close()  # the open device also pins the module; test the box alone
+    with uapi.FdboxDevice() as d:
+        d.create_box("pin")
+    with pytest.raises(OSError) as exc:
+        km.unload()
+    assert exc.value.errno in (errno.EBUSY, errno.EAGAIN)
+    assert km.is_loaded()
+    with uapi.FdboxDevice() as d:
+        d.delete_box("pin")
+    # Now nothing holds it: a reload cycle works (and proves the box ref was dropped).
+    km.unload()
+    assert not km.is_loaded()
+    km.load()
+    dev.fd = os.open(km.DEVICE, os.O_RDWR | os.O_CLOEXEC)
+
+
+def test_open_device_pins_module(dev: uapi.FdboxDevice) -> None:
+    with pytest.raises(OSError) as exc:
+        km.unload()
+    assert exc.value.errno in (errno.EBUSY, errno.EAGAIN)
+
+
+# --------------------------------------------------------------------------- put / get / remove
+
+
+def test_put_get_roundtrip_keeps_callers_fd(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("vm1")
+    fd = memfd(b"hello fdbox", size=8192)
+    r = dev.put_fd("vm1", "ram", fd, uid=1000, gid=100)
+    assert (r.type, r.fsize) == (uapi.EntryType.MEMFD, 8192)
+    os.fstat(fd)  # still open: the kernel did not close it
+    st = os.fstat(fd)
+    os.close(fd)  # the box holds its own reference
+    g = dev.get_fd("vm1", "ram")
+    try:
+        assert fcntl.fcntl(g, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        gst = os.fstat(g)
+        assert (gst.st_ino, gst.st_dev) == (st.st_ino, st.st_dev)
+        assert read_all(g)[:11] == b"hello fdbox"
+    finally:
+        os.close(g)
+    # get does not take the entry out
+    g2 = dev.get_fd("vm1", "ram")
+    os.close(g2)
+    [e] = dev.list_entries("vm1")
+    assert (e.name, e.type, e.size, e.uid, e.gid, e.page_size, e.flags) == (
+        "ram", uapi.EntryType.MEMFD, 8192, 1000, 100, 4096, 0)
+    s = km.stats(dev)
+    assert (s["entries"], s["file_refs"]) == (1, 1)
+    dev.remove_entry("vm1", "ram")
+    expect_errno(errno.ENOENT, dev.get_fd, "vm1", "ram")
+    assert km.stats(dev)["file_refs"] == 0
+
+
+def test_entry_reports_live_size_and_seals(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("b")
+    fd = memfd(size=4096)
+    dev.put_fd("b", "m", fd)
+    os.ftruncate(fd, 3 * 4096)
+    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK)
+    [e] = dev.list_entries("b")
+    assert (e.size, e.seals) == (3 * 4096, F_SEAL_SHRINK)
+    os.close(fd)
+
+
+def test_entries_outlive_the_process_that_put_them(dev: uapi.FdboxDevice) -> None:
+    """The daemon can die: the kernel keeps the entry and its contents."""
+    payload = os.urandom(64 * 1024)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with uapi.FdboxDevice() as d:
+                d.create_box("survivor")
+                d.put_fd("survivor", "mem", memfd(payload))
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    g = dev.get_fd("survivor", "mem")
+    assert read_all(g) == payload
+    os.close(g)
+
+
+def test_hugetlb_memfd_is_accepted(dev: uapi.FdboxDevice) -> None:
+    if hugepages_free() < 2:
+        pytest.fail("no free 2 MiB huge pages: boot with hugepages=")
+    dev.create_box("h")
+    fd = memfd(flags=os.MFD_HUGETLB, size=2 * HUGE)
+    r = dev.put_fd("h", "huge", fd)
+    assert r.type == uapi.EntryType.MEMFD_HUGETLB
+    [e] = dev.list_entries("h")
+    assert (e.page_size, e.size) == (HUGE, 2 * HUGE)
+    os.close(fd)
+
+
+def _unsupported_fds(tmp_path) -> Iterator[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    r, w = os.pipe()
+    yield "pipe", r
+    os.close(r)
+    os.close(w)
+    a, b = socket.socketpair()
+    yield "socket", a.fileno()
+    a.close()
+    b.close()
+    p = tmp_path / "linked"
+    p.write_bytes(b"x" * 10)
+    fd = os.open(p, os.O_RDWR)
+    yield "linked tmpfs file", fd
+    os.close(fd)
+    fd = os.open(__file__, os.O_RDONLY)
+    yield "regular file on the overlay", fd
+    os.close(fd)
+    fd = os.open("/dev/null", os.O_RDWR)
+    yield "char device", fd
+    os.close(fd)
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    yield "directory", fd
+    os.close(fd)
+    fd = os.eventfd(0)
+    yield "eventfd", fd
+    os.close(fd)
+    fd = os.open(km.DEVICE, os.O_RDWR)
+    yield "/dev/fdbox itself", fd
+    os.close(fd)
+
+
+def test_unsupported_types_are_eopnotsupp(dev: uapi.FdboxDevice, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dev.create_box("b")
+    before = km.stats(dev)
+    for what, fd in _unsupported_fds(tmp_path):
+        e = expect_errno(errno.EOPNOTSUPP, dev.put_fd, "b", "x", fd)
+        assert e.error_name == "UnsupportedType", what
+        os.fstat(fd)  # still the caller's, still open
+    after = km.stats(dev)
+    assert (after["entries"], after["file_refs"], after["puts"]) == (0, 0, before["puts"])
+
+
+def test_bad_fds_are_ebadf(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("b")
+    fd = memfd()
+    os.close(fd)
+    expect_errno(errno.EBADF, dev.put_fd, "b", "x", fd)
+    expect_errno(errno.EBADF, dev.put_fd, "b", "x", -1)
+    opath = os.open("/", os.O_PATH)
+    expect_errno(errno.EBADF, dev.put_fd, "b", "x", opath)
+    os.close(opath)
+
+
+def test_unlinked_tmpfs_file_counts_as_memfd(dev: uapi.FdboxDevice, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """shmem cannot tell an O_TMPFILE/unlinked tmpfs file from a memfd: both are held."""
+    dev.create_box("b")
+    fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR)
+    assert dev.put_fd("b", "tmpfile", fd).type == uapi.EntryType.MEMFD
+    os.close(fd)
+
+
+def test_duplicates(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("a")
+    expect_errno(errno.EEXIST, dev.create_box, "a")
+    dev.create_box("b")
+    fd = memfd()
+    dev.put_fd("a", "m", fd)
+    expect_errno(errno.EEXIST, dev.put_fd, "a", "m", memfd())  # name taken
+    expect_errno(errno.EEXIST, dev.put_fd, "a", "m2", fd)  # same file, other name
+    expect_errno(errno.EEXIST, dev.put_fd, "b", "m", fd)  # same file, other box
+    # a second open of the same memfd is the same inode: also refused
+    reopened = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+    expect_errno(errno.EEXIST, dev.put_fd, "b", "again", reopened)
+    os.close(reopened)
+    dev.remove_entry("a", "m")
+    dev.put_fd("b", "m", fd)  # free again once removed
+    os.close(fd)
+
+
+def test_not_found(dev: uapi.FdboxDevice) -> None:
+    fd = memfd()
+    expect_errno(errno.ENOENT, dev.put_fd, "nobox", "m", fd)
+    expect_errno(errno.ENOENT, dev.get_fd, "nobox", "m")
+    expect_errno(errno.ENOENT, dev.remove_entry, "nobox", "m")
+    expect_errno(errno.ENOENT, dev.delete_box, "nobox")
+    expect_errno(errno.ENOENT, dev.list_entries, "nobox")
+    expect_errno(errno.ENOENT, dev.seal, "nobox")
+    expect_errno(errno.ENOENT, dev.unseal, "nobox")
+    expect_errno(errno.ENOENT, dev.finish, "nobox")
+    expect_errno(errno.ENOENT, dev.restore_fd, "nobox", "m", fd)
+    dev.create_box("b")
+    expect_errno(errno.ENOENT, dev.get_fd, "b", "m")
+    expect_errno(errno.ENOENT, dev.remove_entry, "b", "m")
+    expect_errno(errno.ENOENT, dev.restore_fd, "b", "m", fd)
+    os.close(fd)
+
+
+def test_delete_box_drops_every_reference(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("b")
+    for i in range(20):
+        fd = memfd(b"%d" % i)
+        dev.put_fd("b", f"e{i}", fd)
+        os.close(fd)
+    assert km.stats(dev)["file_refs"] == 20
+    dev.delete_box("b")
+    s = km.stats(dev)
+    assert (s["boxes"], s["entries"], s["file_refs"]) == (0, 0, 0)
+
+
+def test_state_errors(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("b")
+    fd = memfd()
+    dev.put_fd("b", "m", fd)
+    expect_errno(errno.EBADFD, dev.unseal, "b")  # not sealed
+    expect_errno(errno.EBADFD, dev.finish, "b")  # not restored
+    e = expect_errno(errno.EBADFD, dev.restore_fd, "b", "m", fd)  # nothing to restore
+    assert e.error_name == "NotSealed"
+    os.close(fd)
+
+
+# --------------------------------------------------------------------------- names
+
+
+BOX_OK = ["a", "A" * 63, "vm-1.example@host+x_y", "0"]
+BOX_BAD = ["", "-lead", ".lead", "_lead", "has space", "slash/x", "comma,x", "eq=x", "A" * 64, "ümlaut", "tab\tx"]
+ENTRY_OK = ["a", "e" * 255, "mem.0,slot=1+x@y_z-w"]
+ENTRY_BAD = ["", "-x", "e" * 256, "a/b", "a b", "a:b", "a;b"]
+
+
+@pytest.mark.parametrize("name", BOX_OK)
+def test_valid_box_names(dev: uapi.FdboxDevice, name: str) -> None:
+    dev.create_box(name)
+    assert [b.name for b in dev.list_boxes()] == [name]
+
+
+def _box_req(number: int, name: bytes) -> bytearray:
+    req = km.struct_bytes(uapi.BoxReq())
+    req[8 : 8 + 64] = name.ljust(64, b"\0")[:64]
+    return req
+
+
+@pytest.mark.parametrize("name", BOX_BAD)
+def test_invalid_box_names_are_einval(dev: uapi.FdboxDevice, name: str) -> None:
+    raw = name.encode()
+    if len(raw) >= 64:  # the binding refuses to send it; the kernel must refuse it too
+        err, _ = km.raw_ioctl(dev, uapi.FDBOX_IOC_CREATE_BOX, _box_req(0, raw))
+        assert err == errno.EINVAL
+    else:
+        expect_errno(errno.EINVAL, dev.create_box, name)
+    assert dev.list_boxes() == []
+
+
+def test_box_name_without_nul_is_einval(dev: uapi.FdboxDevice) -> None:
+    # 64 valid characters filling the whole array: no terminating NUL
+    err, _ = km.raw_ioctl(dev, uapi.FDBOX_IOC_CREATE_BOX, _box_req(0, b"B" * 64))
+    assert err == errno.EINVAL
+    # garbage after the NUL is ignored (only the string counts)
+    err, _ = km.raw_ioctl(dev, uapi.FDBOX_IOC_CREATE_BOX, _box_req(0, b"ok\0garbage"))
+    assert err == 0
+    assert [b.name for b in dev.list_boxes()] == ["ok"]
+
+
+@pytest.mark.parametrize("name", ENTRY_OK)
+def test_valid_entry_names(dev: uapi.FdboxDevice, name: str) -> None:
+    dev.create_box("b")
+    fd = memfd()
+    dev.put_fd("b", name, fd)
+    os.close(fd)
+    assert [e.name for e in dev.list_entries("b")] == [name]
+    g = dev.get_fd("b", name)
+    os.close(g)
+
+
+@pytest.mark.parametrize("name", ENTRY_BAD)
+def test_invalid_entry_names_are_einval(dev: uapi.FdboxDevice, name: str) -> None:
+    dev.create_box("b")
+    fd = memfd()
+    req = uapi.PutFd(fd=fd, box=b"b")
+    raw = km.struct_bytes(req)
+    off = uapi.PutFd.name.offset
+    raw[off : off + 256] = name.encode().ljust(256, b"\0")[:256]
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_PUT_FD, raw)[0] == errno.EINVAL
+    os.close(fd)
+    assert dev.list_entries("b") == []
+
+
+# --------------------------------------------------------------------------- struct sizes
+
+
+def test_struct_size_rules(dev: uapi.FdboxDevice) -> None:
+    base = km.struct_bytes(uapi.Version())
+    n = len(base)
+    # exact size
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_VERSION, base)[0] == 0
+    # larger, zero tail: accepted, the tail left alone
+    err, out = km.raw_ioctl(dev, uapi.FDBOX_IOC_VERSION, km.struct_bytes(uapi.Version(), n + 16, bytes(16)))
+    assert err == 0 and out[n:] == bytes(16)
+    # larger, nonzero tail: E2BIG
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_VERSION, km.struct_bytes(uapi.Version(), n + 16, b"\0" * 15 + b"\1"))[0] == errno.E2BIG
+    # smaller than the first version: EINVAL
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_VERSION, km.struct_bytes(uapi.Version(), n - 4))[0] == errno.EINVAL
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_VERSION, km.struct_bytes(uapi.Version(), 0))[0] == errno.EINVAL
+
+
+@pytest.mark.parametrize("cname", ["fdbox_box_req", "fdbox_put_fd", "fdbox_get_fd", "fdbox_entry_req", "fdbox_list_entries", "fdbox_restore_fd"])
+def test_foreign_sizes_on_name_structs(dev: uapi.FdboxDevice, cname: str) -> None:
+    number = {
+        "fdbox_box_req": uapi.FDBOX_IOC_CREATE_BOX,
+        "fdbox_put_fd": uapi.FDBOX_IOC_PUT_FD,
+        "fdbox_get_fd": uapi.FDBOX_IOC_GET_FD,
+        "fdbox_entry_req": uapi.FDBOX_IOC_REMOVE_ENTRY,
+        "fdbox_list_entries": uapi.FDBOX_IOC_LIST_ENTRIES,
+        "fdbox_restore_fd": uapi.FDBOX_IOC_RESTORE_FD,
+    }[cname]
+    cls = uapi.STRUCTS[cname]
+    n = ctypes.sizeof(cls)
+    assert km.raw_ioctl(dev, number, km.struct_bytes(cls(), n + 8, b"\0" * 7 + b"\x01"))[0] == errno.E2BIG
+    assert km.raw_ioctl(dev, number, km.struct_bytes(cls(), n - 1))[0] == errno.EINVAL
+    assert km.raw_ioctl(dev, number, km.struct_bytes(cls(), 4))[0] == errno.EINVAL
+
+
+def test_nonzero_flags_and_reserved_are_einval(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("b")
+    fd = memfd()
+    cases = [
+        (uapi.FDBOX_IOC_CREATE_BOX, uapi.BoxReq(flags=1, box=b"c")),
+        (uapi.FDBOX_IOC_PUT_FD, uapi.PutFd(fd=fd, flags=1, box=b"b", name=b"m")),
+        (uapi.FDBOX_IOC_GET_FD, uapi.GetFd(flags=1, box=b"b", name=b"m")),
+        (uapi.FDBOX_IOC_REMOVE_ENTRY, uapi.EntryReq(flags=1, box=b"b", name=b"m")),
+        (uapi.FDBOX_IOC_SEAL, uapi.BoxReq(flags=1, box=b"b")),
+        (uapi.FDBOX_IOC_RESTORE_FD, uapi.RestoreFd(fd=fd, flags=1, box=b"b", name=b"m")),
+        (uapi.FDBOX_IOC_LIST_BOXES, uapi.ListBoxes(flags=1, info_size=ctypes.sizeof(uapi.BoxInfo))),
+    ]
+    for number, req in cases:
+        assert km.raw_ioctl(dev, number, km.struct_bytes(req))[0] == errno.EINVAL, type(req).__name__
+    st = uapi.Stats()
+    raw = km.struct_bytes(st)
+    raw[4] = 1  # __reserved
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_STATS, raw)[0] == errno.EINVAL
+    os.close(fd)
+    assert dev.list_entries("b") == []
+
+
+def test_bad_pointer_is_efault(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("b")
+    req = uapi.ListBoxes(count=4, info_size=ctypes.sizeof(uapi.BoxInfo), boxes=8)  # unmapped
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_LIST_BOXES, km.struct_bytes(req))[0] == errno.EFAULT
+    # a NULL struct pointer
+    try:
+        fcntl.ioctl(dev.fd, uapi.FDBOX_IOC_VERSION, 0)
+    except OSError as e:
+        assert e.errno == errno.EFAULT
+    else:
+        pytest.fail("ioctl with a NULL argument succeeded")
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_list_boxes_order_overflow_and_stride(dev: uapi.FdboxDevice) -> None:
+    names = [f"box{i}" for i in range(5)]
+    for n in names:
+        dev.create_box(n)
+    fd = memfd(size=12345)
+    dev.put_fd("box2", "m", fd)
+    os.close(fd)
+    listing = dev.list_boxes()
+    assert [b.name for b in listing] == names
+    assert [b.nr_entries for b in listing] == [0, 0, 1, 0, 0]
+    assert listing[2].total_size == 12345
+    assert all(b.state == uapi.BoxState.OPEN for b in listing)
+
+    # too small: EOVERFLOW, count says how many, nothing written
+    arr = (uapi.BoxInfo * 2)()
+    req = uapi.ListBoxes(count=2, info_size=ctypes.sizeof(uapi.BoxInfo), boxes=ctypes.addressof(arr))
+    err = km.raw_ioctl(dev, uapi.FDBOX_IOC_LIST_BOXES, bytes(req))
+    assert err[0] == errno.EOVERFLOW
+    assert int.from_bytes(err[1][4:8], "little") == 5
+    assert arr[0].name == b""
+
+    # count 0 with NULL: just the count
+    err, out = km.raw_ioctl(dev, uapi.FDBOX_IOC_LIST_BOXES, bytes(uapi.ListBoxes(count=0, info_size=ctypes.sizeof(uapi.BoxInfo))))
+    assert err == errno.EOVERFLOW and int.from_bytes(out[4:8], "little") == 5
+
+    # a larger stride (a newer caller): elements land at the stride, tails zeroed
+    stride = ctypes.sizeof(uapi.BoxInfo) + 24
+    buf = ctypes.create_string_buffer(b"\xff" * (stride * 5), stride * 5)
+    req = uapi.ListBoxes(count=5, info_size=stride, boxes=ctypes.addressof(buf))
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_LIST_BOXES, bytes(req))[0] == 0
+    for i in range(5):
+        elem = buf.raw[i * stride : (i + 1) * stride]
+        assert elem[: len(names[i])] == names[i].encode()
+        assert elem[ctypes.sizeof(uapi.BoxInfo) :] == bytes(24)
+
+    # a stride smaller than the first version: EINVAL
+    req = uapi.ListBoxes(count=5, info_size=ctypes.sizeof(uapi.BoxInfo) - 8, boxes=ctypes.addressof(buf))
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_LIST_BOXES, bytes(req))[0] == errno.EINVAL
+
+
+def test_list_entries_order_and_overflow(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("b")
+    names = [f"e{i}" for i in range(40)]
+    for i, n in enumerate(names):
+        fd = memfd(size=i * 4096)
+        dev.put_fd("b", n, fd, uid=i)
+        os.close(fd)
+    got = dev.list_entries("b")  # the binding starts with room for 16: exercises EOVERFLOW
+    assert [e.name for e in got] == names
+    assert [e.size for e in got] == [i * 4096 for i in range(40)]
+    assert [e.uid for e in got] == list(range(40))
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_entries_per_box_limit_is_enospc(dev: uapi.FdboxDevice) -> None:
+    limit = dev.version().max_entries_per_box
+    dev.create_box("full")
+    for i in range(limit):
+        fd = memfd()
+        dev.put_fd("full", f"e{i}", fd)
+        os.close(fd)
+    fd = memfd()
+    e = expect_errno(errno.ENOSPC, dev.put_fd, "full", "one-more", fd)
+    assert e.error_name == "LimitExceeded"
+    dev.create_box("other")
+    dev.put_fd("other", "fine", fd)  # the limit is per box
+    os.close(fd)
+    assert km.stats(dev)["file_refs"] == limit + 1
+
+
+def test_box_limit_is_enospc(dev: uapi.FdboxDevice) -> None:
+    limit = dev.version().max_boxes
+    for i in range(limit):
+        dev.create_box(f"b{i}")
+    expect_errno(errno.ENOSPC, dev.create_box, "too-many")
+    dev.delete_box("b0")
+    dev.create_box("too-many")
+
+
+# --------------------------------------------------------------------------- seal / unseal
+
+
+def test_seal_without_kho_is_enodev(dev: uapi.FdboxDevice) -> None:
+    if kho_on(dev):
+        pytest.skip("KHO is on in this boot (the kho=off boot runs this)")
+    dev.create_box("b")
+    fd = memfd(b"x")
+    dev.put_fd("b", "m", fd)
+    e = expect_errno(errno.ENODEV, dev.seal, "b")
+    assert e.error_name == "BackendUnavailable"
+    assert dev.list_boxes()[0].state == uapi.BoxState.OPEN
+    # nothing half-done: the memfd can still grow
+    os.ftruncate(fd, 8192)
+    os.close(fd)
+
+
+@needs_kho
+def test_seal_freezes_and_unseal_restores(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("b")
+    data = os.urandom(3 * 4096 + 100)
+    fd = memfd(data)
+    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE)
+    dev.put_fd("b", "m", fd)
+    other = memfd()
+    dev.put_fd("b", "unsealable", memfd(b"y" * 4096, flags=0))  # no MFD_ALLOW_SEALING
+    dev.seal("b")
+    assert dev.list_boxes()[0].state == uapi.BoxState.SEALED
+    ents = {e.name: e for e in dev.list_entries("b")}
+    assert all(e.flags & uapi.FDBOX_ENTRY_PRESERVED for e in ents.values())
+    assert ents["m"].seals == F_SEAL_WRITE
+    assert km.stats(dev)["pinned_folios"] == 4 + 1
+    # sealed: no put, remove, delete, second seal
+    expect_errno(errno.EBUSY, dev.put_fd, "b", "new", other)
+    e = expect_errno(errno.EBUSY, dev.remove_entry, "b", "m")
+    assert e.error_name == "Sealed"
+    expect_errno(errno.EBUSY, dev.delete_box, "b")
+    expect_errno(errno.EBUSY, dev.seal, "b")
+    # the size is frozen while sealed
+    with pytest.raises(OSError) as exc:
+        os.ftruncate(fd, 0)
+    assert exc.value.errno == errno.EPERM
+    # get still works and reads the same data
+    g = dev.get_fd("b", "m")
+    assert read_all(g) == data
+    os.close(g)
+    dev.unseal("b")
+    assert dev.list_boxes()[0].state == uapi.BoxState.OPEN
+    assert km.stats(dev)["pinned_folios"] == 0
+    assert fcntl.fcntl(fd, F_GET_SEALS) == F_SEAL_WRITE  # only the caller's seal is left
+    g = dev.get_fd("b", "unsealable")
+    assert fcntl.fcntl(g, F_GET_SEALS) == F_SEAL_SEAL
+    os.ftruncate(g, 100)  # can shrink again
+    os.close(g)
+    assert read_all(fd) == data
+    dev.put_fd("b", "new", other)
+    os.close(fd)
+    os.close(other)
+
+
+@needs_kho
+def test_seal_is_all_or_nothing(dev: uapi.FdboxDevice) -> None:
+    """An entry that cannot be preserved leaves every entry unpinned and the box open."""
+    if hugepages_free() < 1:
+        pytest.fail("no free huge pages")
+    dev.create_box("b")
+    fd = memfd(os.urandom(8192))
+    dev.put_fd("b", "first", fd)
+    # a hugetlb memfd larger than the free pool: pinning allocates every page and fails
+    big = memfd(flags=os.MFD_HUGETLB | os.MFD_ALLOW_SEALING)
+    os.ftruncate(big, (hugepages_free() + 4) * HUGE)
+    dev.put_fd("b", "too-big", big)
+    with pytest.raises(uapi.FdboxOSError):
+        dev.seal("b")
+    assert dev.list_boxes()[0].state == uapi.BoxState.OPEN
+    assert km.stats(dev)["pinned_folios"] == 0
+    assert all(not e.flags for e in dev.list_entries("b"))
+    os.ftruncate(fd, 0)  # not left frozen
+    os.close(fd)
+    os.close(big)
+
+
+@needs_kho
+def test_seal_hugetlb_and_empty(dev: uapi.FdboxDevice) -> None:
+    if hugepages_free() < 4:
+        pytest.fail("no free huge pages")
+    dev.create_box("b")
+    h = memfd(flags=os.MFD_HUGETLB, size=2 * HUGE)
+    with mmap.mmap(h, 2 * HUGE) as m:
+        m[HUGE : HUGE + 4] = b"HUGE"
+    dev.put_fd("b", "huge", h)
+    dev.put_fd("b", "empty", memfd())
+    dev.seal("b")
+    assert km.stats(dev)["pinned_folios"] == 2
+    dev.unseal("b")
+    with mmap.mmap(h, 2 * HUGE) as m:
+        assert m[HUGE : HUGE + 4] == b"HUGE"
+    os.close(h)
+
+
+@needs_kho
+def test_seal_unseal_cycles_keep_data(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("a")
+    dev.create_box("b")
+    blobs = {}
+    for box in ("a", "b"):
+        for i in range(3):
+            data = os.urandom(5000 * (i + 1))
+            blobs[(box, f"m{i}")] = hashlib.sha256(data).hexdigest()
+            fd = memfd(data)
+            dev.put_fd(box, f"m{i}", fd)
+            os.close(fd)
+    for _ in range(5):
+        dev.seal("a")
+        dev.seal("b")
+        dev.unseal("a")
+        dev.seal("a")
+        dev.unseal("b")
+        dev.unseal("a")
+    for (box, name), digest in blobs.items():
+        g = dev.get_fd(box, name)
+        assert hashlib.sha256(read_all(g)).hexdigest() == digest
+        os.close(g)
+    assert km.stats(dev)["pinned_folios"] == 0
+
+
+@needs_kho
+def test_restore_and_finish_refused_outside_restored_state(dev: uapi.FdboxDevice) -> None:
+    dev.create_box("b")
+    fd = memfd(b"x")
+    dev.put_fd("b", "m", fd)
+    dev.seal("b")
+    target = memfd(size=os.fstat(fd).st_size)
+    expect_errno(errno.EBADFD, dev.restore_fd, "b", "m", target)
+    expect_errno(errno.EBADFD, dev.finish, "b")
+    dev.unseal("b")
+    os.close(fd)
+    os.close(target)
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_eight_threads_put_get_remove(dev: uapi.FdboxDevice) -> None:
+    """8 threads x 1000 put/get/remove cycles (+ shared names, listing, box churn)."""
+    iterations = int(os.environ.get("FDBOX_STRESS_ITERATIONS", "1000"))
+    for b in ("s0", "s1"):
+        dev.create_box(b)
+    start = km.stats(dev)
+    errors: list[str] = []
+    counts = {"puts": 0, "gets": 0, "contended": 0}
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def worker(t: int) -> None:
+        d = uapi.FdboxDevice()
+        puts = gets = contended = 0
+        try:
+            barrier.wait()
+            for i in range(iterations):
+                box = f"s{i % 2}"
+                own = f"t{t}-{i % 7}"
+                shared = f"shared{i % 3}"
+                fd = memfd(b"%d:%d" % (t, i))
+                try:
+                    d.put_fd(box, own, fd)
+                    puts += 1
+                    g = d.get_fd(box, own)
+                    if os.pread(g, 32, 0) != b"%d:%d" % (t, i):
+                        errors.append(f"thread {t}: wrong content for {own}")
+                    os.close(g)
+                    gets += 1
+                    d.remove_entry(box, own)
+                    # contended names: any thread may win
+                    try:
+                        d.put_fd(box, shared, fd)
+                        puts += 1
+                    except uapi.FdboxOSError as e:
+                        if e.errno not in (errno.EEXIST,):
+                            raise
+                        contended += 1
+                    try:
+                        d.remove_entry(box, shared)
+                    except uapi.FdboxOSError as e:
+                        if e.errno != errno.ENOENT:
+                            raise
+                        contended += 1
+                    if i % 50 == 0:
+                        d.list_entries(box)
+                        d.list_boxes()
+                        tmp = f"tmp{t}"
+                        d.create_box(tmp)
+                        d.put_fd(tmp, "x", fd)
+                        d.delete_box(tmp)
+                        puts += 1
+                finally:
+                    os.close(fd)
+        except Exception as e:  # reported below, with the thread
+            errors.append(f"thread {t}: {e!r}")
+        finally:
+            d.close()
+            with lock:
+                counts["puts"] += puts
+                counts["gets"] += gets
+                counts["contended"] += contended
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:10]
+    end = km.stats(dev)
+    assert (end["entries"], end["file_refs"], end["boxes"]) == (0, 0, 2)
+    assert end["puts"] - start["puts"] == counts["puts"]
+    assert end["gets"] - start["gets"] == counts["gets"]
+    assert end["removes"] - start["removes"] == counts["puts"]
+    assert counts["gets"] == 8 * iterations
+    print(f"\nstress: {counts} in 8 threads")
+
+
+def test_concurrent_delete_and_put_race(dev: uapi.FdboxDevice) -> None:
+    """Puts racing with deletes of the same box never leak or crash."""
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def churn() -> None:
+        d = uapi.FdboxDevice()
+        try:
+            while not stop.is_set():
+                try:
+                    d.create_box("race")
+                except uapi.FdboxOSError as e:
+                    if e.errno != errno.EEXIST:
+                        errors.append(repr(e))
+                try:
+                    d.delete_box("race")
+                except uapi.FdboxOSError as e:
+                    if e.errno != errno.ENOENT:
+                        errors.append(repr(e))
+        finally:
+            d.close()
+
+    def putter(t: int) -> None:
+        d = uapi.FdboxDevice()
+        try:
+            for i in range(500):
+                fd = memfd()
+                try:
+                    d.put_fd("race", f"p{t}-{i}", fd)
+                except uapi.FdboxOSError as e:
+                    if e.errno != errno.ENOENT:
+                        errors.append(repr(e))
+                finally:
+                    os.close(fd)
+        finally:
+            d.close()
+
+    threads = [threading.Thread(target=churn) for _ in range(2)]
+    threads += [threading.Thread(target=putter, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads[2:]:
+        th.join()
+    stop.set()
+    for th in threads[:2]:
+        th.join()
+    assert not errors, errors[:10]
