@@ -277,9 +277,7 @@ def _port_vlans(ipr: Any, index: int) -> list[dict[str, Any]]:
         spec = msg.get_attr("IFLA_AF_SPEC")
         if spec is None:
             continue
-        for name, value in spec.get("attrs", []) if isinstance(spec, dict) else spec["attrs"]:
-            if name != "IFLA_BRIDGE_VLAN_INFO":
-                continue
+        for value in spec.get_attrs("IFLA_BRIDGE_VLAN_INFO"):
             vid, flags = int(value["vid"]), int(value["flags"])
             out.append({
                 "vid": vid,
@@ -359,7 +357,12 @@ def record(fd: int, info: FdInfo, caller_pid: int = 0) -> dict[str, Any]:
             with _ipr() as ipr:
                 return read_interface(ipr, info.ifname or "", kind)
 
-        rec = in_netns(nsfd, read)
+        try:
+            rec = in_netns(nsfd, read)
+        except FdboxError:
+            raise
+        except Exception as e:  # OSError, pyroute2's NetlinkError
+            raise FdboxError("BackendUnavailable", f"cannot read interface {info.ifname}: {e}") from e
     finally:
         os.close(nsfd)
     flags = info.tun_flags
@@ -581,8 +584,8 @@ def restore_entries(store: Store, box: str, entries: list[Entry]) -> list[Result
             log.warning("cannot recreate %s for %s/%s: %s", ifname, box, [x.name for x in group], e.message)
             results += [Result(box, x.name, ifname, "failed", e.message, e.name) for x in group]
             continue
-        except OSError as e:
-            msg = f"recreating {ifname} failed: {e.strerror or e}"
+        except Exception as e:  # OSError, pyroute2's NetlinkError: this interface only
+            msg = f"recreating {ifname} failed: {getattr(e, 'strerror', None) or e}"
             log.warning("%s/%s: %s", box, [x.name for x in group], msg)
             results += [Result(box, x.name, ifname, "failed", msg, "BackendUnavailable") for x in group]
             continue
