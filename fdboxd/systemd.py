@@ -205,18 +205,24 @@ class Notifier:
         if addr and (addr.startswith("/") or addr.startswith("@")):
             self.address = "\0" + addr[1:] if addr.startswith("@") else addr
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # A datagram socket blocks when the receiver's queue is full. systemd reads
+            # promptly; if it does not, the loop waits at most this long per message.
+            self.sock.settimeout(2.0)
 
     @property
     def enabled(self) -> bool:
         return self.sock is not None
 
-    def send(self, text: str, fds: list[int] | tuple[int, ...] = ()) -> bool:
+    def send(self, text: str, fds: list[int] | tuple[int, ...] = (), droppable: bool = False) -> bool:
+        """Send one message; ``droppable`` ones (WATCHDOG=1) never wait for queue space."""
         if self.sock is None:
             return False
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         try:
-            self.sock.sendmsg([text.encode()], anc, 0, self.address)
+            self.sock.sendmsg([text.encode()], anc, socket.MSG_DONTWAIT if droppable else 0, self.address)
             return True
+        except BlockingIOError:
+            return False  # a full queue: the next ping will do
         except OSError as e:
             log.warning("sd_notify %r failed: %s", text.split("\n", 1)[0], e)
             return False
@@ -316,7 +322,7 @@ class SystemdIntegration:
     async def _feed(self, interval: float) -> None:
         """Ping from the event loop itself: a stuck loop stops the pings, as it should."""
         while True:
-            self.notifier.send("WATCHDOG=1")
+            self.notifier.send("WATCHDOG=1", droppable=True)
             await asyncio.sleep(interval)
 
     def stopping(self) -> None:

@@ -1,0 +1,304 @@
+"""fdboxd and systemd's protocols, with the test playing systemd.
+
+A real ``NOTIFY_SOCKET`` datagram socket receives READY=1, STATUS=, WATCHDOG=1 and the
+FDSTORE=1 messages with their fds; the daemon is then stopped and started again with
+those fds passed back the way systemd passes them (``LISTEN_PID``/``LISTEN_FDS``/
+``LISTEN_FDNAMES``, the Varlink socket first), and every entry must be there with its
+bytes, owner and state. Socket activation alone is checked with the real
+``systemd-socket-activate``; the journal with a datagram socket standing in for
+journald's.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fdboxtest import REPO, DaemonProcess, memfd_with, pattern, run_as_user, wait_for
+
+from fdboxd.client import Client, read_all
+from fdboxd.systemd import FDNAME_MAX, fdname_for, fdname_is_valid, parse_fdname
+
+OTHER_UID = 65534
+
+
+class NotifySocket:
+    """What systemd's end of NOTIFY_SOCKET sees: messages, and the fds they carried.
+
+    A thread reads all the time, as systemd does: an unread datagram socket fills up
+    and would make the daemon wait.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.messages: list[dict[str, str]] = []
+        self.store: dict[str, int] = {}  # FDNAME -> fd, maintained like systemd's fdstore
+        self.lock = threading.Lock()
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        fd_size = array.array("i").itemsize
+        while self.running:
+            try:
+                data, anc, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(253 * fd_size))
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
+                return
+            fds: list[int] = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % fd_size]))
+            msg = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self.lock:
+                self.messages.append(msg)
+                if msg.get("FDSTORE") == "1":
+                    assert len(fds) == 1 and fdname_is_valid(msg["FDNAME"]), msg
+                    old = self.store.pop(msg["FDNAME"], None)
+                    if old is not None:
+                        os.close(old)
+                    self.store[msg["FDNAME"]] = fds[0]
+                    continue
+                if msg.get("FDSTOREREMOVE") == "1":
+                    old = self.store.pop(msg["FDNAME"], None)
+                    if old is not None:
+                        os.close(old)
+            for fd in fds:
+                os.close(fd)
+
+    def wait(self, predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+        return wait_for(predicate, timeout)
+
+    def seen(self, key: str, value: str | None = None, since: int = 0) -> list[dict[str, str]]:
+        with self.lock:
+            return [m for m in self.messages[since:] if key in m and (value is None or m[key] == value)]
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        for fd in self.store.values():
+            os.close(fd)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path):
+    n = NotifySocket(tmp_path / "notify")
+    yield n
+    n.close()
+
+
+def launch_activated(d: DaemonProcess, passed: list[tuple[str, int]], env: dict[str, str]) -> subprocess.Popen:
+    """Start ``d``'s command as systemd would: fds 3.. in order, LISTEN_* naming them."""
+    src = [os.dup(fd) for _, fd in passed]  # above the target range, so dup2 cannot clobber
+    while any(fd < 3 + len(src) for fd in src):
+        src = [os.dup(fd) if fd < 3 + len(src) else fd for fd in src]
+
+    def place() -> None:
+        for i, fd in enumerate(src):
+            os.dup2(fd, 3 + i)
+
+    full_env = dict(os.environ)
+    full_env.pop("NOTIFY_SOCKET", None)
+    full_env.update(env, PYTHONPATH=str(REPO), LISTEN_FDS=str(len(passed)),
+                    LISTEN_FDNAMES=":".join(name for name, _ in passed))
+    log = open(d.log_path, "ab")
+    try:
+        proc = subprocess.Popen(["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *d.command()], env=full_env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=str(REPO),
+                                pass_fds=list(range(3, 3 + len(src))), preexec_fn=place)
+    finally:
+        log.close()
+        for fd in src:
+            os.close(fd)
+    d.proc = proc
+    d.wait_ready()
+    return proc
+
+
+def test_fdname_encoding():
+    assert fdname_for("vm1", "ram0") == "vm1/ram0"
+    assert parse_fdname("vm1/ram0") == ("vm1", "ram0")
+    assert parse_fdname("varlink") is None and parse_fdname("fdboxd.socket") is None
+    long = "e" + "x" * 254
+    name = fdname_for("b" * 63, long)
+    assert len(name) <= FDNAME_MAX and fdname_is_valid(name) and name.startswith("b" * 63 + "/#")
+    assert fdname_for("b" * 63, long) != fdname_for("b" * 63, long[:-1] + "y")
+    assert not fdname_is_valid("a:b") and not fdname_is_valid("x" * 256) and not fdname_is_valid("a\nb")
+
+
+def test_notify_fdstore_and_restart_with_the_fds_passed_back(daemon_factory, notify, tmp_path):
+    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"}
+    d = daemon_factory(env=env)
+    assert notify.wait(lambda: notify.seen("READY", "1")), d.log()
+    ready = notify.seen("READY", "1")[0]
+    assert "0 entries" in ready["STATUS"] and ready["MAINPID"] == str(d.pid)
+    assert notify.wait(lambda: len(notify.seen("WATCHDOG", "1")) >= 3), "no watchdog pings"
+
+    blobs = {
+        ("vm1", "ram0"): pattern(64 * 1024 + 5, seed=1),
+        ("vm1", "ram1"): pattern(4096, seed=2),
+        ("vm2", "disk"): b"second box",
+        ("vm2", "gone"): b"removed before the restart",
+        ("vm3", "l" + "o" * 240): b"a name too long for box/entry as FDNAME",
+    }
+    with d.client() as c:
+        for (box, name), data in blobs.items():
+            fd = memfd_with(data)
+            c.put(box, name, fd, {"k": name[:8]})
+            os.close(fd)
+        c.remove("vm2", "gone")
+        c.seal("vm1")
+    del blobs[("vm2", "gone")]
+
+    def nobody_puts() -> str:
+        fd = memfd_with(b"owned by nobody")
+        with Client(d.socket) as c:
+            c.put("nobox", "mine", fd)
+        return "ok"
+
+    assert run_as_user(OTHER_UID, nobody_puts) == {"ok": "ok"}
+    blobs[("nobox", "mine")] = b"owned by nobody"
+
+    want = {fdname_for(b, n) for b, n in blobs}
+    assert notify.wait(lambda: set(notify.store) == want), (sorted(notify.store), notify.messages[-3:])
+    with notify.lock:
+        kept = dict(notify.store)
+    assert notify.seen("FDSTOREREMOVE", "1")[0]["FDNAME"] == "vm2/gone"
+    assert any("5 entries" in m["STATUS"] for m in notify.seen("STATUS"))
+    for (box, name), data in blobs.items():  # systemd holds the very same files
+        assert read_all(kept[fdname_for(box, name)]) == data
+
+    assert d.stop() == 0
+    assert notify.wait(lambda: notify.seen("STOPPING", "1")), d.log()
+
+    # Restart as systemd does: the Varlink socket (named by the socket unit) first, then
+    # the fdstore in LISTEN_FDNAMES. The test keeps its copies, as systemd does.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    os.unlink(d.socket)
+    listener.bind(d.socket)
+    listener.listen(16)
+    passed = [("varlink", listener.fileno())] + sorted(kept.items())
+    n_before = len(notify.messages)
+    launch_activated(d, passed, {"NOTIFY_SOCKET": notify.path})
+    listener.close()
+    assert notify.wait(lambda: notify.seen("READY", "1", since=n_before)), d.log()
+    with d.client() as c:
+        st = c.status()
+        assert st["entries"] == len(blobs) and not st["lost"] and not st["adopted"], st
+        listed = {(e["box"], e["name"]): e for e in c.list()["entries"]}
+        boxes = {b["name"]: b for b in c.list()["boxes"]}
+        for (box, name), data in blobs.items():
+            entry, fd = c.get(box, name)
+            try:
+                assert read_all(fd) == data, (box, name)
+            finally:
+                os.close(fd)
+        assert listed[("nobox", "mine")]["uid"] == OTHER_UID  # owners come from the manifest
+        assert listed[("vm1", "ram0")]["metadata"] == {"k": "ram0"}
+        assert boxes["vm1"]["state"] == "sealed" and boxes["vm2"]["state"] == "open"
+    assert "adopted %d fds from the systemd fd store" % len(blobs) in d.log()
+    # Nothing adopted is pushed again, nothing is removed: the store stays as it was.
+    time.sleep(0.3)
+    assert not notify.seen("FDSTORE", since=n_before) and not notify.seen("FDSTOREREMOVE", since=n_before)
+    d.stop()
+
+
+def test_unknown_store_fd_is_adopted_as_roots(daemon_factory, notify):
+    """An fd the manifest does not know (e.g. the manifest was lost) is kept, as root's."""
+    d = daemon_factory(start=False, env={"NOTIFY_SOCKET": notify.path})
+    fd = memfd_with(b"orphan")
+    launch_activated(d, [("orph/ram0", fd)], {"NOTIFY_SOCKET": notify.path})
+    os.close(fd)
+    with d.client() as c:
+        st = c.status()
+        assert st["adopted"] == [{"box": "orph", "name": "ram0", "type": "memfd"}]
+        entry, got = c.get("orph", "ram0")
+        assert read_all(got) == b"orphan" and entry["uid"] == 0
+        os.close(got)
+    d.stop()
+
+
+def test_socket_activation_with_systemd_socket_activate(daemon_factory):
+    if shutil.which("systemd-socket-activate") is None:
+        pytest.skip("systemd-socket-activate not installed")
+    d = daemon_factory(start=False)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    log = open(d.log_path, "ab")
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", d.socket, "--fdname=varlink",
+                             "-E", "PYTHONPATH", *d.command()],
+                            env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    log.close()
+    try:
+        assert wait_for(lambda: os.path.exists(d.socket), 10)
+        fd = memfd_with(b"activated")
+        with Client(d.socket) as c:  # the first connection starts fdboxd on the passed socket
+            c.put("act", "m", fd)
+            entry, got = c.get("act", "m")
+            assert read_all(got) == b"activated"
+            os.close(got)
+        os.close(fd)
+        assert "socket activation: Varlink listener from fd 3 (varlink)" in d.log()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def test_journal_fields_when_stderr_is_journald(daemon_factory, tmp_path):
+    jsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    jsock.bind(str(tmp_path / "journal"))
+    jsock.settimeout(5)
+    d = daemon_factory(start=False)
+    d.log_path.touch()
+    st = os.stat(d.log_path)
+    d.env.update(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}", FDBOX_JOURNAL_SOCKET=str(tmp_path / "journal"))
+    d.start()
+    fd = memfd_with(b"j")
+    with d.client() as c:
+        c.put("jbox", "jentry", fd)
+    os.close(fd)
+    records = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(r.get("FDBOX_OP") == "Put" for r in records):
+        data = jsock.recv(65536)
+        records.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
+    put = [r for r in records if r.get("FDBOX_OP") == "Put"]
+    assert put, records
+    assert put[0]["FDBOX_BOX"] == "jbox" and put[0]["FDBOX_ENTRY"] == "jentry"
+    assert put[0]["SYSLOG_IDENTIFIER"] == "fdboxd" and put[0]["PRIORITY"] == "6"
+    assert "Put jbox/jentry by uid 0" in put[0]["MESSAGE"]
+    assert "Put jbox/jentry" not in d.log()  # went to the journal, not to stderr
+    d.stop()
+    jsock.close()
+
+
+def test_plain_logs_without_journald(daemon):
+    fd = memfd_with(b"p")
+    with daemon.client() as c:
+        c.put("pbox", "p", fd)
+    os.close(fd)
+    assert wait_for(lambda: "fdboxd: INFO Put pbox/p by uid" in daemon.log())
+
+
+def test_core_runs_without_optional_dependencies(tmp_path):
+    """``python3 -m fdboxd --user`` imports neither dbus_fast nor systemd-python."""
+    code = ("import sys, fdboxd.daemon, fdboxd.systemd; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('dbus_fast', 'systemd')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO),
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stdout + out.stderr
