@@ -283,3 +283,30 @@ def test_macvtap_recreated(tap_daemon, netns):
             assert info.type == FdType.TAP and info.net_kind == "macvtap" and info.ifname == "mvt0"
         finally:
             os.close(fd)
+
+
+def test_core_runs_without_pyroute2(netns, monkeypatch):
+    """pyroute2 is imported only for taps: memfds work without it, a tap put says why not."""
+    from fdboxtest import memfd_with
+
+    from fdboxd.backends.memory import MemoryBackend
+    from fdboxd.fdtypes import MEMORY_TYPES
+    from fdboxd.model import Caller
+    from fdboxd.store import Store
+
+    monkeypatch.setitem(sys.modules, "pyroute2", None)  # "import pyroute2" now raises ImportError
+    store = Store(MemoryBackend(), allowed_types=MEMORY_TYPES | {FdType.TAP})
+    root = Caller(0, 0, os.getpid())
+    mfd = memfd_with(b"guest")
+    fds = open_tap(netns, "tapn", net.IFF_TAP | net.IFF_NO_PI)
+    try:
+        assert store.put(root, "vm", "ram", mfd).type == FdType.MEMFD
+        with pytest.raises(FdboxError) as err:
+            store.put(root, "vm", "net", fds[0])
+        assert err.value.name == "BackendUnavailable" and "pyroute2" in err.value.message
+        assert [e.name for e in store.list(root, "vm")] == ["ram"]
+    finally:
+        os.close(mfd)
+        for fd in fds:
+            os.close(fd)
+        store.backend.close()
