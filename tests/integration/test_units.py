@@ -1,0 +1,254 @@
+"""The shipped systemd units, tmpfiles.d and D-Bus files, checked by the real tools.
+
+``systemd-analyze verify`` runs without systemd as PID 1; the units' ExecStart
+binaries are pointed at ones that exist here (verify insists they do), nothing else
+is changed. The D-Bus policy is loaded into a real dbus-daemon with a system-bus-like
+default policy and exercised by root and by a second uid.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from fdboxtest import REPO, memfd_with, wait_for
+
+UNITS = REPO / "units"
+CONTRIB = REPO / "contrib" / "dbus"
+OTHER_UID = 65534
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} not installed")
+    return path
+
+
+def systemd_version() -> int:
+    out = subprocess.run([need("systemd-analyze"), "--version"], capture_output=True, text=True).stdout
+    return int(re.match(r"systemd (\d+)", out).group(1))
+
+
+def unit(name: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read(UNITS / name)
+    return cp
+
+
+def values(name: str, section: str, key: str) -> list[str]:
+    """Every value of a (possibly repeated) key, split on whitespace like systemd lists."""
+    out = []
+    for line in (UNITS / name).read_text().splitlines():
+        m = re.match(rf"\s*{re.escape(key)}=(.*)", line)
+        if m:
+            out.extend(m.group(1).split())
+    return out
+
+
+@pytest.fixture
+def verify_dir(tmp_path):
+    """The units with ExecStart pointing at binaries that exist on this machine."""
+    true = shutil.which("true")
+    for f in ("fdboxd.service", "fdboxd.socket", "fdbox-seal.service"):
+        text = (UNITS / f).read_text()
+        text = text.replace("/usr/bin/fdboxd ", f"{true} ").replace("/usr/bin/fdboxctl ", f"{true} ")
+        (tmp_path / f).write_text(text)
+    return tmp_path
+
+
+def test_systemd_analyze_verify_is_clean(verify_dir):
+    tool = need("systemd-analyze")
+    out = subprocess.run([tool, "verify", "--man=no", "fdboxd.service", "fdboxd.socket", "fdbox-seal.service"],
+                         cwd=verify_dir, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "", out.stderr  # not even a warning
+
+
+def test_verify_catches_a_broken_unit(verify_dir):
+    """The check above can fail: a typo in a key is reported."""
+    broken = verify_dir / "fdboxd.service"
+    broken.write_text(broken.read_text().replace("Type=notify", "Type=notfy"))
+    out = subprocess.run([need("systemd-analyze"), "verify", "--man=no", "fdboxd.service"], cwd=verify_dir,
+                         capture_output=True, text=True, timeout=60)
+    assert "notfy" in out.stderr
+
+
+def test_fdstore_preserve_drop_in_matches_systemd_version(tmp_path):
+    """FileDescriptorStorePreserve= exists from systemd 254; 252 warns, so it is a drop-in."""
+    svc = unit("fdboxd.service")
+    assert "FileDescriptorStorePreserve" not in svc["Service"]
+    drop = tmp_path / "fdboxd.service.d"
+    drop.mkdir()
+    shutil.copy(UNITS / "fdboxd.service.d" / "10-fdstore-preserve.conf", drop)
+    (tmp_path / "fdboxd.service").write_text((UNITS / "fdboxd.service").read_text()
+                                             .replace("/usr/bin/fdboxd ", f"{shutil.which('true')} "))
+    shutil.copy(UNITS / "fdboxd.socket", tmp_path)
+    out = subprocess.run([need("systemd-analyze"), "verify", "--man=no", "fdboxd.service"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    unknown = "Unknown key 'FileDescriptorStorePreserve'" in out.stderr or \
+              "Unknown key name 'FileDescriptorStorePreserve'" in out.stderr
+    assert unknown == (systemd_version() < 254), out.stderr
+
+
+def test_service_unit_contents():
+    svc = unit("fdboxd.service")
+    s, u = svc["Service"], svc["Unit"]
+    assert s["Type"] == "notify" and s["Restart"] == "on-failure"
+    assert s["WatchdogSec"] and int(s["FileDescriptorStoreMax"]) >= 16384
+    assert s["ExecStart"].split()[1:] == ["--bus", "system"]
+    assert u["DefaultDependencies"] == "no"
+    assert "shutdown.target" not in u.get("Conflicts", "")  # must outlive shutdown.target for the seal
+    assert "Requires" not in u  # a required unit stopping at shutdown would stop fdboxd
+    devices = values("fdboxd.service", "Service", "DeviceAllow")
+    assert "/dev/fdbox" in devices and "/dev/net/tun" in devices
+    assert s["StateDirectory"] == "fdbox" and "/run/fdbox" in s["ReadWritePaths"]
+    assert s["ProtectSystem"] == "strict"
+
+
+def test_socket_unit_is_what_the_daemon_expects():
+    from fdboxd.paths import SYSTEM_SOCKET
+    from fdboxd.systemd import parse_fdname
+
+    sock = unit("fdboxd.socket")["Socket"]
+    assert sock["ListenStream"] == SYSTEM_SOCKET
+    assert parse_fdname(sock["FileDescriptorName"]) is None  # never mistaken for a stored entry
+
+
+def test_seal_unit_orders_before_kexec_and_blocks_it():
+    seal = unit("fdbox-seal.service")
+    u, s, i = seal["Unit"], seal["Service"], seal["Install"]
+    assert s["Type"] == "oneshot" and u["DefaultDependencies"] == "no"
+    assert s["ExecStart"].split()[-2:] == ["seal", "--all"] and s["ExecStart"].split()[0].endswith("fdboxctl")
+    assert "systemd-kexec.service" in u["Before"].split()
+    assert "umount.target" in u["Before"].split()
+    assert "shutdown.target" in u["After"].split() and "fdboxd.service" in u["After"].split()
+    # Abort: systemd-kexec.service requires (and is ordered after) the seal.
+    assert i["RequiredBy"] == "systemd-kexec.service"
+    kexec = Path("/lib/systemd/system/systemd-kexec.service")
+    if kexec.exists():  # the unit we hook into really is the one kexec.target pulls in
+        assert "systemd-kexec.service" in Path("/lib/systemd/system/kexec.target").read_text()
+
+
+def test_tmpfiles_creates_the_directories(tmp_path):
+    tool = need("systemd-tmpfiles")
+    out = subprocess.run([tool, "--create", f"--root={tmp_path}", str(UNITS / "tmpfiles.d" / "fdbox.conf")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "run/fdbox").stat().st_mode & 0o7777 == 0o755
+    assert (tmp_path / "var/lib/fdbox").stat().st_mode & 0o7777 == 0o700
+
+
+def test_dbus_activation_file():
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read(CONTRIB / "io.fdbox1.service")
+    sect = cp["D-BUS Service"]
+    assert sect["Name"] == "io.fdbox1" and sect["SystemdService"] == "fdboxd.service" and sect["User"] == "root"
+
+
+# ---------------------------------------------------------------------------- policy
+
+SYSTEM_LIKE = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={path}</listen>
+  <auth>EXTERNAL</auth>
+  <!-- the default policy of Debian's /usr/share/dbus-1/system.conf -->
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+
+def demote(uid: int):  # type: ignore[no-untyped-def]
+    def fn() -> None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    return fn
+
+
+@pytest.fixture
+def system_like_bus():
+    need("dbus-daemon")
+    d = Path(tempfile.mkdtemp(prefix="fdbox-sysbus-", dir="/tmp"))
+    d.chmod(0o755)
+    conf = d / "system.conf"
+    conf.write_text(SYSTEM_LIKE.format(path=d / "bus", policy=CONTRIB / "io.fdbox1.conf"))
+    proc = subprocess.Popen(["dbus-daemon", "--nofork", f"--config-file={conf}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    if not wait_for(lambda: (d / "bus").exists() or proc.poll() is not None, 10) or proc.poll() is not None:
+        raise AssertionError(f"dbus-daemon refused the policy: {proc.stderr.read() if proc.stderr else ''}")
+    yield f"unix:path={d / 'bus'}"
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_policy_root_owns_users_call_signals_stay_private(daemon_factory, system_like_bus):
+    need("gdbus")
+    bus = system_like_bus
+    # Not root: may not own the name.
+    out = subprocess.run(["gdbus", "call", "-a", bus, "-d", "org.freedesktop.DBus", "-o", "/org/freedesktop/DBus",
+                          "-m", "org.freedesktop.DBus.RequestName", "io.fdbox1", "4"],
+                         capture_output=True, text=True, preexec_fn=demote(OTHER_UID), timeout=30)
+    assert out.returncode != 0 and "AccessDenied" in out.stderr, out
+    d = daemon_factory("--bus", bus)  # root: owns it
+    owned = ["gdbus", "call", "-a", bus, "-d", "org.freedesktop.DBus", "-o", "/org/freedesktop/DBus",
+             "-m", "org.freedesktop.DBus.NameHasOwner", "io.fdbox1"]
+    assert wait_for(lambda: "true" in subprocess.run(owned, capture_output=True, text=True).stdout, 10), d.log()
+
+    monitors = {}
+    for who, uid in (("root", None), ("other", OTHER_UID)):
+        monitors[who] = subprocess.Popen(["gdbus", "monitor", "-a", bus, "-d", "io.fdbox1"], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True,
+                                         preexec_fn=demote(uid) if uid is not None else None)
+    time.sleep(1.0)
+    fd = memfd_with(b"policy")
+    with d.client() as c:
+        c.put("pbox", "secret-name", fd)
+    os.close(fd)
+    # Any user may call (the daemon decides what they see: nothing of root's here).
+    out = subprocess.run(["gdbus", "call", "-a", bus, "-d", "io.fdbox1", "-o", "/io/fdbox1",
+                          "-m", "io.fdbox1.Manager.List"], capture_output=True, text=True,
+                         preexec_fn=demote(OTHER_UID), timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "secret-name" not in out.stdout
+    time.sleep(1.0)
+    texts = {}
+    for who, proc in monitors.items():
+        proc.send_signal(signal.SIGINT)
+        try:
+            texts[who] = proc.communicate(timeout=10)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            texts[who] = proc.communicate()[0]
+    assert "EntryAdded ('pbox', 'secret-name'" in texts["root"], texts
+    assert "secret-name" not in texts["other"], texts["other"]
+    assert "PropertiesChanged" in texts["other"], texts["other"]  # counts are public
