@@ -48,7 +48,7 @@ from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.constants import NameFlag, PropertyAccess, RequestNameReply
+from dbus_fast.constants import MessageFlag, NameFlag, PropertyAccess, RequestNameReply
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from . import __version__
@@ -269,6 +269,7 @@ class DBusFrontend:
         self.log_op = log_op
         self.bus: MessageBus | None = None
         self._callers: OrderedDict[str, asyncio.Future[Caller]] = OrderedDict()
+        self._waiting: dict[str, int] = {}  # calls per sender waiting for its identity
         self._in_flight: set[int] = set()  # fds queued in replies, not yet written
         self._tasks: set[asyncio.Future[Any]] = set()
         self._watch: asyncio.Task[Any] | None = None
@@ -360,12 +361,27 @@ class DBusFrontend:
             self._close(fds)
             self._reply(msg, Message.new_error(msg, ERROR_PREFIX + e.name, e.message), [])
             return True
-        cached = self._callers.get(msg.sender)
-        if cached is not None and cached.done() and cached.exception() is None:
+        sender = msg.sender
+        cached = self._callers.get(sender)
+        if (cached is not None and cached.done() and cached.exception() is None
+                and not self._waiting.get(sender)):
             self._run(msg, fn, out_sig, args, fds, cached.result())
             return True
-        fut = cached if cached is not None else self._resolve(msg.sender)
-        fut.add_done_callback(lambda f: self._run_resolved(msg, fn, out_sig, args, fds, f))
+        # Wait for the sender's identity; calls queued behind it keep their order
+        # (future callbacks run in the order they were added, and no later call of
+        # this sender takes the fast path while one is still waiting).
+        fut = cached if cached is not None else self._resolve(sender)
+        self._waiting[sender] = self._waiting.get(sender, 0) + 1
+
+        def resolved(f: asyncio.Future[Caller]) -> None:
+            left = self._waiting.get(sender, 1) - 1
+            if left:
+                self._waiting[sender] = left
+            else:
+                self._waiting.pop(sender, None)
+            self._run_resolved(msg, fn, out_sig, args, fds, f)
+
+        fut.add_done_callback(resolved)
         return True
 
     def _args(self, msg: Message, in_sig: str, fds: list[int]) -> list[Any]:
@@ -413,6 +429,9 @@ class DBusFrontend:
         if exc is not None:
             self._close(fds)
             if isinstance(exc, FdboxError):
+                # Typically a caller that sent without waiting for the reply and is gone:
+                # nobody can say who it was, so nothing is done for it.
+                log.info("%s from %s refused: %s", msg.member, msg.sender, exc.message)
                 err = Message.new_error(msg, ERROR_PREFIX + exc.name, exc.message)
             else:
                 log.error("cannot identify D-Bus caller %s", msg.sender, exc_info=exc)
@@ -484,7 +503,7 @@ class DBusFrontend:
         them when the handler returns could send a closed (or reused!) number.
         """
         bus = self.bus
-        if msg.flags & 0x1 or bus is None or not bus.connected:  # NO_REPLY_EXPECTED
+        if MessageFlag.NO_REPLY_EXPECTED in msg.flags or bus is None or not bus.connected:
             self._close(fds)
             return
         self._in_flight.update(fds)

@@ -322,3 +322,58 @@ def test_daemon_survives_losing_the_bus(daemon_factory, tmp_path):
         assert c.status()["entries"] == 1
     os.close(fd)
     assert "D-Bus connection" in daemon.log()
+
+
+async def _pipelined(address: str, rounds: int) -> list[str]:
+    """Put/Remove/Put of one name, all sent before any reply: order must hold."""
+    from dbus_fast import Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    bus = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+    fds = []
+    try:
+        calls = []
+        for i in range(rounds):
+            fd = memfd_with(f"round {i}".encode())
+            fds.append(fd)
+            for member, sig, body, ufds in (("Put", "ssha{ss}", ["pipe", "x", 0, {}], [fd]),
+                                            ("Remove", "ss", ["pipe", "x"], [])):
+                calls.append(bus.call(Message(destination="io.fdbox1", path="/io/fdbox1",
+                                              interface="io.fdbox1.Manager", member=member, signature=sig,
+                                              body=body, unix_fds=ufds)))
+        replies = await asyncio.gather(*calls)
+        return [r.error_name if r.message_type == MessageType.ERROR else "ok" for r in replies]
+    finally:
+        bus.disconnect()
+        for fd in fds:
+            os.close(fd)
+
+
+def test_pipelined_calls_keep_their_order_and_leak_nothing(dbus_daemon, bus):
+    before = dbus_daemon.fd_count()
+    assert asyncio.run(_pipelined(bus, 20)) == ["ok"] * 40
+    assert wait_for(lambda: dbus_daemon.fd_count() == before, 5), os.listdir(f"/proc/{dbus_daemon.pid}/fd")
+
+
+async def _no_reply_remove(address: str, box: str, name: str) -> None:
+    from dbus_fast import Message, MessageFlag
+    from dbus_fast.aio import MessageBus
+
+    bus = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+    try:
+        await bus.send(Message(destination="io.fdbox1", path="/io/fdbox1", interface="io.fdbox1.Manager",
+                               member="Remove", signature="ss", body=[box, name],
+                               flags=MessageFlag.NO_REPLY_EXPECTED))
+        await asyncio.sleep(1.0)  # still connected while the daemon asks the bus who we are
+    finally:
+        bus.disconnect()
+
+
+def test_no_reply_expected_calls(dbus_daemon, bus):
+    fd = memfd_with(b"fire and forget")
+    put(bus, "nr", "x", fd)
+    put(bus, "nr", "y", fd)
+    os.close(fd)
+    asyncio.run(_no_reply_remove(bus, "nr", "x"))
+    with dbus_daemon.client() as c:
+        assert wait_for(lambda: [e["name"] for e in c.list()["entries"]] == ["y"], 5)
