@@ -377,3 +377,33 @@ def test_no_reply_expected_calls(dbus_daemon, bus):
     asyncio.run(_no_reply_remove(bus, "nr", "x"))
     with dbus_daemon.client() as c:
         assert wait_for(lambda: [e["name"] for e in c.list()["entries"]] == ["y"], 5)
+
+
+async def _get_box(address: str, box: str) -> dict[str, bytes]:
+    from dbus_fast import Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    bus = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+    try:
+        reply = await bus.call(Message(destination="io.fdbox1", path="/io/fdbox1", interface="io.fdbox1.Manager",
+                                       member="GetBox", signature="s", body=[box]))
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+        out = {}
+        for name, idx in reply.body[0]:
+            out[name] = read_all(reply.unix_fds[idx])
+        for fd in reply.unix_fds:
+            os.close(fd)
+        return out
+    finally:
+        bus.disconnect()
+
+
+def test_get_box_returns_every_fd(dbus_daemon, bus):
+    blobs = {"ram0": pattern(8192, seed=9), "ram1": b"one", "vars": b"uefi vars"}
+    for name, data in blobs.items():
+        fd = memfd_with(data)
+        put(bus, "gb", name, fd)
+        os.close(fd)
+    before = dbus_daemon.fd_count()
+    assert asyncio.run(_get_box(bus, "gb")) == blobs
+    assert wait_for(lambda: dbus_daemon.fd_count() == before, 5)
