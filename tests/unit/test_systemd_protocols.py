@@ -1,0 +1,69 @@
+"""The systemd protocols fdboxd speaks itself (fdboxd.systemd), without a daemon."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+from fdboxd.names import BOX_NAME_MAX, ENTRY_NAME_MAX
+from fdboxd.systemd import (
+    Activation,
+    Notifier,
+    encode_journal_fields,
+    fdname_for,
+    fdname_is_valid,
+    parse_fdname,
+    watchdog_interval,
+)
+
+
+def test_every_valid_name_pair_gives_a_valid_unambiguous_fdname():
+    box = "B" * BOX_NAME_MAX
+    for entry in ("e", "a.b_c@d+e=f,g-h", "x" * (ENTRY_NAME_MAX - BOX_NAME_MAX - 1),
+                  "y" * (ENTRY_NAME_MAX - BOX_NAME_MAX), "z" * ENTRY_NAME_MAX):
+        for b in ("v", box):
+            name = fdname_for(b, entry)
+            assert fdname_is_valid(name), (b, entry)
+            got_box, rest = parse_fdname(name)
+            assert got_box == b
+            assert rest == entry or (rest.startswith("#") and len(b) + 1 + len(entry) > 255)
+
+
+def test_journal_native_encoding():
+    raw = encode_journal_fields({"MESSAGE": "two\nlines", "FDBOX_BOX": "vm1"})
+    head = b"MESSAGE\n" + struct.pack("<Q", 9) + b"two\nlines\n"
+    assert raw == head + b"FDBOX_BOX=vm1\n"
+
+
+def test_notifier_abstract_address_and_fds():
+    name = f"fdbox-test-{os.getpid()}"
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind("\0" + name)
+    rx.settimeout(5)
+    n = Notifier("@" + name)
+    r, w = os.pipe()
+    try:
+        assert n.send("FDSTORE=1\nFDNAME=vm1/ram0", [r])
+        data, fds, _flags, _addr = socket.recv_fds(rx, 4096, 4)
+        assert data == b"FDSTORE=1\nFDNAME=vm1/ram0" and len(fds) == 1
+        os.close(fds[0])
+    finally:
+        os.close(r)
+        os.close(w)
+        n.close()
+        rx.close()
+    assert not Notifier("").enabled and not Notifier("relative/path").send("READY=1")
+
+
+def test_activation_ignores_fds_meant_for_another_process():
+    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "varlink:vm1/ram0"}
+    act = Activation.from_environ(env)
+    assert act.listener is None and act.store_fds == []
+    assert "LISTEN_FDS" not in env  # unset either way, so children never see them
+
+
+def test_watchdog_interval():
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({}) is None
