@@ -112,7 +112,8 @@ def test_service_unit_contents():
     assert "Requires" not in u  # a required unit stopping at shutdown would stop fdboxd
     devices = values("fdboxd.service", "Service", "DeviceAllow")
     assert "/dev/fdbox" in devices and "/dev/net/tun" in devices
-    assert s["StateDirectory"] == "fdbox" and "/run/fdbox" in s["ReadWritePaths"]
+    assert s["StateDirectory"] == "fdbox" and s["RuntimeDirectory"] == "fdbox"
+    assert s["RuntimeDirectoryPreserve"] == "yes"  # the socket unit's socket lives there
     assert s["ProtectSystem"] == "strict"
 
 
