@@ -154,7 +154,7 @@ def test_notify_fdstore_and_restart_with_the_fds_passed_back(daemon_factory, not
         ("vm1", "ram1"): pattern(4096, seed=2),
         ("vm2", "disk"): b"second box",
         ("vm2", "gone"): b"removed before the restart",
-        ("vm3", "l" + "o" * 240): b"a name too long for box/entry as FDNAME",
+        ("vm3", "l" + "o" * 254): b"a name too long for box/entry as FDNAME",
     }
     with d.client() as c:
         for (box, name), data in blobs.items():
@@ -175,6 +175,7 @@ def test_notify_fdstore_and_restart_with_the_fds_passed_back(daemon_factory, not
     blobs[("nobox", "mine")] = b"owned by nobody"
 
     want = {fdname_for(b, n) for b, n in blobs}
+    assert fdname_for("vm3", "l" + "o" * 254).startswith("vm3/#")  # the hashed form is exercised
     assert notify.wait(lambda: set(notify.store) == want), (sorted(notify.store), notify.messages[-3:])
     with notify.lock:
         kept = dict(notify.store)
