@@ -59,3 +59,14 @@ def client(daemon: DaemonProcess) -> Iterator[Client]:
     c.close()
 
 
+
+
+@pytest.fixture(scope="module")
+def shared_daemon() -> Iterator[DaemonProcess]:
+    """One default daemon for a whole module, for tests that use their own box names
+    and leave it usable (faster than a daemon per test)."""
+    rt = make_runtime_dir()
+    d = DaemonProcess(rt).start()
+    yield d
+    d.stop(timeout=5)
+    shutil.rmtree(rt, ignore_errors=True)

@@ -10,19 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from fdboxtest import REPO, DaemonProcess, make_runtime_dir, memfd_with, pattern
+from fdboxtest import REPO, memfd_with, pattern
 
 from fdboxd.errors import EXIT_CODES
-
-@pytest.fixture(scope="module")
-def module_daemon():
-    """One daemon for tests that change nothing (exit codes of refused requests)."""
-    rt = make_runtime_dir()
-    d = DaemonProcess(rt).start()
-    yield d
-    d.stop()
-    shutil.rmtree(rt, ignore_errors=True)
-
 
 # Run by the child that fdboxctl execs into: checks the systemd fd-passing variables.
 CHECK_FDS = """
@@ -144,8 +134,8 @@ def test_status_seal_unseal_finish_rm_delete(daemon):
         (("bogus",), 2),
     ],
 )
-def test_exit_codes(module_daemon, args, code):
-    p = ctl(module_daemon, *args)
+def test_exit_codes(shared_daemon, args, code):
+    p = ctl(shared_daemon, *args)
     assert p.returncode == code, (p.stdout, p.stderr)
     assert p.stderr
 

@@ -1,12 +1,13 @@
 """Every fdbox error name, produced over the socket by a request that deserves it.
 
-Each trigger gets a fresh daemon, runs one request through :mod:`fdboxd.client` and
-checks the exact ``io.fdbox.Store.<Name>`` that came back; the connection must still
-answer afterwards (errors are replies, never a dropped connection).
+The triggers share one daemon (each in its own box), run one request through
+:mod:`fdboxd.client` and check the exact ``io.fdbox.Store.<Name>`` that came back; the
+connection must still answer afterwards (errors are replies, never a dropped connection).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable
@@ -28,71 +29,76 @@ def _put(c: Client, box: str, name: str, data: bytes = b"data") -> None:
         os.close(fd)
 
 
-def t_not_found(d: DaemonProcess, c: Client) -> None:
-    c.get("nobox", "ram0")
+def t_not_found(d: DaemonProcess, c: Client, box: str) -> None:
+    c.get(box, "ram0")
 
 
-def t_already_exists(d: DaemonProcess, c: Client) -> None:
-    _put(c, "vm", "ram0")
-    _put(c, "vm", "ram0")
+def t_already_exists(d: DaemonProcess, c: Client, box: str) -> None:
+    _put(c, box, "ram0")
+    _put(c, box, "ram0")
 
 
-def t_invalid_name(d: DaemonProcess, c: Client) -> None:
-    _put(c, "bad/box", "ram0")
+def t_invalid_name(d: DaemonProcess, c: Client, box: str) -> None:
+    _put(c, box + "/bad", "ram0")
 
 
-def t_unsupported_type(d: DaemonProcess, c: Client) -> None:
+def t_unsupported_type(d: DaemonProcess, c: Client, box: str) -> None:
     r, w = os.pipe()
     try:
-        c.put("vm", "pipe", r)
+        c.put(box, "pipe", r)
     finally:
         os.close(r)
         os.close(w)
 
 
-def t_sealed(d: DaemonProcess, c: Client) -> None:
-    _put(c, "vm", "ram0")
-    c.seal("vm")
-    _put(c, "vm", "ram1")
+def t_sealed(d: DaemonProcess, c: Client, box: str) -> None:
+    _put(c, box, "ram0")
+    c.seal(box)
+    _put(c, box, "ram1")
 
 
-def t_not_sealed(d: DaemonProcess, c: Client) -> None:
-    _put(c, "vm", "ram0")
-    c.unseal("vm")
+def t_not_sealed(d: DaemonProcess, c: Client, box: str) -> None:
+    _put(c, box, "ram0")
+    c.unseal(box)
 
 
-def t_permission_denied(d: DaemonProcess, c: Client) -> None:
-    _put(c, "vm", "ram0")
+def t_permission_denied(d: DaemonProcess, c: Client, box: str) -> None:
+    _put(c, box, "ram0")
 
     def other_user() -> None:
         with Client(d.socket) as oc:
-            oc.get("vm", "ram0")
+            oc.get(box, "ram0")
 
     res = run_as_user(NOBODY, other_user)
     raise FdboxError(res["error"], res["message"])  # re-raised here: the child saw it
 
 
-def t_limit_exceeded(d: DaemonProcess, c: Client) -> None:
+def t_limit_exceeded(d: DaemonProcess, c: Client, box: str) -> None:
     fd = memfd_with(b"x")
     try:
-        c.put("vm", "ram0", fd, {f"k{i}": "v" for i in range(33)})
+        c.put(box, "ram0", fd, {f"k{i}": "v" for i in range(33)})
     finally:
         os.close(fd)
 
 
-def t_backend_unavailable(d: DaemonProcess, c: Client) -> None:
+def t_backend_unavailable(d: DaemonProcess, c: Client, box: str, restore: bool = True) -> None:
     # The manifest cannot be replaced (its path is now a directory): the put is undone.
     manifest = os.path.join(d.state_dir, "manifest.json")
-    os.unlink(manifest)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(manifest)
     os.mkdir(manifest)
-    _put(c, "vm", "ram0")
+    try:
+        _put(c, box, "ram0")
+    finally:
+        if restore:
+            os.rmdir(manifest)  # the next change writes a fresh one
 
 
-def t_invalid_request(d: DaemonProcess, c: Client) -> None:
-    c.call("Put", {"box": "vm", "name": "ram0", "fd": 0})  # no fd attached
+def t_invalid_request(d: DaemonProcess, c: Client, box: str) -> None:
+    c.call("Put", {"box": box, "name": "ram0", "fd": 0})  # no fd attached
 
 
-TRIGGERS: dict[str, Callable[[DaemonProcess, Client], None]] = {
+TRIGGERS: dict[str, Callable[[DaemonProcess, Client, str], None]] = {
     "NotFound": t_not_found,
     "AlreadyExists": t_already_exists,
     "InvalidName": t_invalid_name,
@@ -111,10 +117,10 @@ def test_every_error_name_has_a_trigger():
 
 
 @pytest.mark.parametrize("name", ERROR_NAMES)
-def test_error_over_the_socket(daemon, name):
-    with daemon.client() as c:
+def test_error_over_the_socket(shared_daemon, name):
+    with shared_daemon.client() as c:
         with pytest.raises(FdboxError) as ei:
-            TRIGGERS[name](daemon, c)
+            TRIGGERS[name](shared_daemon, c, f"box-{name}")
         assert ei.value.name == name, ei.value
         assert ei.value.message
         assert c.status()["version"]  # same connection still answers
@@ -131,7 +137,7 @@ def test_error_reply_is_a_varlink_error_on_the_wire(daemon):
 def test_backend_unavailable_leaves_nothing_behind(daemon):
     with daemon.client() as c:
         with pytest.raises(FdboxError) as ei:
-            t_backend_unavailable(daemon, c)
+            t_backend_unavailable(daemon, c, "vm", restore=False)
         assert ei.value.name == "BackendUnavailable"
         assert c.status()["entries"] == 0  # the put was undone
         os.rmdir(os.path.join(daemon.state_dir, "manifest.json"))
