@@ -283,8 +283,12 @@ class DBusFrontend:
             self.bus = MessageBus(bus_address=bus, negotiate_unix_fd=True)
         try:
             await self.bus.connect()
-        except Exception as e:
-            raise FdboxError("BackendUnavailable", f"cannot connect to the D-Bus bus {bus!r}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - any failure to reach the bus
+            # Not fatal: Varlink is the primary API, and the one moment the bus is
+            # missing on purpose is shutdown, when fdbox-seal.service may start us.
+            log.error("cannot connect to the D-Bus bus %r: %s; serving Varlink only", bus, e)
+            self.bus = None
+            return self
         self.bus.add_message_handler(self._on_message)
         self.bus.export(OBJECT_PATH, self.manager)
         await self._bus_call("AddMatch", "s", [

@@ -407,3 +407,13 @@ def test_get_box_returns_every_fd(dbus_daemon, bus):
     before = dbus_daemon.fd_count()
     assert asyncio.run(_get_box(bus, "gb")) == blobs
     assert wait_for(lambda: dbus_daemon.fd_count() == before, 5)
+
+
+def test_unreachable_bus_is_not_fatal(daemon_factory, tmp_path):
+    d = daemon_factory("--bus", f"unix:path={tmp_path / 'no-bus-here'}")
+    fd = memfd_with(b"varlink only")
+    with d.client() as c:
+        c.put("v", "x", fd)
+        assert c.status()["entries"] == 1
+    os.close(fd)
+    assert "serving Varlink only" in d.log()
