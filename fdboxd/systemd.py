@@ -257,6 +257,7 @@ class SystemdIntegration:
         self.refused = refused or []
         self._watchdog: asyncio.Task[Any] | None = None
         self._pin: int | None = None
+        self._stopping = False
         self.mirror = self.notifier.enabled and isinstance(store.backend, MemoryBackend)
 
     def attach(self, state_dir: str | None = None) -> None:
@@ -326,10 +327,13 @@ class SystemdIntegration:
             await asyncio.sleep(interval)
 
     def stopping(self) -> None:
+        """STOPPING=1, once; the watchdog stops with it."""
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        self.notifier.send("STOPPING=1\nSTATUS=stopping")
+        if not self._stopping:
+            self._stopping = True
+            self.notifier.send("STOPPING=1\nSTATUS=stopping")
 
     def close(self) -> None:
         self.stopping()

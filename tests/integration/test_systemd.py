@@ -186,6 +186,8 @@ def test_notify_fdstore_and_restart_with_the_fds_passed_back(daemon_factory, not
 
     assert d.stop() == 0
     assert notify.wait(lambda: notify.seen("STOPPING", "1")), d.log()
+    time.sleep(0.2)
+    assert len(notify.seen("STOPPING", "1")) == 1
 
     # Restart as systemd does: the Varlink socket (named by the socket unit) first, then
     # the fdstore in LISTEN_FDNAMES. The test keeps its copies, as systemd does.
