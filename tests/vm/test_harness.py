@@ -158,3 +158,51 @@ def test_guest_path_maps_out_dir(tmp_path: Path) -> None:
     assert vmlib.guest_path(out / "a" / "t.py", out) == "/out/a/t.py"
     repo_file = vmlib.repo_root() / "tests" / "vm" / "vmlib.py"
     assert vmlib.guest_path(repo_file, out) == str(repo_file)
+
+
+PRE_KEXEC_UNIT = """\
+[Unit]
+Description=harness self-test: runs when kexec.target is reached, before systemd-kexec.service
+DefaultDependencies=no
+Before=systemd-kexec.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/echo "fdbox-vm-test: pre-kexec unit ran"
+StandardOutput=journal+console
+
+[Install]
+WantedBy=kexec.target
+"""
+
+
+def test_systemd_pid1_two_stage_kexec(vm: vmlib.Harness) -> None:
+    """systemd 252 as PID 1; `systemctl kexec` must really kexec (not fall back to a reboot)."""
+    stage1 = """
+        test "$(cat /proc/1/comm)" = systemd
+        systemd-detect-virt --container > /out/detect-container || true
+        systemctl enable harness-pre-kexec.service
+        vm-kexec
+    """
+    stage2 = """
+        test "$(cat /proc/1/comm)" = systemd
+        test -d /sys/kernel/debug/kho
+        systemctl is-active fdbox-vm-stage.service > /out/stage-unit-state || true
+    """
+    run = vm.run(
+        textwrap.dedent(stage1),
+        textwrap.dedent(stage2),
+        systemd=True,
+        units={"harness-pre-kexec.service": PRE_KEXEC_UNIT},
+        timeout=420,
+    )
+    run.check()
+    assert [s.status for s in run.stages] == ["kexec", "ok"]
+    # The guest must not take itself for a container (a docker host's /.dockerenv).
+    assert (vm.out_dir / "detect-container").read_text().strip() == "none"
+    assert "Rebooting with kexec." in run.console
+    assert run.console.index("fdbox-vm-test: pre-kexec unit ran") < run.console.index("Rebooting with kexec.")
+    assert "KHO: exec from" in run.stage(2).dmesg
+    assert "fdbox-vm-stage.service" in run.stage(2).journal
+    s1, s2 = run.stage(1), run.stage(2)
+    print(f"\nsystemd boot to stage script: {s1.boot_seconds}s, after kexec {s2.boot_seconds}s; wall {run.wall_seconds:.1f}s")
