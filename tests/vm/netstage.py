@@ -76,12 +76,13 @@ def cmd_verify(a: argparse.Namespace) -> None:
         raise SystemExit(f"{IFNAME} came back different (before, now): {diff}")
     if now["numqueues"] != 2 or now["master"] != "br0" or now["user"] is None:
         raise SystemExit(f"{IFNAME} is not the bridged two-queue tap it was: {now}")
-    with Client(a.socket) as c:
-        got = c.get_box(a.box)
-    fds = {e["name"]: fd for e, fd in got}
+    fds: dict[str, int] = {}
     try:
-        if sorted(fds) != ["net0.q0", "net0.q1"]:
-            raise SystemExit(f"got back {sorted(fds)}")
+        with Client(a.socket) as c:
+            for name in ("net0.q0", "net0.q1"):
+                entry, fds[name] = c.get(a.box, name)
+                if entry["type"] != "tap" or entry["extra"]["net"]["ifname"] != IFNAME:
+                    raise SystemExit(f"{name} came back as {entry}")
         for name, fd in fds.items():
             if vnet_hdr_sz(fd) != VNET_HDR:
                 raise SystemExit(f"{name}: vnet header size {vnet_hdr_sz(fd)}, not {VNET_HDR}")

@@ -40,13 +40,14 @@ load_module
 {NET} network
 start_fdboxd --allow-type tap
 ctl --json list vm1 > /out/after.json
-{NET} verify --box vm1 --before /out/net-before.json | tee /out/net-verify.txt
-vmm verify --box vm1 --mem ram0=16M --seed net-1 | tee /out/verify.txt
+{NET} verify --box vm1 --before /out/net-before.json > /out/net-verify.txt
+vmm verify --box vm1 --mem ram0=16M --seed net-1 > /out/verify.txt
 """
     run = vm_with_module.run(stage1, stage2, timeout=900)
     run.check()
     out = run.out_dir
-    assert (out / "net-verify.txt").read_text().startswith("OK net vmtap0"), (out / "net-verify.txt").read_text()
+    log = (out / "fdboxd-stage2.log").read_text()
+    assert (out / "net-verify.txt").read_text().startswith("OK net vmtap0"), log
     assert "OK vm1/ram0" in (out / "verify.txt").read_text()
     before = {e["name"]: e for e in json.loads((out / "before.json").read_text())["entries"]}
     after = {e["name"]: e for e in json.loads((out / "after.json").read_text())["entries"]}
@@ -57,5 +58,4 @@ vmm verify --box vm1 --mem ram0=16M --seed net-1 | tee /out/verify.txt
         rec_before = dict(before[q]["extra"]["net"])
         rec_after = dict(after[q]["extra"]["net"])
         assert rec_after == rec_before
-    log = (out / "fdboxd-stage2.log").read_text()
     assert "recreated vmtap0 (2 queue(s))" in log, log
