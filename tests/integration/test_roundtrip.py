@@ -10,10 +10,11 @@ import sys
 import threading
 
 import pytest
-from fdboxtest import REPO, memfd_with, pattern, sha256_of_fd
+from fdboxtest import REPO, RawConnection, memfd_with, pattern, sha256_of_fd
 
 from fdboxd.client import Client, read_all
 from fdboxd.errors import FdboxError
+from fdboxd.varlink.protocol import close_fds, recv_into
 
 GETTER = """
 import hashlib, os, sys
@@ -63,13 +64,21 @@ def test_entry_records_type_size_owner_metadata(client):
     assert listed["boxes"] == [{"name": "vm2", "state": "open", "entries": 1, "size": 8192, "owner": os.getuid()}]
 
 
-def test_put_many_and_get_box_64_entries_one_round_trip(client):
+def test_put_many_and_get_box_64_entries_one_round_trip(daemon, client):
     datas = {f"slot{i:02d}": pattern(4096 + i, seed=i) for i in range(64)}
     fds = [memfd_with(d) for d in datas.values()]
     entries = client.put_many("big", list(zip(datas, fds, strict=True)))
     for fd in fds:
         os.close(fd)
     assert [e["name"] for e in entries] == list(datas)
+    # On the wire: one request, one reply message carrying all 64 fds.
+    with RawConnection(daemon.socket) as raw:
+        raw.send_json({"method": "io.fdbox.Store.GetBox", "parameters": {"box": "big"}})
+        while (frame := raw.framer.take()) is None:
+            assert recv_into(raw.sock, raw.framer)
+        close_fds(frame.fds)
+        assert len(frame.fds) == 64 and len(frame.message["parameters"]["entries"]) == 64
+        assert raw.framer.take() is None
     got = client.get_box("big")
     assert len(got) == 64
     try:
@@ -193,3 +202,14 @@ def test_restart_with_memory_backend_reports_lost_entries(daemon):
         lost = sorted((x["box"], x["name"], x["type"]) for x in st["lost"])
         assert lost == [("other", "disk", "memfd"), ("vm9", "ram0", "memfd"), ("vm9", "ram1", "memfd")]
         assert c.list()["entries"] == []
+
+
+def test_daemon_stops_cleanly_on_sigterm(daemon, client):
+    fd = memfd_with(b"x")
+    client.put("vm", "a", fd)
+    os.close(fd)
+    client.close()
+    assert daemon.stop() == 0
+    daemon.start()  # again on the same paths (a stale socket file is replaced)
+    with daemon.client() as c:
+        assert [x["name"] for x in c.status()["lost"]] == ["a"]
