@@ -241,6 +241,10 @@ def _tap_netns_fd(fd: int, kind: str, caller_pid: int) -> int:
 
 
 def _ipr():  # type: ignore[no-untyped-def]
+    # pyroute2 warns at import when the kernel has no tc (/proc/net/psched): not ours.
+    quiet = logging.getLogger("pyroute2.netlink.rtnl.tcmsg")
+    if quiet.level == logging.NOTSET:
+        quiet.setLevel(logging.ERROR)
     try:
         from pyroute2 import IPRoute
     except ImportError as e:
