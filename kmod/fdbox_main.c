@@ -34,8 +34,10 @@
  *             UNSEAL undoes everything.
  * - restored: created at module load from the previous kernel's handover.
  *             Entries have no file yet: RESTORE_FD copies their preserved
- *             memory into a memfd the caller made. The box turns open when
- *             every entry is filled, or on FINISH (which frees the rest).
+ *             memory into a memfd the caller made, after which GET_FD works.
+ *             No put (EBUSY); remove and delete discard what they drop. The
+ *             daemon decides when the restore phase is over: FINISH frees the
+ *             entries nobody filled and turns the box open.
  *
  * Locking
  * =======
@@ -520,7 +522,7 @@ static int fdbox_ioctl_delete_box(struct fdbox_ucmd *ucmd)
 	box = fdbox_lock_box(argp->box);
 	if (IS_ERR(box))
 		return PTR_ERR(box);
-	if (box->state != FDBOX_STATE_OPEN) {
+	if (box->state == FDBOX_STATE_SEALED) {
 		fdbox_unlock_box(box);
 		return -EBUSY;
 	}
@@ -700,7 +702,7 @@ static int fdbox_ioctl_remove_entry(struct fdbox_ucmd *ucmd)
 		fdbox_unlock_box(box);
 		return -ENOENT;
 	}
-	if (box->state != FDBOX_STATE_OPEN) {
+	if (box->state == FDBOX_STATE_SEALED) {
 		fdbox_unlock_box(box);
 		return -EBUSY;
 	}
@@ -954,8 +956,7 @@ static int fdbox_ioctl_restore_fd(struct fdbox_ucmd *ucmd)
 		err = fdbox_kho_restore_entry(entry, target);
 		if (!err) {
 			target = NULL;
-			if (--box->nr_pending == 0)
-				box->state = FDBOX_STATE_OPEN;
+			box->nr_pending--;
 		}
 	}
 	fdbox_unlock_box(box);

@@ -119,3 +119,12 @@ def test_the_check_can_fail(c_values: dict[str, int]) -> None:
     py = _python_values()
     py["FDBOX_IOC_PUT_FD"] += 1
     assert any(py[k] != c_values[k] for k in py)
+
+
+def test_errno_table_matches_the_documented_errnos() -> None:
+    """Every errno the header documents has a meaning in uapi.py, and nothing more."""
+    import errno
+
+    documented = {getattr(errno, n) for n in re.findall(r"^ \*  - (E[A-Z0-9]+):", HEADER.read_text(), re.M)}
+    assert len(documented) >= 19
+    assert documented == set(uapi.ERRNO_MEANINGS)

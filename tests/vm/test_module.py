@@ -23,7 +23,7 @@ def _summary(res: vmlib.GuestPytestRun) -> str:
 
 def test_module_in_guest(vm_with_module: vmlib.Harness) -> None:
     res = vm_with_module.pytest(
-        [GUEST / "test_module.py"],
+        [GUEST / "test_kernel_backend.py", GUEST / "test_module.py"],
         cmdline_extra=["hugepages=64"],
         timeout=900,
     )
@@ -32,7 +32,9 @@ def test_module_in_guest(vm_with_module: vmlib.Harness) -> None:
     skipped = {r.nodeid.rsplit("::", 1)[-1] for r in res.results if r.outcome == "skipped"}
     # Only the no-KHO test may skip in a kho=on boot.
     assert skipped <= {"test_seal_without_kho_is_enodev"}, skipped
-    assert len(passed) >= 60, _summary(res)
+    assert len(passed) >= 65, _summary(res)
+    files = {r.nodeid.split("::")[0].rsplit("/", 1)[-1] for r in passed}
+    assert {"test_module.py", "test_kernel_backend.py"} <= files, files
     print(f"\nin-guest fdbox.ko tests: {_summary(res)} in {res.run.wall_seconds:.0f}s wall")
 
 

@@ -45,8 +45,9 @@
  *  - ENOENT:      no such box, or no such entry in the box.
  *  - EEXIST:      the box or entry name is taken, or the file is already an
  *                 entry of some box.
- *  - EBUSY:       the box is not open (it is sealed or restored), and the
- *                 operation needs an open box (put, remove, delete, seal).
+ *  - EBUSY:       the box's state forbids changing it this way: it is
+ *                 sealed (put, remove, delete, seal refused) or restored
+ *                 (put, seal refused).
  *  - EBADFD:      the box or entry is not in the state the operation needs:
  *                 UNSEAL on a box that is not sealed, FINISH on a box that is
  *                 not restored, RESTORE_FD on an entry with no preserved data.
@@ -97,8 +98,9 @@ enum fdbox_entry_type {
  * @FDBOX_STATE_SEALED:   no put/remove; every entry's memory is pinned and
  *                        preserved with KHO, ready for kexec.
  * @FDBOX_STATE_RESTORED: came from the previous kernel; entries are filled
- *                        back with RESTORE_FD. Turns open when every entry is
- *                        filled, or on FINISH.
+ *                        back with RESTORE_FD, then GET_FD works. FINISH
+ *                        frees the entries that were not filled and turns
+ *                        the box open.
  */
 enum fdbox_box_state {
 	FDBOX_STATE_OPEN = 0,
@@ -171,8 +173,8 @@ struct fdbox_stats {
  * @flags: Input; must be zero.
  * @box:   Input; the box name, NUL-terminated.
  *
- * CREATE_BOX makes an empty open box. DELETE_BOX drops an open box and every
- * reference it holds. SEAL pins and preserves every entry with KHO (all or
+ * CREATE_BOX makes an empty open box. DELETE_BOX drops an open or restored
+ * box and every reference (and restored memory) it holds. SEAL pins and preserves every entry with KHO (all or
  * nothing) and moves the box to sealed. UNSEAL undoes SEAL with nothing lost.
  * FINISH on a restored box releases the preserved memory of entries that were
  * not filled (dropping those entries) and reopens the box.
@@ -348,7 +350,7 @@ struct fdbox_list_entries {
  * works from then on). Out-of-tree code cannot put preserved folios back into
  * a shmem or hugetlbfs mapping, hence the copy. Seals are not applied: the
  * caller reads them from LIST_ENTRIES and applies them with F_ADD_SEALS.
- * When the last pending entry of a restored box is filled the box turns open.
+ * The box stays restored until FINISH.
  */
 struct fdbox_restore_fd {
 	__u32	size;

@@ -1,0 +1,184 @@
+"""The ``kernel`` backend: ``/dev/fdbox`` (fdbox.ko) holds the file references.
+
+Entries live in the kernel, so they outlive the daemon: a daemon killed with SIGKILL
+and started again finds every box and entry through :meth:`KernelBackend.inventory`.
+With KHO on (``kho=on``) a sealed box also crosses a kexec; the module then brings it
+back in state ``restored`` with each entry's memory waiting in preserved pages.
+
+Restored entries are filled lazily: the first :meth:`get` of such an entry creates a
+memfd of the right kind and size, has the module copy the preserved memory into it
+(``RESTORE_FD``), re-applies the seals the entry had when it was sealed, and from then
+on the kernel holds that memfd like any other entry. The caller never sees the
+difference. Only memfd and hugetlb memfd are held here; the store keeps other types
+(taps) in its side backend.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+from .. import uapi
+from ..errors import FdboxError
+from ..fdtypes import F_ADD_SEALS, FdInfo, FdType
+from ..model import BoxState
+from .base import Backend, BackendBox, BackendEntry
+
+_TYPES: dict[uapi.EntryType, FdType] = {
+    uapi.EntryType.MEMFD: FdType.MEMFD,
+    uapi.EntryType.MEMFD_HUGETLB: FdType.MEMFD_HUGETLB,
+    uapi.EntryType.GUEST_MEMFD: FdType.GUEST_MEMFD,
+}
+_STATES: dict[uapi.BoxState, BoxState] = {
+    uapi.BoxState.OPEN: BoxState.OPEN,
+    uapi.BoxState.SEALED: BoxState.SEALED,
+    uapi.BoxState.RESTORED: BoxState.RESTORED,
+}
+MFD_HUGE_SHIFT = 26
+
+
+def _error(e: uapi.FdboxOSError, box: str, name: str | None = None) -> FdboxError:
+    """The fdbox error for a failed ioctl, named by the uAPI's errno table."""
+    return FdboxError(e.error_name, f"/dev/fdbox {e.op}: {e.meaning}", box=box, name=name, errno=e.errno)
+
+
+class KernelBackend(Backend):
+    name = "kernel"
+
+    def __init__(self, device: str = "/dev/fdbox") -> None:
+        try:
+            self.dev = uapi.FdboxDevice(device)
+        except OSError as e:
+            raise FdboxError("BackendUnavailable", f"cannot open {device}: {e.strerror}") from None
+        try:
+            version = self.dev.version()
+        except uapi.FdboxOSError as e:
+            self.dev.close()
+            raise FdboxError("BackendUnavailable", f"{device}: {e}") from None
+        if version.api_version != uapi.FDBOX_API_VERSION:
+            self.dev.close()
+            raise FdboxError(
+                "BackendUnavailable",
+                f"{device} speaks fdbox API {version.api_version}, this daemon {uapi.FDBOX_API_VERSION}",
+            )
+        self.version = version
+        #: Sealed boxes cross kexec only when the module can use KHO in this boot.
+        self.survives_kexec = bool(version.features & uapi.FDBOX_FEATURE_KHO_ON)
+
+    # ------------------------------------------------------------------ Backend
+
+    def accepts(self, fd_type: FdType) -> bool:
+        return fd_type in (FdType.MEMFD, FdType.MEMFD_HUGETLB)
+
+    def create_box(self, box: str) -> None:
+        try:
+            self.dev.create_box(box)
+        except uapi.FdboxOSError as e:
+            raise _error(e, box) from None
+
+    def delete_box(self, box: str) -> None:
+        try:
+            self.dev.delete_box(box)
+        except uapi.FdboxOSError as e:
+            if e.errno == errno.ENOENT:
+                return  # like the memory backend: deleting what is not there is done
+            raise _error(e, box) from None
+
+    def put(self, box: str, name: str, fd: int, info: FdInfo) -> None:
+        try:
+            self.dev.put_fd(box, name, fd)
+        except uapi.FdboxOSError as e:
+            raise _error(e, box, name) from None
+
+    def get(self, box: str, name: str) -> int:
+        try:
+            return self.dev.get_fd(box, name)
+        except uapi.FdboxOSError as e:
+            if e.errno != errno.ENODATA:
+                raise _error(e, box, name) from None
+        return self._restore(box, name)
+
+    def remove(self, box: str, name: str) -> None:
+        try:
+            self.dev.remove_entry(box, name)
+        except uapi.FdboxOSError as e:
+            raise _error(e, box, name) from None
+
+    def seal(self, box: str) -> None:
+        try:
+            self.dev.seal(box)
+        except uapi.FdboxOSError as e:
+            raise _error(e, box) from None
+
+    def unseal(self, box: str) -> None:
+        try:
+            self.dev.unseal(box)
+        except uapi.FdboxOSError as e:
+            raise _error(e, box) from None
+
+    def finish(self, box: str) -> None:
+        """End a restored box's restore phase; entries never filled are freed."""
+        try:
+            self.dev.finish(box)
+        except uapi.FdboxOSError as e:
+            if e.errno == errno.EBADFD:
+                return  # not restored (any more): nothing to release
+            raise _error(e, box) from None
+
+    def inventory(self) -> dict[str, BackendBox]:
+        out: dict[str, BackendBox] = {}
+        try:
+            for b in self.dev.list_boxes():
+                try:
+                    entries = self.dev.list_entries(b.name)
+                except uapi.FdboxOSError as e:
+                    if e.errno == errno.ENOENT:
+                        continue  # deleted meanwhile
+                    raise
+                out[b.name] = BackendBox(
+                    b.name,
+                    _STATES[b.state],
+                    {e.name: BackendEntry(e.name, _TYPES[e.type], e.size) for e in entries},
+                )
+        except uapi.FdboxOSError as e:
+            raise FdboxError("BackendUnavailable", f"/dev/fdbox: {e}") from None
+        return out
+
+    def close(self) -> None:
+        self.dev.close()
+
+    # ------------------------------------------------------------------ extras
+
+    def stats(self) -> dict[str, int]:
+        """The module's counters (boxes, entries, file_refs, ...), for Status and tests."""
+        s = self.dev.stats()
+        return {f: int(getattr(s, f)) for f, *_ in s._fields_ if f not in ("size", "__reserved")}
+
+    def _restore(self, box: str, name: str) -> int:
+        """Fill a restored entry from preserved memory into a new memfd; return that fd."""
+        try:
+            info = next((e for e in self.dev.list_entries(box) if e.name == name), None)
+        except uapi.FdboxOSError as e:
+            raise _error(e, box, name) from None
+        if info is None:
+            raise FdboxError("NotFound", f"no entry {box}/{name}", box=box, name=name)
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        if info.type == uapi.EntryType.MEMFD_HUGETLB:
+            flags |= os.MFD_HUGETLB | (info.page_size.bit_length() - 1) << MFD_HUGE_SHIFT
+        try:
+            fd = os.memfd_create(name[:200], flags)
+        except OSError as e:
+            raise FdboxError("BackendUnavailable", f"cannot create a memfd to restore {box}/{name}: {e}") from None
+        try:
+            os.ftruncate(fd, info.size)
+            self.dev.restore_fd(box, name, fd)
+            if info.seals:
+                fcntl.fcntl(fd, F_ADD_SEALS, info.seals)
+        except uapi.FdboxOSError as e:
+            os.close(fd)
+            raise _error(e, box, name) from None
+        except OSError as e:
+            os.close(fd)
+            raise FdboxError("BackendUnavailable", f"restoring {box}/{name}: {e}") from None
+        return fd
