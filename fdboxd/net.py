@@ -484,6 +484,11 @@ def _configure(ipr: Any, rec: dict[str, Any], index: int) -> None:
 
 
 def _set_fd_attrs(fd: int, rec: dict[str, Any]) -> None:
+    if rec["kind"] == "macvtap":
+        # A macvtap queue opens as IFF_TAP|IFF_NO_PI|IFF_VNET_HDR; TUNSETIFF changes
+        # only IFF_VNET_HDR and IFF_MULTI_QUEUE on it (drivers/net/tap.c).
+        keep = rec["tun_flags"] & (IFF_VNET_HDR | IFF_MULTI_QUEUE)
+        fcntl.ioctl(fd, TUNSETIFF, _ifreq("", IFF_TAP | IFF_NO_PI | keep))
     if rec.get("vnet_hdr_sz") and rec["tun_flags"] & IFF_VNET_HDR:
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", rec["vnet_hdr_sz"]))
     if rec.get("sndbuf"):

@@ -281,6 +281,7 @@ def test_macvtap_recreated(tap_daemon, netns):
         try:
             info = detect(fd)
             assert info.type == FdType.TAP and info.net_kind == "macvtap" and info.ifname == "mvt0"
+            assert info.tun_flags == entry["extra"]["net"]["tun_flags"]  # macvtap's TUNGETIFF is exact
         finally:
             os.close(fd)
 
