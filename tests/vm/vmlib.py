@@ -27,6 +27,28 @@ checkout and anything else on the host root except ``/tmp``, ``/var/tmp`` and
 ``/run`` (fresh tmpfs in the guest); files under the run's output directory are
 at ``/out/...`` (see :meth:`GuestRun.guest_path`).
 
+Adding a test
+-------------
+In-guest pytest tests (run as root in the test kernel): put ``test_*.py`` in
+``tests/vm/guest/`` (the host never collects that dir) and add a host test::
+
+    def test_ioctls(vm_with_module):            # vm_with_module: fdbox.ko built
+        res = vm_with_module.pytest(["tests/vm/guest/test_ioctls.py"],
+                                    setup='insmod "$FDBOX_VM_MODULE"')
+        res.check()                             # fails naming each in-guest failure
+        vmlib.assert_no_kernel_problems(res.run)   # already part of check()
+
+Shell stages and kexec (``vm`` has no module; ``vm_with_module`` sets
+``$FDBOX_VM_MODULE``)::
+
+    run = vm_with_module.run(
+        'insmod "$FDBOX_VM_MODULE"; ...; vm-kexec',            # stage 1
+        'insmod "$FDBOX_VM_MODULE"; ' + vmlib.pytest_command(  # stage 2
+            ["tests/vm/guest/test_after_kexec.py"], junit="/out/junit-2.xml"),
+        cmdline_extra=["hugepages=64"], timeout=600)
+    run.check()     # every stage ran and passed, no BUG/WARNING/Oops/panic
+    results = vmlib.parse_junit(run.out_dir / "junit-2.xml")
+
 Stdlib only: the in-guest side imports this module too (``in_guest()``).
 """
 
@@ -43,7 +65,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -527,6 +548,10 @@ def run_guest(
     if ctl.exists():
         shutil.rmtree(ctl)
     ctl.mkdir()
+    # A second run into the same dir must not read the first one's results.
+    for old in [*out.glob("stage[0-9]*.*"), out / "console.log"]:
+        if old.suffix in (".rc", ".log", ".dmesg", ".start", ".end", ".journal"):
+            old.unlink(missing_ok=True)
     for i, text in enumerate(scripts, start=1):
         (ctl / f"stage{i}.sh").write_text(text if text.endswith("\n") else text + "\n")
     initramfs = initramfs or build_initramfs()
@@ -717,6 +742,7 @@ def run_guest_pytest(
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="fdbox-vm-"))
     out.mkdir(parents=True, exist_ok=True)
     gpaths = [guest_path(p, out) for p in paths]
+    (out / "junit.xml").unlink(missing_ok=True)
     script = f"{setup}\n{pytest_command(gpaths, junit='/out/junit.xml', args=pytest_args)}\n"
     run = run_guest(script, out_dir=out, **kwargs)  # type: ignore[arg-type]
     junit = run.out_dir / "junit.xml"
