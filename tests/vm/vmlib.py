@@ -517,6 +517,7 @@ def run_guest(
     units: Mapping[str, str] | None = None,
     kernel: TestKernel | None = None,
     initramfs: Path | None = None,
+    qemu_extra: Sequence[str] = (),
     check: bool = False,
 ) -> GuestRun:
     """Boot the test kernel and run ``stage1`` (then ``stage2`` after a kexec).
@@ -537,6 +538,7 @@ def run_guest(
     installed into the guest's /etc/systemd/system first (enable them with
     ``systemctl`` in the stage, or with ``[Install]``-less ``Wants=`` from your own
     target). Each stage's ``journalctl -b`` lands in ``/out/stage<N>.journal``.
+    ``qemu_extra`` is appended to qemu's arguments (e.g. ``["-cpu", "max"]``).
     ``check=True`` raises :class:`VMTestFailure` unless the run is ``ok``.
     """
     kernel = kernel or _require_kernel()
@@ -584,6 +586,7 @@ def run_guest(
         "-device", "virtio-rng-pci",
         "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={out},mount_tag=out,security_model=none,multidevs=remap",
+        *qemu_extra,
     ]  # fmt: skip
     (ctl / "qemu.cmd").write_text(shlex.join(qemu) + "\n")
     t0 = time.monotonic()
