@@ -23,7 +23,7 @@ from typing import Any
 from . import paths
 from .errors import ERROR_NAMES, FdboxError
 from .varlink.protocol import Framer, close_fds, recv_into, send_message
-from .varlink.service import INTERFACE
+from .varlink import INTERFACE
 
 Entry = dict[str, Any]
 

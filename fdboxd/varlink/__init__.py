@@ -3,3 +3,6 @@
 The interface definition, ``io.fdbox.Store.varlink``, lives beside this file and is what
 ``GetInterfaceDescription`` returns.
 """
+
+INTERFACE = "io.fdbox.Store"
+SERVICE = "org.varlink.service"

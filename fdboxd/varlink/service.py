@@ -20,9 +20,7 @@ from .. import __version__
 from ..errors import FdboxError
 from ..model import Caller
 from ..store import PutItem, SealItem, Store, seal_in_worker
-
-INTERFACE = "io.fdbox.Store"
-SERVICE = "org.varlink.service"
+from . import INTERFACE, SERVICE
 
 SERVICE_DESCRIPTION = """\
 # The Varlink Service Interface is provided by every varlink service.
