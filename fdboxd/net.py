@@ -574,8 +574,6 @@ def _held_alive(store: Store, box: str, name: str) -> bool:
 
 def restore_entries(store: Store, box: str, entries: list[Entry]) -> list[Result]:
     """Recreate the interfaces of ``entries`` (all in ``box``) and hold the new fds."""
-    from .store import Event
-
     results: list[Result] = []
     for (_ns, ifname), group in sorted(_group(entries).items(), key=lambda kv: kv[0][1]):
         rec = group[0].extra["net"]
@@ -599,17 +597,8 @@ def restore_entries(store: Store, box: str, entries: list[Entry]) -> list[Result
             results += [Result(box, x.name, ifname, "failed", msg, "BackendUnavailable") for x in group]
             continue
         try:
-            if store.side.inventory().get(box) is None:
-                store.side.create_box(box)
             for entry, fd in zip(group, fds, strict=True):
-                try:
-                    store.side.remove(box, entry.name)
-                    store._emit(Event("entry-removed", box, entry=entry))
-                except FdboxError:
-                    pass  # nothing held: the usual case after kexec
-                info = detect(fd)
-                store.side.put(box, entry.name, fd, info)
-                store._emit(Event("entry-added", box, entry=entry, fd=fd))
+                store.rehold(box, entry, fd)
                 results.append(Result(box, entry.name, ifname, "recreated"))
         finally:
             for fd in fds:
@@ -621,8 +610,7 @@ def restore_entries(store: Store, box: str, entries: list[Entry]) -> list[Result
 
 def restore_box(store: Store, caller: Caller, box: str) -> list[Result]:
     """``NetRestore``: recreate every recorded interface of ``box`` that is gone."""
-    b = store._box(box)
-    store._check_box_owner(caller, box)
+    b = store.owned_box(caller, box)
     mine = [e for e in b.entries.values() if e.owned_by(caller)]
     return restore_entries(store, box, mine)
 

@@ -559,6 +559,30 @@ class Store:
         self._save_or_log()
         return done
 
+    def owned_box(self, caller: Caller, box: str) -> Box:
+        """The box, if the caller may act on it as a whole (its creator, or root)."""
+        b = self._box(box)
+        self._check_box_owner(caller, box)
+        return b
+
+    def rehold(self, box: str, entry: Entry, fd: int) -> None:
+        """Hold a new file for an existing entry (a tap recreated after kexec).
+
+        The old reference, if the backend still has one, is dropped first; front-ends
+        that mirror held fds (the systemd fdstore) see a removal and an addition.
+        """
+        backend = self._backend_for(entry.type)
+        if backend.inventory().get(box) is None:
+            backend.create_box(box)
+        try:
+            backend.remove(box, entry.name)
+        except FdboxError:
+            pass  # nothing held: the usual case after kexec
+        else:
+            self._emit(Event("entry-removed", box, entry=entry))
+        backend.put(box, entry.name, fd, detect(fd))
+        self._emit(Event("entry-added", box, entry=entry, fd=fd))
+
     # ------------------------------------------------------------------ helpers
 
     def entry_count(self) -> int:
