@@ -218,13 +218,29 @@ def cmd_delete_box(c: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_seal(c: Client, a: argparse.Namespace) -> int:
-    sealed = c.seal(None if a.all else a.box)
+    sealed = c.seal(None if a.all else a.box, progress=None if a.json else _seal_progress())
     if a.json:
         _print_json({"sealed": sealed})
     else:
         for name in sealed:
             print(f"sealed {name}")
     return 0
+
+
+def _seal_progress():  # type: ignore[no-untyped-def]
+    """Progress on stderr while entries are checksummed: one updating line on a tty."""
+    tty = sys.stderr.isatty()
+
+    def show(p: dict) -> None:  # type: ignore[type-arg]
+        total = p.get("total") or 0
+        pct = 100 * p.get("done", 0) / total if total else 100.0
+        line = (f"sealing {p.get('box')}/{p.get('name')}: "
+                f"{p.get('done', 0) / 2**20:.1f}/{total / 2**20:.1f} MiB checksummed ({pct:.0f}%)")
+        print(("\r" + line + "\033[K") if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+        if tty and pct >= 100:
+            print(file=sys.stderr)
+
+    return show
 
 
 def cmd_unseal(c: Client, a: argparse.Namespace) -> int:
