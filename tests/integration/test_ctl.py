@@ -169,3 +169,20 @@ def test_varlinkctl_introspects(daemon):
     assert "method Put(" in out.stdout
     info = subprocess.run(["varlinkctl", "info", f"unix:{daemon.socket}"], capture_output=True, text=True, timeout=30)
     assert info.returncode == 0 and "io.fdbox.Store" in info.stdout
+
+
+def test_seal_shows_progress_and_records_checksums(daemon):
+    datas = [pattern(3 << 20, seed=i) for i in range(3)]
+    for i, data in enumerate(datas):
+        put_memfd(daemon, "big", f"ram{i}", data)
+    p = ctl(daemon, "seal", "big", check=True)
+    assert p.stdout.strip() == "sealed big"
+    lines = [line for line in p.stderr.splitlines() if line.startswith("sealing big/")]
+    assert [line.split(":")[0] for line in lines] == ["sealing big/ram0", "sealing big/ram1", "sealing big/ram2"]
+    assert lines[-1].endswith("9.0/9.0 MiB checksummed (100%)")
+    listed = json.loads(ctl(daemon, "--json", "list", "big", check=True).stdout)["entries"]
+    assert [e["sha256"] for e in listed] == [hashlib.sha256(d).hexdigest() for d in datas]
+    # --json: no progress chatter, for scripts
+    ctl(daemon, "unseal", "big", check=True)
+    p = ctl(daemon, "--json", "seal", "big", check=True)
+    assert json.loads(p.stdout) == {"sealed": ["big"]} and p.stderr == ""
