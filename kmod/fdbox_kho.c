@@ -71,6 +71,7 @@
 #include <linux/io.h>
 #include <linux/kexec_handover.h>
 #include <linux/mm.h>
+#include <linux/module.h>
 #include <linux/overflow.h>
 #include <linux/pagemap.h>
 #include <linux/shmem_fs.h>
@@ -160,6 +161,17 @@ struct fdbox_kho_root {
 	u32 reserved;
 	u64 boxes[];
 } __packed;
+
+/*
+ * Testing only: damage the handover on purpose so the next kernel's refusal
+ * path can be tested. 1 flips a byte of each box descriptor after its CRC
+ * was computed, 2 writes a wrong version into the root. Settable only when
+ * the module is loaded.
+ */
+static int test_corrupt_handover;
+module_param(test_corrupt_handover, int, 0);
+MODULE_PARM_DESC(test_corrupt_handover,
+		 "testing only: 1 corrupts box descriptors, 2 the root descriptor");
 
 static DEFINE_MUTEX(fdbox_kho_lock);
 static LIST_HEAD(fdbox_sealed);		/* boxes in the root, in seal order */
@@ -351,6 +363,8 @@ static struct fdbox_kho_box *fdbox_kho_box_desc(struct fdbox_box *box,
 		}
 	}
 	desc->crc = fdbox_crc(desc, size);
+	if (test_corrupt_handover == 1)
+		desc->name[0] ^= 0x20;
 	*sizep = size;
 	return desc;
 }
@@ -383,6 +397,8 @@ static int fdbox_kho_publish_root(void)
 		list_for_each_entry(box, &fdbox_sealed, sealed_node)
 			root->boxes[n++] = virt_to_phys(box->kho_desc);
 		root->crc = fdbox_crc(root, size);
+		if (test_corrupt_handover == 2)
+			root->version = FDBOX_KHO_VERSION + 1;
 	}
 	if (old)
 		kho_remove_subtree(old);

@@ -43,3 +43,12 @@ def test_kexec_with_nothing_sealed_starts_clean(vm_with_module: vmlib.Harness) -
     run.check()
     assert [s.status for s in run.stages] == ["kexec", "ok"]
     assert "fdbox" not in "".join(line for line in run.stage(2).dmesg.splitlines() if "refused" in line)
+
+
+def test_damaged_handover_is_refused_whole(vm_with_module: vmlib.Harness) -> None:
+    for scenario in ("corrupt-box", "corrupt-root"):
+        s1, s2 = _stages(scenario)
+        run = vm_with_module.run(s1, s2, timeout=300, out_dir=vm_with_module.out_dir / scenario)
+        run.check()  # includes: no BUG/WARNING/Oops in either kernel
+        assert [s.status for s in run.stages] == ["kexec", "ok"], scenario
+        assert "previous kernel's boxes refused" in run.stage(2).dmesg, scenario

@@ -14,6 +14,10 @@ Scenarios:
   a small memfd in box ``vm2`` that is never claimed (FINISH must free it), and an open
   box ``scratch`` that must not cross.
 - ``empty``: nothing sealed: the new kernel starts clean.
+- ``corrupt-box`` / ``corrupt-root``: stage 1 loads the module with
+  ``test_corrupt_handover=1``/``2`` so the box / root descriptor it hands over is
+  damaged; the new kernel's module must refuse the whole handover (no box, the errno
+  in ``restore_status``, no kernel warning) and a reload must not try again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import mmap
 import os
 import sys
+import struct
 import time
 from pathlib import Path
 
@@ -38,6 +43,8 @@ F_SEAL_SHRINK, F_SEAL_GROW = 2, 4
 MIB = 1 << 20
 HUGE = 2 * MIB
 OUT = Path("/out")
+KHO_OUT = Path("/sys/kernel/debug/kho/out/sub_fdts/fdbox")
+KHO_IN = Path("/sys/kernel/debug/kho/in/sub_fdts/fdbox")
 
 
 def log(msg: str) -> None:
@@ -80,7 +87,8 @@ def check(cond: bool, what: str) -> None:
 
 
 def stage1(scenario: str) -> None:
-    km.load()
+    corrupt = {"corrupt-box": 1, "corrupt-root": 2}.get(scenario, 0)
+    km.load(params=f"test_corrupt_handover={corrupt}" if corrupt else "")
     d = uapi.FdboxDevice()
     v = d.version()
     check(bool(v.features & uapi.FDBOX_FEATURE_KHO_ON), "KHO is on in stage 1")
@@ -129,6 +137,22 @@ def stage1(scenario: str) -> None:
         # the caller's fds may be closed: the box holds the files
         for fd in (ram, huge, small):
             os.close(fd)
+    if corrupt:
+        d.create_box("doomed")
+        fd = os.memfd_create("doomed", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 4 * MIB)
+        fill(fd, 4 * MIB, 4)
+        d.put_fd("doomed", "mem", fd)
+        d.seal("doomed")
+        os.close(fd)
+    if scenario != "empty":
+        # The handover as KHO will pass it on: the root descriptor in debugfs.
+        raw = KHO_OUT.read_bytes()
+        magic, version, nr_boxes = struct.unpack_from("<QII", raw)
+        check(magic == 0x544F4F5258424446, "root descriptor magic FDBXROOT")
+        check(nr_boxes == (1 if corrupt else 2), f"root lists {nr_boxes} sealed boxes")
+    else:
+        check(not KHO_OUT.exists(), "no fdbox subtree when nothing is sealed")
     (OUT / f"{scenario}.json").write_text(json.dumps(record))
     d.close()
 
@@ -138,9 +162,22 @@ def stage2(scenario: str) -> None:
     km.load()
     d = uapi.FdboxDevice()
     v = d.version()
-    check(v.restore_status == 0, f"handover accepted (restore_status {v.restore_status})")
+    if not scenario.startswith("corrupt"):
+        check(v.restore_status == 0, f"handover accepted (restore_status {v.restore_status})")
     check(bool(v.features & uapi.FDBOX_FEATURE_KHO_BOOT), "booted by a KHO kexec")
     boxes = {b.name: b for b in d.list_boxes()}
+    if scenario.startswith("corrupt"):
+        check(v.restore_status == -22, f"handover refused with EINVAL (restore_status {v.restore_status})")
+        check(boxes == {}, "no box from a damaged handover")
+        check(km.stats(d)["entries"] == 0, "no entries")
+        check(KHO_IN.read_bytes()[:8] == b"FDBXUSED", "handover marked consumed")
+        d.close()
+        km.unload()
+        km.load()  # a reload does not look at the handover again
+        with uapi.FdboxDevice() as d2:
+            v2 = d2.version()
+            check(v2.restore_status == 0 and d2.list_boxes() == [], "reload: clean, nothing retried")
+        return
     if scenario == "empty":
         check(boxes == {}, "no boxes after a kexec with nothing sealed")
         check(not v.features & uapi.FDBOX_FEATURE_RESTORED, "nothing restored")
@@ -202,6 +239,7 @@ def stage2(scenario: str) -> None:
     check(all(b.state == uapi.BoxState.OPEN for b in d.list_boxes()), "all boxes open after FINISH")
     s = km.stats(d)
     check((s["restored_pending"], s["entries"], s["file_refs"]) == (0, 2, 2), f"counters {s}")
+    check(KHO_IN.read_bytes()[:8] == b"FDBXUSED", "handover marked consumed")
     # The restored boxes are ordinary boxes now: they can be sealed again for the next kexec.
     d.seal("vm1")
     d.unseal("vm1")
