@@ -535,7 +535,8 @@ def run_guest(
     ``fdbox-vm.target`` runs each stage script in ``fdbox-vm-stage.service`` and
     powers off with ``systemctl poweroff``, and ``vm-kexec`` uses ``systemctl kexec``
     (so kexec.target orders the real shutdown). ``units`` (name → text) are
-    installed into the guest's /etc/systemd/system first (enable them with
+    installed into the guest's /etc/systemd/system first (a name may be a drop-in,
+    ``"fdboxd.service.d/50-x.conf"``; enable units with
     ``systemctl`` in the stage, or with ``[Install]``-less ``Wants=`` from your own
     target). Each stage's ``journalctl -b`` lands in ``/out/stage<N>.journal``.
     ``qemu_extra`` is appended to qemu's arguments (e.g. ``["-cpu", "max"]``).
@@ -568,7 +569,10 @@ def run_guest(
         for unit in (INITRAMFS_SRC / "systemd").iterdir():
             (ctl / "units" / unit.name).write_text(unit.read_text().replace("@GUEST_BIN@", str(GUEST_BIN)))
         for name, text in (units or {}).items():
-            (ctl / "units" / name).write_text(text)
+            # A name may be a drop-in ("fdboxd.service.d/50-paths.conf"): make its directory.
+            dest = ctl / "units" / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text)
     elif units:
         raise ValueError("units= needs systemd=True")
 
