@@ -318,6 +318,12 @@ class FdboxDevice:
             os.close(self.fd)
             self.fd = -1
 
+    def __del__(self) -> None:
+        # A forgotten device fd would keep fdbox.ko from unloading.
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def __enter__(self) -> FdboxDevice:
         return self
 

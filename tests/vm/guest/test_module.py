@@ -168,19 +168,27 @@ def test_every_ioctl_needs_cap_sys_admin(dev: uapi.FdboxDevice) -> None:
 
 def test_unload_refused_while_a_box_exists(dev: uapi.FdboxDevice) -> None:
     dev.close()  # the open device also pins the module; test the box alone
-    with uapi.FdboxDevice() as d:
-        d.create_box("pin")
-    with pytest.raises(OSError) as exc:
-        km.unload()
-    assert exc.value.errno in (errno.EBUSY, errno.EAGAIN)
-    assert km.is_loaded()
-    with uapi.FdboxDevice() as d:
-        d.delete_box("pin")
-    # Now nothing holds it: a reload cycle works (and proves the box ref was dropped).
-    km.unload()
-    assert not km.is_loaded()
-    km.load()
-    dev.fd = os.open(km.DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        refs = km.refcount()
+        with uapi.FdboxDevice() as d:
+            d.create_box("pin")
+        assert km.refcount() == refs + 1  # the box's module reference
+        with pytest.raises(OSError) as exc:
+            km.unload()
+        assert exc.value.errno in (errno.EBUSY, errno.EAGAIN)
+        assert km.is_loaded()
+        with uapi.FdboxDevice() as d:
+            d.delete_box("pin")
+        assert km.refcount() == refs
+        if refs == 0:
+            # Nothing else holds it: a reload cycle works.
+            km.unload()
+            assert not km.is_loaded()
+            km.load()
+    finally:
+        if not km.is_loaded():
+            km.load()
+        dev.fd = os.open(km.DEVICE, os.O_RDWR | os.O_CLOEXEC)
 
 
 def test_open_device_pins_module(dev: uapi.FdboxDevice) -> None:
