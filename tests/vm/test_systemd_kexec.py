@@ -158,11 +158,14 @@ def test_seal_runs_before_kexec(vm_with_module: vmlib.Harness) -> None:
     # Stage 1's shutdown, in console order: the VMM's unit stopped (shutdown.target),
     # then the seal started and finished, then systemd-shutdown kexec'd.
     vmm_stopped = _index(console, "Stopped fdbox-vm-stage.service")
-    seal_start = _index(console, "fdbox-vm-test: seal start", vmm_stopped)
+    shutdown = _index(console, "Reached target shutdown.target", vmm_stopped)  # After=shutdown.target
+    seal_start = _index(console, "fdbox-vm-test: seal start", shutdown)
     sealed_line = _index(console, "sealed vm1", seal_start)  # fdboxctl seal --all's output
     seal_done = _index(console, "fdbox-vm-test: seal done", sealed_line)
     seal_finished = _index(console, "Finished fdbox-seal.service", seal_done)
+    _index(console, "Reached target umount.target", seal_finished)  # Before=umount.target
     kexec = _index(console, "Rebooting with kexec.", seal_finished)
+    assert "Reached target umount.target" not in console[vmm_stopped:seal_finished]
     assert "Failed to start fdbox-seal.service" not in console
     # fdboxd is not part of the kexec transaction: never stopped before the jump.
     assert "Stopped fdboxd.service" not in console[:kexec], "fdboxd.service was stopped before the kexec"
