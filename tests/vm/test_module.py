@@ -7,6 +7,8 @@ turns in-guest failures and any kernel BUG/WARNING/Oops into a readable failure 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import vmlib
@@ -44,6 +46,33 @@ def test_module_without_kho(vm_with_module: vmlib.Harness) -> None:
         [GUEST / "test_module.py"],
         pytest_args=["-k", "without_kho or version or put_get or outlive or unload_refused"],
         cmdline_extra=["kho=off"],
+        timeout=300,
+    )
+    res.check()
+    outcomes = {r.nodeid.rsplit("::", 1)[-1]: r.outcome for r in res.results}
+    assert outcomes.get("test_seal_without_kho_is_enodev") == "passed", outcomes
+    assert all(o == "passed" for o in outcomes.values()), outcomes
+
+
+def test_module_built_without_kho(vm_with_module: vmlib.Harness, vm_kbuild: Path) -> None:
+    """The stubs: a module built with FDBOX_DISABLE_KHO=1 holds entries and refuses SEAL
+    with ENODEV even on a kho=on kernel (what a kernel without CONFIG_KEXEC_HANDOVER gets)."""
+    src = vmlib.cache_dir() / "kmod-nokho-src"  # in the checkout: the guest sees it
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(vmlib.repo_root() / "kmod", src, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd"))
+    p = subprocess.run(["make", "-C", str(src), f"KDIR={vm_kbuild}", "W=1", "FDBOX_DISABLE_KHO=1"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.returncode == 0, p.stdout
+    warnings = [line for line in p.stdout.splitlines() if "warning:" in line and "pahole" not in line]
+    assert not warnings, warnings
+    ko = src / "fdbox.ko"
+    undefined = subprocess.run(["nm", "-u", str(ko)], capture_output=True, text=True, check=True).stdout
+    assert "kho_" not in undefined, "a no-KHO build must not link against KHO"
+    vm_with_module.module = ko
+    res = vm_with_module.pytest(
+        [GUEST / "test_module.py"],
+        pytest_args=["-k", "without_kho or version or put_get or outlive or unload_refused or duplicates"],
+        env={"FDBOX_MODULE_KHO": "0"},
         timeout=300,
     )
     res.check()
