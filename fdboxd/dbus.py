@@ -55,6 +55,7 @@ from . import __version__
 from .errors import FdboxError
 from .model import Caller, Entry
 from .store import Event, Store, seal_in_worker
+from .varlink.protocol import close_fds
 
 log = logging.getLogger("fdboxd.dbus")
 
@@ -523,11 +524,7 @@ class DBusFrontend:
 
     @staticmethod
     def _close(fds: list[int]) -> None:
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(fds)
         fds.clear()
 
     def _close_received(self, msg: Message) -> None:
