@@ -165,12 +165,14 @@ class Store:
             box = self.boxes.get(name)
             if box is None:
                 box = self.boxes[name] = Box(name, hbox.state)
-                self.owners[name] = 0
+                uids = {he.uid for he in hbox.entries.values()}
+                self.owners[name] = uids.pop() if len(uids) == 1 else 0
             for ename, he in hbox.entries.items():
                 if ename not in box.entries:
-                    box.entries[ename] = Entry(name, ename, he.type, he.size, 0, 0)
+                    box.entries[ename] = Entry(name, ename, he.type, he.size, he.uid, he.gid)
                     self.adopted.append({"box": name, "name": ename, "type": str(he.type)})
-                    log.warning("adopted %s/%s held by the backend but not in the manifest", name, ename)
+                    log.warning("adopted %s/%s (uid %d) held by the backend but not in the manifest",
+                                name, ename, he.uid)
         if self.manifest is not None:
             self._save()
 
@@ -364,7 +366,7 @@ class Store:
         done: list[Entry] = []
         try:
             for it, info, extra in zip(items, infos, extras, strict=True):
-                self._backend_for(info.type).put(box, it.name, it.fd, info)
+                self._backend_for(info.type).put(box, it.name, it.fd, info, caller.uid, caller.gid)
                 entry = Entry(
                     box, it.name, info.type, info.size, caller.uid, caller.gid,
                     metadata=dict(it.metadata), seals=info.seals, extra=extra,
@@ -580,7 +582,7 @@ class Store:
             pass  # nothing held: the usual case after kexec
         else:
             self._emit(Event("entry-removed", box, entry=entry))
-        backend.put(box, entry.name, fd, detect(fd))
+        backend.put(box, entry.name, fd, detect(fd), entry.uid, entry.gid)
         self._emit(Event("entry-added", box, entry=entry, fd=fd))
 
     # ------------------------------------------------------------------ helpers

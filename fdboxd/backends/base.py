@@ -49,6 +49,10 @@ class BackendEntry:
     name: str
     type: FdType
     size: int
+    #: The owner as recorded with the reference (the kernel keeps it too), so entries
+    #: adopted without a manifest still belong to whoever put them.
+    uid: int = 0
+    gid: int = 0
 
 
 @dataclass
@@ -76,8 +80,8 @@ class Backend(abc.ABC):
         """Drop the box and every reference it holds."""
 
     @abc.abstractmethod
-    def put(self, box: str, name: str, fd: int, info: FdInfo) -> None:
-        """Hold a reference to the file behind ``fd`` (the caller keeps ``fd``)."""
+    def put(self, box: str, name: str, fd: int, info: FdInfo, uid: int = 0, gid: int = 0) -> None:
+        """Hold a reference to the file behind ``fd`` (the caller keeps ``fd``), owned by uid/gid."""
 
     @abc.abstractmethod
     def get(self, box: str, name: str) -> int:

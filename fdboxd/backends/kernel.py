@@ -85,9 +85,9 @@ class KernelBackend(Backend):
                 return  # like the memory backend: deleting what is not there is done
             raise _error(e, box) from None
 
-    def put(self, box: str, name: str, fd: int, info: FdInfo) -> None:
+    def put(self, box: str, name: str, fd: int, info: FdInfo, uid: int = 0, gid: int = 0) -> None:
         try:
-            self.dev.put_fd(box, name, fd)
+            self.dev.put_fd(box, name, fd, uid=uid, gid=gid)
         except uapi.FdboxOSError as e:
             raise _error(e, box, name) from None
 
@@ -139,7 +139,7 @@ class KernelBackend(Backend):
                 out[b.name] = BackendBox(
                     b.name,
                     _STATES[b.state],
-                    {e.name: BackendEntry(e.name, _TYPES[e.type], e.size) for e in entries},
+                    {e.name: BackendEntry(e.name, _TYPES[e.type], e.size, e.uid, e.gid) for e in entries},
                 )
         except uapi.FdboxOSError as e:
             raise FdboxError("BackendUnavailable", f"/dev/fdbox: {e}") from None

@@ -37,13 +37,13 @@ class MemoryBackend(Backend):
         for name in b.entries:
             os.close(self._fds.pop((box, name)))
 
-    def put(self, box: str, name: str, fd: int, info: FdInfo) -> None:
+    def put(self, box: str, name: str, fd: int, info: FdInfo, uid: int = 0, gid: int = 0) -> None:
         b = self._box(box)
         if name in b.entries:
             raise FdboxError("AlreadyExists", f"{box}/{name} exists", box=box, name=name)
         held = os.dup(fd)  # Python's dup is non-inheritable: children never see it
         self._fds[(box, name)] = held
-        b.entries[name] = BackendEntry(name, info.type, info.size)
+        b.entries[name] = BackendEntry(name, info.type, info.size, uid, gid)
 
     def adopt(self, box: str, name: str, fd: int) -> None:
         """Take ownership of ``fd`` (from the fdstore) as entry ``box/name``."""
@@ -82,7 +82,8 @@ class MemoryBackend(Backend):
 
     def inventory(self) -> dict[str, BackendBox]:
         return {
-            n: BackendBox(n, b.state, {e.name: BackendEntry(e.name, e.type, e.size) for e in b.entries.values()})
+            n: BackendBox(n, b.state, {e.name: BackendEntry(e.name, e.type, e.size, e.uid, e.gid)
+                                       for e in b.entries.values()})
             for n, b in self._boxes.items()
         }
 

@@ -231,3 +231,20 @@ def test_reconcile_adopts_unknown_entries_as_roots(tmp_path, fds):
     assert s.boxes["orphan"].entries["e"].uid == 0
     assert err(s.get, ALICE, "orphan", "e") == "PermissionDenied"
     backend.close()
+
+
+def test_reconcile_adopts_with_the_owner_the_backend_recorded(tmp_path, fds):
+    """With the manifest gone, an entry still belongs to whoever put it (the kernel records it)."""
+    backend = MemoryBackend()
+    s = Store(backend, Manifest(tmp_path / "a"))
+    s.put(ALICE, "vm", "ram0", fds(b"alice's"))
+    s2 = Store(backend, Manifest(tmp_path / "b"))  # same references, no manifest
+    assert [(x["box"], x["name"]) for x in s2.status()["adopted"]] == [("vm", "ram0")]
+    e = s2.boxes["vm"].entries["ram0"]
+    assert (e.uid, e.gid) == (ALICE.uid, ALICE.gid)
+    assert s2.owners["vm"] == ALICE.uid
+    entry, fd = s2.get(ALICE, "vm", "ram0")
+    assert os.pread(fd, 7, 0) == b"alice's"
+    os.close(fd)
+    assert err(s2.get, Caller(2000, 2000), "vm", "ram0") == "PermissionDenied"
+    backend.close()
