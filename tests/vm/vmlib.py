@@ -500,6 +500,28 @@ def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+#: Directories the guest gets as fresh tmpfs (see the initramfs's init).
+GUEST_TMPFS = ("/tmp", "/var/tmp", "/run")
+
+
+def _kept_paths(kernel: TestKernel, initramfs: Path, module: Path | None) -> list[str]:
+    """Host paths a run needs that would be hidden under the guest's fresh tmpfs dirs.
+
+    A CI checkout cloned under /tmp (with ../shared beside it) must still be the guest's
+    checkout; init overlays each of these back in from the host's copy.
+    """
+    wanted = [repo_root(), kernel.dir, initramfs.parent, Path(sys.executable).parent, Path(sys.prefix)]
+    if module is not None:
+        wanted.append(Path(module).parent)
+    out: list[str] = []
+    for p in wanted:
+        p = p.resolve()
+        under = any(str(p).startswith(t + "/") for t in GUEST_TMPFS)
+        if under and not any(str(p).startswith(k + "/") or str(p) == k for k in out):
+            out = [k for k in out if not k.startswith(str(p) + "/")] + [str(p)]
+    return out
+
+
 def run_guest(
     stage1: str,
     stage2: str | None = None,
@@ -564,6 +586,7 @@ def run_guest(
     if module is not None:
         e["FDBOX_VM_MODULE"] = str(Path(module).resolve())
     (ctl / "env").write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in e.items()))
+    (ctl / "keep").write_text("".join(f"{p}\n" for p in _kept_paths(kernel, initramfs, module)))
     if systemd:
         (ctl / "units").mkdir()
         for unit in (INITRAMFS_SRC / "systemd").iterdir():
