@@ -65,7 +65,10 @@ class FdInfo:
     size: int
     seals: int | None = None
     ifname: str | None = None  # tap: the interface name
-    tun_flags: int | None = None  # tap: IFF_* flags from TUNGETIFF
+    #: tap: IFF_* flags from TUNGETIFF, raw. Bit 0x1000 there is IFF_NOFILTER ("no socket
+    #: filter attached"), not IFF_NO_PI, which shares the value: fdboxd.net reads
+    #: packet-info from netlink instead.
+    tun_flags: int | None = None
     net_kind: str | None = None  # tap: "tap" (tun/tap) or "macvtap"
 
 
