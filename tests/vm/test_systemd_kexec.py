@@ -61,6 +61,12 @@ def _uptime_marker(what: str) -> str:
     return f'/bin/sed -e "s/ .*//" -e "s/^/fdbox-vm-test: {what} uptime=/" /proc/uptime'
 
 
+def _under_tmp() -> bool:
+    """Whether the code fdboxd runs (checkout, interpreter) is under a PrivateTmp= dir."""
+    paths = (vmlib.repo_root().resolve(), BINDIR.resolve(), Path(sys.prefix).resolve())
+    return any(str(p).startswith(t) for p in paths for t in ("/tmp/", "/var/tmp/"))
+
+
 def guest_units() -> dict[str, str]:
     """The shipped units, unchanged, plus this host's path drop-ins."""
     units = {name: (UNITS / name).read_text() for name in ("fdboxd.service", "fdboxd.socket", "fdbox-seal.service")}
@@ -72,7 +78,9 @@ def guest_units() -> dict[str, str]:
         ExecStart={_exec_start("fdboxd.service")}
         """) + (
         "# This host's interpreter lives under /root or /home, which ProtectHome=yes hides.\n"
-        "ProtectHome=read-only\n" if home else "")
+        "ProtectHome=read-only\n" if home else "") + (
+        "# This checkout (a CI clone, say) lives under /tmp, which PrivateTmp=yes hides.\n"
+        "PrivateTmp=no\n" if _under_tmp() else "")
     units["fdbox-seal.service.d/50-vm-test-paths.conf"] = textwrap.dedent(f"""\
         # VM test: the console script is where pip put it on this host; the seal's
         # output and two uptime markers go to the console, which survives the kexec.
