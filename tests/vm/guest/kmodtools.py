@@ -79,5 +79,15 @@ def stats(dev: uapi.FdboxDevice) -> dict[str, int]:
     return {f: int(getattr(s, f)) for f, *_ in s._fields_ if f not in ("size", "__reserved")}
 
 
+def empty(dev: uapi.FdboxDevice) -> None:
+    """Delete every box, whatever its state (unseal or finish first), so counters go back to zero."""
+    for b in dev.list_boxes():
+        if b.state == uapi.BoxState.SEALED:
+            dev.unseal(b.name)
+        elif b.state == uapi.BoxState.RESTORED:
+            dev.finish(b.name)
+        dev.delete_box(b.name)
+
+
 def cmdline() -> str:
     return Path("/proc/cmdline").read_text()

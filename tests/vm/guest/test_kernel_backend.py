@@ -57,12 +57,7 @@ def daemon_factory() -> Iterator[Callable[..., GuestDaemon]]:
 
 def _empty_the_module() -> None:
     with uapi.FdboxDevice() as d:
-        for b in d.list_boxes():
-            if b.state == uapi.BoxState.SEALED:
-                d.unseal(b.name)
-            elif b.state == uapi.BoxState.RESTORED:
-                d.finish(b.name)
-            d.delete_box(b.name)
+        km.empty(d)
 
 
 @pytest.fixture(autouse=True)

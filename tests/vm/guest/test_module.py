@@ -46,23 +46,14 @@ def module() -> Iterator[None]:
     assert not km.is_loaded()
 
 
-def _cleanup(d: uapi.FdboxDevice) -> None:
-    for b in d.list_boxes():
-        if b.state == uapi.BoxState.SEALED:
-            d.unseal(b.name)
-        elif b.state == uapi.BoxState.RESTORED:
-            d.finish(b.name)
-        d.delete_box(b.name)
-
-
 @pytest.fixture
 def dev() -> Iterator[uapi.FdboxDevice]:
     """An open /dev/fdbox; afterwards nothing may be left held."""
     d = uapi.FdboxDevice()
-    _cleanup(d)
+    km.empty(d)
     try:
         yield d
-        _cleanup(d)
+        km.empty(d)
         s = km.stats(d)
         leaked = {k: s[k] for k in ("boxes", "entries", "file_refs", "pinned_folios", "restored_pending") if s[k]}
         assert not leaked, f"module still holds {leaked}"
