@@ -186,19 +186,17 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(config.log_level)
     try:
-        daemon = asyncio.run(_main(config))
+        asyncio.run(_main(config))
     except FdboxError as e:
         log.error("%s", e.message)
         return 1
     except KeyboardInterrupt:
-        return 0
-    return 0 if daemon else 1
+        pass
+    return 0
 
 
-async def _main(config: Config) -> Daemon:
-    daemon = Daemon(config)
-    await daemon.run()
-    return daemon
+async def _main(config: Config) -> None:
+    await Daemon(config).run()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import array
 import enum
-import errno
 import fcntl
 import os
 import stat
@@ -152,6 +151,3 @@ def detect(fd: int) -> FdInfo:
             )
     return FdInfo(FdType.OTHER, st.st_size if stat.S_ISREG(st.st_mode) else 0)
 
-
-def is_bad_fd(exc: OSError) -> bool:
-    return exc.errno == errno.EBADF

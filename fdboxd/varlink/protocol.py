@@ -57,18 +57,15 @@ def close_fds(fds: list[int]) -> None:
             pass
 
 
-def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], bool]:
-    """Fds from recvmsg ancillary data, and whether anything else came (refused)."""
+def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of SCM_RIGHTS in recvmsg ancillary data (nothing else is asked for)."""
     fds: list[int] = []
-    other = False
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             arr = array.array("i")
             arr.frombytes(data[: len(data) - (len(data) % _FD_SIZE)])
             fds.extend(arr)
-        else:
-            other = True
-    return fds, other
+    return fds
 
 
 class Framer:
@@ -160,7 +157,7 @@ def recv_into(sock: socket.socket, framer: Framer) -> bool:
     # kernel drops the excess) instead of making us install fds we will refuse anyway.
     space = CMSG_SPACE if framer.max_fds >= MAX_FDS_PER_MESSAGE else socket.CMSG_SPACE(framer.max_fds * _FD_SIZE)
     data, ancdata, flags, _ = sock.recvmsg(RECV_CHUNK, space, socket.MSG_CMSG_CLOEXEC)
-    fds, _other = fds_from_ancdata(ancdata)
+    fds = fds_from_ancdata(ancdata)
     if not data:
         close_fds(fds)
         return False
