@@ -24,6 +24,7 @@ from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdType
 from .manifest import Manifest
 from .model import Caller
+from .checksum import DEFAULT_VERIFY, Verify
 from .store import Limits, Store
 from .varlink.protocol import MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
 from .varlink.server import VarlinkServer, bind_socket
@@ -44,6 +45,7 @@ class Config:
     max_message_size: int = MAX_MESSAGE_SIZE
     bus: str | None = None  # D-Bus front-end: "system", "session" or an address
     log_level: str = "info"
+    verify: Verify = DEFAULT_VERIFY
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -55,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--backend", choices=["auto", "memory", "kernel"], default="auto",
                    help="auto: kernel if /dev/fdbox exists, else memory")
     p.add_argument("--device", default=DEVICE_PATH, help=argparse.SUPPRESS)
+    p.add_argument("--verify", choices=[v.value for v in Verify], default=DEFAULT_VERIFY.value,
+                   help="checksums at seal and restore: full (SHA-256 of every byte), sample "
+                        "(whole SHA-256 up to 4 MiB, fixed-cost sample above), none (size only); "
+                        "default: %(default)s")
     p.add_argument("--allow-type", action="append", default=[], metavar="TYPE",
                    choices=[t.value for t in FdType],
                    help="also accept fds of this type (tap, other); memfd types are always accepted")
@@ -81,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         max_fds=a.max_fds_per_message,
         bus=a.bus,
         log_level=a.log_level,
+        verify=Verify(a.verify),
     )
 
 
@@ -97,7 +104,7 @@ class Daemon:
         self.backend = open_backend(config.backend, config.device)
         refused = sd.adopt_store_fds(self.activation, self.backend, Manifest(config.state_dir))
         self.store = Store(self.backend, Manifest(config.state_dir), limits=config.limits,
-                           allowed_types=config.allowed_types)
+                           allowed_types=config.allowed_types, verify=config.verify)
         self.systemd = sd.SystemdIntegration(self.store, self.activation, refused)
         if self.store.status()["restored"]:
             # After a kexec: check every entry against the checksum it was sealed with

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import mmap
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
+from .checksum import DEFAULT_VERIFY, Digest, Verify, check_many, digest_many, planned_bytes, sha256_fd
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdInfo, FdType, detect
 from .manifest import Manifest, ManifestData, decode, encode
@@ -77,7 +77,7 @@ class SealItem:
     box: str
     name: str
     fd: int  # owned by the plan
-    digest: tuple[int, str] | None = None  # (size, sha256), filled by whoever checksums
+    digest: Digest | None = None  # filled by whoever checksums (fdboxd.checksum)
 
 
 @dataclass
@@ -112,8 +112,11 @@ class Store:
         *,
         limits: Limits = Limits(),
         allowed_types: Iterable[FdType] = MEMORY_TYPES,
+        verify: Verify = DEFAULT_VERIFY,
     ) -> None:
         self.backend = backend
+        #: How much of each entry seal hashes and restore checks (fdboxd --verify).
+        self.verify = Verify(verify)
         # Types the main backend cannot hold (tap fds with the kernel backend) are
         # held by the daemon itself.
         self.side: Backend = backend if isinstance(backend, MemoryBackend) else MemoryBackend()
@@ -198,38 +201,47 @@ class Store:
         return data
 
     def verify_restored(self) -> list[dict[str, Any]]:
-        """Check every restored entry against the SHA-256 recorded when it was sealed.
+        """Check every restored entry against what was recorded when it was sealed.
 
-        An entry that does not match is dropped and reported in ``lost`` with the
-        reason: handing a VM memory that changed under it is worse than handing none.
-        Returns the entries that failed.
+        How much is read is ``self.verify`` (see :mod:`fdboxd.checksum`); entries are
+        checked in parallel threads. An entry that does not match is dropped and
+        reported in ``lost`` with the reason: handing a VM memory that changed under it
+        is worse than handing none. Returns the entries that failed.
         """
-        failed = []
+        todo: list[tuple[Box, Entry, int]] = []
+        problems: dict[tuple[str, str], str] = {}
         for b in self.boxes.values():
             if b.state != BoxState.RESTORED:
                 continue
             for e in sorted(b.entries.values(), key=lambda e: e.name):
-                if e.sha256 is None or e.type not in MEMORY_TYPES:
-                    continue
+                if (e.type not in MEMORY_TYPES or self.verify == Verify.NONE
+                        or (e.sha256 is None and "sample" not in e.extra)):
+                    continue  # nothing to check against (getting it would restore it early)
                 try:
-                    fd = self._backend_for(e.type).get(b.name, e.name)
-                    try:
-                        size, digest = file_digest(fd)
-                    finally:
-                        os.close(fd)
-                    problem = None if (size, digest) == (e.size, e.sha256) else (
-                        f"checksum mismatch: {size} bytes sha256 {digest[:16]}…, sealed as {e.size} bytes {e.sha256[:16]}…")
+                    todo.append((b, e, self._backend_for(e.type).get(b.name, e.name)))
                 except (FdboxError, OSError) as err:
-                    problem = f"cannot restore: {err}"
-                if problem is not None:
-                    log.error("restored entry %s/%s refused: %s", b.name, e.name, problem)
-                    report = {"box": b.name, "name": e.name, "type": str(e.type), "reason": problem}
-                    failed.append(report)
-                    self.lost.append(report)
-                    try:
-                        self._drop(b, e.name)
-                    except FdboxError:
-                        b.entries.pop(e.name, None)
+                    problems[(b.name, e.name)] = f"cannot restore: {err}"
+        try:
+            results = check_many([(fd, Digest(e.size, e.sha256, e.extra.get("sample"))) for _, e, fd in todo],
+                                 self.verify)
+        finally:
+            for _, _, fd in todo:
+                os.close(fd)
+        for (b, e, _), problem in zip(todo, results):
+            if problem is not None:
+                problems[(b.name, e.name)] = problem
+        failed = []
+        for (box, name), problem in sorted(problems.items()):
+            b = self.boxes[box]
+            e = b.entries[name]
+            log.error("restored entry %s/%s refused: %s", box, name, problem)
+            report = {"box": box, "name": name, "type": str(e.type), "reason": problem}
+            failed.append(report)
+            self.lost.append(report)
+            try:
+                self._drop(b, name)
+            except FdboxError:
+                b.entries.pop(name, None)
         if failed:
             self._save_or_log()
         return failed
@@ -447,8 +459,8 @@ class Store:
         """
         plan = self.seal_begin(caller, box)
         try:
-            for item in plan.items:
-                item.digest = file_digest(item.fd)
+            for item, d in zip(plan.items, digest_many([i.fd for i in plan.items], self.verify)):
+                item.digest = d
         except BaseException:
             self.seal_abort(plan)
             raise
@@ -498,7 +510,11 @@ class Store:
                 if item.digest is None:
                     raise FdboxError("InvalidRequest", f"{item.box}/{item.name} was not checksummed")
                 entry = self.boxes[item.box].entries[item.name]
-                entry.size, entry.sha256 = item.digest
+                entry.size, entry.sha256 = item.digest.size, item.digest.sha256
+                if item.digest.sample is not None:
+                    entry.extra["sample"] = item.digest.sample
+                else:
+                    entry.extra.pop("sample", None)
             for name in plan.boxes:
                 for e in self.boxes[name].entries.values():
                     if e.type == FdType.TAP and "net" in e.extra:
@@ -713,40 +729,43 @@ def _read_fd(fd: int) -> bytes:
 
 
 def file_digest(fd: int) -> tuple[int, str]:
-    """Size and SHA-256 of the whole file behind ``fd`` (reads by offset, moves no cursor)."""
-    size = os.fstat(fd).st_size
-    h = hashlib.sha256()
-    if size:
-        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-            step = 16 << 20
-            for off in range(0, size, step):
-                h.update(m[off : off + step])
-    return size, h.hexdigest()
+    """Size and SHA-256 of the whole file behind ``fd`` (by pread: moves no cursor, maps nothing)."""
+    return sha256_fd(fd)
 
 
 async def seal_in_worker(
     store: Store, caller: Caller, box: str | None = None,
     progress: Callable[[SealItem, int, int], None] | None = None,
 ) -> list[str]:
-    """:meth:`Store.seal` for the event loop: checksums run in a worker thread.
+    """:meth:`Store.seal` for the event loop: checksums run in worker threads.
 
     The loop stays free to serve other clients and feed the watchdog while gigabytes are
     read. The boxes are frozen (``seal_begin``) before the first byte is read, so nothing
-    changes under the checksums. ``progress(item, done_bytes, total_bytes)`` is called
-    on the loop after each entry.
+    changes under the checksums. Entries are hashed in parallel (one thread per CPU);
+    ``progress(item, done_bytes, total_bytes)`` is called on the loop after every chunk
+    (:data:`fdboxd.checksum.CHUNK`), so a large entry shows movement while it is hashed.
+    ``done``/``total`` count the bytes ``store.verify`` actually reads.
     """
     import asyncio
 
     plan = store.seal_begin(caller, box)
     try:
-        total = sum(os.fstat(i.fd).st_size for i in plan.items)
-        done = 0
         loop = asyncio.get_running_loop()
-        for item in plan.items:
-            item.digest = await loop.run_in_executor(None, file_digest, item.fd)
-            done += item.digest[0]
+        total = sum(planned_bytes(os.fstat(i.fd).st_size, store.verify) for i in plan.items)
+        done = 0
+
+        def report(i: int, n: int) -> None:  # worker thread, under digest_many's lock
+            nonlocal done
+            done += n
             if progress is not None:
-                progress(item, done, total)
+                loop.call_soon_threadsafe(progress, plan.items[i], min(done, total), total)
+
+        digests = await loop.run_in_executor(
+            None, digest_many, [i.fd for i in plan.items], store.verify, report)
+        for item, d in zip(plan.items, digests):
+            item.digest = d
+        if progress is not None and plan.items and done < total:
+            progress(plan.items[-1], total, total)  # a file that shrank still ends at 100%
     except BaseException:
         store.seal_abort(plan)
         raise
