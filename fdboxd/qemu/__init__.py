@@ -1,0 +1,19 @@
+"""fdbox-qemu: run an unmodified QEMU on RAM that fdbox keeps, so the VM survives a QEMU
+restart and a host kexec.
+
+The design, in one paragraph: the guest's RAM is one memfd (or hugetlb memfd) per
+``ramN`` entry of a box named after the VM. ``start`` gets those entries from fdboxd (or
+creates and puts them) and execs QEMU with them inherited, as
+``memory-backend-file,mem-path=/proc/self/fd/N,share=on`` (QEMU opens mem-path with
+plain ``open()``, so ``/dev/fdset`` does not work here). ``suspend`` stops the guest over
+QMP, turns on ``x-ignore-shared`` (and the ``cpr-reboot`` mode on QEMU >= 8.2) so the
+migration stream carries only device state, migrates into a fresh memfd handed to QEMU
+with ``getfd``, puts that memfd as entry ``devstate`` and quits QEMU. The next ``start``
+sees ``devstate`` and runs QEMU with ``-incoming defer``; a helper process set up before
+the exec loads the device state (``migrate-incoming fd:N``), continues the guest and
+only then removes ``devstate`` from the box, so a failed load leaves everything in place
+for another try. Nothing of the guest ever touches a disk.
+
+Modules: :mod:`.qmp` (the QMP client), :mod:`.vm` (start/suspend/status),
+:mod:`.cli` (the ``fdbox-qemu`` command line).
+"""

@@ -1,0 +1,404 @@
+"""start / suspend / status of one fdbox-held QEMU VM (see the package docstring)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import paths
+from ..client import Client
+from ..errors import FdboxError
+from ..names import check_box_name
+from .qmp import QMPClient
+
+DEVSTATE = "devstate"
+RAM_RE = re.compile(r"ram(\d+)")
+HUGETLB_FLAGS = {"2M": os.MFD_HUGETLB | (21 << 26), "1G": os.MFD_HUGETLB | (30 << 26)}
+HUGETLB_SIZES = {"2M": 2 << 20, "1G": 1 << 30}
+MIN_QEMU = (5, 0, 0)      # -machine memory-backend= (x-ignore-shared is 4.0)
+CPR_REBOOT_QEMU = (8, 2, 0)
+# Options fdbox-qemu sets itself; the same in QEMU-ARGS would fight over the RAM.
+OWN_OPTIONS = ("-m", "-mem-path", "-incoming", "-numa")
+MIGRATE_POLL = 0.002
+
+
+@dataclass
+class Plan:
+    """What ``start`` will exec: argv, the fds to keep, and whether it resumes."""
+
+    argv: list[str]
+    keep_fds: list[int]
+    resume_fd: int | None = None
+    runstate: str = "running"
+    created: list[str] = field(default_factory=list)
+
+
+def default_qemu() -> str:
+    return os.environ.get("FDBOX_QEMU", "qemu-system-x86_64")
+
+
+def default_run_dir() -> str:
+    """Where QMP sockets live: /run/fdbox/qemu for root, the user's runtime dir otherwise."""
+    if os.geteuid() == 0:
+        return "/run/fdbox/qemu"
+    return os.path.join(paths.user_runtime_dir(), "qemu")
+
+
+def qmp_path(run_dir: str, vm: str) -> str:
+    return os.path.join(run_dir, f"{vm}.qmp")
+
+
+def parse_size(text: str) -> int:
+    """``64M``, ``1G``, ``512MiB``, ``1073741824`` → bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m or int(m.group(1)) == 0:
+        raise FdboxError("InvalidRequest", f"bad size {text!r}: want e.g. 64M, 1G or a byte count")
+    shift = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+    return int(m.group(1)) << shift
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def ensure_run_dir(run_dir: str) -> None:
+    """Create ``run_dir`` 0700 and refuse one that another user owns or that is a symlink."""
+    os.makedirs(os.path.dirname(run_dir) or ".", mode=0o755, exist_ok=True)
+    try:
+        os.mkdir(run_dir, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(run_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise FdboxError("PermissionDenied", f"{run_dir} is not a private directory of uid {os.geteuid()}")
+
+
+def qemu_alive(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _box_state(c: Client, vm: str) -> str | None:
+    for b in c.list().get("boxes", []):
+        if b.get("name") == vm:
+            return str(b.get("state"))
+    return None
+
+
+def _reopen(fd: int, flags: int) -> int:
+    """A new open file description of the same file: its own offset, so QEMU reading the
+    device state does not move the offset of the copy fdboxd holds."""
+    return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+
+
+# ---------------------------------------------------------------------- start
+
+
+def plan_start(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[str],
+               qmp: str, qemu: str) -> Plan:
+    """Get or create the RAM entries, pick boot or resume, and build QEMU's argv."""
+    for a in qemu_args:
+        if "-" + a.lstrip("-").split("=", 1)[0] in OWN_OPTIONS and a.startswith("-"):
+            raise FdboxError("InvalidRequest", f"QEMU-ARGS must not contain {a}: fdbox-qemu sets the RAM and -incoming itself")
+        if a.startswith("-") and "memory-backend=" in a:
+            raise FdboxError("InvalidRequest", "QEMU-ARGS must not set memory-backend: fdbox-qemu does")
+    page = HUGETLB_SIZES[hugetlb] if hugetlb else os.sysconf("SC_PAGE_SIZE")
+    for i, size in enumerate(ram):
+        if size % page:
+            raise FdboxError("InvalidRequest", f"ram{i}: {size} bytes is not a multiple of the {page}-byte page size")
+    state = _box_state(c, vm)
+    if state == "sealed":
+        raise FdboxError("Sealed", f"box {vm} is sealed (ready for kexec): unseal it first (fdboxctl unseal {vm})", box=vm)
+    got: dict[str, tuple[dict[str, Any], int]] = {}
+    if state is not None:
+        got = {e["name"]: (e, fd) for e, fd in c.get_box(vm)}
+    try:
+        return _plan(c, vm, ram, hugetlb, qemu_args, qmp, qemu, got)
+    finally:
+        for _, fd in got.values():
+            os.close(fd)
+
+
+def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[str],
+          qmp: str, qemu: str, got: dict[str, tuple[dict[str, Any], int]]) -> Plan:
+    stored = sorted((int(m.group(1)), n) for n in got if (m := RAM_RE.fullmatch(n)))
+    want_type = "memfd-hugetlb" if hugetlb else "memfd"
+    keep: list[int] = []
+    ram_fds: list[int] = []
+    created: list[str] = []
+    try:
+        if stored:
+            if [i for i, _ in stored] != list(range(len(ram))):
+                raise FdboxError("InvalidRequest", f"box {vm} holds {', '.join(n for _, n in stored)}, "
+                                 f"but --ram was given {len(ram)} time(s)", box=vm)
+            for i, size in enumerate(ram):
+                e, fd = got[f"ram{i}"]
+                if int(e["size"]) != size:
+                    raise FdboxError("InvalidRequest", f"{vm}/ram{i} holds {_mib(int(e['size']))}, --ram says {_mib(size)}",
+                                     box=vm, name=f"ram{i}")
+                if e["type"] != want_type:
+                    raise FdboxError("InvalidRequest", f"{vm}/ram{i} is {e['type']}, but this start asks for {want_type}"
+                                     + (f" ({hugetlb} pages)" if hugetlb else ""), box=vm, name=f"ram{i}")
+                ram_fds.append(_reopen(fd, os.O_RDWR))
+        else:
+            if DEVSTATE in got:
+                raise FdboxError("InvalidRequest", f"box {vm} holds a devstate but no RAM: refusing to resume on fresh RAM", box=vm)
+            flags = os.MFD_CLOEXEC | (HUGETLB_FLAGS[hugetlb] if hugetlb else 0)
+            items = []
+            for i, size in enumerate(ram):
+                try:
+                    fd = os.memfd_create(f"{vm}-ram{i}", flags)
+                except OSError as e:
+                    raise FdboxError("UnsupportedType", f"cannot create a {want_type} for ram{i}: {e.strerror}") from None
+                ram_fds.append(fd)
+                try:
+                    os.ftruncate(fd, size)
+                except OSError as e:
+                    raise FdboxError("LimitExceeded", f"cannot size ram{i} to {_mib(size)}: {e.strerror}") from None
+                items.append((f"ram{i}", fd, {"vm": vm}))
+            c.put_many(vm, items)
+            created = [f"ram{i}" for i in range(len(ram))]
+        plan = Plan(argv=[qemu], keep_fds=keep, created=created)
+        for i, (fd, size) in enumerate(zip(ram_fds, ram, strict=True)):
+            keep.append(fd)
+            plan.argv += ["-object", f"memory-backend-file,id=ram{i},size={size},mem-path=/proc/self/fd/{fd},share=on"]
+        plan.argv += ["-m", f"{sum(ram) >> 10}K"]
+        if len(ram) == 1:
+            plan.argv += ["-machine", "memory-backend=ram0"]
+        else:
+            for i in range(len(ram)):
+                plan.argv += ["-numa", f"node,nodeid={i},memdev=ram{i}"]
+        plan.argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+        if DEVSTATE in got:
+            e, fd = got[DEVSTATE]
+            plan.resume_fd = _reopen(fd, os.O_RDONLY)
+            keep.append(plan.resume_fd)
+            plan.runstate = e.get("metadata", {}).get("runstate", "running")
+            plan.argv += ["-incoming", "defer"]
+        plan.argv += list(qemu_args)
+        return plan
+    except BaseException:
+        for fd in ram_fds:
+            os.close(fd)
+        raise
+
+
+def start(vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[str], *,
+          socket_path: str | None, run_dir: str, qemu: str) -> int:
+    """Set up and exec QEMU (does not return unless the exec fails)."""
+    check_box_name(vm)
+    if not ram:
+        raise FdboxError("InvalidRequest", "--ram SIZE is required")
+    ensure_run_dir(run_dir)
+    qmp = qmp_path(run_dir, vm)
+    if qemu_alive(qmp):
+        raise FdboxError("AlreadyExists", f"VM {vm} is already running (QMP at {qmp})", box=vm)
+    try:
+        os.unlink(qmp)  # stale socket of a QEMU that died
+    except FileNotFoundError:
+        pass
+    with Client(socket_path) as c:
+        plan = plan_start(c, vm, ram, hugetlb, qemu_args, qmp, qemu)
+    for fd in plan.keep_fds:
+        os.set_inheritable(fd, True)
+    if plan.resume_fd is not None:
+        _spawn_resumer(vm, qmp, plan, socket_path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp(plan.argv[0], plan.argv)
+    except OSError as e:
+        raise FdboxError("BackendUnavailable", f"cannot run {plan.argv[0]}: {e.strerror}") from None
+    return 127  # pragma: no cover
+
+
+def _spawn_resumer(vm: str, qmp: str, plan: Plan, socket_path: str | None) -> None:
+    """Fork (twice, so QEMU never has to reap it) the process that loads the device state."""
+    qemu_pid = os.getpid()  # exec keeps it
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    code = 1
+    try:
+        if os.fork():
+            os._exit(0)
+        for fd in plan.keep_fds:  # the resumer holds no guest memory
+            if fd != plan.resume_fd:
+                os.close(fd)
+        resume(vm, qmp, plan.resume_fd, plan.runstate, socket_path, qemu_pid)  # type: ignore[arg-type]
+        code = 0
+    except FdboxError as e:
+        print(f"fdbox-qemu: {vm}: resume failed: {e.message}; devstate kept in the box", file=sys.stderr)
+    except BaseException as e:  # noqa: BLE001 - report anything, never return into the exec path
+        print(f"fdbox-qemu: {vm}: resume failed: {e!r}", file=sys.stderr)
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def resume(vm: str, qmp: str, devstate_fd: int, runstate: str, socket_path: str | None, qemu_pid: int,
+           timeout: float = 60.0) -> dict[str, float]:
+    """In the resumer: wait for QEMU's QMP, load the device state, continue, drop devstate."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    while True:
+        try:
+            q = QMPClient(qmp, timeout=timeout)
+            break
+        except FdboxError:
+            try:
+                os.kill(qemu_pid, 0)
+            except ProcessLookupError:
+                raise FdboxError("BackendUnavailable", "QEMU exited before it listened on QMP") from None
+            if time.monotonic() > deadline:
+                raise FdboxError("BackendUnavailable", f"QEMU did not open {qmp} in {timeout:.0f}s") from None
+            time.sleep(0.005)
+    times: dict[str, float] = {}
+    with q:
+        t1 = time.monotonic()
+        _set_migration(q)
+        q.execute("migrate-incoming", {"uri": f"fd:{devstate_fd}"})
+        os.close(devstate_fd)  # QEMU has its own (inherited) copy
+        _wait_migration(q, "load", deadline)
+        while q.execute("query-status")["status"] == "inmigrate":
+            if time.monotonic() > deadline:
+                raise FdboxError("BackendUnavailable", "QEMU loaded the device state but stays in inmigrate")
+            time.sleep(MIGRATE_POLL)
+        if runstate == "running" and q.execute("query-status")["status"] != "running":
+            q.execute("cont")
+        times["load_ms"] = (time.monotonic() - t1) * 1000
+    with Client(socket_path) as c:
+        c.remove(vm, DEVSTATE)
+    times["total_ms"] = (time.monotonic() - t0) * 1000
+    print(f"fdbox-qemu: {vm}: resumed (device state loaded in {times['load_ms']:.1f} ms)", file=sys.stderr)
+    return times
+
+
+def _set_migration(q: QMPClient) -> None:
+    if q.version < MIN_QEMU:
+        raise FdboxError("InvalidRequest", "QEMU %d.%d.%d is too old: fdbox-qemu needs 5.0 or newer" % q.version)
+    q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+    if q.version >= CPR_REBOOT_QEMU:
+        q.execute("migrate-set-parameters", {"mode": "cpr-reboot"})
+
+
+def _wait_migration(q: QMPClient, what: str, deadline: float) -> dict[str, Any]:
+    while True:
+        info = q.execute("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            raise FdboxError("InvalidRequest", f"QEMU's device state {what} {status}: {info.get('error-desc', 'no reason given')}")
+        if time.monotonic() > deadline:
+            raise FdboxError("BackendUnavailable", f"QEMU's device state {what} did not finish (status {status})")
+        time.sleep(MIGRATE_POLL)
+
+
+# ---------------------------------------------------------------------- suspend
+
+
+def suspend(vm: str, *, socket_path: str | None, run_dir: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Save the VM's device state into the box as ``devstate`` and quit QEMU.
+
+    Any failure before QEMU quits continues the guest if it was running: a failed
+    suspend leaves the VM as it was.
+    """
+    check_box_name(vm)
+    qmp = qmp_path(run_dir, vm)
+    if not qemu_alive(qmp):
+        raise FdboxError("NotFound", f"VM {vm} is not running (no QEMU on {qmp})", box=vm)
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    with QMPClient(qmp) as q, Client(socket_path) as c:
+        status = q.execute("query-status")["status"]
+        if status in ("inmigrate", "postmigrate", "finish-migrate"):
+            raise FdboxError("InvalidRequest", f"VM {vm} is {status}: not suspendable now", box=vm)
+        state = _box_state(c, vm)
+        if state is None:
+            raise FdboxError("NotFound", f"no box {vm}: this QEMU was not started by fdbox-qemu", box=vm)
+        if state == "sealed":
+            raise FdboxError("Sealed", f"box {vm} is already sealed", box=vm)
+        entries = {e["name"]: e for e in c.list(vm).get("entries", [])}
+        rams = sorted(n for n in entries if RAM_RE.fullmatch(n))
+        if not rams:
+            raise FdboxError("InvalidRequest", f"box {vm} has no RAM entries", box=vm)
+        for n in rams:  # x-ignore-shared skips only shared RAM: anything else would be copied
+            if q.execute("qom-get", {"path": f"/objects/{n}", "property": "share"}) is not True:
+                raise FdboxError("InvalidRequest", f"QEMU's {n} is not a shared memory backend", box=vm)
+        _set_migration(q)
+        running = status == "running"
+        t_stop = time.monotonic()
+        if running:
+            q.execute("stop")
+        memfd = os.memfd_create(f"{vm}-devstate", os.MFD_CLOEXEC)
+        try:
+            try:
+                t_save = time.monotonic()
+                q.execute("getfd", {"fdname": "fdbox-devstate"}, fds=[memfd])
+                q.execute("migrate", {"uri": "fd:fdbox-devstate"})
+                _wait_migration(q, "save", deadline)
+                t_put = time.monotonic()
+                if DEVSTATE in entries:  # stale: left by a resume that could not remove it
+                    c.remove(vm, DEVSTATE)
+                meta = {"runstate": "running" if running else "paused", "qemu": "%d.%d.%d" % q.version}
+                c.put(vm, DEVSTATE, memfd, meta)
+                t_quit = time.monotonic()
+            except BaseException:
+                if running:
+                    try:
+                        q.execute("cont")
+                    except FdboxError as e:
+                        print(f"fdbox-qemu: {vm}: could not continue the guest after the failed suspend: {e.message}",
+                              file=sys.stderr)
+                raise
+            size = os.fstat(memfd).st_size
+        finally:
+            os.close(memfd)
+        q.execute("quit")
+        q.wait_closed(timeout=max(1.0, deadline - time.monotonic()))
+        t_end = time.monotonic()
+    return {"vm": vm, "devstate_bytes": size, "was": status,
+            "stop_ms": (t_save - t_stop) * 1000, "save_ms": (t_put - t_save) * 1000,
+            "put_ms": (t_quit - t_put) * 1000, "quit_ms": (t_end - t_quit) * 1000,
+            "total_ms": (t_end - t0) * 1000}
+
+
+# ---------------------------------------------------------------------- status
+
+
+def status(vm: str, *, socket_path: str | None, run_dir: str) -> dict[str, Any]:
+    """Box state, entries and QEMU's run state (``not running`` if no QEMU answers)."""
+    check_box_name(vm)
+    qmp = qmp_path(run_dir, vm)
+    out: dict[str, Any] = {"vm": vm, "qmp": qmp, "box": None, "entries": [], "qemu": "not running"}
+    with Client(socket_path) as c:
+        out["box"] = _box_state(c, vm)
+        if out["box"] is not None:
+            out["entries"] = [{"name": e["name"], "type": e["type"], "size": e["size"]}
+                              for e in c.list(vm).get("entries", [])]
+    if qemu_alive(qmp):
+        try:
+            with QMPClient(qmp, timeout=5.0) as q:
+                out["qemu"] = q.execute("query-status")["status"]
+                out["qemu_version"] = "%d.%d.%d" % q.version
+        except FdboxError as e:
+            out["qemu"] = f"unreachable ({e.message})"
+    out["resumable"] = any(e["name"] == DEVSTATE for e in out["entries"]) and out["qemu"] == "not running"
+    if out["box"] is None and out["qemu"] == "not running":
+        raise FdboxError("NotFound", f"no VM {vm}: no box and no QEMU", box=vm)
+    return out
