@@ -169,6 +169,8 @@ class Daemon:
             self.varlink.close()
         # Only the memory backend's references die with the process; the kernel keeps its own.
         self.backend.close()
+        if self.store.manifest is not None:
+            self.store.manifest.close()  # the journal, and a compaction still running
         self.systemd.close()
         log.info("fdboxd stopped")
 

@@ -10,8 +10,11 @@ the rules below hold the same everywhere:
   unseal or delete it; only an entry's owner (or root) may get or remove the entry;
   non-root callers see only their own entries;
 - a sealed box takes no put and no remove;
-- every change is written to the manifest before it is reported done; if that write
-  fails the change is undone and the caller gets ``BackendUnavailable``;
+- every change is recorded in the manifest's journal (one ``write()``, see
+  :mod:`fdboxd.manifest`) before it is reported done; if that write fails the change is
+  undone and the caller gets ``BackendUnavailable``;
+- no request costs more than its own entries: counts are kept as things change, and
+  the manifest is never rewritten whole on the request path;
 - the caller's fds are never closed here: backends take their own references.
 
 The store is single-threaded: the daemon calls it from its one asyncio loop. Long work
@@ -34,7 +37,7 @@ from .backends.memory import MemoryBackend
 from .checksum import DEFAULT_VERIFY, Digest, Verify, check_many, digest_many, planned_bytes, sha256_fd
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdInfo, FdType, detect
-from .manifest import Manifest, ManifestData, decode, encode
+from .manifest import Manifest, ManifestData, Op, box_op, decode, encode, entry_op
 from .model import Box, BoxState, Caller, Entry
 from .names import check_box_name, check_entry_name
 
@@ -132,6 +135,9 @@ class Store:
         self.adopted: list[dict[str, Any]] = []
         self.listeners: list[Listener] = []
         self._sealing: set[str] = set()  # boxes between seal_begin and seal_commit/abort
+        self._n_entries = 0  # kept as entries come and go: Status and limits are O(1)
+        self._n_state: dict[BoxState, int] = {s: 0 for s in BoxState}
+        self._unrecorded: list[Op] = []  # ops of done changes whose journal write failed
         self._reconcile(manifest.load() if manifest else ManifestData())
 
     # ------------------------------------------------------------------ start-up
@@ -176,8 +182,16 @@ class Store:
                     self.adopted.append({"box": name, "name": ename, "type": str(he.type)})
                     log.warning("adopted %s/%s (uid %d) held by the backend but not in the manifest",
                                 name, ename, he.uid)
+        self._recount()
         if self.manifest is not None:
             self._save()
+            self.manifest.open()
+
+    def _recount(self) -> None:
+        self._n_entries = sum(len(b.entries) for b in self.boxes.values())
+        self._n_state = {s: 0 for s in BoxState}
+        for b in self.boxes.values():
+            self._n_state[b.state] += 1
 
     def _take_carried_manifest(self, data: ManifestData, held: dict[str, Any]) -> ManifestData:
         """After kexec: the manifest that crossed with the data wins for restored boxes."""
@@ -242,8 +256,9 @@ class Store:
                 self._drop(b, name)
             except FdboxError:
                 b.entries.pop(name, None)
+                self._n_entries -= 1
         if failed:
-            self._save_or_log()
+            self._record_or_log([["rm", r["box"], r["name"]] for r in failed])
         return failed
 
     def _carry_manifest(self) -> None:
@@ -281,17 +296,13 @@ class Store:
     # ------------------------------------------------------------------ queries
 
     def status(self) -> dict[str, Any]:
-        entries = sum(len(b.entries) for b in self.boxes.values())
-        states = {s: 0 for s in BoxState}
-        for b in self.boxes.values():
-            states[b.state] += 1
         return {
             "backend": self.backend.name,
             "survives_kexec": self.backend.survives_kexec,
             "boxes": len(self.boxes),
-            "entries": entries,
-            "sealed": states[BoxState.SEALED],
-            "restored": states[BoxState.RESTORED],
+            "entries": self._n_entries,
+            "sealed": self._n_state[BoxState.SEALED],
+            "restored": self._n_state[BoxState.RESTORED],
             "state": self.overall_state(),
             "lost": list(self.lost),
             "adopted": list(self.adopted),
@@ -300,10 +311,9 @@ class Store:
 
     def overall_state(self) -> str:
         """One word for the whole store: open, sealed (every non-empty box), restored."""
-        states = {b.state for b in self.boxes.values()}
-        if BoxState.RESTORED in states:
+        if self._n_state[BoxState.RESTORED]:
             return "restored"
-        if states == {BoxState.SEALED}:
+        if self.boxes and self._n_state[BoxState.SEALED] == len(self.boxes):
             return "sealed"
         return "open"
 
@@ -320,7 +330,7 @@ class Store:
         out = []
         for name in sorted(self.boxes):
             b = self.boxes[name]
-            mine = [e for e in b.entries.values() if e.owned_by(caller)]
+            mine = [] if caller.is_root else [e for e in b.entries.values() if e.owned_by(caller)]
             if caller.is_root or mine or self.owners.get(name) == caller.uid:
                 s = b.summary()
                 s["owner"] = self.owners.get(name, 0)
@@ -365,7 +375,7 @@ class Store:
             raise FdboxError(
                 "LimitExceeded", f"at most {self.limits.max_entries_per_box} entries per box", box=box, limit="entries_per_box"
             )
-        if self.entry_count() + len(items) > self.limits.max_entries_total:
+        if self._n_entries + len(items) > self.limits.max_entries_total:
             raise FdboxError("LimitExceeded", f"at most {self.limits.max_entries_total} entries", limit="entries")
 
         extras = [self._net_record(it.fd, info, caller) for it, info in zip(items, infos, strict=True)]
@@ -384,14 +394,17 @@ class Store:
                     metadata=dict(it.metadata), seals=info.seals, extra=extra,
                 )
                 b.entries[it.name] = entry
+                self._n_entries += 1
                 done.append(entry)
-            self._save()
+            ops: list[Op] = [box_op(b, caller.uid)] if created_box else []
+            self._record(ops + [entry_op(e) for e in done])
         except BaseException:
             for entry in done:
                 self._drop(b, entry.name)
             if created_box:
                 self._delete_box_backends(box)
                 del self.boxes[box]
+                self._n_state[BoxState.OPEN] -= 1
                 self.owners.pop(box, None)
             raise
         for entry, it in zip(done, items, strict=False):
@@ -432,7 +445,7 @@ class Store:
         if b.state == BoxState.SEALED or box in self._sealing:
             raise FdboxError("Sealed", f"box {box} is sealed", box=box)
         self._drop(b, name)
-        self._save_or_log()
+        self._record_or_log([["rm", box, name]])
         self._emit(Event("entry-removed", box, entry=entry))
 
     def delete_box(self, caller: Caller, box: str) -> None:
@@ -445,8 +458,10 @@ class Store:
         entries = list(b.entries.values())
         self._delete_box_backends(box)
         del self.boxes[box]
+        self._n_entries -= len(entries)
+        self._n_state[b.state] -= 1
         self.owners.pop(box, None)
-        self._save_or_log()
+        self._record_or_log([["rmbox", box]])
         for e in entries:
             self._emit(Event("entry-removed", box, entry=e))
 
@@ -518,20 +533,20 @@ class Store:
             for name in plan.boxes:
                 for e in self.boxes[name].entries.values():
                     if e.type == FdType.TAP and "net" in e.extra:
-                        e.extra["recreate"] = True  # held, not carried: fdboxd.net recreates it
+                        e.extra = {**e.extra, "recreate": True}  # held, not carried: fdboxd.net recreates it
             sealed: list[str] = []
             try:
                 for name in plan.boxes:
                     self.backend.seal(name)
-                    self.boxes[name].state = BoxState.SEALED
+                    self._set_state(self.boxes[name], BoxState.SEALED)
                     sealed.append(name)
-                self._save()
+                self._record(self._box_ops(sealed))
                 self._carry_manifest()
             except BaseException:
                 for name in sealed:
                     self.backend.unseal(name)
-                    self.boxes[name].state = BoxState.OPEN
-                self._save_or_log()
+                    self._set_state(self.boxes[name], BoxState.OPEN)
+                self._record_or_log(self._box_ops(sealed))
                 raise
         finally:
             self.seal_abort(plan)
@@ -550,8 +565,8 @@ class Store:
         if b.state != BoxState.SEALED:
             raise FdboxError("NotSealed", f"box {box} is {b.state}", box=box, state=str(b.state))
         self.backend.unseal(box)
-        b.state = BoxState.OPEN
-        self._save_or_log()
+        self._set_state(b, BoxState.OPEN)
+        self._record_or_log([box_op(b, self.owners.get(box, 0))])
         try:
             self._carry_manifest()
         except FdboxError:
@@ -568,13 +583,15 @@ class Store:
             if b.state != BoxState.RESTORED:
                 raise FdboxError("InvalidRequest", f"box {b.name} is {b.state}, not restored", box=b.name)
         done = []
+        ops: list[Op] = []
         for b in targets:
             for e in [e for e in b.entries.values() if not e.claimed]:
                 self._drop(b, e.name)
+                ops.append(["rm", b.name, e.name])
                 self._emit(Event("entry-removed", b.name, entry=e))
             self._reopen(b)
             done.append(b.name)
-        self._save_or_log()
+        self._record_or_log(ops + self._box_ops(done))
         return done
 
     def owned_box(self, caller: Caller, box: str) -> Box:
@@ -604,7 +621,7 @@ class Store:
     # ------------------------------------------------------------------ helpers
 
     def entry_count(self) -> int:
-        return sum(len(b.entries) for b in self.boxes.values())
+        return self._n_entries
 
     def subscribe(self, listener: Listener) -> None:
         self.listeners.append(listener)
@@ -670,6 +687,12 @@ class Store:
         if self.side is not self.backend:
             self.side.create_box(box)
         self.boxes[box] = Box(box)
+        self._n_state[BoxState.OPEN] += 1
+
+    def _set_state(self, b: Box, state: BoxState) -> None:
+        self._n_state[b.state] -= 1
+        self._n_state[state] += 1
+        b.state = state
 
     def _delete_box_backends(self, box: str) -> None:
         self.backend.delete_box(box)
@@ -678,6 +701,7 @@ class Store:
 
     def _drop(self, b: Box, name: str) -> None:
         entry = b.entries.pop(name)
+        self._n_entries -= 1
         if entry.extra.get("recreate") and entry.type not in MEMORY_TYPES:
             try:
                 self.side.remove(b.name, name)
@@ -693,17 +717,47 @@ class Store:
             e.claimed = True
         if all(e.claimed for e in b.entries.values()):
             self._reopen(b)
-        self._save_or_log()
+            self._record_or_log(self._box_ops([b.name]))
+        else:
+            self._record_or_log([entry_op(e) for e in entries])
 
     def _reopen(self, b: Box) -> None:
         self.backend.finish(b.name)
-        b.state = BoxState.OPEN
+        self._set_state(b, BoxState.OPEN)
         for e in b.entries.values():
             e.claimed = False
         self._emit(Event("state-changed", b.name, state=BoxState.OPEN))
 
     def _manifest_data(self) -> ManifestData:
         return ManifestData(boxes=self.boxes, owners=self.owners, generation=self.generation)
+
+    def _box_ops(self, names: Iterable[str]) -> list[Op]:
+        """Journal ops that restate whole boxes (after a seal, a finish: O(those boxes))."""
+        ops: list[Op] = []
+        for name in names:
+            b = self.boxes[name]
+            ops.append(box_op(b, self.owners.get(name, 0)))
+            ops.extend(entry_op(e) for e in b.entries.values())
+        return ops
+
+    def _record(self, ops: list[Op]) -> None:
+        """Journal one change before it is reported done (see :mod:`fdboxd.manifest`)."""
+        if self.manifest is None or not ops:
+            return
+        try:
+            self.manifest.append(self.generation + 1, self._unrecorded + ops)
+        except OSError as e:
+            raise FdboxError("BackendUnavailable", f"cannot write the manifest journal: {e.strerror}") from e
+        self._unrecorded = []
+        self.generation += 1
+
+    def _record_or_log(self, ops: list[Op]) -> None:
+        """Journal a change that already happened in the backend and cannot be undone."""
+        try:
+            self._record(ops)
+        except FdboxError:
+            self._unrecorded.extend(ops)
+            log.exception("manifest journal write failed; the next successful write will include this change")
 
     def _save(self) -> None:
         if self.manifest is None:
@@ -714,13 +768,6 @@ class Store:
         except OSError as e:
             raise FdboxError("BackendUnavailable", f"cannot write the manifest: {e.strerror}") from e
         self.generation = data.generation
-
-    def _save_or_log(self) -> None:
-        """Save after a change that already happened in the backend and cannot be undone."""
-        try:
-            self._save()
-        except FdboxError:
-            log.exception("manifest write failed; the next successful write will include this change")
 
 
 def _read_fd(fd: int) -> bytes:

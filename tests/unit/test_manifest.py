@@ -1,4 +1,4 @@
-"""manifest.json: encode/decode round trip, schema checks, atomic replacement."""
+"""manifest.json: encode/decode round trip, schema checks, atomic replacement; the journal."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 
 from fdboxd.errors import FdboxError
 from fdboxd.fdtypes import FdType
-from fdboxd.manifest import FILENAME, SCHEMA, Manifest, ManifestData, decode, encode
+from fdboxd import manifest as manifest_mod
+from fdboxd.manifest import FILENAME, JOURNAL, OLD_JOURNAL, SCHEMA, Manifest, ManifestData, box_op, decode, encode, entry_op
 from fdboxd.model import Box, BoxState, Entry
 
 
@@ -116,3 +117,103 @@ def test_failed_rename_leaves_no_temp_file(tmp_path):
     with pytest.raises(OSError):
         m.save(sample())
     assert sorted(os.listdir(tmp_path)) == [FILENAME]
+
+
+# ---------------------------------------------------------------- the journal
+
+
+def _entry(box: str, name: str, **kw) -> Entry:  # type: ignore[no-untyped-def]
+    return Entry(box, name, FdType.MEMFD, 4096, 1000, 1000, created=1.0, **kw)
+
+
+def test_journal_replays_over_the_snapshot(tmp_path):
+    m = Manifest(tmp_path)
+    m.save(sample())
+    vm2 = Box("vm2", created=3.0)
+    m.append(9, [box_op(vm2, 1000), entry_op(_entry("vm2", "a", metadata={"slot": "1"}))])
+    m.append(10, [entry_op(_entry("vm2", "b"))])
+    m.append(11, [["rm", "vm2", "a"], ["rm", "vm1", "ram1"]])
+    m.append(12, [["rmbox", "empty"]])
+    m.close()
+    back = Manifest(tmp_path).load()
+    assert back.generation == 12
+    assert set(back.boxes) == {"vm1", "vm2"}
+    assert set(back.boxes["vm2"].entries) == {"b"} and back.owners["vm2"] == 1000
+    assert set(back.boxes["vm1"].entries) == {"ram0"}
+    assert json.loads((tmp_path / FILENAME).read_bytes())["generation"] == 8  # the snapshot is untouched
+
+
+def test_save_folds_the_journal_away(tmp_path):
+    m = Manifest(tmp_path)
+    m.append(1, [box_op(Box("vm", created=1.0), 0), entry_op(_entry("vm", "a"))])
+    data = m.load()
+    m.save(data)
+    assert sorted(os.listdir(tmp_path)) == [FILENAME]
+    assert set(Manifest(tmp_path).load().boxes["vm"].entries) == {"a"}
+
+
+def test_torn_last_line_is_ignored_not_fatal(tmp_path):
+    m = Manifest(tmp_path)
+    m.append(1, [box_op(Box("vm", created=1.0), 0), entry_op(_entry("vm", "a"))])
+    m.append(2, [entry_op(_entry("vm", "b"))])
+    m.close()
+    whole = (tmp_path / JOURNAL).read_bytes()
+    line = json.dumps({"g": 3, "ops": [["rm", "vm", "a"]]}).encode()
+    (tmp_path / JOURNAL).write_bytes(whole + line[: len(line) // 2])  # a write cut short
+    back = Manifest(tmp_path).load()
+    assert set(back.boxes["vm"].entries) == {"a", "b"} and back.generation == 2
+    # and the next append after a torn line starts on a line of its own
+    (tmp_path / JOURNAL).write_bytes(whole + b"garbage{\n")
+    m2 = Manifest(tmp_path)
+    m2.append(4, [["rm", "vm", "b"]])
+    m2.close()
+    assert set(Manifest(tmp_path).load().boxes["vm"].entries) == {"a"}
+
+
+def test_replaying_a_journal_twice_is_harmless(tmp_path):
+    """A compaction that renamed its snapshot but died before deleting the old journal."""
+    m = Manifest(tmp_path)
+    m.save(ManifestData())
+    ops = [[box_op(Box("vm", created=1.0), 0), entry_op(_entry("vm", "a"))], [["rm", "vm", "a"]],
+           [entry_op(_entry("vm", "b"))], [["rmbox", "vm"]], [box_op(Box("vm", created=2.0), 7)],
+           [entry_op(_entry("vm", "c"))]]
+    for g, o in enumerate(ops, 1):
+        m.append(g, o)
+    m.close()
+    once = m.load()
+    os.rename(tmp_path / JOURNAL, tmp_path / OLD_JOURNAL)
+    manifest_mod.compact(tmp_path)
+    assert not (tmp_path / OLD_JOURNAL).exists()
+    for g, o in enumerate(ops, 1):  # the same journal again, over a snapshot that has it
+        m.append(g, o)
+    m.close()
+    twice = Manifest(tmp_path).load()
+    assert encode(once).split(b'"written"')[0] == encode(twice).split(b'"written"')[0]
+    assert set(twice.boxes["vm"].entries) == {"c"} and twice.owners["vm"] == 7
+
+
+def test_journal_is_compacted_in_a_child_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest_mod, "COMPACT_MIN", 4096)
+    m = Manifest(tmp_path)
+    m.save(ManifestData())
+    m.append(1, [box_op(Box("vm", created=1.0), 0)])
+    for i in range(200):
+        m.append(2 + i, [entry_op(_entry("vm", f"e{i}", metadata={"pad": "x" * 64}))])
+    m.close()  # waits for the compaction
+    assert not (tmp_path / OLD_JOURNAL).exists()
+    snap = decode((tmp_path / FILENAME).read_bytes())
+    assert len(snap.boxes["vm"].entries) > 20  # the rotated part is in the snapshot now
+    assert len(Manifest(tmp_path).load().boxes["vm"].entries) == 200
+    journal = (tmp_path / JOURNAL).read_bytes()
+    assert b'"e0"' not in journal and b'"e199"' in journal  # the journal holds only what came after
+
+
+def test_failed_append_leaves_no_half_line(tmp_path):
+    m = Manifest(tmp_path)
+    m.append(1, [box_op(Box("vm", created=1.0), 0)])
+    (tmp_path / FILENAME).mkdir()  # the snapshot could not be replaced: refuse the change
+    with pytest.raises(OSError):
+        m.append(2, [entry_op(_entry("vm", "a"))])
+    (tmp_path / FILENAME).rmdir()
+    m.close()
+    assert (tmp_path / JOURNAL).read_bytes().count(b"\n") == 1
