@@ -22,7 +22,7 @@ from typing import Any
 
 from . import paths
 from .errors import ERROR_NAMES, FdboxError
-from .varlink.protocol import Framer, close_fds, recv_into, send_message
+from .varlink.protocol import MAX_REPLY_SIZE, Framer, close_fds, recv_into, send_message
 from .varlink import INTERFACE
 
 Entry = dict[str, Any]
@@ -49,7 +49,7 @@ class Client:
         except OSError as e:
             self.sock.close()
             raise FdboxError("BackendUnavailable", f"cannot connect to fdboxd at {self.path}: {e.strerror}") from e
-        self.framer = Framer()
+        self.framer = Framer(MAX_REPLY_SIZE)
 
     def __enter__(self) -> Client:
         return self

@@ -23,6 +23,7 @@ import fcntl
 import os
 import stat
 import struct
+from typing import Any
 from dataclasses import dataclass
 
 TMPFS_MAGIC = 0x01021994
@@ -78,15 +79,21 @@ def _fd_link(fd: int) -> str:
         return ""
 
 
+_STATFS: Any = None  # (fstatfs, create_string_buffer), looked up once
+
+
 def _fs_magic(fd: int) -> int | None:
     """f_type of the file system under fd (os has no fstatfs, so ask libc)."""
-    import ctypes
+    global _STATFS
+    if _STATFS is None:
+        import ctypes
 
-    buf = ctypes.create_string_buffer(120)  # struct statfs is 120 bytes on x86_64
-    libc = _libc()
-    if libc.fstatfs(fd, buf) != 0:
+        _STATFS = (_libc().fstatfs, ctypes.create_string_buffer)
+    fstatfs, make_buffer = _STATFS
+    buf = make_buffer(120)  # struct statfs is 120 bytes on x86_64; one per call: thread-safe
+    if fstatfs(fd, buf) != 0:
         return None
-    return struct.unpack_from("l", buf.raw, 0)[0] & 0xFFFFFFFF
+    return struct.unpack_from("l", buf, 0)[0] & 0xFFFFFFFF
 
 
 _LIBC = None

@@ -27,6 +27,9 @@ from typing import Any
 #: Linux refuses more than SCM_MAX_FD (253) fds in one SCM_RIGHTS message.
 MAX_FDS_PER_MESSAGE = 253
 MAX_MESSAGE_SIZE = 1 << 20
+#: What a client accepts in one reply: the daemon is trusted, and a List of 100,000
+#: entries is some 30 MiB of JSON.
+MAX_REPLY_SIZE = 256 << 20
 RECV_CHUNK = 64 << 10
 _FD_SIZE = array.array("i").itemsize
 CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)

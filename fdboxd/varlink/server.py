@@ -54,6 +54,7 @@ class Connection:
         self.out: deque[tuple[memoryview, list[int]]] = deque()
         self.out_bytes = 0
         self.reading = False
+        self.writing = False  # a writer is registered: replies wait for room
         self.closed = False
         self.eof = False
         self.task: asyncio.Future[Any] | None = None
@@ -162,7 +163,7 @@ class Connection:
         if oneway:
             close_fds(reply.fds)
             return
-        self._queue(encode({"parameters": reply.params}), reply.fds)
+        self._queue(reply.raw if reply.raw is not None else encode({"parameters": reply.params}), reply.fds)
 
     def _reply_error(self, error: str, params: dict[str, Any], oneway: bool) -> None:
         if not oneway:
@@ -202,9 +203,13 @@ class Connection:
             self.out.popleft()
         loop = self.server.loop
         if self.out:
-            loop.add_writer(self.sock.fileno(), self._flush)
+            if not self.writing:
+                loop.add_writer(self.sock.fileno(), self._flush)
+                self.writing = True
         else:
-            loop.remove_writer(self.sock.fileno())
+            if self.writing:  # the usual reply went out whole: no selector call at all
+                loop.remove_writer(self.sock.fileno())
+                self.writing = False
             if self.eof and self.task is None and not self.framer.has_frames:
                 self.close()
                 return
@@ -217,7 +222,9 @@ class Connection:
         # A running task (a seal) is left to finish: stopping it half-way would only
         # leave work to undo. Its reply is dropped, its fds closed by its callback.
         self._pause_reading()
-        self.server.loop.remove_writer(self.sock.fileno())
+        if self.writing:
+            self.server.loop.remove_writer(self.sock.fileno())
+            self.writing = False
         self.closed = True
         self.framer.close()
         while self.out:
