@@ -526,10 +526,10 @@ class Store:
                     raise FdboxError("InvalidRequest", f"{item.box}/{item.name} was not checksummed")
                 entry = self.boxes[item.box].entries[item.name]
                 entry.size, entry.sha256 = item.digest.size, item.digest.sha256
+                extra = {k: v for k, v in entry.extra.items() if k != "sample"}
                 if item.digest.sample is not None:
-                    entry.extra["sample"] = item.digest.sample
-                else:
-                    entry.extra.pop("sample", None)
+                    extra["sample"] = item.digest.sample
+                entry.extra = extra  # assigned, not changed in place: see Entry.wire()
             for name in plan.boxes:
                 for e in self.boxes[name].entries.values():
                     if e.type == FdType.TAP and "net" in e.extra:
