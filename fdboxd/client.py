@@ -155,6 +155,11 @@ class Client:
                 return (reply.get("parameters") or {})["sealed"]
             progress((reply.get("parameters") or {}).get("progress", {}))
 
+    def restore_into(self, box: str, name: str, fd: int) -> Entry:
+        """Have fdboxd fill your new guest_memfd ``fd`` with the carried bytes of box/name."""
+        reply, _ = self.call("RestoreInto", {"box": box, "name": name, "fd": 0}, [fd])
+        return reply["entry"]
+
     def unseal(self, box: str) -> None:
         self.call("Unseal", {"box": box})
 

@@ -151,6 +151,13 @@ class Manager(ServiceInterface):
         return await seal_in_worker(self.store, self.caller(), box or None)
 
     @dbus_method()
+    async def RestoreInto(self, box: "s", name: "s", fd: "h"):  # noqa: F821, N802
+        """Fill the caller's new guest_memfd ``fd`` from box/name's carried copy (see fdboxd.gmem)."""
+        from . import gmem
+
+        await gmem.restore_into_in_worker(self.store, self.caller(), box, name, fd)
+
+    @dbus_method()
     def Unseal(self, box: "s"):  # noqa: F821, N802
         self.store.unseal(self.caller(), box)
 

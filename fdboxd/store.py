@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import gmem
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .checksum import DEFAULT_VERIFY, Digest, Verify, check_many, digest_many, planned_bytes, sha256_fd
@@ -81,6 +82,15 @@ class SealItem:
     name: str
     fd: int  # owned by the plan
     digest: Digest | None = None  # filled by whoever checksums (fdboxd.checksum)
+    type: FdType = FdType.MEMFD
+    #: guest_memfd: the memfd copy that is carried and checksummed instead (owned by the
+    #: plan), made by :meth:`SealPlan.copy_guest_memfds`; see fdboxd.gmem
+    copy: int = -1
+
+    @property
+    def source(self) -> int:
+        """The file whose bytes are sealed: the entry's own, or its carried copy."""
+        return self.copy if self.copy >= 0 else self.fd
 
 
 @dataclass
@@ -90,11 +100,20 @@ class SealPlan:
     boxes: list[str]
     items: list[SealItem] = field(default_factory=list)
 
+    def copy_guest_memfds(self) -> None:
+        """Copy each guest_memfd into the memfd that is carried instead (slow: a worker runs it)."""
+        for item in self.items:
+            if item.type == FdType.GUEST_MEMFD and item.copy < 0:
+                item.copy = gmem.copy_out(item.fd, f"{item.box}/{item.name}")
+
     def close(self) -> None:
         for item in self.items:
             if item.fd >= 0:
                 os.close(item.fd)
                 item.fd = -1
+            if item.copy >= 0:
+                os.close(item.copy)
+                item.copy = -1
 
 
 @dataclass(frozen=True)
@@ -160,6 +179,8 @@ class Store:
                     continue
                 if entry.extra.get("recreate"):
                     continue  # e.g. a tap to be recreated after kexec (fdboxd.net)
+                if hbox is not None and gmem.is_carried(entry) and gmem.carry_name(ename) in hbox.entries:
+                    continue  # a guest_memfd carried as a copy (fdboxd.gmem): RestoreInto
                 del box.entries[ename]
                 self.lost.append({"box": name, "name": ename, "type": str(entry.type)})
                 log.warning("entry %s/%s is in the manifest but no backend holds it", name, ename)
@@ -177,7 +198,7 @@ class Store:
                 uids = {he.uid for he in hbox.entries.values()}
                 self.owners[name] = uids.pop() if len(uids) == 1 else 0
             for ename, he in hbox.entries.items():
-                if ename not in box.entries:
+                if ename not in box.entries and not gmem.is_carry_name(ename):
                     box.entries[ename] = Entry(name, ename, he.type, he.size, he.uid, he.gid)
                     self.adopted.append({"box": name, "name": ename, "type": str(he.type)})
                     log.warning("adopted %s/%s (uid %d) held by the backend but not in the manifest",
@@ -231,6 +252,8 @@ class Store:
                 if (e.type not in MEMORY_TYPES or self.verify == Verify.NONE
                         or (e.sha256 is None and "sample" not in e.extra)):
                     continue  # nothing to check against (getting it would restore it early)
+                if gmem.is_carried(e):
+                    continue  # a carried guest_memfd's copy is checked by RestoreInto, before it copies
                 try:
                     todo.append((b, e, self._backend_for(e.type).get(b.name, e.name)))
                 except (FdboxError, OSError) as err:
@@ -350,6 +373,10 @@ class Store:
         check_box_name(box)
         if box == CARRY_BOX:
             raise FdboxError("InvalidName", f"box name {box} is reserved for fdboxd", box=box)
+        for it in items:
+            if isinstance(it.name, str) and gmem.is_carry_name(it.name):
+                raise FdboxError("InvalidName", f"entry names starting with {gmem.CARRY_PREFIX} are reserved for fdboxd",
+                                 box=box, name=it.name)
         if not items:
             raise FdboxError("InvalidRequest", "no entries to put", box=box)
         names = [check_entry_name(it.name) for it in items]
@@ -378,7 +405,7 @@ class Store:
         if self._n_entries + len(items) > self.limits.max_entries_total:
             raise FdboxError("LimitExceeded", f"at most {self.limits.max_entries_total} entries", limit="entries")
 
-        extras = [self._net_record(it.fd, info, caller) for it, info in zip(items, infos, strict=True)]
+        extras = [self._type_record(it.fd, info, caller) for it, info in zip(items, infos, strict=True)]
 
         created_box = b is None
         if created_box:
@@ -416,7 +443,7 @@ class Store:
         entry = self._entry(box, name)
         if not entry.owned_by(caller):
             raise FdboxError("PermissionDenied", f"{box}/{name} belongs to another user", box=box, name=name)
-        fd = self._backend_for(entry.type).get(box, name)
+        fd = self._get_fd(self.boxes[box], entry)
         self._claim(self.boxes[box], [entry])
         return entry, fd
 
@@ -429,7 +456,7 @@ class Store:
         out: list[tuple[Entry, int]] = []
         try:
             for e in mine:
-                out.append((e, self._backend_for(e.type).get(box, e.name)))
+                out.append((e, self._get_fd(b, e)))
         except BaseException:
             for _, fd in out:
                 os.close(fd)
@@ -474,7 +501,8 @@ class Store:
         """
         plan = self.seal_begin(caller, box)
         try:
-            for item, d in zip(plan.items, digest_many([i.fd for i in plan.items], self.verify)):
+            plan.copy_guest_memfds()
+            for item, d in zip(plan.items, digest_many([i.source for i in plan.items], self.verify)):
                 item.digest = d
         except BaseException:
             self.seal_abort(plan)
@@ -503,7 +531,14 @@ class Store:
             for e in b.entries.values():
                 if e.type not in self.allowed_types:
                     raise FdboxError("UnsupportedType", f"{b.name}/{e.name} is {e.type}", box=b.name, name=e.name)
-                if e.type in MEMORY_TYPES and not self.backend.accepts(e.type):
+                if e.type == FdType.GUEST_MEMFD:
+                    refusal = gmem.seal_refusal(b.name, e)
+                    if refusal is not None:
+                        raise refusal
+                    if not self.backend.accepts(FdType.MEMFD):
+                        raise FdboxError("UnsupportedType", f"the {self.backend.name} backend cannot carry memfd, "
+                                         "which a guest_memfd is carried as", box=b.name, name=e.name, type=str(e.type))
+                elif e.type in MEMORY_TYPES and not self.backend.accepts(e.type):
                     raise FdboxError("UnsupportedType", f"the {self.backend.name} backend cannot carry {e.type}",
                                      box=b.name, name=e.name, type=str(e.type))
         plan = SealPlan([b.name for b in targets])
@@ -511,7 +546,8 @@ class Store:
             for b in targets:
                 for e in sorted(b.entries.values(), key=lambda e: e.name):
                     if e.type in MEMORY_TYPES:
-                        plan.items.append(SealItem(b.name, e.name, self._backend_for(e.type).get(b.name, e.name)))
+                        plan.items.append(SealItem(b.name, e.name, self._backend_for(e.type).get(b.name, e.name),
+                                                   type=e.type))
         except BaseException:
             plan.close()
             raise
@@ -535,7 +571,13 @@ class Store:
                     if e.type == FdType.TAP and "net" in e.extra:
                         e.extra = {**e.extra, "recreate": True}  # held, not carried: fdboxd.net recreates it
             sealed: list[str] = []
+            carried: list[SealItem] = []
             try:
+                for item in plan.items:  # guest_memfd copies are sealed with their box
+                    if item.copy >= 0:
+                        self.backend.put(item.box, gmem.carry_name(item.name), item.copy, detect(item.copy))
+                        carried.append(item)
+                        gmem.set_carried(self.boxes[item.box].entries[item.name], True)
                 for name in plan.boxes:
                     self.backend.seal(name)
                     self._set_state(self.boxes[name], BoxState.SEALED)
@@ -546,6 +588,8 @@ class Store:
                 for name in sealed:
                     self.backend.unseal(name)
                     self._set_state(self.boxes[name], BoxState.OPEN)
+                for item in carried:
+                    self._drop_copy(item.box, self.boxes[item.box].entries[item.name])
                 self._record_or_log(self._box_ops(sealed))
                 raise
         finally:
@@ -566,7 +610,10 @@ class Store:
             raise FdboxError("NotSealed", f"box {box} is {b.state}", box=box, state=str(b.state))
         self.backend.unseal(box)
         self._set_state(b, BoxState.OPEN)
-        self._record_or_log([box_op(b, self.owners.get(box, 0))])
+        for e in b.entries.values():
+            if gmem.is_carried(e):
+                self._drop_copy(box, e)
+        self._record_or_log(self._box_ops([box]))
         try:
             self._carry_manifest()
         except FdboxError:
@@ -661,8 +708,10 @@ class Store:
             raise FdboxError("UnsupportedType", f"files of type {info.type} are not accepted", type=str(info.type))
         return info
 
-    def _net_record(self, fd: int, info: FdInfo, caller: Caller) -> dict[str, Any]:
-        """A tap's interface record (``extra["net"]``); pyroute2 is imported only here."""
+    def _type_record(self, fd: int, info: FdInfo, caller: Caller) -> dict[str, Any]:
+        """What a type records at put (``Entry.extra``): a tap's interface, a guest_memfd's access."""
+        if info.type == FdType.GUEST_MEMFD:
+            return gmem.record(fd, info)
         if info.type != FdType.TAP:
             return {}
         from . import net
@@ -702,6 +751,10 @@ class Store:
     def _drop(self, b: Box, name: str) -> None:
         entry = b.entries.pop(name)
         self._n_entries -= 1
+        if gmem.is_carried(entry):
+            self._drop_copy(b.name, entry)
+            if b.state == BoxState.RESTORED:
+                return  # the guest_memfd itself died with the old kernel
         if entry.extra.get("recreate") and entry.type not in MEMORY_TYPES:
             try:
                 self.side.remove(b.name, name)
@@ -709,6 +762,26 @@ class Store:
                 pass  # recorded for recreation only, nothing held
             return
         self._backend_for(entry.type).remove(b.name, name)
+
+    def _get_fd(self, b: Box, entry: Entry) -> int:
+        """A new fd for the file an entry holds (refusing a guest_memfd known only by its copy)."""
+        if b.state == BoxState.RESTORED and gmem.is_carried(entry):
+            raise FdboxError(
+                "InvalidRequest",
+                f"{b.name}/{entry.name} is a guest_memfd carried across the live update as a copy: create a "
+                f"new guest_memfd of {entry.size} bytes (GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED) "
+                "and call RestoreInto",
+                box=b.name, name=entry.name,
+            )
+        return self._backend_for(entry.type).get(b.name, entry.name)
+
+    def _drop_copy(self, box: str, entry: Entry) -> None:
+        """Release a guest_memfd's carried copy (fdboxd.gmem); it may be gone already."""
+        gmem.set_carried(entry, False)
+        try:
+            self.backend.remove(box, gmem.carry_name(entry.name))
+        except FdboxError:
+            pass
 
     def _claim(self, b: Box, entries: list[Entry]) -> None:
         if b.state != BoxState.RESTORED:
@@ -798,7 +871,9 @@ async def seal_in_worker(
     plan = store.seal_begin(caller, box)
     try:
         loop = asyncio.get_running_loop()
-        total = sum(planned_bytes(os.fstat(i.fd).st_size, store.verify) for i in plan.items)
+        # guest_memfd first: its copy is what is checksummed and carried (fdboxd.gmem).
+        await loop.run_in_executor(None, plan.copy_guest_memfds)
+        total = sum(planned_bytes(os.fstat(i.source).st_size, store.verify) for i in plan.items)
         done = 0
 
         def report(i: int, n: int) -> None:  # worker thread, under digest_many's lock
@@ -808,7 +883,7 @@ async def seal_in_worker(
                 loop.call_soon_threadsafe(progress, plan.items[i], min(done, total), total)
 
         digests = await loop.run_in_executor(
-            None, digest_many, [i.fd for i in plan.items], store.verify, report)
+            None, digest_many, [i.source for i in plan.items], store.verify, report)
         for item, d in zip(plan.items, digests):
             item.digest = d
         if progress is not None and plan.items and done < total:

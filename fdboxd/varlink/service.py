@@ -220,6 +220,14 @@ class StoreService:
 
         return Reply({"sealed": await seal_in_worker(self.store, call.caller, call.opt_str("box"), progress)})
 
+    async def do_RestoreInto(self, call: Call) -> Reply:
+        """Fill the caller's new guest_memfd from a carried copy (fdboxd.gmem); copying in a worker."""
+        from .. import gmem
+
+        entry = await gmem.restore_into_in_worker(
+            self.store, call.caller, call.str("box"), call.str("name"), call.fd(call.params.get("fd")))
+        return Reply({"entry": entry.to_dict()})
+
     def do_Unseal(self, call: Call) -> Reply:
         self.store.unseal(call.caller, call.str("box"))
         return Reply()
@@ -262,6 +270,7 @@ _SIGNATURES: dict[str, frozenset[str]] = {
     "DeleteBox": frozenset({"box"}),
     "Seal": frozenset({"box"}),
     "Unseal": frozenset({"box"}),
+    "RestoreInto": frozenset({"box", "name", "fd"}),
     "Finish": frozenset({"box"}),
     "NetRestore": frozenset({"box"}),
     "Status": frozenset(),

@@ -15,6 +15,7 @@ import pytest
 from fdboxd.backends.base import BackendBox, BackendEntry
 from fdboxd.backends.memory import MemoryBackend
 from fdboxd.errors import FdboxError
+from fdboxd.fdtypes import FdType
 from fdboxd.manifest import Manifest
 from fdboxd.model import BoxState, Caller
 from fdboxd.store import CARRY_BOX, Store, file_digest
@@ -35,6 +36,8 @@ class KexecBackend(MemoryBackend):
                 continue  # open boxes die with the old kernel
             nxt._boxes[name] = BackendBox(name, BoxState.RESTORED)
             for ename, e in box.entries.items():
+                if e.type == FdType.GUEST_MEMFD:
+                    continue  # bound to a VM of the old kernel: gone (its memfd copy crosses)
                 old = self.peek(name, ename)
                 fd = os.memfd_create(ename, os.MFD_ALLOW_SEALING)
                 size = os.fstat(old).st_size

@@ -1,0 +1,332 @@
+"""guest_memfd through a live update: held as is, carried as a copy, restored into a new one.
+
+A guest_memfd (``KVM_CREATE_GUEST_MEMFD``, ``anon_inode:[kvm-gmem]``) is bound to the
+KVM VM that created it. fdbox holds it like any fd, so a VMM that restarts gets the
+*same* file back with ``Get`` (while the daemon runs, or under systemd's fdstore across
+a daemon restart). No kernel carries one across kexec yet (LUO's guest_memfd
+preservation is an RFC), and a restarted VMM needs a guest_memfd of its *own new* VM
+anyway. So:
+
+- **Seal** copies a *shared* guest_memfd (created with ``GUEST_MEMFD_FLAG_MMAP |
+  GUEST_MEMFD_FLAG_INIT_SHARED``: the host can map and read it) into a memfd, and puts
+  that memfd into the same box under a reserved name (:func:`carry_name`), so it is
+  sealed with the box by whatever backend carries memfds (the kernel module with KHO;
+  the memory backend too, where nothing crosses a kexec but the path is the same). The
+  seal's checksum (fdboxd.checksum, ``--verify``) is taken of the copy. The original
+  stays held until the box is unsealed or the old kernel goes away; ``Unseal`` drops
+  the copy.
+- A **private** guest_memfd (flags 0: ``mmap`` fails with ``ENODEV``; or ``MMAP``
+  without ``INIT_SHARED``: every access faults) cannot be read by the host, so it cannot
+  be carried: ``Seal`` refuses the whole seal with ``UnsupportedType`` saying so, before
+  anything changed.
+- After kexec (the box is ``restored``), the VMM creates its new guest_memfd of the same
+  size with ``MMAP | INIT_SHARED`` and calls ``RestoreInto(box, name, fd)``: fdboxd
+  checks the carried copy against the seal's checksum (a copy that fails is refused and
+  reported lost; the target is not written), copies it into the new guest_memfd, and
+  from then on holds that new guest_memfd as the entry (claimed, like a ``Get``). On a
+  ``sealed`` box (no kexec happened) ``RestoreInto`` fills the target the same way and
+  changes nothing in the box: a rehearsal of the restore.
+
+How bytes move. guest_memfd has no ``read``/``write`` (``ESPIPE``), so both directions
+go through a mapping of it — but never by touching the mapping from Python: a page the
+host may not access (private memory) raises ``SIGBUS``, which would kill the daemon. The
+*kernel* copies instead: ``pwrite(copy, <guest_memfd mapping>)`` at seal and
+``preadv(copy, [<guest_memfd mapping>])`` at restore, where such a page is a plain
+``EFAULT``, reported as ``UnsupportedType``. Chunks are large (:data:`CHUNK`) and the
+callers run this in a worker thread: it is on the live update's blackout path.
+Checksums are only ever taken of the memfd side, a file fdboxd made, read with ``pread``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import mmap
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .checksum import Digest, check_fd
+from .errors import FdboxError
+from .fdtypes import FdInfo, FdType, detect
+from .model import BoxState, Caller, Entry
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger("fdboxd.gmem")
+
+#: Bytes per copy/checksum step.
+CHUNK = 64 << 20
+
+#: Entry names starting with this are reserved: the box's carried copies live there.
+CARRY_PREFIX = "fdboxd.gmem."
+
+#: The key in ``Entry.extra`` (shown by List): ``{"shared": bool, "carried": bool}``.
+EXTRA = "guest_memfd"
+
+
+def carry_name(name: str) -> str:
+    """The reserved entry name of ``name``'s carried copy (fits the 255-character limit)."""
+    full = CARRY_PREFIX + name
+    if len(full) <= 255:
+        return full
+    return CARRY_PREFIX + "h" + hashlib.sha256(name.encode()).hexdigest()
+
+
+def is_carry_name(name: str) -> bool:
+    return name.startswith(CARRY_PREFIX)
+
+
+def record(fd: int, info: FdInfo) -> dict[str, Any]:
+    """``Entry.extra`` at put: whether the host can read this guest_memfd (see module doc)."""
+    return {EXTRA: {"shared": is_shared(fd, info.size)}}
+
+
+def is_shared(fd: int, size: int) -> bool:
+    """True if the host can map the file and read its first page (without touching it)."""
+    if size <= 0:
+        return False
+    length = min(size, mmap.PAGESIZE)
+    try:
+        m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ)
+    except OSError:
+        return False  # ENODEV: created without GUEST_MEMFD_FLAG_MMAP
+    r, w = os.pipe()
+    try:
+        with memoryview(m) as view:
+            os.write(w, view[:1])  # the kernel reads the page: EFAULT, not SIGBUS, if private
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(r)
+        os.close(w)
+        m.close()
+
+
+def extra_of(extra: dict[str, Any]) -> dict[str, Any]:
+    v = extra.get(EXTRA)
+    return v if isinstance(v, dict) else {}
+
+
+def is_carried(entry: Entry) -> bool:
+    """The entry's bytes are (also) in a carried copy in its box (since seal)."""
+    return entry.type == FdType.GUEST_MEMFD and bool(extra_of(entry.extra).get("carried"))
+
+
+def set_carried(entry: Entry, carried: bool) -> None:
+    """Mark or unmark the entry as carried (assigned, never changed in place: Entry caches its wire form)."""
+    rec = dict(extra_of(entry.extra))
+    if carried:
+        rec["carried"] = True
+    else:
+        rec.pop("carried", None)
+    entry.extra = {**entry.extra, EXTRA: rec}
+
+
+def seal_refusal(box: str, entry: Any) -> FdboxError | None:
+    """Why this guest_memfd cannot be sealed, or None (checked before anything changes)."""
+    if extra_of(entry.extra).get("shared"):
+        return None
+    return FdboxError(
+        "UnsupportedType",
+        f"{box}/{entry.name} is a private guest_memfd: the host cannot read its memory (it was "
+        "created without GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED), so it cannot be "
+        "copied, checksummed or carried across a live update",
+        box=box, name=entry.name, type=str(FdType.GUEST_MEMFD),
+    )
+
+
+def _private(what: str, e: OSError) -> FdboxError:
+    return FdboxError("UnsupportedType", f"{what}: the host cannot access its memory ({e.strerror}); "
+                      "only a guest_memfd created with GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED "
+                      "can be carried", type=str(FdType.GUEST_MEMFD))
+
+
+def _map(fd: int, size: int, prot: int, what: str) -> mmap.mmap:
+    try:
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+    except OSError as e:
+        if e.errno in (errno.ENODEV, errno.EACCES, errno.EINVAL, errno.EPERM):
+            raise _private(what, e) from None
+        raise
+
+
+def copy_out(fd: int, what: str = "guest_memfd") -> int:
+    """Copy a shared guest_memfd into a new memfd, which the caller owns.
+
+    Runs in a worker thread (seal). ``UnsupportedType`` if any page is not readable.
+    """
+    size = os.fstat(fd).st_size
+    out = os.memfd_create("fdbox-gmem-copy", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(out, size)
+        if size:
+            with _map(fd, size, mmap.PROT_READ, what) as src, memoryview(src) as view:
+                pos = 0
+                while pos < size:
+                    end = min(pos + CHUNK, size)
+                    try:
+                        pos += os.pwrite(out, view[pos:end], pos)  # the kernel reads the mapping
+                    except OSError as e:
+                        if e.errno == errno.EFAULT:
+                            raise _private(f"{what} at offset {pos}", e) from None
+                        raise
+        return out
+    except BaseException:
+        os.close(out)
+        raise
+
+
+def fill(target: int, source: int, size: int, what: str = "guest_memfd") -> None:
+    """Copy ``size`` bytes of the memfd ``source`` into the guest_memfd ``target``.
+
+    Runs in a worker thread (restore). ``UnsupportedType`` if the target cannot be
+    mapped or written (a private one).
+    """
+    if not size:
+        return
+    with _map(target, size, mmap.PROT_READ | mmap.PROT_WRITE, f"the target of {what}") as dst, \
+            memoryview(dst) as view:
+        pos = 0
+        while pos < size:
+            end = min(pos + CHUNK, size)
+            try:
+                n = os.preadv(source, [view[pos:end]], pos)  # the kernel writes the mapping
+            except OSError as e:
+                if e.errno == errno.EFAULT:
+                    raise _private(f"the target of {what} at offset {pos}", e) from None
+                raise
+            if n == 0:
+                raise FdboxError("BackendUnavailable", f"the carried copy of {what} ended at {pos} of {size} bytes")
+            pos += n
+
+
+# ---------------------------------------------------------------------- RestoreInto
+#
+# Three phases over a Store, like sealing (fdboxd.store.seal_in_worker): check and
+# reserve on the daemon's loop, copy in a worker thread, then record on the loop.
+
+_busy: set[tuple[int, str, str]] = set()  # (id(store), box, name) being restored
+
+
+@dataclass
+class RestorePlan:
+    store: Store
+    box: str
+    entry: Entry
+    target: int  # a dup of the caller's guest_memfd, owned by the plan
+    sealed: bool  # a rehearsal on a sealed box: nothing in the box changes
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        return (id(self.store), self.box, self.entry.name)
+
+
+def restore_begin(store: Store, caller: Caller, box: str, name: str, fd: int) -> RestorePlan:
+    """Check everything RestoreInto needs, before any byte moves; reserve the entry."""
+    entry = store._entry(box, name)
+    if not entry.owned_by(caller):
+        raise FdboxError("PermissionDenied", f"{box}/{name} belongs to another user", box=box, name=name)
+    if entry.type != FdType.GUEST_MEMFD:
+        raise FdboxError("UnsupportedType", f"{box}/{name} is {entry.type}, not a guest_memfd: use Get",
+                         box=box, name=name, type=str(entry.type))
+    b = store.boxes[box]
+    if b.state == BoxState.OPEN:
+        raise FdboxError("NotSealed", f"box {box} is open: no copy was carried (Seal takes it); Get returns "
+                         "the guest_memfd itself", box=box, state=str(b.state))
+    if not is_carried(entry):
+        raise FdboxError("InvalidRequest", f"{box}/{name} was restored already: Get it", box=box, name=name)
+    if (id(store), box, name) in _busy:
+        raise FdboxError("InvalidRequest", f"{box}/{name} is being restored by another call", box=box, name=name)
+    try:
+        info = detect(fd)
+    except OSError as e:
+        raise FdboxError("InvalidRequest", f"not a usable file descriptor: {e.strerror}") from e
+    if info.type != FdType.GUEST_MEMFD:
+        raise FdboxError("UnsupportedType", f"the target is {info.type}, not a guest_memfd", type=str(info.type))
+    if info.size != entry.size:
+        raise FdboxError("InvalidRequest", f"the target guest_memfd has {info.size} bytes, {box}/{name} "
+                         f"{entry.size}: create it with the entry's size", box=box, name=name)
+    plan = RestorePlan(store, box, entry, os.dup(fd), sealed=b.state == BoxState.SEALED)
+    _busy.add(plan.key)
+    return plan
+
+
+def restore_copy(plan: RestorePlan) -> str | None:
+    """The worker's part: fetch the carried copy, check it against the seal, fill the target.
+
+    Returns None, or why the copy failed its check (then the target was not touched).
+    """
+    what = f"{plan.box}/{plan.entry.name}"
+    try:
+        source = plan.store.backend.get(plan.box, carry_name(plan.entry.name))
+    except FdboxError as e:
+        raise FdboxError("NotFound", f"the copy of {what} carried since seal is gone ({e.message})",
+                         box=plan.box, name=plan.entry.name) from None
+    try:
+        e = plan.entry
+        sample = e.extra.get("sample")
+        problem = check_fd(source, Digest(e.size, e.sha256, sample if isinstance(sample, str) else None),
+                           plan.store.verify)
+        if problem is None:
+            fill(plan.target, source, e.size, what)
+        return problem
+    finally:
+        os.close(source)
+
+
+def restore_commit(plan: RestorePlan, problem: str | None) -> Entry:
+    """Record the outcome; in a restored box the entry then holds the new guest_memfd."""
+    store, b, entry = plan.store, plan.store.boxes[plan.box], plan.entry
+    try:
+        if problem is not None:
+            problem = f"the carried copy fails its check ({problem}); the target was not written"
+            if not plan.sealed:
+                log.error("restored entry %s/%s refused: %s", plan.box, entry.name, problem)
+                store.lost.append({"box": plan.box, "name": entry.name, "type": str(entry.type), "reason": problem})
+                store._drop(b, entry.name)
+                store._record_or_log([["rm", plan.box, entry.name]])
+            raise FdboxError("BackendUnavailable", f"{plan.box}/{entry.name}: {problem}", box=plan.box, name=entry.name)
+        if plan.sealed:
+            return entry  # a rehearsal: the box keeps the original and its copy
+        store.rehold(plan.box, entry, plan.target)
+        store._drop_copy(plan.box, entry)
+        entry.extra = {**entry.extra, EXTRA: {**extra_of(entry.extra), "shared": True}}
+        store._claim(b, [entry])
+        return entry
+    finally:
+        restore_abort(plan)
+
+
+def restore_abort(plan: RestorePlan) -> None:
+    if plan.target >= 0:
+        os.close(plan.target)
+        plan.target = -1
+    _busy.discard(plan.key)
+
+
+def restore_into(store: Store, caller: Caller, box: str, name: str, fd: int) -> Entry:
+    """Fill the caller's new guest_memfd ``fd`` with ``box/name``'s carried bytes, synchronously."""
+    plan = restore_begin(store, caller, box, name, fd)
+    try:
+        problem = restore_copy(plan)
+    except BaseException:
+        restore_abort(plan)
+        raise
+    return restore_commit(plan, problem)
+
+
+async def restore_into_in_worker(store: Store, caller: Caller, box: str, name: str, fd: int) -> Entry:
+    """:func:`restore_into` for the event loop: the copy runs in a worker thread."""
+    import asyncio
+
+    plan = restore_begin(store, caller, box, name, fd)
+    try:
+        problem = await asyncio.get_running_loop().run_in_executor(None, restore_copy, plan)
+    except BaseException:
+        restore_abort(plan)
+        raise
+    return restore_commit(plan, problem)
