@@ -226,7 +226,7 @@ class StoreService:
 
         entry = await gmem.restore_into_in_worker(
             self.store, call.caller, call.str("box"), call.str("name"), call.fd(call.params.get("fd")))
-        return Reply({"entry": entry.to_dict()})
+        return wire_reply('{"entry":%s}' % entry.wire())
 
     def do_Unseal(self, call: Call) -> Reply:
         self.store.unseal(call.caller, call.str("box"))
