@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
-GUEST_MEMFD_MAGIC = 0x474D454D  # "GMEM", kvm's guest_memfd pseudo fs (6.17+)
+GUEST_MEMFD_MAGIC = 0x474D454D  # "GMEM", kvm's guest_memfd pseudo fs (7.2 has it; 6.18 still
+# makes guest_memfd on the anon inode fs, 0x09041934, where only the fd link tells)
 
 F_GET_SEALS = 1034
 F_ADD_SEALS = 1033
