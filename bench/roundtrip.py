@@ -6,9 +6,9 @@
 - get-only round trips (what the protocol and fd passing cost without a manifest write);
 - the time to get a 64-entry box back in one GetBox call (and to put it with PutMany).
 
-Every change (Put, Remove, PutMany) writes the manifest atomically with two fsyncs, so
-put+get is bound by the disk under the state directory; ``--state-dir /dev/shm`` shows
-the cost without it.
+Every change (Put, Remove, PutMany) appends one line to the manifest's journal (one
+write(), no fsync; see fdboxd/manifest.py), so ``--state-dir /dev/shm`` should change
+little; it is kept to show that.
 
 Starts its own daemon (memory backend) on a temporary socket:
 
@@ -125,7 +125,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="duration of the round-trip loop")
     p.add_argument("--entries", type=int, default=64, help="entries in the GetBox box")
     p.add_argument("--repeat", type=int, default=50, help="GetBox repetitions")
-    p.add_argument("--state-dir", help="manifest directory (default: a temp dir; every Put/Remove fsyncs it)")
+    p.add_argument("--state-dir", help="manifest directory (default: a temp dir)")
     a = p.parse_args()
     rundir = tempfile.mkdtemp(prefix="fdbox-bench-")
     state_dir = tempfile.mkdtemp(prefix="fdbox-bench-state-", dir=a.state_dir) if a.state_dir else None
