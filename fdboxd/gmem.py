@@ -280,8 +280,14 @@ def restore_copy(plan: RestorePlan) -> str | None:
 
 def restore_commit(plan: RestorePlan, problem: str | None) -> Entry:
     """Record the outcome; in a restored box the entry then holds the new guest_memfd."""
-    store, b, entry = plan.store, plan.store.boxes[plan.box], plan.entry
+    store, entry = plan.store, plan.entry
     try:
+        b = store.boxes.get(plan.box)
+        if b is None or b.entries.get(entry.name) is not entry or (b.state == BoxState.SEALED) != plan.sealed:
+            # Finished, deleted or unsealed while the copy ran: the target holds the
+            # copied bytes but the entry is no longer there to take it.
+            raise FdboxError("NotFound", f"{plan.box}/{entry.name} changed while it was being restored",
+                             box=plan.box, name=entry.name)
         if problem is not None:
             problem = f"the carried copy fails its check ({problem}); the target was not written"
             if not plan.sealed:

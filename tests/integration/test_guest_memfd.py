@@ -489,3 +489,33 @@ def test_seal_copy_reports_progress(kvm, daemon):
     assert seen, "no progress reply"
     last = seen[-1]
     assert last["name"] == "ram0" and last["done"] == last["total"] > 0, seen
+
+
+def test_an_entry_finished_during_restore_into_is_not_resurrected(kvm, tmp_path):
+    """RestoreInto's commit re-checks the entry: a finish that ran during the copy wins."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_store_liveupdate import KexecBackend
+
+    from fdboxd import gmem
+    from fdboxd.manifest import Manifest
+    from fdboxd.model import Caller
+    from fdboxd.store import Store
+
+    root = Caller(0, 0)
+    backend = KexecBackend()
+    store = Store(backend, Manifest(tmp_path / "old"))
+    fd = gmem_with(kvm, b"abc")
+    store.put(root, "vm1", "ram0", fd)
+    os.close(fd)
+    store.seal(root, "vm1")
+    new = Store(backend.kexec(), Manifest(tmp_path / "new"))
+    target = kvm.guest_memfd(SIZE, kvmtest.SHARED)
+    plan = gmem.restore_begin(new, root, "vm1", "ram0", target)
+    assert error_name(lambda: gmem.restore_begin(new, root, "vm1", "ram0", target)) == "InvalidRequest"  # busy
+    problem = gmem.restore_copy(plan)  # what the worker does
+    assert problem is None and kvmtest.read_gmem(target, 3) == b"abc"
+    assert new.finish(root, "vm1") == ["vm1"]  # meanwhile, on the loop
+    assert error_name(lambda: gmem.restore_commit(plan, problem)) == "NotFound"
+    assert "ram0" not in new.boxes["vm1"].entries and new.side.inventory()["vm1"].entries == {}
+    assert plan.target == -1  # the plan's dup is closed
+    os.close(target)
