@@ -32,7 +32,8 @@ go through a mapping of it — but never by touching the mapping from Python: a 
 host may not access (private memory) raises ``SIGBUS``, which would kill the daemon. The
 *kernel* copies instead: ``pwrite(copy, <guest_memfd mapping>)`` at seal and
 ``preadv(copy, [<guest_memfd mapping>])`` at restore, where such a page is a plain
-``EFAULT``, reported as ``UnsupportedType``. Chunks are large (:data:`CHUNK`) and the
+``EFAULT``, reported as ``UnsupportedType``. Chunks are large (:data:`CHUNK`), only
+populated pages are copied (:func:`populated`; guest RAM is mostly holes) and the
 callers run this in a worker thread: it is on the live update's blackout path.
 Checksums are only ever taken of the memfd side, a file fdboxd made, read with ``pread``.
 """
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .checksum import Digest, check_fd
+from .checksum import _data_extents as data_extents  # one hole walker for checksum and copy
 from .errors import FdboxError
 from .fdtypes import FdInfo, FdType, detect
 from .model import BoxState, Caller, Entry
@@ -157,7 +159,11 @@ def _map(fd: int, size: int, prot: int, what: str) -> mmap.mmap:
 def copy_out(fd: int, what: str = "guest_memfd") -> int:
     """Copy a shared guest_memfd into a new memfd, which the caller owns.
 
-    Runs in a worker thread (seal). ``UnsupportedType`` if any page is not readable.
+    Only the pages the guest_memfd has (:func:`populated`) are copied: the copy keeps
+    the rest as holes, which read as the zeros they are, cost no memory and are skipped
+    by the checksum; reading them through the mapping would allocate every one of them
+    in the guest_memfd. Runs in a worker thread (seal). ``UnsupportedType`` if a page
+    is not readable.
     """
     size = os.fstat(fd).st_size
     out = os.memfd_create("fdbox-gmem-copy", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -165,15 +171,16 @@ def copy_out(fd: int, what: str = "guest_memfd") -> int:
         os.ftruncate(out, size)
         if size:
             with _map(fd, size, mmap.PROT_READ, what) as src, memoryview(src) as view:
-                pos = 0
-                while pos < size:
-                    end = min(pos + CHUNK, size)
-                    try:
-                        pos += os.pwrite(out, view[pos:end], pos)  # the kernel reads the mapping
-                    except OSError as e:
-                        if e.errno == errno.EFAULT:
-                            raise _private(f"{what} at offset {pos}", e) from None
-                        raise
+                for start, stop in populated(fd, size):
+                    pos = start
+                    while pos < stop:
+                        end = min(pos + CHUNK, stop)
+                        try:
+                            pos += os.pwrite(out, view[pos:end], pos)  # the kernel reads the mapping
+                        except OSError as e:
+                            if e.errno == errno.EFAULT:
+                                raise _private(f"{what} at offset {pos}", e) from None
+                            raise
         return out
     except BaseException:
         os.close(out)
@@ -183,25 +190,68 @@ def copy_out(fd: int, what: str = "guest_memfd") -> int:
 def fill(target: int, source: int, size: int, what: str = "guest_memfd") -> None:
     """Copy ``size`` bytes of the memfd ``source`` into the guest_memfd ``target``.
 
-    Runs in a worker thread (restore). ``UnsupportedType`` if the target cannot be
-    mapped or written (a private one).
+    Holes of the source are skipped (the new guest_memfd reads zeros there without
+    allocating). Runs in a worker thread (restore). ``UnsupportedType`` if the target
+    cannot be mapped or written (a private one).
     """
     if not size:
         return
     with _map(target, size, mmap.PROT_READ | mmap.PROT_WRITE, f"the target of {what}") as dst, \
             memoryview(dst) as view:
-        pos = 0
-        while pos < size:
-            end = min(pos + CHUNK, size)
-            try:
-                n = os.preadv(source, [view[pos:end]], pos)  # the kernel writes the mapping
-            except OSError as e:
-                if e.errno == errno.EFAULT:
-                    raise _private(f"the target of {what} at offset {pos}", e) from None
-                raise
-            if n == 0:
-                raise FdboxError("BackendUnavailable", f"the carried copy of {what} ended at {pos} of {size} bytes")
-            pos += n
+        for start, stop in data_extents(source, 0, size):
+            pos = start
+            while pos < stop:
+                end = min(pos + CHUNK, stop)
+                try:
+                    n = os.preadv(source, [view[pos:end]], pos)  # the kernel writes the mapping
+                except OSError as e:
+                    if e.errno == errno.EFAULT:
+                        raise _private(f"the target of {what} at offset {pos}", e) from None
+                    raise
+                if n == 0:
+                    raise FdboxError("BackendUnavailable", f"the carried copy of {what} ended at {pos} of {size} bytes")
+                pos += n
+
+
+def populated(fd: int, size: int) -> list[tuple[int, int]]:
+    """Byte ranges of the guest_memfd that hold pages (``mincore`` on a mapping of it).
+
+    guest_memfd has no ``SEEK_DATA``, but its pages are in its page cache, which
+    ``mincore`` reports for a shared file mapping without touching a page. If that
+    fails, the whole file.
+    """
+    import ctypes
+
+    from .fdtypes import _libc
+
+    libc = _libc()
+    page = mmap.PAGESIZE
+    npages = (size + page - 1) // page
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return [(0, size)]
+    try:
+        vec = bytearray(npages)
+        if libc.mincore(ctypes.c_void_p(addr), size, (ctypes.c_char * npages).from_buffer(vec)) != 0:
+            return [(0, size)]
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), size)
+    flags = vec.translate(_RESIDENT)  # 1 for a resident page, 0 otherwise; found at C speed
+    runs: list[tuple[int, int]] = []
+    i = flags.find(1)
+    while i != -1:
+        j = flags.find(0, i)
+        j = npages if j == -1 else j
+        runs.append((i * page, min(j * page, size)))
+        i = flags.find(1, j)
+    return runs
+
+
+_RESIDENT = bytes(b & 1 for b in range(256))  # mincore's bit 0; the other bits are reserved
 
 
 # ---------------------------------------------------------------------- RestoreInto

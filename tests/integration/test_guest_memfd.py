@@ -519,3 +519,36 @@ def test_an_entry_finished_during_restore_into_is_not_resurrected(kvm, tmp_path)
     assert "ram0" not in new.boxes["vm1"].entries and new.side.inventory()["vm1"].entries == {}
     assert plan.target == -1  # the plan's dup is closed
     os.close(target)
+
+
+def test_only_populated_pages_are_copied_and_filled(kvm):
+    """Guest RAM is mostly holes: neither the copy nor the new guest_memfd allocates them."""
+    import mmap
+
+    from fdboxd import gmem
+    from fdboxd.checksum import sha256_fd
+
+    size = 64 << 20
+    src = kvm.guest_memfd(size, kvmtest.SHARED)
+    kvmtest.write_gmem(src, b"first page")
+    kvmtest.write_gmem(src, pattern(4 << 20, seed=50), 32 << 20)
+    kvmtest.write_gmem(src, b"last", size - 4)
+    assert gmem.populated(src, size) == [(0, 4096), (32 << 20, 36 << 20), (size - 4096, size)]
+    want = bytearray(size)
+    want[0:10] = b"first page"
+    want[32 << 20 : 36 << 20] = pattern(4 << 20, seed=50)
+    want[size - 4 :] = b"last"
+    copy = gmem.copy_out(src)
+    try:
+        assert os.fstat(copy).st_blocks * 512 == (4 << 20) + 2 * 4096  # holes stay holes
+        assert sha256_fd(copy)[1] == sha(bytes(want))
+        with kvmtest.Kvm.open() as vm2:
+            target = vm2.guest_memfd(size, kvmtest.SHARED)
+            gmem.fill(target, copy, size)
+            assert gmem.populated(target, size) == gmem.populated(src, size)
+            with mmap.mmap(target, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                assert m[:] == want
+            os.close(target)
+    finally:
+        os.close(copy)
+        os.close(src)

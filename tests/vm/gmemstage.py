@@ -60,11 +60,19 @@ def standin_detect() -> None:
     gmem.detect = detect
 
 
+def content(size: int, seed: int) -> bytes:
+    """Guest RAM with holes, as a VM's usually is: the first half and the last page written."""
+    half, page = size // 2, 4096
+    return pattern(half, seed) + bytes(size - half - page) + pattern(page, seed + 1)
+
+
 def standin(name: str, size: int, data: bytes | None = None) -> int:
     fd = os.memfd_create(STANDIN + name, os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
-    if data:
-        os.pwrite(fd, data, 0)
+    if data:  # only the non-zero parts: the rest stays holes
+        half, page = size // 2, 4096
+        os.pwrite(fd, data[:half], 0)
+        os.pwrite(fd, data[-page:], size - page)
     return fd
 
 
@@ -79,7 +87,7 @@ def main() -> int:
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()
-    data = pattern(a.size, seed=a.seed)
+    data = content(a.size, a.seed)
     out: dict[str, object] = {}
     with Client(SOCKET) as c:
         if a.what == "put":

@@ -4,8 +4,9 @@ SIMULATED guest_memfd: the test guest has no KVM, so tests/vm/gmemstage.py makes
 fdboxd's type detection see memfds named ``standin-gmem-*`` as guest_memfd and nothing
 else; the rest is the real daemon on the real kernel backend (see gmemstage.py's
 docstring). Stage 1: fdboxd (kernel backend, ``--verify full``) holds a 16 MiB stand-in
-"guest_memfd" and a device-state memfd; ``Seal`` of every box copies the former into a
-memfd that the module preserves with KHO; kexec. Stage 2: the carried copy is there, a
+"guest_memfd" with holes (like guest RAM) and a device-state memfd; ``Seal`` of every
+box copies the former (its pages only) into a memfd that the module preserves with KHO;
+kexec. Stage 2: the carried copy is there, a
 ``Get`` of the entry says to use RestoreInto, the "restarted VMM" passes a new, zeroed
 stand-in to ``RestoreInto`` and gets the bytes back, checked against the seal's SHA-256;
 the entry then holds the new file and the box reopens once devstate is taken too.
