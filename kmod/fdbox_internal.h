@@ -12,7 +12,6 @@
 #include <linux/list.h>
 #include <linux/mutex.h>
 #include <linux/types.h>
-#include <linux/kho/abi/kexec_handover.h>
 
 #include "include/uapi/linux/fdbox.h"
 
@@ -20,43 +19,14 @@
 #define FDBOX_MAX_ENTRIES_PER_BOX	4096
 #define FDBOX_MAX_ENTRIES		65536
 
+/*
+ * Largest page size an entry may have: 2 MiB huge pages are supported, 1 GiB
+ * ones are refused at PUT_FD (see kmod/README.md, "Page sizes").
+ */
+#define FDBOX_MAX_PAGE_SIZE	(2UL << 20)
+
 struct file;
-struct folio;
-
-/**
- * struct fdbox_preserved_folio - one folio of an entry, as handed over.
- * @pfn:   page frame number of the folio's head page.
- * @index: the folio's page offset in the file.
- * @order: the folio's order.
- * @flags: zero in this version.
- *
- * Arrays of these live in KHO-preserved vmalloc memory (see fdbox_kho.c);
- * the layout is part of the handover ABI.
- */
-struct fdbox_preserved_folio {
-	u64 pfn;
-	u64 index;
-	u32 order;
-	u32 flags;
-} __packed;
-
-/**
- * struct fdbox_entry_kho - KHO state of one entry.
- * @folios:       sealed: the folios pinned with memfd_pin_folios().
- * @ser:          sealed: the folio list handed over (KHO-preserved vmalloc);
- *                restored: the folio list from the previous kernel.
- * @nr_folios:    number of elements in @folios / @ser.
- * @ser_kho:      sealed: KHO's record of the @ser preservation.
- * @added_seals:  sealed: F_SEAL_GROW/F_SEAL_SHRINK bits fdbox added to keep
- *                the mapping fixed; cleared again on unseal.
- */
-struct fdbox_entry_kho {
-	struct folio **folios;
-	struct fdbox_preserved_folio *ser;
-	u64 nr_folios;
-	struct kho_vmalloc ser_kho;
-	u32 added_seals;
-};
+struct fdbox_entry_kho;	/* fdbox_kho.c */
 
 /**
  * struct fdbox_entry - one named file in a box. Protected by its box's mutex.
@@ -72,7 +42,8 @@ struct fdbox_entry_kho {
  * @uid:       owner, opaque.
  * @gid:       owner group, opaque.
  * @ctime:     when put, seconds since the epoch.
- * @kho:       KHO state while sealed or restore-pending, else NULL.
+ * @kho:       KHO state while sealed or restore-pending, else NULL
+ *             (defined in fdbox_kho.c).
  */
 struct fdbox_entry {
 	struct list_head node;
@@ -133,20 +104,93 @@ struct fdbox_counters {
 
 extern struct fdbox_counters fdbox_counters;
 
-/* fdbox_main.c, for the restore path */
+/* fdbox_main.c, for fdbox_kho.c. All run in process context. */
+
+/**
+ * fdbox_box_alloc - a new, unpublished, open box named @name.
+ * @name: a valid box name.
+ *
+ * Context: Process context; may sleep.
+ * Return: the box (one reference, the caller's), or NULL (no memory).
+ */
 struct fdbox_box *fdbox_box_alloc(const char *name);
-int fdbox_box_publish(struct fdbox_box *box);
+
+/**
+ * fdbox_box_publish_restored - add a box restored from the previous kernel,
+ * with its restore-pending entries, to the box list.
+ * @box: from fdbox_box_alloc(), filled by the restore path.
+ *
+ * Context: Process context; takes fdbox_boxes_lock.
+ * Return: 0 (the list owns @box), -EEXIST (a box has that name), or -ENOSPC
+ * (a limit); on failure the caller still owns @box.
+ */
 int fdbox_box_publish_restored(struct fdbox_box *box);
+
+/**
+ * fdbox_box_free - drop a box that was never published.
+ * @box: from fdbox_box_alloc(), with no entries.
+ *
+ * Context: Process context.
+ */
 void fdbox_box_free(struct fdbox_box *box);
-int fdbox_reserve_entry(void);
-void fdbox_unreserve_entry(void);
+
+/**
+ * fdbox_entry_alloc - a new, empty entry.
+ *
+ * Context: Process context; may sleep.
+ * Return: the entry, or NULL (no memory).
+ */
 struct fdbox_entry *fdbox_entry_alloc(void);
+
+/**
+ * fdbox_entry_free - free an entry that is in no box.
+ * @entry: the entry.
+ *
+ * Context: Any.
+ */
 void fdbox_entry_free(struct fdbox_entry *entry);
-int fdbox_entry_set_file(struct fdbox_entry *entry, struct file *file);
+
+/**
+ * fdbox_valid_box_name - check a box name field.
+ * @name: the field.
+ * @len:  its size; the name must be NUL-terminated within it.
+ *
+ * Context: Any.
+ * Return: true if it matches ^[A-Za-z0-9][A-Za-z0-9._@+-]*$ (ASCII only).
+ */
 bool fdbox_valid_box_name(const char *name, size_t len);
+
+/**
+ * fdbox_valid_entry_name - check an entry name field.
+ * @name: the field.
+ * @len:  its size; the name must be NUL-terminated within it.
+ *
+ * Context: Any.
+ * Return: true if it matches ^[A-Za-z0-9][A-Za-z0-9._@+=,-]*$ (ASCII only).
+ */
 bool fdbox_valid_entry_name(const char *name, size_t len);
+
+/**
+ * fdbox_classify - decide whether fdbox holds this file, and as what.
+ * @file:      the file.
+ * @type:      out: &enum fdbox_entry_type.
+ * @page_size: out: the file's page size.
+ *
+ * Context: Any.
+ * Return: 0, or -EOPNOTSUPP (not a memfd, or huge pages larger than
+ * %FDBOX_MAX_PAGE_SIZE).
+ */
 int fdbox_classify(struct file *file, u32 *type, u64 *page_size);
-u32 fdbox_file_seals(struct file *file);
+
+/**
+ * fdbox_mapping_frozen - is this shmem memfd's mapping frozen (by LUO, or
+ * by an fdbox SEAL)?
+ * @file: a memfd.
+ *
+ * Context: Any; stable only under the inode lock.
+ * Return: true if frozen.
+ */
+bool fdbox_mapping_frozen(struct file *file);
 
 /*
  * KHO support is built when the kernel has CONFIG_KEXEC_HANDOVER, unless the
@@ -155,12 +199,21 @@ u32 fdbox_file_seals(struct file *file);
  */
 #if defined(CONFIG_KEXEC_HANDOVER) && !defined(FDBOX_DISABLE_KHO)
 #define FDBOX_KHO 1
+/*
+ * fdbox_kho.c; kernel-doc at the definitions. In short: _seal/_unseal need
+ * the box mutex and return 0 or an -errno with nothing changed; _init runs
+ * at module load before the device exists and returns why (part of) the
+ * handover was refused; _register/_unregister add and remove the reboot
+ * notifier that makes SEAL/UNSEAL atomic with respect to kexec.
+ */
 u32 fdbox_kho_features(void);
 int fdbox_kho_seal(struct fdbox_box *box);
 int fdbox_kho_unseal(struct fdbox_box *box);
 int fdbox_kho_restore_entry(struct fdbox_entry *entry, struct file *target);
 void fdbox_kho_discard_entry(struct fdbox_entry *entry);
 int fdbox_kho_init(void);
+int fdbox_kho_register(void);
+void fdbox_kho_unregister(void);
 #else
 static inline u32 fdbox_kho_features(void)
 {
@@ -189,6 +242,13 @@ static inline int fdbox_kho_init(void)
 {
 	return 0;
 }
+
+static inline int fdbox_kho_register(void)
+{
+	return 0;
+}
+
+static inline void fdbox_kho_unregister(void) { }
 #endif /* FDBOX_KHO */
 
 #endif /* _FDBOX_INTERNAL_H */

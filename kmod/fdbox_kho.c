@@ -9,59 +9,79 @@
  * Seal
  * ====
  *
- * Sealing a box, for each entry (all or nothing):
+ * Sealing a box, for each entry (all or nothing), under the file's inode
+ * lock:
  *
- * 1. Under the inode lock, add F_SEAL_GROW and F_SEAL_SHRINK to the memfd if
- *    it lacks them (remembered, and taken off again on unseal), so its size
- *    cannot change while sealed. (In-tree LUO uses shmem_freeze(), which is
- *    not exported to modules.)
+ * 1. Fix the mapping, so what is preserved stays what the file holds: a
+ *    shmem memfd is frozen with shmem_freeze() (as mm/memfd_luo.c does: no
+ *    size change, no fallocate, no hole punch, no MADV_REMOVE); a hugetlb
+ *    memfd, which has no freeze, gets F_SEAL_GROW, F_SEAL_SHRINK and
+ *    F_SEAL_FUTURE_WRITE (hugetlbfs refuses hole punches on a write-sealed
+ *    file; existing writable mappings keep working). Either kind also gets
+ *    F_SEAL_SEAL, so nobody can add a seal while the box is sealed; that
+ *    makes UNSEAL exact: it takes off precisely the seals SEAL added. A file
+ *    that already has F_SEAL_SEAL but lacks a seal fdbox needs is refused
+ *    (EOPNOTSUPP): the seal rules forbid adding it. A shmem mapping that is
+ *    already frozen belongs to LUO (EEXIST): it is never preserved twice.
  * 2. Pin every folio with memfd_pin_folios(): this allocates holes and
  *    migrates folios out of CMA, hence out of KHO scratch memory.
- * 3. kho_preserve_folio() each folio, mark it dirty, zero it if it never was
- *    (as mm/memfd_luo.c does). Writes after the seal land in the same pinned
- *    folios and so cross the kexec too.
+ * 3. kho_preserve_folio() each folio (see fdbox_kho_preserve_folios()).
  * 4. Record (pfn, index, order) of each folio in a vmalloc array preserved
  *    with kho_preserve_vmalloc().
  *
  * Then a box descriptor (struct fdbox_kho_box, from kho_alloc_preserve())
  * lists the entries, and the root descriptor (struct fdbox_kho_root) lists
- * the physical addresses of all sealed boxes' descriptors. The root is
- * attached as the KHO subtree "fdbox"; it is rebuilt on every seal and
- * unseal. Every descriptor and folio list carries a CRC32.
+ * the physical addresses of all sealed boxes' descriptors. The layout is in
+ * fdbox_kho_abi.h.
  *
- * In 7.2 KHO has no finalize step: what is preserved when kexec runs is what
- * crosses. Seal before kexec -e; loading the kernel may happen before or
- * after.
+ * Publishing, and kexec
+ * =====================
+ *
+ * The root is allocated at its largest size (FDBOX_MAX_BOXES) and added as
+ * the KHO subtree "fdbox" when the first box is sealed; while any box is
+ * sealed it is only rewritten in place, and it is removed again once no box
+ * is sealed (nothing to lose then; the module can be unloaded). In 7.2 KHO has no finalize step: what the root says
+ * when kexec runs is what crosses. So a whole SEAL or UNSEAL (preserve,
+ * rewrite the root, unpreserve) runs with fdbox_kho_rwsem held for read, and
+ * a reboot notifier (kernel_kexec() calls the reboot notifiers before the
+ * jump) takes it for write: it waits for every SEAL/UNSEAL in flight and
+ * then marks the published state final. Later SEAL/UNSEAL calls fail with
+ * ESHUTDOWN. A kexec therefore sees either all of a box or none of it, and
+ * never preserved memory the root does not list.
  *
  * Restore
  * =======
  *
- * At module load after a KHO kexec, the "fdbox" subtree is looked up. Every
- * field is validated (magic, version, CRC, counts against limits and against
- * the sizes that KHO says were preserved, names, types, folio orders and
- * indexes within the file size) before any box is created. Memory is only
- * read after KHO confirmed it is preserved memory (kho_restore_folio() /
- * kho_restore_vmalloc() check KHO's own marks); a descriptor that fails is
- * refused as a whole, the error is reported by FDBOX_IOC_VERSION, and the
- * data folios it names are left alone (they stay reserved: never touched).
+ * At module load after a KHO kexec (before /dev/fdbox exists), the "fdbox"
+ * subtree is looked up. No handover memory is read or claimed before it was
+ * checked: every address must be page aligned, RAM, and carry KHO's mark of
+ * a preserved folio of the expected order (fdbox_kho_preserved()), so a
+ * corrupt address is refused instead of tripping KHO's own WARN or an oops.
+ * Then magic, version, CRC, counts against limits, names, types, folio
+ * orders, pfn alignment and indexes are checked, box by box. A box that fails
+ * is refused and reported (restore_status in FDBOX_IOC_VERSION, a line in
+ * dmesg naming it); the others are restored. Memory a refused box names is
+ * left alone, never freed: it may belong to someone else.
  *
- * On success every data folio is claimed with kho_restore_folio() and the
- * boxes appear in state restored. RESTORE_FD copies an entry's folios into a
- * memfd the caller created and frees them; FINISH frees those of entries
- * nobody claimed.
+ * Restored boxes appear in state restored. RESTORE_FD copies an entry's
+ * folios into a memfd the caller created, applies the preserved seals, and
+ * frees the folios; FINISH frees those of entries nobody claimed.
  *
  * The root descriptor's page is kept for the life of the kernel and its magic
  * overwritten with FDBOX_KHO_CONSUMED_MAGIC, so a second load of the module
  * in the same boot sees the handover was already taken.
  *
- * Locking: callers hold the box's mutex; fdbox_kho_lock protects the root and
- * the list of sealed boxes.
+ * Locking: callers hold the box's mutex. fdbox_kho_rwsem (read: SEAL,
+ * UNSEAL; write: the reboot notifier) makes them atomic with respect to
+ * kexec; fdbox_kho_lock, inside it, protects the root and the list of sealed
+ * boxes.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/cleanup.h>
 #include <linux/crc32.h>
+#include <linux/delay.h>
 #include <linux/err.h>
 #include <linux/fcntl.h>
 #include <linux/file.h>
@@ -69,110 +89,76 @@
 #include <linux/highmem.h>
 #include <linux/hugetlb.h>
 #include <linux/io.h>
+#include <linux/ioport.h>
 #include <linux/kexec_handover.h>
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/overflow.h>
 #include <linux/pagemap.h>
+#include <linux/reboot.h>
+#include <linux/rwsem.h>
 #include <linux/shmem_fs.h>
 #include <linux/slab.h>
 #include <linux/vmalloc.h>
 
 #include "fdbox_internal.h"
-
-#define FDBOX_KHO_NODE			"fdbox"
-#define FDBOX_KHO_VERSION		1
-#define FDBOX_KHO_ROOT_MAGIC		0x544f4f5258424446ULL	/* "FDBXROOT" */
-#define FDBOX_KHO_BOX_MAGIC		0x584f425f58424446ULL	/* "FDBX_BOX" */
-#define FDBOX_KHO_CONSUMED_MAGIC	0x4445535558424446ULL	/* "FDBXUSED" */
+#include "fdbox_kho_abi.h"
 
 /* The seals this version knows how to carry. */
 #define FDBOX_KHO_SEALS	(F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | \
 			 F_SEAL_WRITE | F_SEAL_FUTURE_WRITE | F_SEAL_EXEC)
-
-/**
- * struct fdbox_kho_entry - one entry in a box descriptor (handover ABI v1).
- * @name:       entry name, NUL-terminated.
- * @type:       &enum fdbox_entry_type.
- * @seals:      F_SEAL_* the memfd had before sealing.
- * @size:       file size.
- * @page_size:  PAGE_SIZE or the huge page size.
- * @uid:        owner, opaque.
- * @gid:        owner group, opaque.
- * @ctime:      when put.
- * @nr_folios:  elements in @folios.
- * @folios_crc: CRC32 of the folio array.
- * @reserved:   zero.
- * @folios:     KHO vmalloc preservation of struct fdbox_preserved_folio[].
- */
-struct fdbox_kho_entry {
-	char name[FDBOX_ENTRY_NAME_LEN];
-	u32 type;
-	u32 seals;
-	u64 size;
-	u64 page_size;
-	u32 uid;
-	u32 gid;
-	s64 ctime;
-	u64 nr_folios;
-	u32 folios_crc;
-	u32 reserved;
-	struct kho_vmalloc folios;
-} __packed;
-
-/**
- * struct fdbox_kho_box - descriptor of one sealed box (handover ABI v1).
- * @magic:      %FDBOX_KHO_BOX_MAGIC.
- * @version:    %FDBOX_KHO_VERSION.
- * @nr_entries: elements in @entries.
- * @size:       bytes of this descriptor that @crc covers.
- * @crc:        CRC32 of the descriptor with @crc zero.
- * @reserved:   zero.
- * @name:       box name.
- * @entries:    the entries.
- */
-struct fdbox_kho_box {
-	u64 magic;
-	u32 version;
-	u32 nr_entries;
-	u64 size;
-	u32 crc;
-	u32 reserved;
-	char name[FDBOX_BOX_NAME_LEN];
-	struct fdbox_kho_entry entries[];
-} __packed;
-
-/**
- * struct fdbox_kho_root - the "fdbox" KHO subtree (handover ABI v1).
- * @magic:    %FDBOX_KHO_ROOT_MAGIC (%FDBOX_KHO_CONSUMED_MAGIC once taken).
- * @version:  %FDBOX_KHO_VERSION.
- * @nr_boxes: elements in @boxes.
- * @size:     bytes that @crc covers.
- * @crc:      CRC32 of the root with @crc zero.
- * @reserved: zero.
- * @boxes:    physical addresses of struct fdbox_kho_box descriptors.
- */
-struct fdbox_kho_root {
-	u64 magic;
-	u32 version;
-	u32 nr_boxes;
-	u64 size;
-	u32 crc;
-	u32 reserved;
-	u64 boxes[];
-} __packed;
+#define FDBOX_KHO_WRITE_SEALS	(F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)
 
 /*
- * Testing only: damage the handover on purpose so the next kernel's refusal
- * path can be tested. 1 flips a byte of each box descriptor after its CRC
- * was computed, 2 writes a wrong version into the root. Settable only when
- * the module is loaded.
+ * KHO marks the head page of every preserved folio: page->private holds this
+ * magic and the order (union kho_page_info in kernel/liveupdate/
+ * kexec_handover.c, not exported). kho_restore_folio() WARNs on a page
+ * without the mark; fdbox checks it first so a corrupt handover is refused
+ * quietly.
+ */
+#define FDBOX_KHO_PAGE_MAGIC	0x4b484f50U	/* 'KHOP' */
+
+/**
+ * struct fdbox_entry_kho - KHO state of one entry.
+ * @folios:      sealed: the folios pinned with memfd_pin_folios();
+ *               restored: the folios claimed from the previous kernel.
+ * @ser:         sealed: the folio list handed over (KHO-preserved vmalloc);
+ *               restored: the folio list from the previous kernel.
+ * @nr_folios:   number of elements in @folios / @ser.
+ * @ser_kho:     sealed: KHO's record of the @ser preservation.
+ * @added_seals: sealed: the F_SEAL_* bits SEAL added; UNSEAL removes them.
+ * @frozen:      sealed: SEAL froze the shmem mapping; UNSEAL thaws it.
+ */
+struct fdbox_entry_kho {
+	struct folio **folios;
+	struct fdbox_preserved_folio *ser;
+	u64 nr_folios;
+	struct kho_vmalloc ser_kho;
+	u32 added_seals;
+	bool frozen;
+};
+
+#ifdef FDBOX_TEST
+/*
+ * Testing only (make FDBOX_TEST=1): damage the handover on purpose so the
+ * next kernel's refusal paths can be tested, and widen the seal window so
+ * the reboot notifier can be seen waiting. Not in production builds.
  */
 static int test_corrupt_handover;
 module_param(test_corrupt_handover, int, 0);
 MODULE_PARM_DESC(test_corrupt_handover,
-		 "testing only: 1 corrupts box descriptors, 2 the root descriptor");
+		 "testing only, bits: 1 every box descriptor, 2 root version, 4 the descriptor of boxes named bad-desc*, 8 a folio pfn of bad-pfn*, 16 the root's pointer to bad-ptr*");
+static unsigned int test_seal_delay_ms;
+module_param(test_seal_delay_ms, uint, 0);
+MODULE_PARM_DESC(test_seal_delay_ms,
+		 "testing only: sleep this long in SEAL of boxes named slow*, between preserving and publishing");
+#define fdbox_test_corrupt(bit)	(test_corrupt_handover & (bit))
+#else
+#define fdbox_test_corrupt(bit)	false
+#endif
 
+static DECLARE_RWSEM(fdbox_kho_rwsem);
+static bool fdbox_kho_final;		/* reboot started: published state is final */
 static DEFINE_MUTEX(fdbox_kho_lock);
 static LIST_HEAD(fdbox_sealed);		/* boxes in the root, in seal order */
 static struct fdbox_kho_root *fdbox_kho_root;
@@ -196,40 +182,133 @@ u32 fdbox_kho_features(void)
 	return features;
 }
 
-static void fdbox_set_seals(struct file *file, u32 seals)
+static u32 *fdbox_seals_ptr(struct file *file)
 {
-	struct inode *inode = file_inode(file);
-
 #ifdef CONFIG_HUGETLBFS
-	if (is_file_hugepages(file)) {
-		WRITE_ONCE(HUGETLBFS_I(inode)->seals, seals);
-		return;
-	}
+	if (is_file_hugepages(file))
+		return &HUGETLBFS_I(file_inode(file))->seals;
 #endif
-	WRITE_ONCE(SHMEM_I(inode)->seals, seals);
+	return &SHMEM_I(file_inode(file))->seals;
 }
 
 /* Seal */
 
-static void fdbox_kho_release_folios(struct fdbox_entry_kho *kho, u64 nr)
+/* Unpreserve the first @nr_preserved folios, unpin all, free the arrays. */
+static void fdbox_kho_release_folios(struct fdbox_entry_kho *kho,
+				     u64 nr_preserved)
 {
-	for (u64 i = 0; i < nr; i++)
+	for (u64 i = 0; i < nr_preserved; i++)
 		kho_unpreserve_folio(kho->folios[i]);
 	unpin_folios(kho->folios, kho->nr_folios);
 	atomic64_sub(kho->nr_folios, &fdbox_counters.pinned_folios);
 	vfree(kho->ser);
+	kho->ser = NULL;
 	kvfree(kho->folios);
+	kho->folios = NULL;
+}
+
+/*
+ * Pin and preserve every folio of the first @size bytes of @file, and the
+ * list of them. Unwinds only what it did.
+ */
+static int fdbox_kho_preserve_folios(struct fdbox_entry *entry,
+				     struct fdbox_entry_kho *kho, u64 size)
+{
+	u64 max_folios = DIV_ROUND_UP_ULL(size, entry->page_size), i;
+	pgoff_t offset;
+	long nr;
+	int err;
+
+	if (!max_folios)
+		return 0;
+	/* __GFP_NOWARN: a huge sparse file gets ENOMEM, not kvmalloc's WARN */
+	kho->folios = kvmalloc_array(max_folios, sizeof(*kho->folios),
+				     GFP_KERNEL | __GFP_NOWARN);
+	if (!kho->folios)
+		return -ENOMEM;
+	nr = memfd_pin_folios(entry->file, 0, size - 1, kho->folios,
+			      max_folios, &offset);
+	if (nr < 0) {
+		pr_err_ratelimited("%s: pinning folios failed: %pe\n",
+				   entry->name, ERR_PTR(nr));
+		kvfree(kho->folios);
+		kho->folios = NULL;
+		return nr;
+	}
+	kho->nr_folios = nr;
+	atomic64_add(nr, &fdbox_counters.pinned_folios);
+
+	kho->ser = vcalloc(nr, sizeof(*kho->ser));
+	if (!kho->ser) {
+		err = -ENOMEM;
+		i = 0;
+		goto err_release;
+	}
+	for (i = 0; i < kho->nr_folios; i++) {
+		struct folio *folio = kho->folios[i];
+
+		err = kho_preserve_folio(folio);
+		if (err)
+			goto err_release;
+		folio_lock(folio);
+		/*
+		 * RESTORE_FD copies every preserved page, so a folio that was
+		 * never written must hold zeroes, not stale memory. Dirty: the
+		 * pinned folio is what crosses; as in memfd_luo, it must not
+		 * look clean (reclaimable) to anyone in this kernel either.
+		 */
+		folio_mark_dirty(folio);
+		if (!folio_test_uptodate(folio)) {
+			folio_zero_range(folio, 0, folio_size(folio));
+			flush_dcache_folio(folio);
+			folio_mark_uptodate(folio);
+		}
+		folio_unlock(folio);
+		kho->ser[i].pfn = folio_pfn(folio);
+		kho->ser[i].index = folio->index;
+		kho->ser[i].order = folio_order(folio);
+		cond_resched();
+	}
+	err = kho_preserve_vmalloc(kho->ser, &kho->ser_kho);
+	if (err)
+		goto err_release;
+	return 0;
+
+err_release:
+	fdbox_kho_release_folios(kho, i);
+	return err;
+}
+
+/*
+ * The seals SEAL adds to fix the mapping (see the DOC block), or an error if
+ * the file cannot be held fixed. Called with the inode lock held.
+ */
+static int fdbox_kho_seals_to_add(struct fdbox_entry *entry, u32 seals,
+				  u32 *added)
+{
+	u32 need = F_SEAL_SEAL;
+
+	if (seals & ~FDBOX_KHO_SEALS)
+		return -EOPNOTSUPP;
+	if (entry->type == FDBOX_TYPE_MEMFD_HUGETLB) {
+		need |= F_SEAL_GROW | F_SEAL_SHRINK;
+		if (!(seals & FDBOX_KHO_WRITE_SEALS))
+			need |= F_SEAL_FUTURE_WRITE;
+	} else if (fdbox_mapping_frozen(entry->file)) {
+		return -EEXIST;		/* LUO preserves it */
+	}
+	*added = need & ~seals;
+	if ((seals & F_SEAL_SEAL) && *added)
+		return -EOPNOTSUPP;
+	return 0;
 }
 
 static int fdbox_kho_seal_entry(struct fdbox_entry *entry)
 {
-	struct file *file = entry->file;
-	struct inode *inode = file_inode(file);
+	struct inode *inode = file_inode(entry->file);
 	struct fdbox_entry_kho *kho;
-	u64 size, max_folios, i = 0;
-	long nr;
-	pgoff_t offset;
-	u32 seals;
+	u32 seals, added;
+	u64 size;
 	int err;
 
 	kho = kzalloc(sizeof(*kho), GFP_KERNEL);
@@ -237,64 +316,30 @@ static int fdbox_kho_seal_entry(struct fdbox_entry *entry)
 		return -ENOMEM;
 
 	inode_lock(inode);
-	seals = fdbox_file_seals(file);
-	err = -EOPNOTSUPP;
-	if (seals & ~FDBOX_KHO_SEALS)
+	seals = READ_ONCE(*fdbox_seals_ptr(entry->file));
+	err = fdbox_kho_seals_to_add(entry, seals, &added);
+	if (err)
 		goto err_unlock;
 	size = i_size_read(inode);
-	max_folios = DIV_ROUND_UP_ULL(size, entry->page_size);
+	/*
+	 * Pinning allocates every hole: a file larger than this machine's
+	 * memory can never be pinned, so say so instead of trying (and a
+	 * folio count past UINT_MAX would silently preserve only a prefix).
+	 */
 	err = -EFBIG;
-	if (DIV_ROUND_UP_ULL(size, PAGE_SIZE) > UINT_MAX)
+	if (DIV_ROUND_UP_ULL(size, PAGE_SIZE) > min_t(u64, UINT_MAX,
+						      totalram_pages()))
+		goto err_unlock;
+	err = fdbox_kho_preserve_folios(entry, kho, size);
+	if (err)
 		goto err_unlock;
 
-	if (max_folios) {
-		err = -ENOMEM;
-		kho->folios = kvmalloc_array(max_folios, sizeof(*kho->folios),
-					     GFP_KERNEL);
-		if (!kho->folios)
-			goto err_unlock;
-		nr = memfd_pin_folios(file, 0, size - 1, kho->folios,
-				      max_folios, &offset);
-		if (nr < 0) {
-			err = nr;
-			pr_err("%s: pinning folios failed: %pe\n", entry->name,
-			       ERR_PTR(err));
-			kvfree(kho->folios);
-			goto err_unlock;
-		}
-		kho->nr_folios = nr;
-		atomic64_add(nr, &fdbox_counters.pinned_folios);
-
-		kho->ser = vcalloc(nr, sizeof(*kho->ser));
-		err = -ENOMEM;
-		if (!kho->ser)
-			goto err_release;
-		for (i = 0; i < kho->nr_folios; i++) {
-			struct folio *folio = kho->folios[i];
-
-			err = kho_preserve_folio(folio);
-			if (err)
-				goto err_release;
-			folio_lock(folio);
-			folio_mark_dirty(folio);
-			if (!folio_test_uptodate(folio)) {
-				folio_zero_range(folio, 0, folio_size(folio));
-				flush_dcache_folio(folio);
-				folio_mark_uptodate(folio);
-			}
-			folio_unlock(folio);
-			kho->ser[i].pfn = folio_pfn(folio);
-			kho->ser[i].index = folio->index;
-			kho->ser[i].order = folio_order(folio);
-		}
-		err = kho_preserve_vmalloc(kho->ser, &kho->ser_kho);
-		if (err)
-			goto err_release;
+	if (entry->type == FDBOX_TYPE_MEMFD) {
+		shmem_freeze(inode, true);
+		kho->frozen = true;
 	}
-
-	/* keep the mapping's size fixed while sealed */
-	kho->added_seals = (F_SEAL_GROW | F_SEAL_SHRINK) & ~seals;
-	fdbox_set_seals(file, seals | kho->added_seals);
+	kho->added_seals = added;
+	WRITE_ONCE(*fdbox_seals_ptr(entry->file), seals | added);
 	inode_unlock(inode);
 
 	entry->size = size;
@@ -302,8 +347,6 @@ static int fdbox_kho_seal_entry(struct fdbox_entry *entry)
 	entry->kho = kho;
 	return 0;
 
-err_release:
-	fdbox_kho_release_folios(kho, i);
 err_unlock:
 	inode_unlock(inode);
 	kfree(kho);
@@ -314,10 +357,13 @@ static void fdbox_kho_unseal_entry(struct fdbox_entry *entry)
 {
 	struct fdbox_entry_kho *kho = entry->kho;
 	struct inode *inode = file_inode(entry->file);
+	u32 *seals = fdbox_seals_ptr(entry->file);
 
 	inode_lock(inode);
-	fdbox_set_seals(entry->file,
-			fdbox_file_seals(entry->file) & ~kho->added_seals);
+	/* F_SEAL_SEAL kept anyone from adding seals: this is what was there */
+	WRITE_ONCE(*seals, *seals & ~kho->added_seals);
+	if (kho->frozen)
+		shmem_freeze(inode, false);
 	inode_unlock(inode);
 	if (kho->nr_folios) {
 		kho_unpreserve_vmalloc(&kho->ser_kho);
@@ -356,74 +402,110 @@ static struct fdbox_kho_box *fdbox_kho_box_desc(struct fdbox_box *box,
 		e->gid = entry->gid;
 		e->ctime = entry->ctime;
 		e->nr_folios = kho->nr_folios;
-		if (kho->nr_folios) {
-			e->folios = kho->ser_kho;
-			e->folios_crc = fdbox_crc(kho->ser, kho->nr_folios *
-						  sizeof(*kho->ser));
-		}
+		if (!kho->nr_folios)
+			continue;
+		if (fdbox_test_corrupt(8) && !strncmp(box->name, "bad-pfn", 7))
+			/* a tail page of the root folio: never KHO-marked */
+			kho->ser[0].pfn = PHYS_PFN(virt_to_phys(fdbox_kho_root)) + 1;
+		e->folios = kho->ser_kho;
+		e->folios_crc = fdbox_crc(kho->ser, kho->nr_folios *
+					  sizeof(*kho->ser));
 	}
 	desc->crc = fdbox_crc(desc, size);
-	if (test_corrupt_handover == 1)
+	if (fdbox_test_corrupt(1) ||
+	    (fdbox_test_corrupt(4) && !strncmp(box->name, "bad-desc", 8)))
 		desc->name[0] ^= 0x20;
 	*sizep = size;
 	return desc;
 }
 
-/*
- * Rebuild the root from fdbox_sealed and swap it in as the "fdbox" subtree.
- * On failure the old root stays in place.
- */
-static int fdbox_kho_publish_root(void)
+/* The root is allocated and added as the "fdbox" subtree once. */
+static int fdbox_kho_root_get(void)
 {
-	struct fdbox_kho_root *root = NULL, *old = fdbox_kho_root;
-	struct fdbox_box *box;
-	u32 n = 0;
-	size_t size;
+	size_t size = struct_size(fdbox_kho_root, boxes, FDBOX_MAX_BOXES);
+	struct fdbox_kho_root *root;
 	int err;
 
 	lockdep_assert_held(&fdbox_kho_lock);
-	list_for_each_entry(box, &fdbox_sealed, sealed_node)
-		n++;
-	size = struct_size(root, boxes, n);
-	if (n) {
-		root = kho_alloc_preserve(size);
-		if (IS_ERR(root))
-			return PTR_ERR(root);
-		root->magic = FDBOX_KHO_ROOT_MAGIC;
-		root->version = FDBOX_KHO_VERSION;
-		root->nr_boxes = n;
-		root->size = size;
-		n = 0;
-		list_for_each_entry(box, &fdbox_sealed, sealed_node)
-			root->boxes[n++] = virt_to_phys(box->kho_desc);
-		root->crc = fdbox_crc(root, size);
-		if (test_corrupt_handover == 2)
-			root->version = FDBOX_KHO_VERSION + 1;
+	if (fdbox_kho_root)
+		return 0;
+	root = kho_alloc_preserve(size);
+	if (IS_ERR(root))
+		return PTR_ERR(root);
+	root->magic = FDBOX_KHO_ROOT_MAGIC;
+	root->version = FDBOX_KHO_VERSION;
+	root->size = struct_size(root, boxes, 0);
+	root->crc = fdbox_crc(root, root->size);
+	err = kho_add_subtree(FDBOX_KHO_NODE, root, size);
+	if (err) {
+		pr_err_ratelimited("adding KHO subtree failed: %pe\n",
+				   ERR_PTR(err));
+		kho_unpreserve_free(root);
+		return err;
 	}
-	if (old)
-		kho_remove_subtree(old);
-	if (root) {
-		err = kho_add_subtree(FDBOX_KHO_NODE, root, size);
-		if (err) {
-			pr_err("adding KHO subtree failed: %pe\n", ERR_PTR(err));
-			kho_unpreserve_free(root);
-			if (old)
-				WARN_ON(kho_add_subtree(FDBOX_KHO_NODE, old,
-							old->size));
-			return err;
-		}
-	}
-	if (old)
-		kho_unpreserve_free(old);
 	fdbox_kho_root = root;
+	return 0;
+}
+
+/*
+ * With no box sealed, the root goes away (the module can be unloaded then;
+ * a kexec loses nothing). Removing it is safe only because nothing is in it.
+ */
+static void fdbox_kho_root_put_unused(void)
+{
+	lockdep_assert_held(&fdbox_kho_lock);
+	if (!fdbox_kho_root || !list_empty(&fdbox_sealed))
+		return;
+	kho_remove_subtree(fdbox_kho_root);
+	kho_unpreserve_free(fdbox_kho_root);
+	fdbox_kho_root = NULL;
+}
+
+/* Rewrite the root in place from fdbox_sealed. */
+static void fdbox_kho_publish_root(void)
+{
+	struct fdbox_kho_root *root = fdbox_kho_root;
+	struct fdbox_box *box;
+	u32 n = 0;
+
+	lockdep_assert_held(&fdbox_kho_lock);
+	list_for_each_entry(box, &fdbox_sealed, sealed_node) {
+		root->boxes[n] = virt_to_phys(box->kho_desc);
+		if (fdbox_test_corrupt(16) && !strncmp(box->name, "bad-ptr", 7))
+			/* a tail page of the root folio: never KHO-marked */
+			root->boxes[n] = virt_to_phys(root) + PAGE_SIZE;
+		n++;
+	}
+	root->nr_boxes = n;
+	root->size = struct_size(root, boxes, n);
+	root->crc = 0;
+	root->crc = fdbox_crc(root, root->size);
+	if (fdbox_test_corrupt(2))
+		root->version = FDBOX_KHO_VERSION + 1;
+}
+
+/* Take fdbox_kho_rwsem for a SEAL/UNSEAL, unless reboot has begun. */
+static int fdbox_kho_begin(void)
+{
+	down_read(&fdbox_kho_rwsem);
+	if (fdbox_kho_final) {
+		up_read(&fdbox_kho_rwsem);
+		return -ESHUTDOWN;
+	}
 	return 0;
 }
 
 /**
  * fdbox_kho_seal - preserve every entry of @box and publish it.
- * @box: an open box, its mutex held.
+ * @box: an open box.
  *
- * Return: 0, or an error with nothing changed.
+ * Context: Process context; takes fdbox_kho_rwsem (read) and fdbox_kho_lock.
+ * The caller holds @box->mutex.
+ *
+ * Return: 0, or an error with nothing changed: -ENODEV (KHO off),
+ * -ESHUTDOWN (reboot started), -EOPNOTSUPP (seals that cannot be carried or
+ * held), -EEXIST (LUO preserves a file), -EFBIG, -ENOMEM, or what pinning or
+ * KHO returned.
  */
 int fdbox_kho_seal(struct fdbox_box *box)
 {
@@ -433,11 +515,19 @@ int fdbox_kho_seal(struct fdbox_box *box)
 	lockdep_assert_held(&box->mutex);
 	if (!kho_is_enabled())
 		return -ENODEV;
+	err = fdbox_kho_begin();
+	if (err)
+		return err;
+	scoped_guard(mutex, &fdbox_kho_lock)
+		err = fdbox_kho_root_get();
+	if (err)
+		goto out_end;
 
 	list_for_each_entry(entry, &box->entries, node) {
 		err = fdbox_kho_seal_entry(entry);
 		if (err)
 			goto err_unseal;
+		cond_resched();
 	}
 	box->kho_desc = fdbox_kho_box_desc(box, &box->kho_size);
 	if (IS_ERR(box->kho_desc)) {
@@ -445,31 +535,38 @@ int fdbox_kho_seal(struct fdbox_box *box)
 		box->kho_desc = NULL;
 		goto err_unseal;
 	}
+#ifdef FDBOX_TEST
+	if (test_seal_delay_ms && !strncmp(box->name, "slow", 4)) {
+		pr_info("test: %s preserved, publishing in %u ms\n", box->name,
+			test_seal_delay_ms);
+		msleep(test_seal_delay_ms);
+	}
+#endif
 	scoped_guard(mutex, &fdbox_kho_lock) {
 		list_add_tail(&box->sealed_node, &fdbox_sealed);
-		err = fdbox_kho_publish_root();
-		if (err)
-			list_del_init(&box->sealed_node);
+		fdbox_kho_publish_root();
 	}
-	if (err) {
-		kho_unpreserve_free(box->kho_desc);
-		box->kho_desc = NULL;
-		goto err_unseal;
-	}
+	up_read(&fdbox_kho_rwsem);
 	return 0;
 
 err_unseal:
 	list_for_each_entry_continue_reverse(entry, &box->entries, node)
 		fdbox_kho_unseal_entry(entry);
+	scoped_guard(mutex, &fdbox_kho_lock)
+		fdbox_kho_root_put_unused();
+out_end:
+	up_read(&fdbox_kho_rwsem);
 	return err;
 }
 
 /**
  * fdbox_kho_unseal - undo fdbox_kho_seal().
- * @box: a sealed box, its mutex held.
+ * @box: a sealed box.
  *
- * Return: 0, or -ENOMEM if the root descriptor could not be rebuilt (the
- * box stays sealed).
+ * Context: Process context; takes fdbox_kho_rwsem (read) and fdbox_kho_lock.
+ * The caller holds @box->mutex.
+ *
+ * Return: 0, or -ESHUTDOWN once reboot has started (the box stays sealed).
  */
 int fdbox_kho_unseal(struct fdbox_box *box)
 {
@@ -477,22 +574,68 @@ int fdbox_kho_unseal(struct fdbox_box *box)
 	int err;
 
 	lockdep_assert_held(&box->mutex);
+	err = fdbox_kho_begin();
+	if (err)
+		return err;
 	scoped_guard(mutex, &fdbox_kho_lock) {
 		list_del_init(&box->sealed_node);
-		err = fdbox_kho_publish_root();
-		if (err) {
-			list_add_tail(&box->sealed_node, &fdbox_sealed);
-			return err;
-		}
+		fdbox_kho_publish_root();
 	}
 	kho_unpreserve_free(box->kho_desc);
 	box->kho_desc = NULL;
-	list_for_each_entry(entry, &box->entries, node)
+	list_for_each_entry(entry, &box->entries, node) {
 		fdbox_kho_unseal_entry(entry);
+		cond_resched();
+	}
+	/* last: the root never lists a box whose memory is gone */
+	scoped_guard(mutex, &fdbox_kho_lock)
+		fdbox_kho_root_put_unused();
+	up_read(&fdbox_kho_rwsem);
 	return 0;
 }
 
+/*
+ * kernel_kexec() (and every other reboot) calls this before the jump: wait
+ * for SEAL/UNSEAL in flight, then make the published state final.
+ */
+static int fdbox_kho_reboot(struct notifier_block *nb, unsigned long action,
+			    void *data)
+{
+	if (!down_write_trylock(&fdbox_kho_rwsem)) {
+		pr_info("reboot: waiting for a seal/unseal in progress\n");
+		down_write(&fdbox_kho_rwsem);
+	}
+	fdbox_kho_final = true;
+	up_write(&fdbox_kho_rwsem);
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block fdbox_kho_reboot_nb = {
+	.notifier_call = fdbox_kho_reboot,
+};
+
 /* Restore */
+
+/*
+ * Is @phys the head of a folio KHO preserved with @order (any order if
+ * @order < 0)? Reads only struct page, never the memory.
+ */
+static bool fdbox_kho_preserved(phys_addr_t phys, int order)
+{
+	unsigned long pfn = PHYS_PFN(phys);
+	unsigned long info;
+	struct page *page;
+
+	if (!phys || !PAGE_ALIGNED(phys) || !pfn_valid(pfn) ||
+	    !page_is_ram(pfn))
+		return false;
+	page = pfn_to_page(pfn);
+	info = READ_ONCE(page->private);
+	/* union kho_page_info: u32 order, then u32 magic (little endian) */
+	if ((u32)(info >> 32) != FDBOX_KHO_PAGE_MAGIC)
+		return false;
+	return order < 0 || (u32)info == order;
+}
 
 static void fdbox_kho_put_folios(struct fdbox_entry_kho *kho)
 {
@@ -505,7 +648,9 @@ static void fdbox_kho_put_folios(struct fdbox_entry_kho *kho)
 
 /**
  * fdbox_kho_discard_entry - free a restore-pending entry's memory.
- * @entry: the entry, its box's mutex held.
+ * @entry: the entry.
+ *
+ * Context: Process context; the caller holds the box's mutex.
  */
 void fdbox_kho_discard_entry(struct fdbox_entry *entry)
 {
@@ -535,19 +680,61 @@ static void fdbox_copy_into(struct fdbox_entry_kho *kho, u64 *cursor,
 			continue;	/* a hole: the fresh target is zero */
 		copy_highpage(folio_page(dst, pg - first),
 			      folio_page(kho->folios[*cursor], pg - s->index));
+		if (!((pg - first + 1) % 512))
+			cond_resched();	/* a 1 GiB folio is 262144 pages */
 	}
+}
+
+/*
+ * Can @target take the entry's preserved seals under the seal rules? It may
+ * have none but the entry's, and if it has F_SEAL_SEAL it must have them
+ * all; it is filled, so it must not be write-sealed.
+ */
+static bool fdbox_kho_seals_fit(u32 have, u32 want)
+{
+	if (have & (FDBOX_KHO_WRITE_SEALS | ~want))
+		return false;
+	return !(have & F_SEAL_SEAL) || have == want;
+}
+
+/* Apply the preserved seals to the filled target; -EMEDIUMTYPE if it can't. */
+static int fdbox_kho_apply_seals(struct fdbox_entry *entry, struct file *target)
+{
+	struct inode *inode = file_inode(target);
+	u32 *seals = fdbox_seals_ptr(target);
+
+	int err = 0;
+
+	inode_lock(inode);
+	if (!fdbox_kho_seals_fit(READ_ONCE(*seals), entry->seals))
+		err = -EMEDIUMTYPE;
+	/* as memfd_add_seals(): F_SEAL_WRITE needs no writable mapping */
+	else if ((entry->seals & F_SEAL_WRITE) &&
+		 mapping_deny_writable(target->f_mapping))
+		err = -EMEDIUMTYPE;
+	else
+		WRITE_ONCE(*seals, entry->seals);
+	inode_unlock(inode);
+	return err;
 }
 
 #define FDBOX_RESTORE_BATCH 256
 
 /**
  * fdbox_kho_restore_entry - fill @target from a restored entry's memory.
- * @entry:  a restore-pending entry, its box's mutex held.
- * @target: the caller's memfd; on success its reference becomes the entry's.
+ * @entry:  a restore-pending entry, whose file the caller already set to
+ *          @target (so no other box can take @target meanwhile).
+ * @target: the caller's memfd.
  *
- * Return: 0; -EMEDIUMTYPE if @target does not match; -EEXIST if @target is
- * already an entry; or an error from pinning @target's folios. On error the
- * entry is unchanged and RESTORE_FD can be retried.
+ * Copies the preserved data, applies the preserved seals, frees the
+ * preserved memory.
+ *
+ * Context: Process context; the caller holds the box's mutex.
+ *
+ * Return: 0; -EMEDIUMTYPE if @target does not fit (kind, page size, size,
+ * not empty, not open for writing, write-sealed, or seals that conflict with
+ * the entry's); -ENOMEM; or an error from pinning @target's folios. On error
+ * the preserved data is untouched and RESTORE_FD can be retried.
  */
 int fdbox_kho_restore_entry(struct fdbox_entry *entry, struct file *target)
 {
@@ -562,7 +749,9 @@ int fdbox_kho_restore_entry(struct fdbox_entry *entry, struct file *target)
 
 	if (fdbox_classify(target, &type, &page_size) || type != entry->type ||
 	    page_size != entry->page_size || i_size_read(inode) != size ||
-	    inode->i_blocks)
+	    inode->i_blocks || !(target->f_mode & FMODE_WRITE) ||
+	    !fdbox_kho_seals_fit(READ_ONCE(*fdbox_seals_ptr(target)),
+				 entry->seals))
 		return -EMEDIUMTYPE;
 
 	dst = kvmalloc_array(FDBOX_RESTORE_BATCH, sizeof(*dst), GFP_KERNEL);
@@ -589,7 +778,7 @@ int fdbox_kho_restore_entry(struct fdbox_entry *entry, struct file *target)
 		unpin_folios(dst, nr);
 		cond_resched();
 	}
-	err = fdbox_entry_set_file(entry, target);
+	err = fdbox_kho_apply_seals(entry, target);
 	if (err)
 		goto out;
 	fdbox_kho_discard_entry(entry);
@@ -599,40 +788,84 @@ out:
 }
 
 /*
- * Claim a preserved folio list and every folio in it. On failure everything
- * claimed so far is freed and the rest is left alone.
+ * Check a preserved vmalloc area's chunk list against KHO's marks before
+ * kho_restore_vmalloc() follows it (it trusts every pointer).
+ */
+static bool fdbox_kho_vmalloc_valid(const struct kho_vmalloc *v,
+				    unsigned int want_pages)
+{
+	phys_addr_t chunk_phys = v->first.phys;
+	unsigned int pages = 0, chunks = 0;
+
+	if (v->total_pages != want_pages || v->order)
+		return false;
+	while (chunk_phys) {
+		const struct kho_vmalloc_chunk *chunk;
+
+		if (!fdbox_kho_preserved(chunk_phys, 0) ||
+		    ++chunks > want_pages)
+			return false;
+		chunk = phys_to_virt(chunk_phys);
+		for (int i = 0; i < ARRAY_SIZE(chunk->phys) && chunk->phys[i];
+		     i++) {
+			if (!fdbox_kho_preserved(chunk->phys[i], 0) ||
+			    ++pages > want_pages)
+				return false;
+		}
+		chunk_phys = chunk->hdr.next.phys;
+	}
+	return pages == want_pages;
+}
+
+/* The folio list: sorted, non-overlapping, inside the file, aligned. */
+static bool fdbox_kho_folio_list_valid(const struct fdbox_kho_entry *e,
+				       const struct fdbox_preserved_folio *ser)
+{
+	u64 max_pages = DIV_ROUND_UP_ULL(e->size, PAGE_SIZE);
+	u32 min_order = ilog2(e->page_size) - PAGE_SHIFT;
+
+	for (u64 i = 0; i < e->nr_folios; i++) {
+		const struct fdbox_preserved_folio *s = &ser[i];
+
+		if (s->order > MAX_PAGE_ORDER * 2 || s->reserved ||
+		    s->order < min_order ||
+		    (e->type == FDBOX_TYPE_MEMFD_HUGETLB && s->order != min_order) ||
+		    !IS_ALIGNED(s->pfn, 1ULL << s->order) ||
+		    !IS_ALIGNED(s->index, 1ULL << s->order) ||
+		    s->index + (1ULL << s->order) > max_pages +
+		    (e->page_size >> PAGE_SHIFT) ||
+		    (i && s->index < ser[i - 1].index + (1ULL << ser[i - 1].order)) ||
+		    !fdbox_kho_preserved(PFN_PHYS(s->pfn), s->order))
+			return false;
+	}
+	return true;
+}
+
+/*
+ * Claim a preserved folio list and every folio in it, after checking both.
+ * On failure everything claimed so far is freed and the rest is left alone.
  */
 static int fdbox_kho_claim_folios(const struct fdbox_kho_entry *e,
 				  struct fdbox_entry_kho *kho)
 {
-	u64 max_pages = DIV_ROUND_UP_ULL(e->size, PAGE_SIZE);
+	u64 list_bytes;
 	u64 i;
 
 	kho->nr_folios = e->nr_folios;
 	if (!e->nr_folios)
 		return 0;
-	if (e->nr_folios > max_pages ||
-	    (u64)e->folios.total_pages << PAGE_SHIFT <
-	    e->nr_folios * sizeof(*kho->ser))
+	if (e->nr_folios > DIV_ROUND_UP_ULL(e->size, PAGE_SIZE) ||
+	    check_mul_overflow(e->nr_folios, (u64)sizeof(*kho->ser), &list_bytes) ||
+	    !fdbox_kho_vmalloc_valid(&e->folios,
+				     DIV_ROUND_UP_ULL(list_bytes, PAGE_SIZE)))
 		return -EINVAL;
 	kho->ser = kho_restore_vmalloc(&e->folios);
 	if (!kho->ser)
 		return -EIO;
-	if (fdbox_crc(kho->ser, e->nr_folios * sizeof(*kho->ser)) !=
-	    e->folios_crc)
-		goto err_inval;
-
-	/* sorted, non-overlapping, inside the file, of the file's page size */
-	for (i = 0; i < e->nr_folios; i++) {
-		const struct fdbox_preserved_folio *s = &kho->ser[i];
-
-		if (s->order > MAX_PAGE_ORDER * 2 || s->flags ||
-		    (PAGE_SIZE << s->order) < e->page_size ||
-		    s->index + (1ULL << s->order) > max_pages +
-		    (e->page_size >> PAGE_SHIFT) ||
-		    (i && s->index < kho->ser[i - 1].index +
-		     (1ULL << kho->ser[i - 1].order)))
-			goto err_inval;
+	if (fdbox_crc(kho->ser, list_bytes) != e->folios_crc ||
+	    !fdbox_kho_folio_list_valid(e, kho->ser)) {
+		vfree(kho->ser);
+		return -EINVAL;
 	}
 
 	kho->folios = kvcalloc(e->nr_folios, sizeof(*kho->folios), GFP_KERNEL);
@@ -643,22 +876,18 @@ static int fdbox_kho_claim_folios(const struct fdbox_kho_entry *e,
 	for (i = 0; i < e->nr_folios; i++) {
 		struct folio *folio = kho_restore_folio(PFN_PHYS(kho->ser[i].pfn));
 
-		if (!folio || folio_order(folio) != kho->ser[i].order) {
-			pr_err("%s: folio %llu at pfn %#llx missing or wrong order\n",
+		if (!folio) {
+			/* checked above: only a pfn listed twice gets here */
+			pr_err("%s: folio %llu at pfn %#llx listed twice\n",
 			       e->name, i, kho->ser[i].pfn);
-			if (folio)
-				folio_put(folio);
 			kho->nr_folios = i;
 			fdbox_kho_put_folios(kho);
 			return -EIO;
 		}
 		kho->folios[i] = folio;
+		cond_resched();
 	}
 	return 0;
-
-err_inval:
-	vfree(kho->ser);
-	return -EINVAL;
 }
 
 static bool fdbox_kho_entry_valid(const struct fdbox_kho_entry *e)
@@ -672,6 +901,7 @@ static bool fdbox_kho_entry_valid(const struct fdbox_kho_entry *e)
 		return e->page_size == PAGE_SIZE;
 	case FDBOX_TYPE_MEMFD_HUGETLB:
 		return is_power_of_2(e->page_size) && e->page_size > PAGE_SIZE &&
+			e->page_size <= FDBOX_MAX_PAGE_SIZE &&
 			IS_ALIGNED(e->size, e->page_size);
 	default:
 		return false;
@@ -693,59 +923,60 @@ static void fdbox_kho_free_unpublished(struct fdbox_box *box)
 	fdbox_box_free(box);
 }
 
-/* Restore one box descriptor into a new (unpublished) box. */
-static struct fdbox_box *fdbox_kho_restore_box(phys_addr_t phys)
+/* Check a box descriptor; it is claimed but nothing it names is. */
+static int fdbox_kho_box_desc_valid(struct fdbox_kho_box *desc,
+				    size_t folio_size)
 {
-	struct fdbox_kho_box *desc;
-	struct fdbox_box *box;
-	struct folio *folio;
 	u32 crc, i;
-	int err = -EINVAL;
 
-	folio = kho_restore_folio(phys);
-	if (!folio)
-		return ERR_PTR(-EIO);
-	desc = folio_address(folio) + offset_in_folio(folio, phys);
-	if (offset_in_folio(folio, phys) || desc->magic != FDBOX_KHO_BOX_MAGIC ||
+	if (desc->magic != FDBOX_KHO_BOX_MAGIC ||
 	    desc->version != FDBOX_KHO_VERSION || desc->reserved ||
 	    desc->nr_entries > FDBOX_MAX_ENTRIES_PER_BOX ||
 	    desc->size != struct_size(desc, entries, desc->nr_entries) ||
-	    desc->size > folio_size(folio))
-		goto out_put;
+	    desc->size > folio_size)
+		return -EINVAL;
 	crc = desc->crc;
 	desc->crc = 0;
 	if (fdbox_crc(desc, desc->size) != crc ||
 	    !fdbox_valid_box_name(desc->name, sizeof(desc->name)))
-		goto out_put;
+		return -EINVAL;
 	for (i = 0; i < desc->nr_entries; i++) {
 		if (!fdbox_kho_entry_valid(&desc->entries[i]))
-			goto out_put;
+			return -EINVAL;
 		for (u32 j = 0; j < i; j++)
 			if (!strcmp(desc->entries[i].name, desc->entries[j].name))
-				goto out_put;
+				return -EINVAL;
 	}
+	return 0;
+}
 
-	err = -ENOMEM;
+/* Build a box (unpublished) from a checked descriptor, claiming its folios. */
+static struct fdbox_box *fdbox_kho_box_from_desc(const struct fdbox_kho_box *desc)
+{
+	struct fdbox_box *box;
+	int err;
+
 	box = fdbox_box_alloc(desc->name);
 	if (!box)
-		goto out_put;
+		return ERR_PTR(-ENOMEM);
 	box->state = FDBOX_STATE_RESTORED;
-	for (i = 0; i < desc->nr_entries; i++) {
+	for (u32 i = 0; i < desc->nr_entries; i++) {
 		const struct fdbox_kho_entry *e = &desc->entries[i];
 		struct fdbox_entry *entry = fdbox_entry_alloc();
 
+		err = -ENOMEM;
 		if (!entry)
-			goto out_free_box;
+			goto err_free_box;
 		entry->kho = kzalloc(sizeof(*entry->kho), GFP_KERNEL);
 		if (!entry->kho) {
 			fdbox_entry_free(entry);
-			goto out_free_box;
+			goto err_free_box;
 		}
 		err = fdbox_kho_claim_folios(e, entry->kho);
 		if (err) {
 			kfree(entry->kho);
 			fdbox_entry_free(entry);
-			goto out_free_box;
+			goto err_free_box;
 		}
 		strscpy(entry->name, e->name);
 		entry->type = e->type;
@@ -759,31 +990,85 @@ static struct fdbox_box *fdbox_kho_restore_box(phys_addr_t phys)
 		box->nr_entries++;
 		box->nr_pending++;
 	}
-	folio_put(folio);
 	return box;
 
-out_free_box:
+err_free_box:
 	fdbox_kho_free_unpublished(box);
+	return ERR_PTR(err);
+}
+
+/* Restore and publish the box whose descriptor is at @phys. */
+static int fdbox_kho_restore_box(u32 idx, phys_addr_t phys)
+{
+	struct fdbox_kho_box *desc;
+	struct fdbox_box *box;
+	struct folio *folio;
+	int err;
+
+	if (!fdbox_kho_preserved(phys, -1)) {
+		pr_err("box #%u: descriptor at %pa is not preserved memory; refused\n",
+		       idx, &phys);
+		return -EINVAL;
+	}
+	folio = kho_restore_folio(phys);
+	if (!folio)
+		return -EIO;
+	desc = folio_address(folio);
+	err = fdbox_kho_box_desc_valid(desc, folio_size(folio));
+	if (err) {
+		/* not certainly ours: keep the page, free nothing it names */
+		pr_err("box #%u: damaged descriptor; refused, its memory stays reserved\n",
+		       idx);
+		return err;
+	}
+	box = fdbox_kho_box_from_desc(desc);
+	if (IS_ERR(box)) {
+		err = PTR_ERR(box);
+		pr_err("box %s: %pe; refused\n", desc->name, box);
+		goto out_put;
+	}
+	err = fdbox_box_publish_restored(box);
+	if (err) {
+		pr_err("box %s: %pe; refused, its preserved memory freed\n",
+		       desc->name, ERR_PTR(err));
+		fdbox_kho_free_unpublished(box);
+	}
 out_put:
 	folio_put(folio);
-	return ERR_PTR(err);
+	return err;
+}
+
+/* Has an earlier load in this boot taken the handover (kept, marked page)? */
+static bool fdbox_kho_consumed(phys_addr_t phys)
+{
+	unsigned long pfn = PHYS_PFN(phys);
+
+	if (!PAGE_ALIGNED(phys) || !pfn_valid(pfn) || !page_is_ram(pfn) ||
+	    fdbox_kho_preserved(phys, -1))
+		return false;
+	/* RAM, and no longer KHO's: ours since the earlier load */
+	return READ_ONCE(((struct fdbox_kho_root *)phys_to_virt(phys))->magic) ==
+		FDBOX_KHO_CONSUMED_MAGIC;
 }
 
 /**
  * fdbox_kho_init - take the boxes the previous kernel handed over.
  *
- * Return: 0 (also when there was nothing to take), or why the handover was
- * refused.
+ * Context: Module init, before /dev/fdbox is registered.
+ *
+ * Return: 0 (also when there was nothing to take), or the error of the
+ * first part of the handover that was refused (-EINVAL: damaged; -EIO:
+ * memory KHO did not give back; -ENOMEM). Every box that could be restored
+ * is, whatever the return value.
  */
 int fdbox_kho_init(void)
 {
-	struct fdbox_box **boxes = NULL;
 	struct fdbox_kho_root *root;
 	struct folio *folio;
 	phys_addr_t phys;
+	u32 crc, n, restored = 0;
 	size_t size;
-	u32 crc, i, n = 0;
-	int err;
+	int err, first_err = 0;
 
 	if (!is_kho_boot())
 		return 0;
@@ -792,73 +1077,73 @@ int fdbox_kho_init(void)
 		return 0;
 	if (err)
 		return err;
-
-	/*
-	 * An earlier load in this boot took the handover and kept the root's
-	 * page, marked consumed: it is ours, reading it is safe.
-	 */
-	root = phys_to_virt(phys);
-	if (READ_ONCE(root->magic) == FDBOX_KHO_CONSUMED_MAGIC)
+	if (fdbox_kho_consumed(phys))
 		return 0;
-
+	if (size < sizeof(*root) || !fdbox_kho_preserved(phys, -1)) {
+		pr_err("root descriptor at %pa is not preserved memory\n", &phys);
+		return -EIO;
+	}
 	folio = kho_restore_folio(phys);
 	if (!folio)
 		return -EIO;
-	err = -EINVAL;
-	if (offset_in_folio(folio, phys) || size < sizeof(*root) ||
-	    size > folio_size(folio))
-		goto out_consumed;
-	if (root->magic != FDBOX_KHO_ROOT_MAGIC ||
+	root = folio_address(folio);
+	if (size > folio_size(folio) ||
+	    root->magic != FDBOX_KHO_ROOT_MAGIC ||
 	    root->version != FDBOX_KHO_VERSION || root->reserved ||
 	    root->nr_boxes > FDBOX_MAX_BOXES ||
 	    root->size != struct_size(root, boxes, root->nr_boxes) ||
-	    root->size > size)
+	    root->size > size) {
+		err = -EINVAL;
 		goto out_consumed;
+	}
 	crc = root->crc;
 	root->crc = 0;
-	if (fdbox_crc(root, root->size) != crc)
+	if (fdbox_crc(root, root->size) != crc) {
+		err = -EINVAL;
 		goto out_consumed;
+	}
 
-	err = -ENOMEM;
-	boxes = kcalloc(root->nr_boxes ?: 1, sizeof(*boxes), GFP_KERNEL);
-	if (!boxes)
-		goto out_consumed;
 	for (n = 0; n < root->nr_boxes; n++) {
-		boxes[n] = fdbox_kho_restore_box(root->boxes[n]);
-		if (IS_ERR(boxes[n])) {
-			err = PTR_ERR(boxes[n]);
-			goto out_free;
-		}
-		for (i = 0; i < n; i++) {
-			if (!strcmp(boxes[i]->name, boxes[n]->name)) {
-				err = -EINVAL;
-				n++;
-				goto out_free;
-			}
-		}
+		err = fdbox_kho_restore_box(n, root->boxes[n]);
+		if (!err)
+			restored++;
+		else if (!first_err)
+			first_err = err;
+		cond_resched();
 	}
+	err = first_err;
+	WRITE_ONCE(fdbox_kho_restored, restored > 0);
+	if (restored == root->nr_boxes)
+		pr_info("restored %u box(es) from the previous kernel\n",
+			restored);
+	else
+		pr_err("restored %u box(es) from the previous kernel, refused %u\n",
+		       restored, root->nr_boxes - restored);
 
-	/* all valid: publish */
-	for (i = 0; i < n; i++) {
-		err = fdbox_box_publish_restored(boxes[i]);
-		if (err) {
-			pr_err("box %s: %pe\n", boxes[i]->name, ERR_PTR(err));
-			fdbox_kho_free_unpublished(boxes[i]);
-		}
-	}
-	n = 0;
-	WRITE_ONCE(fdbox_kho_restored, true);
-	pr_info("restored %u box(es) from the previous kernel\n",
-		root->nr_boxes);
-	err = 0;
-
-out_free:
-	while (n--)
-		if (!IS_ERR(boxes[n]))
-			fdbox_kho_free_unpublished(boxes[n]);
-	kfree(boxes);
 out_consumed:
 	/* the root page stays allocated for the life of this kernel */
 	root->magic = FDBOX_KHO_CONSUMED_MAGIC;
 	return err;
+}
+
+/**
+ * fdbox_kho_register - watch for reboot (see fdbox_kho_reboot()).
+ *
+ * Context: Module init.
+ *
+ * Return: 0, or the error of register_reboot_notifier().
+ */
+int fdbox_kho_register(void)
+{
+	return register_reboot_notifier(&fdbox_kho_reboot_nb);
+}
+
+/**
+ * fdbox_kho_unregister - undo fdbox_kho_register().
+ *
+ * Context: Module exit, or a failed init.
+ */
+void fdbox_kho_unregister(void)
+{
+	unregister_reboot_notifier(&fdbox_kho_reboot_nb);
 }

@@ -69,7 +69,6 @@
 
 #include <linux/capability.h>
 #include <linux/cleanup.h>
-#include <linux/ctype.h>
 #include <linux/err.h>
 #include <linux/fcntl.h>
 #include <linux/file.h>
@@ -79,6 +78,7 @@
 #include <linux/magic.h>
 #include <linux/miscdevice.h>
 #include <linux/module.h>
+#include <linux/mount.h>
 #include <linux/sched.h>
 #include <linux/shmem_fs.h>
 #include <linux/slab.h>
@@ -109,9 +109,20 @@ static atomic_t fdbox_nr_entries = ATOMIC_INIT(0);
 
 /* Names */
 
+/*
+ * ASCII letters and digits only: the kernel's isalnum() also accepts the
+ * Latin-1 letters 0xc0-0xff, which are not valid UTF-8 on their own and
+ * would break every userspace decoder of the inventory.
+ */
+static bool fdbox_ascii_alnum(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+		(c >= '0' && c <= '9');
+}
+
 static bool fdbox_name_char(char c, const char *extra)
 {
-	return isalnum(c) || strchr(extra, c);
+	return fdbox_ascii_alnum(c) || (c && strchr(extra, c));
 }
 
 /*
@@ -124,7 +135,7 @@ static bool fdbox_valid_name(const char *name, size_t len, const char *extra)
 
 	if (n == 0 || n == len)
 		return false;
-	if (!isalnum(name[0]))
+	if (!fdbox_ascii_alnum(name[0]))
 		return false;
 	for (size_t i = 1; i < n; i++)
 		if (!fdbox_name_char(name[i], extra))
@@ -144,37 +155,46 @@ bool fdbox_valid_entry_name(const char *name, size_t len)
 
 /* File types */
 
-/**
- * fdbox_classify - decide whether fdbox holds this file, and as what.
- * @file:      the file.
- * @type:      out: &enum fdbox_entry_type.
- * @page_size: out: the file's page size.
- *
- * Accepted: regular files with no links (a memfd, or an unlinked tmpfs /
- * O_TMPFILE file, which is the same thing to shmem) backed by shmem, or by
- * hugetlbfs. guest_memfd is recognised by its pseudo file system's magic
- * and refused: its memory is not reachable through the interfaces a module
- * may use.
- *
- * Return: 0, or -EOPNOTSUPP.
+/*
+ * Is @file a memfd? memfd_create() makes an unlinked regular file on the
+ * kernel's internal shmem or hugetlbfs mount (SB_KERNMOUNT; a user's tmpfs
+ * or hugetlbfs mount never is) named "memfd:<name>". That tells it from an
+ * O_TMPFILE or unlinked file on a user mount, and from the other files on the
+ * internal mounts, reachable through /proc/<pid>/map_files: SysV shm and
+ * shared anonymous memory (S_PRIVATE inodes, or names "SYSV<key>",
+ * "anon_hugepage", "dev/zero") and drivers' shmem objects. A memfd LUO gave
+ * back has the name "" (memfd_alloc_file("", ...)) and is accepted too.
+ * A memfd can never get a link: linkat() across mounts fails with EXDEV.
  */
+static bool fdbox_is_memfd(struct file *file, bool shmem)
+{
+	struct inode *inode = file_inode(file);
+	const char *name = file->f_path.dentry->d_name.name;
+
+	if (!S_ISREG(inode->i_mode) || inode->i_nlink || IS_PRIVATE(inode) ||
+	    !(inode->i_sb->s_flags & SB_KERNMOUNT))
+		return false;
+	return !strncmp(name, "memfd:", 6) || (shmem && !name[0]);
+}
+
 int fdbox_classify(struct file *file, u32 *type, u64 *page_size)
 {
 	struct inode *inode = file_inode(file);
 
+	/* guest_memfd: recognised by its pseudo file system, refused */
 	if (inode->i_sb->s_magic == GUEST_MEMFD_MAGIC)
 		return -EOPNOTSUPP;
-	if (!S_ISREG(inode->i_mode) || inode->i_nlink)
-		return -EOPNOTSUPP;
 	if (shmem_mapping(file->f_mapping) &&
-	    inode->i_sb->s_magic == TMPFS_MAGIC) {
+	    inode->i_sb->s_magic == TMPFS_MAGIC && fdbox_is_memfd(file, true)) {
 		*type = FDBOX_TYPE_MEMFD;
 		*page_size = PAGE_SIZE;
 		return 0;
 	}
 #ifdef CONFIG_HUGETLBFS
 	if (is_file_hugepages(file) &&
-	    inode->i_sb->s_magic == HUGETLBFS_MAGIC) {
+	    inode->i_sb->s_magic == HUGETLBFS_MAGIC &&
+	    fdbox_is_memfd(file, false) &&
+	    huge_page_size(hstate_file(file)) <= FDBOX_MAX_PAGE_SIZE) {
 		*type = FDBOX_TYPE_MEMFD_HUGETLB;
 		*page_size = huge_page_size(hstate_file(file));
 		return 0;
@@ -183,8 +203,19 @@ int fdbox_classify(struct file *file, u32 *type, u64 *page_size)
 	return -EOPNOTSUPP;
 }
 
+bool fdbox_mapping_frozen(struct file *file)
+{
+#ifdef SHMEM_F_MAPPING_FROZEN	/* kernels with LUO's memfd support */
+	return shmem_mapping(file->f_mapping) &&
+		(READ_ONCE(SHMEM_I(file_inode(file))->flags) &
+		 SHMEM_F_MAPPING_FROZEN);
+#else
+	return false;
+#endif
+}
+
 /* The file's F_SEAL_* bits; the caller holds what makes the answer useful. */
-u32 fdbox_file_seals(struct file *file)
+static u32 fdbox_file_seals(struct file *file)
 {
 	struct inode *inode = file_inode(file);
 
@@ -217,7 +248,7 @@ void fdbox_entry_free(struct fdbox_entry *entry)
  * Make @file (whose reference the caller hands over) the entry's file,
  * unless the file is already an entry somewhere: -EEXIST.
  */
-int fdbox_entry_set_file(struct fdbox_entry *entry, struct file *file)
+static int fdbox_entry_set_file(struct fdbox_entry *entry, struct file *file)
 {
 	struct inode *inode = file_inode(file);
 	struct fdbox_entry *other;
@@ -247,7 +278,7 @@ static struct file *fdbox_entry_take_file(struct fdbox_entry *entry)
 	return file;
 }
 
-int fdbox_reserve_entry(void)
+static int fdbox_reserve_entry(void)
 {
 	if (atomic_inc_return(&fdbox_nr_entries) > FDBOX_MAX_ENTRIES) {
 		atomic_dec(&fdbox_nr_entries);
@@ -257,7 +288,7 @@ int fdbox_reserve_entry(void)
 	return 0;
 }
 
-void fdbox_unreserve_entry(void)
+static void fdbox_unreserve_entry(void)
 {
 	atomic_dec(&fdbox_nr_entries);
 	atomic64_dec(&fdbox_counters.entries);
@@ -341,7 +372,7 @@ struct fdbox_box *fdbox_box_alloc(const char *name)
  * Add a new box to the list. On success the list owns the box's initial
  * reference and the box owns a module reference.
  */
-int fdbox_box_publish(struct fdbox_box *box)
+static int fdbox_box_publish(struct fdbox_box *box)
 {
 	struct fdbox_box *other;
 
@@ -575,6 +606,11 @@ static int fdbox_ioctl_put_fd(struct fdbox_ucmd *ucmd)
 	err = fdbox_classify(file, &type, &page_size);
 	if (err)
 		goto out_fput;
+	/* preserved by LUO already (SEAL checks again, under the inode lock) */
+	if (fdbox_mapping_frozen(file)) {
+		err = -EEXIST;
+		goto out_fput;
+	}
 
 	box = fdbox_lock_box(argp->box);
 	if (IS_ERR(box)) {
@@ -952,8 +988,17 @@ static int fdbox_ioctl_restore_fd(struct fdbox_ucmd *ucmd)
 		   !entry->kho) {
 		err = -EBADFD;
 	} else {
-		/* on success the target reference becomes the entry's */
-		err = fdbox_kho_restore_entry(entry, target);
+		/*
+		 * Claim the target first, so no data is copied into a file
+		 * another box holds (-EEXIST), and none can take it meanwhile.
+		 * On success the target reference becomes the entry's.
+		 */
+		err = fdbox_entry_set_file(entry, target);
+		if (!err) {
+			err = fdbox_kho_restore_entry(entry, target);
+			if (err)
+				fdbox_entry_take_file(entry);
+		}
 		if (!err) {
 			target = NULL;
 			box->nr_pending--;
@@ -1095,19 +1140,48 @@ static struct miscdevice fdbox_miscdev = {
 	.mode	= 0600,
 };
 
+/* Undo the restore of a module load that fails: drop every box. */
+static void fdbox_drop_restored(void)
+{
+	struct fdbox_box *box, *tmp;
+
+	list_for_each_entry_safe(box, tmp, &fdbox_boxes, node) {
+		struct fdbox_entry *entry, *etmp;
+
+		pr_err("box %s: dropped, the module failed to load\n", box->name);
+		scoped_guard(mutex, &box->mutex)
+			list_for_each_entry_safe(entry, etmp, &box->entries, node)
+				WARN_ON_ONCE(fdbox_unlink_entry(box, entry));
+		list_del_init(&box->node);
+		fdbox_nr_boxes--;
+		atomic64_dec(&fdbox_counters.boxes);
+		fdbox_box_put(box);
+		module_put(THIS_MODULE);
+	}
+}
+
 static int __init fdbox_init(void)
 {
 	int err;
 
-	err = misc_register(&fdbox_miscdev);
+	err = fdbox_kho_register();
 	if (err)
 		return err;
-	/* boxes handed over by the previous kernel, if any */
+	/*
+	 * Boxes handed over by the previous kernel, if any, are published
+	 * before /dev/fdbox exists: a daemon that opens the device finds them
+	 * all, and nobody can create a box with a restored box's name first.
+	 */
 	fdbox_restore_status = fdbox_kho_init();
 	if (fdbox_restore_status)
 		pr_err("previous kernel's boxes refused: %pe\n",
 		       ERR_PTR(fdbox_restore_status));
-	return 0;
+	err = misc_register(&fdbox_miscdev);
+	if (err) {
+		fdbox_drop_restored();
+		fdbox_kho_unregister();
+	}
+	return err;
 }
 
 static void __exit fdbox_exit(void)
@@ -1115,6 +1189,7 @@ static void __exit fdbox_exit(void)
 	/* every box holds a module reference: none can exist here */
 	WARN_ON_ONCE(!list_empty(&fdbox_boxes));
 	misc_deregister(&fdbox_miscdev);
+	fdbox_kho_unregister();
 }
 
 module_init(fdbox_init);

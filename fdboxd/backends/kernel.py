@@ -7,7 +7,8 @@ back in state ``restored`` with each entry's memory waiting in preserved pages.
 
 Restored entries are filled lazily: the first :meth:`get` of such an entry creates a
 memfd of the right kind and size, has the module copy the preserved memory into it
-(``RESTORE_FD``), re-applies the seals the entry had when it was sealed, and from then
+(``RESTORE_FD``, which also re-applies the seals the entry had when it was sealed, so
+a daemon that dies half-way never leaves a write-sealed memfd writable), and from then
 on the kernel holds that memfd like any other entry. The caller never sees the
 difference. Only memfd and hugetlb memfd are held here; the store keeps other types
 (taps) in its side backend.
@@ -21,7 +22,7 @@ import os
 
 from .. import uapi
 from ..errors import FdboxError
-from ..fdtypes import F_ADD_SEALS, FdInfo, FdType
+from ..fdtypes import F_ADD_SEALS, F_GET_SEALS, FdInfo, FdType
 from ..model import BoxState
 from .base import Backend, BackendBox, BackendEntry
 
@@ -173,8 +174,11 @@ class KernelBackend(Backend):
         try:
             os.ftruncate(fd, info.size)
             self.dev.restore_fd(box, name, fd)
-            if info.seals:
-                fcntl.fcntl(fd, F_ADD_SEALS, info.seals)
+            # The module applies the seals itself; this only covers an older module
+            # that did not (adding seals already there would fail under F_SEAL_SEAL).
+            missing = info.seals & ~fcntl.fcntl(fd, F_GET_SEALS)
+            if missing:
+                fcntl.fcntl(fd, F_ADD_SEALS, missing)
         except uapi.FdboxOSError as e:
             os.close(fd)
             raise _error(e, box, name) from None

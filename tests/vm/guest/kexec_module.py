@@ -18,17 +18,30 @@ Scenarios:
   ``test_corrupt_handover=1``/``2`` so the box / root descriptor it hands over is
   damaged; the new kernel's module must refuse the whole handover (no box, the errno
   in ``restore_status``, no kernel warning) and a reload must not try again.
+- ``review`` (issue 11, items 3-8): one good box ``vm1`` (a write-sealed memfd, a plain
+  one, a hugetlb one); three boxes damaged in three ways by the test build
+  (``test_corrupt_handover=28``: a descriptor byte, a folio pfn that KHO never
+  preserved, a root pointer to memory that is not preserved); and box ``slow`` whose
+  SEAL is still running (``test_seal_delay_ms``) when ``kexec -e`` starts. Stage 2 starts
+  a racer that creates a box named ``vm1`` the moment /dev/fdbox appears, then loads the
+  module: every good box is back (``slow`` too: reboot waited for its seal), each
+  damaged one is refused alone without a WARN, the racer lost, RESTORE_FD applies the
+  preserved seals itself and refuses unfit or foreign targets before copying.
+
+The ``corrupt-*`` and ``review`` scenarios need the test build (``make FDBOX_TEST=1``).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import mmap
 import os
-import sys
 import struct
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +100,8 @@ def check(cond: bool, what: str) -> None:
 
 
 def stage1(scenario: str) -> None:
+    if scenario == "review":
+        return review_stage1()
     corrupt = {"corrupt-box": 1, "corrupt-root": 2}.get(scenario, 0)
     km.load(params=f"test_corrupt_handover={corrupt}" if corrupt else "")
     d = uapi.FdboxDevice()
@@ -158,6 +173,8 @@ def stage1(scenario: str) -> None:
 
 
 def stage2(scenario: str) -> None:
+    if scenario == "review":
+        return review_stage2()
     record = json.loads((OUT / f"{scenario}.json").read_text())
     km.load()
     d = uapi.FdboxDevice()
@@ -211,8 +228,7 @@ def stage2(scenario: str) -> None:
             t0 = time.monotonic()
             d.restore_fd(box, e.name, fd)
             timing[e.name] = time.monotonic() - t0
-            if e.seals:
-                fcntl.fcntl(fd, F_ADD_SEALS, e.seals)
+            # the module applied the preserved seals itself: no F_ADD_SEALS here
             g = d.get_fd(box, e.name)
             check(os.fstat(g).st_ino == os.fstat(fd).st_ino, "GET_FD returns the filled memfd")
             os.close(g)
@@ -248,6 +264,177 @@ def stage2(scenario: str) -> None:
     d.close()
     km.unload()
     (OUT / f"{scenario}-stage2.json").write_text(json.dumps({"restore_seconds": timing}))
+
+
+F_SEAL_SEAL, F_SEAL_WRITE = 1, 8
+REVIEW_BAD = ("bad-desc", "bad-pfn", "bad-ptr")
+
+
+def new_memfd(name: str, size: int, flags: int = os.MFD_ALLOW_SEALING) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | flags)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def review_stage1() -> None:
+    km.load(params="test_corrupt_handover=28 test_seal_delay_ms=20000")
+    d = uapi.FdboxDevice()
+    record: dict[str, object] = {}
+    d.create_box("vm1")
+    ram = new_memfd("ram", 16 * MIB)
+    record["ram"] = fill(ram, 16 * MIB, 11)
+    fcntl.fcntl(ram, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK)
+    d.put_fd("vm1", "ram", ram)
+    plain = new_memfd("plain", 4 * MIB)
+    record["plain"] = fill(plain, 4 * MIB, 12)
+    d.put_fd("vm1", "plain", plain)
+    huge = new_memfd("huge", 8 * MIB, os.MFD_HUGETLB | os.MFD_ALLOW_SEALING)
+    record["huge"] = fill(huge, 8 * MIB, 13)
+    d.put_fd("vm1", "huge", huge)
+    d.seal("vm1")
+    for i, box in enumerate(REVIEW_BAD):
+        d.create_box(box)
+        fd = new_memfd(box, MIB)
+        fill(fd, MIB, 20 + i)
+        d.put_fd(box, "mem", fd)
+        d.seal(box)
+        os.close(fd)
+    for fd in (ram, plain, huge):
+        os.close(fd)
+    # "slow": SEAL sleeps 20 s between preserving and publishing, in a child that outlives
+    # this script; vm-kexec's `kexec -e` comes while it sleeps.
+    slow = new_memfd("slow", 4 * MIB)
+    record["slow"] = fill(slow, 4 * MIB, 14)
+    d.create_box("slow")
+    d.put_fd("slow", "mem", slow)
+    (OUT / "review.json").write_text(json.dumps(record))
+    if os.fork() == 0:
+        try:
+            d.seal("slow")
+            log("slow: sealed")
+        finally:
+            os._exit(0)
+    t0 = time.monotonic()
+    while "test: slow preserved" not in subprocess_out(["dmesg"]):
+        check(time.monotonic() - t0 < 30, "slow box's SEAL started")
+        time.sleep(0.1)
+    log("slow box is in SEAL; kexec now")
+
+
+def subprocess_out(cmd: list[str]) -> str:
+    import subprocess
+
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def expect_errno(err: int, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    try:
+        fn(*args)
+    except uapi.FdboxOSError as e:
+        check(e.errno == err, f"{fn.__name__}: {errno.errorcode.get(e.errno)} (want {errno.errorcode[err]})")
+        return
+    raise AssertionError(f"{fn.__name__} succeeded, want {errno.errorcode[err]}")
+
+
+def race_for_vm1(result: dict[str, object], stop: threading.Event) -> None:
+    """Create box vm1 the moment /dev/fdbox appears (item 8: it must already be restored)."""
+    while not stop.is_set():
+        try:
+            dev = uapi.FdboxDevice()
+        except OSError:
+            continue
+        with dev:
+            try:
+                dev.create_box("vm1")
+                result["outcome"] = "created"
+            except uapi.FdboxOSError as e:
+                result["outcome"] = errno.errorcode.get(e.errno, str(e.errno))
+        return
+
+
+def review_stage2() -> None:
+    record = json.loads((OUT / "review.json").read_text())
+    result: dict[str, object] = {}
+    stop = threading.Event()
+    racer = threading.Thread(target=race_for_vm1, args=(result, stop))
+    racer.start()
+    km.load()
+    racer.join(timeout=30)
+    stop.set()
+    check(result.get("outcome") == "EEXIST", f"a box created as soon as the device appeared lost: {result}")
+    d = uapi.FdboxDevice()
+    v = d.version()
+    boxes = {b.name: b for b in d.list_boxes()}
+    check(set(boxes) == {"vm1", "slow"}, f"good boxes restored, damaged ones refused: {sorted(boxes)}")
+    check(v.restore_status == -errno.EINVAL, f"restore_status EINVAL ({v.restore_status})")
+    dmesg = subprocess_out(["dmesg"])
+    check("restored 2 box(es) from the previous kernel, refused 3" in dmesg, "dmesg counts restored and refused")
+    check("box bad-pfn: -EINVAL; refused" in dmesg, "bad folio pfn refused by name")
+    check(dmesg.count("refused") >= 3, "every refused box reported")
+
+    entries = {e.name: e for e in d.list_entries("vm1")}
+    # item 4: unfit targets are refused before anything is copied
+    fd = new_memfd("plain", entries["plain"].size)
+    ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    expect_errno(errno.EMEDIUMTYPE, d.restore_fd, "vm1", "plain", ro)
+    os.close(ro)
+    ws = new_memfd("ws", entries["plain"].size)
+    fcntl.fcntl(ws, F_ADD_SEALS, F_SEAL_WRITE)
+    expect_errno(errno.EMEDIUMTYPE, d.restore_fd, "vm1", "plain", ws)
+    os.close(ws)
+    d.create_box("other")
+    d.put_fd("other", "taken", fd)
+    expect_errno(errno.EEXIST, d.restore_fd, "vm1", "plain", fd)
+    check(os.fstat(fd).st_blocks == 0, "nothing copied into a file another box holds")
+    d.delete_box("other")
+    d.restore_fd("vm1", "plain", fd)
+    check(sha_of(fd) == record["plain"], "plain restored")
+    os.close(fd)
+
+    # item 3: the module applies the preserved seals; F_SEAL_WRITE waits for no writable mapping
+    ram = new_memfd("ram", entries["ram"].size)
+    m = mmap.mmap(ram, MIB)
+    expect_errno(errno.EMEDIUMTYPE, d.restore_fd, "vm1", "ram", ram)
+    m.close()
+    check(bool(d.list_entries("vm1")[0].flags & uapi.FDBOX_ENTRY_RESTORE_PENDING), "ram still pending: retry")
+    os.ftruncate(ram, 0)
+    os.ftruncate(ram, entries["ram"].size)
+    d.restore_fd("vm1", "ram", ram)
+    seals = fcntl.fcntl(ram, F_GET_SEALS)
+    check(seals == F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK, f"preserved seals applied by RESTORE_FD ({seals})")
+    try:
+        os.pwrite(ram, b"x", 0)
+        raise AssertionError("write to a restored write-sealed memfd succeeded")
+    except PermissionError:
+        log("ok: restored write seal holds")
+    check(sha_of(ram) == record["ram"], "ram restored")
+    os.close(ram)
+
+    huge = new_memfd("huge", entries["huge"].size, os.MFD_HUGETLB | os.MFD_ALLOW_SEALING)
+    d.restore_fd("vm1", "huge", huge)
+    check(fcntl.fcntl(huge, F_GET_SEALS) == 0, "hugetlb: SEAL's own seals did not cross")
+    check(sha_of(huge) == record["huge"], "huge restored")
+    os.close(huge)
+
+    # item 5: the reboot notifier waited for the slow SEAL, so the box crossed whole
+    [e] = d.list_entries("slow")
+    fd = new_memfd("slow", e.size)
+    d.restore_fd("slow", "mem", fd)
+    check(sha_of(fd) == record["slow"], "slow box (sealed while kexec began) restored")
+    os.close(fd)
+
+    for b in ("vm1", "slow"):
+        d.finish(b)
+        d.delete_box(b)
+    s = km.stats(d)
+    check(all(s[k] == 0 for k in ("boxes", "entries", "file_refs", "restored_pending")), f"nothing held: {s}")
+    d.close()
+    km.unload()
+    km.load()  # item 6: a second load reads the consumed root safely and takes nothing
+    with uapi.FdboxDevice() as d2:
+        v2 = d2.version()
+        check(v2.restore_status == 0 and d2.list_boxes() == [], "reload: clean")
+    km.unload()
 
 
 if __name__ == "__main__":

@@ -315,12 +315,47 @@ def test_bad_fds_are_ebadf(dev: uapi.FdboxDevice) -> None:
     os.close(opath)
 
 
-def test_unlinked_tmpfs_file_counts_as_memfd(dev: uapi.FdboxDevice, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """shmem cannot tell an O_TMPFILE/unlinked tmpfs file from a memfd: both are held."""
+def test_only_memfds_are_accepted(dev: uapi.FdboxDevice, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Exactly memfds (issue 11, item 13): not O_TMPFILE files on tmpfs, not shmem reached
+    through /proc/self/map_files (SysV shm, shared anonymous memory); and a held memfd can
+    never get a link (linkat across mounts is EXDEV), so nlink stays 0 for its whole life."""
     dev.create_box("b")
+    refused = []
     fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR)
-    assert dev.put_fd("b", "tmpfile", fd).type == uapi.EntryType.MEMFD
-    os.close(fd)
+    refused.append(("O_TMPFILE on tmpfs", fd))
+    with open("/proc/self/maps") as f:
+        before = set(f.read().splitlines())
+    shm = mmap.mmap(-1, 8192, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    shm[:4] = b"anon"
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    shmid = libc.shmget(0, 8192, 0o600 | 0o1000)  # IPC_PRIVATE, IPC_CREAT
+    assert shmid >= 0, os.strerror(ctypes.get_errno())
+    addr = libc.shmat(shmid, None, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    try:
+        with open("/proc/self/maps") as f:
+            new = [line for line in f.read().splitlines() if line not in before]
+        for line in new:
+            rng, what = line.split()[0], line.split()[-1]
+            if "SYSV" in line or "zero" in line:
+                refused.append((f"map_files {what}", os.open(f"/proc/self/map_files/{rng}", os.O_RDWR)))
+        assert len(refused) == 3, new
+        for what, rfd in refused:
+            expect_errno(errno.EOPNOTSUPP, dev.put_fd, "b", "x", rfd)
+            os.close(rfd)
+    finally:
+        libc.shmdt(ctypes.c_void_p(addr))
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
+        shm.close()
+    m = memfd(b"held")
+    dev.put_fd("b", "m", m)
+    with pytest.raises(OSError) as exc:
+        os.link(f"/proc/self/fd/{m}", tmp_path / "linked", follow_symlinks=True)
+    assert exc.value.errno == errno.EXDEV
+    assert os.fstat(m).st_nlink == 0
+    os.close(m)
+    assert km.stats(dev)["entries"] == 1
 
 
 def test_duplicates(dev: uapi.FdboxDevice) -> None:
@@ -689,7 +724,7 @@ def test_seal_hugetlb_and_empty(dev: uapi.FdboxDevice) -> None:
     if hugepages_free() < 4:
         pytest.fail("no free huge pages")
     dev.create_box("b")
-    h = memfd(flags=os.MFD_HUGETLB, size=2 * HUGE)
+    h = memfd(flags=os.MFD_HUGETLB | os.MFD_ALLOW_SEALING, size=2 * HUGE)
     with mmap.mmap(h, 2 * HUGE) as m:
         m[HUGE : HUGE + 4] = b"HUGE"
     dev.put_fd("b", "huge", h)
@@ -870,3 +905,208 @@ def test_concurrent_delete_and_put_race(dev: uapi.FdboxDevice) -> None:
     for th in threads[:2]:
         th.join()
     assert not errors, errors[:10]
+
+
+# --------------------------------------------------------------------------- issue 11: review findings
+
+
+def fallocate_punch(fd: int, off: int, length: int) -> None:
+    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); raises OSError."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, 3, off, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def expect_oserror(err: int, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(OSError) as exc:
+        fn(*args)
+    assert exc.value.errno == err, f"expected {errno.errorcode[err]}, got {exc.value}"
+
+
+@needs_kho
+def test_sealed_memfd_cannot_drop_pages(dev: uapi.FdboxDevice) -> None:
+    """Item 1: a hole punch or MADV_REMOVE after SEAL would split the file from the pinned
+    folios that cross the kexec; the frozen mapping refuses both (and size changes), while
+    writes inside the file still land in the preserved pages."""
+    dev.create_box("b")
+    data = os.urandom(4 * 4096)
+    fd = memfd(data)
+    dev.put_fd("b", "m", fd)
+    m = mmap.mmap(fd, len(data))
+    dev.seal("b")
+    expect_oserror(errno.EPERM, fallocate_punch, fd, 0, 4096)
+    expect_oserror(errno.EPERM, m.madvise, mmap.MADV_REMOVE, 4096, 4096)
+    expect_oserror(errno.EPERM, os.ftruncate, fd, 0)
+    expect_oserror(errno.EPERM, os.pwrite, fd, b"grow", len(data))
+    m[8192:8196] = b"late"
+    os.pwrite(fd, b"write", 100)
+    assert km.stats(dev)["pinned_folios"] == 4
+    assert fcntl.fcntl(fd, F_GET_SEALS) == F_SEAL_SEAL  # SEAL holds the seal set
+    dev.unseal("b")
+    assert fcntl.fcntl(fd, F_GET_SEALS) == 0
+    got = read_all(fd)
+    assert got[8192:8196] == b"late" and got[100:105] == b"write"
+    fallocate_punch(fd, 0, 4096)  # thawed
+    m.close()
+    os.close(fd)
+
+
+@needs_kho
+def test_sealed_hugetlb_memfd_cannot_drop_pages(dev: uapi.FdboxDevice) -> None:
+    """Item 1 for hugetlb (no freeze): SEAL adds F_SEAL_GROW|SHRINK|FUTURE_WRITE|SEAL, which
+    stop hole punch, MADV_REMOVE, resizing and new writable mappings; mappings that exist
+    keep writing into the pinned pages. UNSEAL takes exactly those seals off again."""
+    if hugepages_free() < 2:
+        pytest.fail("no free huge pages")
+    dev.create_box("b")
+    h = memfd(flags=os.MFD_HUGETLB | os.MFD_ALLOW_SEALING, size=2 * HUGE)
+    m = mmap.mmap(h, 2 * HUGE)
+    m[:4] = b"huge"
+    dev.put_fd("b", "h", h)
+    dev.seal("b")
+    assert fcntl.fcntl(h, F_GET_SEALS) == F_SEAL_SEAL | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_FUTURE_WRITE
+    expect_oserror(errno.EPERM, fallocate_punch, h, 0, HUGE)
+    expect_oserror(errno.EPERM, m.madvise, mmap.MADV_REMOVE, 0, HUGE)
+    expect_oserror(errno.EPERM, os.ftruncate, h, HUGE)
+    with pytest.raises(PermissionError):
+        mmap.mmap(h, HUGE)  # a new shared writable mapping
+    m[HUGE : HUGE + 4] = b"late"
+    dev.unseal("b")
+    assert fcntl.fcntl(h, F_GET_SEALS) == 0
+    assert m[:4] == b"huge" and m[HUGE : HUGE + 4] == b"late"
+    m.close()
+    fallocate_punch(h, 0, HUGE)
+    os.close(h)
+
+
+@needs_kho
+def test_seal_follows_the_seal_rules(dev: uapi.FdboxDevice) -> None:
+    """Item 2: SEAL never adds a seal to a file that has F_SEAL_SEAL (a hugetlb memfd that
+    would need one is refused, EOPNOTSUPP, nothing changed), nobody can add seals while
+    sealed, and UNSEAL leaves exactly the seals that were there before SEAL."""
+    dev.create_box("b")
+    sealed = memfd(b"x" * 4096)
+    fcntl.fcntl(sealed, F_ADD_SEALS, F_SEAL_GROW | F_SEAL_SEAL)
+    plain = memfd(b"y" * 4096)
+    dev.put_fd("b", "sealed", sealed)
+    dev.put_fd("b", "plain", plain)
+    dev.seal("b")
+    assert fcntl.fcntl(sealed, F_GET_SEALS) == F_SEAL_GROW | F_SEAL_SEAL  # untouched
+    try:
+        fcntl.fcntl(plain, F_ADD_SEALS, F_SEAL_GROW)
+        added = F_SEAL_GROW  # allowed: then UNSEAL must keep it
+    except PermissionError:
+        added = 0
+    dev.unseal("b")
+    assert fcntl.fcntl(sealed, F_GET_SEALS) == F_SEAL_GROW | F_SEAL_SEAL
+    assert fcntl.fcntl(plain, F_GET_SEALS) == added
+    if hugepages_free() < 1:
+        pytest.fail("no free huge pages")
+    h = memfd(flags=os.MFD_HUGETLB, size=HUGE)  # no MFD_ALLOW_SEALING: F_SEAL_SEAL
+    dev.create_box("h")
+    dev.put_fd("h", "h", h)
+    expect_errno(errno.EOPNOTSUPP, dev.seal, "h")
+    assert dev.list_boxes()[1].state == uapi.BoxState.OPEN
+    assert fcntl.fcntl(h, F_GET_SEALS) == F_SEAL_SEAL
+    assert km.stats(dev)["pinned_folios"] == 0
+    for fd in (sealed, plain, h):
+        os.close(fd)
+
+
+def test_one_gib_huge_pages_are_refused(dev: uapi.FdboxDevice) -> None:
+    """Item 10: supported page sizes are 4 KiB and 2 MiB; a 1 GiB hugetlb memfd is refused at
+    PUT_FD (EOPNOTSUPP) because restored data is copied through the buddy allocator and a
+    restore would need a second full pool of 1 GiB pages. (Creating the memfd and sizing it
+    needs the 1 GiB hstate, not a single 1 GiB page: the host boots with hugepagesz=1G.)"""
+    dev.create_box("b")
+    fd = memfd(flags=os.MFD_HUGETLB | (30 << 26), size=1 << 30)  # MFD_HUGE_1GB
+    expect_errno(errno.EOPNOTSUPP, dev.put_fd, "b", "giant", fd)
+    assert km.stats(dev)["entries"] == 0
+    os.close(fd)
+
+
+@needs_kho
+def test_one_tib_sparse_memfd_seal_is_efbig(dev: uapi.FdboxDevice) -> None:
+    """Item 11: SEAL pins (allocates) every page, so a 1 TiB sparse memfd can never be
+    sealed: EFBIG up front, nothing pinned, no kvmalloc size WARN (the host fails the run
+    on any WARNING)."""
+    dev.create_box("b")
+    fd = memfd(size=1 << 40)
+    dev.put_fd("b", "sparse", fd)
+    e = expect_errno(errno.EFBIG, dev.seal, "b")
+    assert e.error_name == "LimitExceeded"
+    assert dev.list_boxes()[0].state == uapi.BoxState.OPEN
+    assert km.stats(dev)["pinned_folios"] == 0
+    os.ftruncate(fd, 4096)  # not left frozen
+    os.close(fd)
+
+
+def test_latin1_names_are_einval(dev: uapi.FdboxDevice) -> None:
+    """Item 12: the kernel's isalnum() takes Latin-1 letters (0xc0-0xff); names are ASCII."""
+    req = uapi.STRUCTS["fdbox_box_req"]()
+    for bad in (b"\xe9t\xe9", b"a\xc0", b"\xff"):
+        req.box = bad
+        err, _ = km.raw_ioctl(dev, uapi.IOCTLS["FDBOX_IOC_CREATE_BOX"], km.struct_bytes(req))
+        assert err == errno.EINVAL, (bad, err)
+    dev.create_box("b")
+    fd = memfd(b"x")
+    put = uapi.STRUCTS["fdbox_put_fd"]()
+    put.fd, put.box, put.name = fd, b"b", b"caf\xe9"
+    err, _ = km.raw_ioctl(dev, uapi.IOCTLS["FDBOX_IOC_PUT_FD"], km.struct_bytes(put))
+    assert err == errno.EINVAL
+    assert [b.name for b in dev.list_boxes()] == ["b"] and dev.list_entries("b") == []
+    os.close(fd)
+
+
+def _kmsg_count(needle: str) -> int:
+    import subprocess
+
+    return subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout.count(needle)
+
+
+@needs_kho
+def test_user_triggered_errors_are_ratelimited(dev: uapi.FdboxDevice) -> None:
+    """Item 16: a caller that makes SEAL fail in a loop cannot flood the kernel log."""
+    if hugepages_free() < 1:
+        pytest.fail("no free huge pages")
+    dev.create_box("b")
+    big = memfd(flags=os.MFD_HUGETLB | os.MFD_ALLOW_SEALING, size=(hugepages_free() + 4) * HUGE)
+    dev.put_fd("b", "too-big", big)
+    before = _kmsg_count("pinning folios failed")
+    for _ in range(40):
+        with pytest.raises(uapi.FdboxOSError):
+            dev.seal("b")
+    logged = _kmsg_count("pinning folios failed") - before
+    assert 1 <= logged <= 10, logged
+    os.close(big)
+
+
+@needs_kho
+def test_memfd_preserved_by_luo_is_refused(dev: uapi.FdboxDevice) -> None:
+    """Item 9: a memfd the Live Update Orchestrator preserves (its mapping frozen) is never
+    preserved a second time: PUT_FD answers EEXIST, and so does SEAL when LUO took the
+    memfd after it was put. Closing the LUO session unpreserves it: then both work."""
+    from fdboxd.uapi_luo import LuoDevice
+
+    if not os.path.exists("/dev/liveupdate"):
+        pytest.fail("no /dev/liveupdate: boot with liveupdate=on")
+    dev.create_box("b")
+    early, late = memfd(b"e" * 4096), memfd(b"l" * 4096)
+    dev.put_fd("b", "late", late)
+    with LuoDevice() as luo:
+        session = luo.create_session("fdbox-test-item9")
+        session.preserve_fd(early, 1)
+        e = expect_errno(errno.EEXIST, dev.put_fd, "b", "early", early)
+        assert e.error_name == "AlreadyExists"
+        session.preserve_fd(late, 2)
+        expect_errno(errno.EEXIST, dev.seal, "b")
+        assert dev.list_boxes()[0].state == uapi.BoxState.OPEN
+        assert km.stats(dev)["pinned_folios"] == 0
+        session.close()
+    dev.put_fd("b", "early", early)
+    dev.seal("b")
+    dev.unseal("b")
+    os.close(early)
+    os.close(late)

@@ -40,11 +40,16 @@
  *  - EFAULT:      a bad user pointer.
  *  - EBADF:       @fd is not an open file descriptor.
  *  - EOPNOTSUPP:  the file behind @fd is not a type fdbox holds (see
- *                 &enum fdbox_entry_type; guest_memfd is recognised but not
- *                 accepted).
+ *                 &enum fdbox_entry_type: memfds only, huge pages up to
+ *                 2 MiB; guest_memfd is recognised but not accepted), or, on
+ *                 SEAL, an entry's file cannot be preserved as it is: seals
+ *                 this version cannot carry, or F_SEAL_SEAL set on a hugetlb
+ *                 memfd that lacks F_SEAL_GROW, F_SEAL_SHRINK and a write
+ *                 seal (the seal rules forbid adding them).
  *  - ENOENT:      no such box, or no such entry in the box.
- *  - EEXIST:      the box or entry name is taken, or the file is already an
- *                 entry of some box.
+ *  - EEXIST:      the box or entry name is taken, or the file is already
+ *                 held elsewhere: an entry of some box, or preserved by the
+ *                 Live Update Orchestrator (its mapping is frozen).
  *  - EBUSY:       the box's state forbids changing it this way: it is
  *                 sealed (put, remove, delete, seal refused) or restored
  *                 (put, seal refused).
@@ -53,11 +58,17 @@
  *                 not restored, RESTORE_FD on an entry with no preserved data.
  *  - ENODATA:     GET_FD on a restored entry whose data still waits in
  *                 preserved memory; fill it with RESTORE_FD first.
- *  - EMEDIUMTYPE: RESTORE_FD target does not match the entry: not a memfd of
- *                 the same kind (shmem / hugetlb with the same page size), or
- *                 its size is not the entry's size.
+ *  - EMEDIUMTYPE: RESTORE_FD target does not fit the entry: not a memfd of
+ *                 the same kind (shmem / hugetlb with the same page size),
+ *                 not the entry's size, not empty, not open for writing,
+ *                 write-sealed, or with seals the entry's preserved seals
+ *                 cannot be applied over (F_SEAL_WRITE also needs it not
+ *                 mapped shared-writable).
  *  - ENOSPC:      a limit was reached (see struct fdbox_version).
- *  - EFBIG:       the file is too large to be preserved.
+ *  - EFBIG:       the file is too large to be preserved (more pages than the
+ *                 machine has memory: SEAL pins every page).
+ *  - ESHUTDOWN:   SEAL/UNSEAL after a reboot or kexec has begun: what is
+ *                 sealed then is final.
  *  - ENODEV:      sealing needs Kexec HandOver: the kernel has no
  *                 CONFIG_KEXEC_HANDOVER or was booted without kho=on.
  *  - EOVERFLOW:   a list did not fit the caller's array; @count now holds the
@@ -73,6 +84,23 @@
 
 #define FDBOX_IOCTL_TYPE	0xB8
 #define FDBOX_API_VERSION	1
+
+/* ioctl numbers: _IO(FDBOX_IOCTL_TYPE, cmd); each FDBOX_IOC_* sits under its struct. */
+enum {
+	FDBOX_CMD_VERSION = 0x00,
+	FDBOX_CMD_STATS = 0x01,
+	FDBOX_CMD_CREATE_BOX = 0x02,
+	FDBOX_CMD_DELETE_BOX = 0x03,
+	FDBOX_CMD_LIST_BOXES = 0x04,
+	FDBOX_CMD_PUT_FD = 0x05,
+	FDBOX_CMD_GET_FD = 0x06,
+	FDBOX_CMD_REMOVE_ENTRY = 0x07,
+	FDBOX_CMD_LIST_ENTRIES = 0x08,
+	FDBOX_CMD_SEAL = 0x09,
+	FDBOX_CMD_UNSEAL = 0x0a,
+	FDBOX_CMD_RESTORE_FD = 0x0b,
+	FDBOX_CMD_FINISH = 0x0c,
+};
 
 /* Name arrays, including the terminating NUL. */
 #define FDBOX_BOX_NAME_LEN	64	/* ^[A-Za-z0-9][A-Za-z0-9._@+-]{0,62}$ */
@@ -122,8 +150,10 @@ enum fdbox_box_state {
  * @max_boxes:           Output; at most this many boxes exist at once.
  * @max_entries_per_box: Output; at most this many entries in one box.
  * @max_entries:         Output; at most this many entries in all boxes.
- * @restore_status:      Output; 0, or the negative errno with which the
- *                       previous kernel's descriptor was refused at load.
+ * @restore_status:      Output; 0, or the negative errno with which (part
+ *                       of) the previous kernel's handover was refused at
+ *                       load; the boxes that were valid are restored anyway.
+ * @__reserved:          Input; must be zero.
  */
 struct fdbox_version {
 	__u32	size;
@@ -135,6 +165,8 @@ struct fdbox_version {
 	__s32	restore_status;
 	__u32	__reserved;
 };
+
+#define FDBOX_IOC_VERSION	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_VERSION)
 
 /**
  * struct fdbox_stats - ioctl(FDBOX_IOC_STATS)
@@ -166,6 +198,8 @@ struct fdbox_stats {
 	__aligned_u64	removes;
 };
 
+#define FDBOX_IOC_STATS	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_STATS)
+
 /**
  * struct fdbox_box_req - ioctl(FDBOX_IOC_CREATE_BOX, _DELETE_BOX, _SEAL,
  *                              _UNSEAL, _FINISH)
@@ -174,8 +208,11 @@ struct fdbox_stats {
  * @box:   Input; the box name, NUL-terminated.
  *
  * CREATE_BOX makes an empty open box. DELETE_BOX drops an open or restored
- * box and every reference (and restored memory) it holds. SEAL pins and preserves every entry with KHO (all or
- * nothing) and moves the box to sealed. UNSEAL undoes SEAL with nothing lost.
+ * box and every reference (and restored memory) it holds. SEAL pins and
+ * preserves every entry with KHO (all or nothing), fixes each file's mapping
+ * until UNSEAL (shmem: frozen; hugetlb: F_SEAL_GROW|SHRINK|FUTURE_WRITE;
+ * both: F_SEAL_SEAL, only the seals it added are taken off again) and moves
+ * the box to sealed. UNSEAL undoes SEAL with nothing lost.
  * FINISH on a restored box releases the preserved memory of entries that were
  * not filled (dropping those entries) and reopens the box.
  */
@@ -184,6 +221,12 @@ struct fdbox_box_req {
 	__u32	flags;
 	char	box[FDBOX_BOX_NAME_LEN];
 };
+
+#define FDBOX_IOC_CREATE_BOX	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_CREATE_BOX)
+#define FDBOX_IOC_DELETE_BOX	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_DELETE_BOX)
+#define FDBOX_IOC_SEAL	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_SEAL)
+#define FDBOX_IOC_UNSEAL	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_UNSEAL)
+#define FDBOX_IOC_FINISH	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_FINISH)
 
 /**
  * struct fdbox_put_fd - ioctl(FDBOX_IOC_PUT_FD)
@@ -210,6 +253,8 @@ struct fdbox_put_fd {
 	char		name[FDBOX_ENTRY_NAME_LEN];
 };
 
+#define FDBOX_IOC_PUT_FD	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_PUT_FD)
+
 /**
  * struct fdbox_get_fd - ioctl(FDBOX_IOC_GET_FD)
  * @size:  Input; sizeof(struct fdbox_get_fd).
@@ -230,6 +275,8 @@ struct fdbox_get_fd {
 	char	name[FDBOX_ENTRY_NAME_LEN];
 };
 
+#define FDBOX_IOC_GET_FD	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_GET_FD)
+
 /**
  * struct fdbox_entry_req - ioctl(FDBOX_IOC_REMOVE_ENTRY)
  * @size:  Input; sizeof(struct fdbox_entry_req).
@@ -243,6 +290,8 @@ struct fdbox_entry_req {
 	char	box[FDBOX_BOX_NAME_LEN];
 	char	name[FDBOX_ENTRY_NAME_LEN];
 };
+
+#define FDBOX_IOC_REMOVE_ENTRY	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_REMOVE_ENTRY)
 
 /**
  * struct fdbox_box_info - one element of FDBOX_IOC_LIST_BOXES output.
@@ -281,6 +330,8 @@ struct fdbox_list_boxes {
 	__aligned_u64	boxes;
 };
 
+#define FDBOX_IOC_LIST_BOXES	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_LIST_BOXES)
+
 /* struct fdbox_entry_info.flags */
 #define FDBOX_ENTRY_PRESERVED		(1U << 0) /* pinned + KHO-preserved (sealed) */
 #define FDBOX_ENTRY_RESTORE_PENDING	(1U << 1) /* data in preserved memory; RESTORE_FD */
@@ -291,8 +342,9 @@ struct fdbox_list_boxes {
  * @type:      &enum fdbox_entry_type.
  * @flags:     FDBOX_ENTRY_* bits.
  * @fsize:     the file's size (live for an open box; as preserved otherwise).
- * @seals:     the memfd's F_SEAL_* seals (as preserved, for a restored entry;
- *             RESTORE_FD does not apply them, the caller does).
+ * @seals:     the memfd's F_SEAL_* seals (live for an open box; as they were
+ *             at SEAL for a sealed or restored entry; RESTORE_FD applies
+ *             them).
  * @uid:       owner, as given to PUT_FD.
  * @gid:       owner group, as given to PUT_FD.
  * @ctime:     when the entry was put, seconds since the epoch.
@@ -333,6 +385,8 @@ struct fdbox_list_entries {
 	char		box[FDBOX_BOX_NAME_LEN];
 };
 
+#define FDBOX_IOC_LIST_ENTRIES	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_LIST_ENTRIES)
+
 /**
  * struct fdbox_restore_fd - ioctl(FDBOX_IOC_RESTORE_FD)
  * @size:  Input; sizeof(struct fdbox_restore_fd).
@@ -346,11 +400,12 @@ struct fdbox_list_entries {
  * @name:  Input; the entry name.
  *
  * Copies the entry's preserved memory from the previous kernel into @fd,
- * frees the preserved memory, and makes @fd's file the entry's file (GET_FD
- * works from then on). Out-of-tree code cannot put preserved folios back into
- * a shmem or hugetlbfs mapping, hence the copy. Seals are not applied: the
- * caller reads them from LIST_ENTRIES and applies them with F_ADD_SEALS.
- * The box stays restored until FINISH.
+ * applies the entry's preserved seals to it, frees the preserved memory, and
+ * makes @fd's file the entry's file (GET_FD works from then on). Out-of-tree
+ * code cannot put preserved folios back into a shmem or hugetlbfs mapping,
+ * hence the copy. @fd must be open for writing, empty, and have no seals but
+ * the entry's (create it with MFD_ALLOW_SEALING if the entry has seals
+ * other than F_SEAL_SEAL). The box stays restored until FINISH.
  */
 struct fdbox_restore_fd {
 	__u32	size;
@@ -361,34 +416,6 @@ struct fdbox_restore_fd {
 	char	name[FDBOX_ENTRY_NAME_LEN];
 };
 
-enum {
-	FDBOX_CMD_VERSION = 0x00,
-	FDBOX_CMD_STATS = 0x01,
-	FDBOX_CMD_CREATE_BOX = 0x02,
-	FDBOX_CMD_DELETE_BOX = 0x03,
-	FDBOX_CMD_LIST_BOXES = 0x04,
-	FDBOX_CMD_PUT_FD = 0x05,
-	FDBOX_CMD_GET_FD = 0x06,
-	FDBOX_CMD_REMOVE_ENTRY = 0x07,
-	FDBOX_CMD_LIST_ENTRIES = 0x08,
-	FDBOX_CMD_SEAL = 0x09,
-	FDBOX_CMD_UNSEAL = 0x0a,
-	FDBOX_CMD_RESTORE_FD = 0x0b,
-	FDBOX_CMD_FINISH = 0x0c,
-};
-
-#define FDBOX_IOC_VERSION	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_VERSION)
-#define FDBOX_IOC_STATS		_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_STATS)
-#define FDBOX_IOC_CREATE_BOX	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_CREATE_BOX)
-#define FDBOX_IOC_DELETE_BOX	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_DELETE_BOX)
-#define FDBOX_IOC_LIST_BOXES	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_LIST_BOXES)
-#define FDBOX_IOC_PUT_FD	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_PUT_FD)
-#define FDBOX_IOC_GET_FD	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_GET_FD)
-#define FDBOX_IOC_REMOVE_ENTRY	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_REMOVE_ENTRY)
-#define FDBOX_IOC_LIST_ENTRIES	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_LIST_ENTRIES)
-#define FDBOX_IOC_SEAL		_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_SEAL)
-#define FDBOX_IOC_UNSEAL	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_UNSEAL)
 #define FDBOX_IOC_RESTORE_FD	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_RESTORE_FD)
-#define FDBOX_IOC_FINISH	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_FINISH)
 
 #endif /* _UAPI_LINUX_FDBOX_H */
