@@ -156,7 +156,9 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
         else:
             if DEVSTATE in got:
                 raise FdboxError("InvalidRequest", f"box {vm} holds a devstate but no RAM: refusing to resume on fresh RAM", box=vm)
-            flags = os.MFD_CLOEXEC | (HUGETLB_FLAGS[hugetlb] if hugetlb else 0)
+            # MFD_ALLOW_SEALING: fdbox.ko refuses to SEAL a hugetlb memfd that has F_SEAL_SEAL
+            # (it must add F_SEAL_FUTURE_WRITE while sealed; see kmod/README.md).
+            flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | (HUGETLB_FLAGS[hugetlb] if hugetlb else 0)
             items = []
             for i, size in enumerate(ram):
                 try:
