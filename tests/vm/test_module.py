@@ -103,6 +103,7 @@ def test_dkms_builds_for_supported_kernels_only(vm_kbuild: Path, tmp_path: Path)
     src, tree = tmp_path / "src", tmp_path / "tree"
     shutil.copytree(vmlib.repo_root() / "kmod", src / "fdbox-0.1.0",
                     ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd"))
+    tree.mkdir()
     trees = ["--sourcetree", str(src), "--dkmstree", str(tree)]
     release = (vm_kbuild / "include" / "config" / "kernel.release").read_text().strip()
 
