@@ -359,8 +359,7 @@ def test_put_get_and_restore_into_over_dbus(kvm, daemon_factory, dbus_address):
     data = pattern(SIZE, seed=12)
     fd = gmem_with(kvm, data)
     test_dbus.put(address, "vm1", "ram0", fd, "{'slot': '0'}")
-    out = test_dbus.gdbus(address, "List")
-    assert "'vm1', 'ram0', 'guest_memfd', uint64 %d" % SIZE in out.stdout, out.stdout
+    assert asyncio.run(_dbus_list(address)) == {("vm1", "ram0"): ("guest_memfd", SIZE)}
     got = asyncio.run(_dbus_fast_get_fd(address, "vm1", "ram0"))
     try:
         assert os.fstat(got).st_ino == os.fstat(fd).st_ino and kvmtest.read_gmem(got) == data
@@ -379,6 +378,28 @@ def test_put_get_and_restore_into_over_dbus(kvm, daemon_factory, dbus_address):
     assert any(line.split()[:3] == [".RestoreInto", "method", "ssh"] for line in introspect.stdout.splitlines())
     os.close(fd)
     d.stop()
+
+
+async def _dbus_list(address: str) -> dict[tuple[str, str], tuple[str, int]]:
+    """D-Bus List as {(box, name): (type, size)}, whether entries are structs or a{sv}."""
+    from dbus_fast import Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    bus = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+    try:
+        reply = await bus.call(Message(destination="io.fdbox1", path="/io/fdbox1", interface="io.fdbox1.Manager",
+                                       member="List", signature="", body=[]))
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+        out = {}
+        for e in reply.body[0]:
+            if isinstance(e, dict):  # a{sv}
+                f = {k: v.value for k, v in e.items()}
+                out[(f["box"], f["name"])] = (f["type"], int(f["size"]))
+            else:  # (ssstuuda{ss}xsbs)
+                out[(e[0], e[1])] = (e[2], int(e[3]))
+        return out
+    finally:
+        bus.disconnect()
 
 
 async def _dbus_fast_get_fd(address: str, box: str, name: str) -> int:
