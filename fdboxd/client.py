@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,6 +50,11 @@ class Client:
         except OSError as e:
             self.sock.close()
             raise FdboxError("BackendUnavailable", f"cannot connect to fdboxd at {self.path}: {e.strerror}") from e
+        try:
+            check_server(self.sock, self.path)
+        except BaseException:
+            self.sock.close()
+            raise
         self.framer = Framer(MAX_REPLY_SIZE)
 
     def __enter__(self) -> Client:
@@ -71,7 +77,13 @@ class Client:
         """
         if "." not in method:
             method = f"{INTERFACE}.{method}"
-        send_message(self.sock, {"method": method, "parameters": params or {}}, list(fds))
+        try:
+            send_message(self.sock, {"method": method, "parameters": params or {}}, list(fds))
+        except OSError:
+            # The daemon may have refused the connection with a reason (LimitExceeded
+            # on too many connections) and closed it: say that rather than EPIPE.
+            self._reply()
+            raise
         reply, rfds = self._reply()
         return reply.get("parameters") or {}, rfds
 
@@ -175,6 +187,19 @@ class Client:
     def status(self) -> dict[str, Any]:
         reply, _ = self.call("Status")
         return reply
+
+
+def check_server(sock: socket.socket, path: str) -> None:
+    """Refuse a server that is neither root nor ourselves, before a single fd is sent.
+
+    A socket path can be squatted (another user's listener in ``/tmp/fdbox-$UID``, or a
+    stale ``$FDBOX_SOCKET``); the kernel's SO_PEERCRED says who really listens.
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", raw)
+    if uid not in (0, os.geteuid()):
+        raise FdboxError("PermissionDenied", f"the server at {path} runs as uid {uid} (pid {pid}), "
+                         f"neither root nor you (uid {os.geteuid()}): not talking to it")
 
 
 def _take(fds: list[int], index: object) -> int:

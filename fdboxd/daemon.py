@@ -26,7 +26,8 @@ from .fdtypes import MEMORY_TYPES, FdType
 from .manifest import Manifest
 from .model import Caller
 from .checksum import DEFAULT_VERIFY, Verify
-from .store import Limits, Store
+from .limits import Budget, Limits, add_arguments, from_args
+from .store import Store
 from .varlink.protocol import MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
 from .varlink.server import VarlinkServer, bind_socket
 from .varlink.service import StoreService
@@ -42,6 +43,8 @@ class Config:
     device: str = DEVICE_PATH
     allowed_types: frozenset[FdType] = MEMORY_TYPES
     limits: Limits = field(default_factory=Limits)
+    budget: Budget = field(default_factory=Budget)
+    user: bool = False  # --user: serve only our own uid, on a 0600 socket in a checked directory
     max_fds: int = MAX_FDS_PER_MESSAGE
     max_message_size: int = MAX_MESSAGE_SIZE
     bus: str | None = None  # D-Bus front-end: "system", "session" or an address
@@ -65,10 +68,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--allow-type", action="append", default=[], metavar="TYPE",
                    choices=[t.value for t in FdType],
                    help="also accept fds of this type (tap, other); memfd types are always accepted")
-    p.add_argument("--max-entries-per-box", type=int, default=Limits.max_entries_per_box)
-    p.add_argument("--max-entries", type=int, default=Limits.max_entries_total)
-    p.add_argument("--max-boxes", type=int, default=Limits.max_boxes)
-    p.add_argument("--max-fds-per-message", type=int, default=MAX_FDS_PER_MESSAGE)
+    p.add_argument("--max-fds-per-message", type=int, default=MAX_FDS_PER_MESSAGE,
+                   help="fds in one message, however many reads it spans (default: %(default)s)")
+    add_arguments(p)
     p.add_argument("--bus", help="also serve D-Bus: system, session, or a bus address")
     p.add_argument("--log-level", default=os.environ.get("FDBOX_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
@@ -77,14 +79,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
     user = a.user if a.user is not None else os.geteuid() != 0
     if not 1 <= a.max_fds_per_message <= MAX_FDS_PER_MESSAGE:
         p.error(f"--max-fds-per-message must be 1..{MAX_FDS_PER_MESSAGE}")
+    try:
+        limits, budget = from_args(a)
+    except ValueError as e:
+        p.error(str(e))
     return Config(
         socket=a.socket or paths.default_socket(user),
         state_dir=a.state_dir or paths.default_state_dir(user),
         backend=a.backend,
         device=a.device,
         allowed_types=MEMORY_TYPES | {FdType(t) for t in a.allow_type},
-        limits=Limits(max_boxes=a.max_boxes, max_entries_per_box=a.max_entries_per_box,
-                      max_entries_total=a.max_entries),
+        limits=limits,
+        budget=budget,
+        user=user,
         max_fds=a.max_fds_per_message,
         bus=a.bus,
         log_level=a.log_level,
@@ -124,25 +131,41 @@ class Daemon:
         self.frontends: list[Any] = []  # objects with an async close()
 
     def limits(self) -> dict[str, int]:
-        lim = self.config.limits
+        lim, bud = self.config.limits, self.config.budget
         return {
             "max_boxes": lim.max_boxes,
             "max_entries_per_box": lim.max_entries_per_box,
             "max_entries": lim.max_entries_total,
+            "max_boxes_per_uid": lim.max_boxes_per_uid,
+            "max_entries_per_uid": lim.max_entries_per_uid,
+            "max_bytes_per_uid": lim.max_bytes_per_uid,
+            "max_entry_size": lim.max_entry_size,
             "max_fds_per_message": self.config.max_fds,
             "max_message_size": self.config.max_message_size,
+            "max_connections": bud.max_connections,
+            "max_connections_per_uid": bud.connections_per_uid,
+            "max_fds_in_flight_per_connection": bud.fds_per_connection,
+            "max_fds_in_flight_per_uid": bud.fds_per_uid,
+            "idle_timeout": int(bud.idle_timeout),
         }
 
     async def start(self, listener: Any = None) -> None:
         """Open the front-ends. ``listener``: an already-bound socket (socket activation)."""
         if listener is None:
             listener, self.activation.listener = self.activation.listener, None
-        sock = listener if listener is not None else bind_socket(self.config.socket)
+        if listener is None and self.config.user:
+            paths.ensure_private_dir(os.path.dirname(self.config.socket))
+        sock = listener if listener is not None else bind_socket(self.config.socket,
+                                                                 0o600 if self.config.user else 0o666)
+        service = StoreService(self.store, self.limits())
         self.varlink = VarlinkServer(
-            StoreService(self.store, self.limits()), sock,
+            service, sock,
             max_message_size=self.config.max_message_size, max_fds=self.config.max_fds,
-            log_op=log_op,
+            log_op=log_op, budget=self.config.budget,
+            # A --user daemon holds one user's files: nobody else's, not even root's.
+            allowed_uids=frozenset({os.getuid()}) if self.config.user else None,
         )
+        service.connection_usage = self.varlink.usage
         if self.config.bus:
             from .dbus import DBusFrontend  # dbus-fast is imported only when --bus is given
 
@@ -196,11 +219,24 @@ def log_op(caller: Caller, method: Any, params: dict[str, Any], error: FdboxErro
         log.info("%s %s by uid %d pid %d refused: %s", op, where, caller.uid, caller.pid, error, extra=fields)
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one: the memory backend holds an fd per entry."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the fd limit from %d to %d: %s", soft, hard, e)
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     from .systemd import setup_logging  # journal fields under journald, plain lines otherwise
 
     setup_logging(config.log_level)
+    raise_fd_limit()
     try:
         asyncio.run(_main(config))
     except FdboxError as e:

@@ -52,7 +52,7 @@ from dbus_fast.constants import MessageFlag, NameFlag, PropertyAccess, RequestNa
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from . import __version__
-from .errors import FdboxError
+from .errors import FdboxError, describe
 from .model import Caller, Entry
 from .store import Event, Store, seal_in_worker
 from .varlink.protocol import close_fds
@@ -483,15 +483,11 @@ class DBusFrontend:
 
     def _finish(self, msg: Message, out_sig: str, caller: Caller, result: Any, exc: BaseException | None) -> None:
         params = _params(msg)
-        if isinstance(exc, FdboxError):
-            if self.log_op is not None:
-                self.log_op(caller, f"{INTERFACE}.{msg.member}", params, exc)
-            self._reply(msg, Message.new_error(msg, ERROR_PREFIX + exc.name, exc.message), [])
-            return
         if exc is not None:
-            log.error("internal error in %s", msg.member, exc_info=exc)
-            self._reply(msg, Message.new_error(msg, ERROR_PREFIX + "BackendUnavailable",
-                                               "internal error; see the daemon log"), [])
+            name, eparams = describe(exc, msg.member)
+            if isinstance(exc, FdboxError) and self.log_op is not None:
+                self.log_op(caller, f"{INTERFACE}.{msg.member}", params, exc)
+            self._reply(msg, Message.new_error(msg, ERROR_PREFIX + name, eparams["message"]), [])
             return
         if self.log_op is not None:
             self.log_op(caller, f"{INTERFACE}.{msg.member}", params, None)

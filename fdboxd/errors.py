@@ -9,7 +9,13 @@ such, not dressed up as one of these.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger("fdboxd")
+
+#: What a caller is told about a bug: never a traceback (callers may be other users).
+INTERNAL = "internal error; see the daemon log"
 
 ERROR_NAMES: tuple[str, ...] = (
     "NotFound",
@@ -46,3 +52,15 @@ class FdboxError(Exception):
     def to_params(self) -> dict[str, Any]:
         """Error parameters as sent on the wire: the details plus the message."""
         return {"message": self.message, **self.params}
+
+
+def describe(exc: BaseException, what: object = "a request") -> tuple[str, dict[str, Any]]:
+    """The (error name, parameters) a caller gets for ``exc``, whatever it is.
+
+    An :class:`FdboxError` presents itself. Anything else is a bug in fdboxd: it is
+    logged with its traceback here and the caller gets ``BackendUnavailable``.
+    """
+    if isinstance(exc, FdboxError):
+        return exc.name, exc.to_params()
+    log.error("internal error in %s", what, exc_info=exc)
+    return "BackendUnavailable", {"message": INTERNAL}

@@ -38,6 +38,7 @@ from .backends.memory import MemoryBackend
 from .checksum import DEFAULT_VERIFY, Digest, Verify, check_many, digest_many, planned_bytes, sha256_fd
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdInfo, FdType, detect
+from .limits import Limits
 from .manifest import Manifest, ManifestData, Op, box_op, decode, encode, entry_op
 from .model import Box, BoxState, Caller, Entry
 from .names import check_box_name, check_entry_name
@@ -49,17 +50,6 @@ log = logging.getLogger("fdboxd.store")
 #: when the state directory did not survive. Reserved: callers cannot name it.
 CARRY_BOX = "fdboxd.manifest"
 CARRY_ENTRY = "manifest.json"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds that keep one caller from exhausting the daemon (all: LimitExceeded)."""
-
-    max_boxes: int = 1024
-    max_entries_per_box: int = 1024
-    max_entries_total: int = 16384
-    max_metadata_keys: int = 32
-    max_metadata_bytes: int = 4096
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Shared fixtures: a real fdboxd process on a temp socket, and clients for it.
 
-``daemon`` starts ``python3 -m fdboxd --user --socket <tmp> --state-dir <tmp>`` from this
+``daemon`` starts ``python3 -m fdboxd --socket <tmp> --state-dir <tmp>`` from this
 checkout and waits until the socket answers a connect. ``daemon_factory`` does the same
 with extra arguments or environment (the D-Bus and net tests pass ``--bus ...`` or
 ``--allow-type tap``). Each daemon's stderr goes to ``<runtime>/fdboxd.log``; a daemon

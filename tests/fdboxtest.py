@@ -54,7 +54,7 @@ class DaemonProcess:
         return self.proc.pid
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "fdboxd", "--user", "--socket", self.socket,
+        return [sys.executable, "-m", "fdboxd", "--socket", self.socket,
                 "--state-dir", self.state_dir, "--log-level", "debug", *self.args]
 
     def start(self) -> DaemonProcess:

@@ -30,13 +30,12 @@ MAX_MESSAGE_SIZE = 1 << 20
 #: What a client accepts in one reply: the daemon is trusted, and a List of 100,000
 #: entries is some 30 MiB of JSON.
 MAX_REPLY_SIZE = 256 << 20
+#: JSON nested deeper than this is refused before it reaches any code that recurses.
+MAX_DEPTH = 32
 RECV_CHUNK = 64 << 10
 _FD_SIZE = array.array("i").itemsize
+_OUT_OF_FDS = "file descriptors were truncated: fdboxd is out of file descriptors, try again later"
 CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
-
-
-class ProtocolError(Exception):
-    """The peer broke the framing; ``reply`` says whether an error reply is still useful."""
 
 
 @dataclass
@@ -45,11 +44,45 @@ class Frame:
 
     message: Any
     fds: list[int] = field(default_factory=list)
-    error: str | None = None  # set instead of message when the frame was malformed
+    error: str | None = None  # set instead of message when the frame was refused
+    #: The fdbox error name for ``error``: the peer's fault, or ours (out of fds).
+    error_name: str = "InvalidRequest"
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\0"
+    """One message on the wire. ASCII-only JSON: a string the peer sent cannot make it fail."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\0"
+
+
+def check_document(raw: bytes, doc: Any) -> str | None:
+    """Why a parsed message is unacceptable, or None: too deep, or a lone surrogate.
+
+    ``json.loads`` accepts ``"\\ud800"`` (a string no UTF-8 encoder takes back) and
+    nesting up to the interpreter's recursion limit. Both are refused here, at the
+    edge, so nothing behind the framer meets them. The walk runs only when the raw
+    bytes could hold either (cheap byte counts first): ordinary messages skip it.
+    """
+    deep = raw.count(b"[") + raw.count(b"{") > MAX_DEPTH
+    escaped = b"\\u" in raw or b"\\U" in raw
+    if not (deep or escaped):
+        return None
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if escaped and not value.isascii():
+                try:
+                    value.encode()
+                except UnicodeEncodeError:
+                    return "a string holds a lone UTF-16 surrogate"
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                return f"JSON nested deeper than {MAX_DEPTH}"
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                stack.append((k, depth + 1))
+                stack.append((v, depth + 1))
+    return None
 
 
 def close_fds(fds: list[int]) -> None:
@@ -76,7 +109,10 @@ class Framer:
 
     Oversized messages and undecodable JSON become :class:`Frame` objects with
     ``error`` set, so the server can answer them; the stream then resynchronises at the
-    next NUL. Fds that arrive with such a frame, or more than the limit, are closed.
+    next NUL. ``max_fds`` bounds the fds of one *message*, however many reads it spans:
+    past it, the message's fds are closed at once (not when its NUL comes, which a
+    hostile peer never sends) and the frame is refused. No exception leaves
+    :meth:`feed`: every frame becomes a message or an error.
     """
 
     def __init__(self, max_size: int = MAX_MESSAGE_SIZE, max_fds: int = MAX_FDS_PER_MESSAGE) -> None:
@@ -87,6 +123,7 @@ class Framer:
         self._skipping = False  # discarding the rest of an oversized message
         self._problem: str | None = None  # the fds of the current message were refused
         self._frames: deque[Frame] = deque()
+        self._frame_fds = 0  # fds held by the frames in _frames
 
     def feed(self, data: bytes, fds: list[int] | None = None, truncated: bool = False) -> None:
         """Add one ``recvmsg`` result. ``truncated`` is MSG_CTRUNC: some fds were lost.
@@ -97,9 +134,13 @@ class Framer:
         message still arriving).
         """
         fds = list(fds or [])
-        problem = "file descriptors were truncated (too many in one message)" if truncated else None
-        if len(fds) > self.max_fds:
-            problem = f"more than {self.max_fds} file descriptors in one message"
+        problem = None
+        if truncated:
+            # The room asked for is max_fds: a short array means the kernel could not
+            # install them all here (we are at our fd limit), not that the peer sent
+            # too many. The two get different answers.
+            problem = (f"file descriptors were truncated: more than {self.max_fds} in one message"
+                       if len(fds) >= self.max_fds else _OUT_OF_FDS)
         parts = data.split(b"\0")
         in_progress = bool(self._buf) or self._skipping
         last = len(parts) - 1
@@ -107,8 +148,7 @@ class Framer:
         target = starts[-1] if starts else 0
         for i, part in enumerate(parts):
             if i == target and (fds or problem):
-                self._fds.extend(fds)
-                self._problem = self._problem or problem
+                self._take_fds(fds, problem)
             if not self._skipping:
                 if len(self._buf) + len(part) > self.max_size:
                     self._skipping = True
@@ -117,6 +157,23 @@ class Framer:
                     self._buf += part
             if i < last:
                 self._finish()
+
+    @property
+    def fd_count(self) -> int:
+        """Fds owned here: the partial message's and those of untaken frames."""
+        return len(self._fds) + self._frame_fds
+
+    def _take_fds(self, fds: list[int], problem: str | None) -> None:
+        if problem is None and len(self._fds) + len(fds) > self.max_fds:
+            problem = f"more than {self.max_fds} file descriptors in one message"
+        if problem is not None or self._problem is not None:
+            # Refused: close now, so a message that never ends pins nothing.
+            close_fds(self._fds)
+            close_fds(fds)
+            self._fds = []
+            self._problem = self._problem or problem
+            return
+        self._fds.extend(fds)
 
     def _finish(self) -> None:
         fds, self._fds = self._fds, []
@@ -127,24 +184,42 @@ class Framer:
             self._skipping = False
             problem = f"message larger than {self.max_size} bytes"
         if problem is None:
-            try:
-                message = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                problem = f"not a JSON message: {e}"
-            else:
-                if isinstance(message, dict):
-                    self._frames.append(Frame(message, fds))
-                    return
-                problem = "a message must be a JSON object"
+            problem = self._decode(raw, fds)
+            if problem is None:
+                return
         close_fds(fds)
-        self._frames.append(Frame(None, [], problem))
+        name = "BackendUnavailable" if problem == _OUT_OF_FDS else "InvalidRequest"
+        self._frames.append(Frame(None, [], problem, name))
+
+    def _decode(self, raw: bytes, fds: list[int]) -> str | None:
+        """Queue the frame of ``raw``; or say why not (the caller closes ``fds``)."""
+        try:
+            message = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"not a JSON message: {e}"
+        except RecursionError:
+            return f"JSON nested deeper than {MAX_DEPTH}"
+        except Exception as e:  # noqa: BLE001 - whatever the parser raises, the frame gets an answer
+            return f"not a JSON message: {type(e).__name__}"
+        if not isinstance(message, dict):
+            return "a message must be a JSON object"
+        problem = check_document(raw, message)
+        if problem is not None:
+            return problem
+        self._frames.append(Frame(message, fds))
+        self._frame_fds += len(fds)
+        return None
 
     @property
     def has_frames(self) -> bool:
         return bool(self._frames)
 
     def take(self) -> Frame | None:
-        return self._frames.popleft() if self._frames else None
+        if not self._frames:
+            return None
+        frame = self._frames.popleft()
+        self._frame_fds -= len(frame.fds)
+        return frame
 
     def close(self) -> None:
         """Close every fd still owned: those of a partial message and untaken frames."""
@@ -152,6 +227,7 @@ class Framer:
         self._fds = []
         while self._frames:
             close_fds(self._frames.popleft().fds)
+        self._frame_fds = 0
 
 
 def recv_into(sock: socket.socket, framer: Framer) -> bool:

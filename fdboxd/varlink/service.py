@@ -120,6 +120,8 @@ class StoreService:
     def __init__(self, store: Store, limits: dict[str, int] | None = None) -> None:
         self.store = store
         self.limits = limits or {}
+        #: uid -> {"connections", "fds_in_flight"}: set by the server, shown in Status.
+        self.connection_usage: Callable[[int], dict[str, int]] | None = None
         self.methods: dict[str, tuple[Handler, frozenset[str]]] = {}
         for name, params in _SIGNATURES.items():
             self.methods[f"{INTERFACE}.{name}"] = (getattr(self, f"do_{name}"), params)

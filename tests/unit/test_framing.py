@@ -203,3 +203,73 @@ def test_encode_is_nul_terminated_compact_json():
     raw = encode({"a": [1, "é"]})
     assert raw.endswith(b"\0") and b"\0" not in raw[:-1]
     assert json.loads(raw[:-1]) == {"a": [1, "é"]}
+
+
+# ---------------------------------------------------------------- hostile input (issue 13)
+
+
+def test_deep_nesting_is_an_error_frame_and_neighbours_survive():
+    fds = memfds(2)
+    f = Framer()
+    deep = b'{"method":"m","parameters":{"box":' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    f.feed(b'{"a":1}\0' + deep[:10], fds)  # the fds belong to the deep message
+    f.feed(deep[10:] + b'\0{"b":2}\0')
+    a, bad, b = frames(f)
+    assert a.message == {"a": 1} and b.message == {"b": 2}
+    assert bad.error and "deeper" in bad.error and bad.fds == []
+    assert not any(is_open(fd) for fd in fds)
+
+
+def test_moderate_nesting_past_the_limit_is_refused():
+    f = Framer()
+    f.feed(b'{"p":' + b"[" * 40 + b"]" * 40 + b"}\0")
+    (fr,) = frames(f)
+    assert fr.error and "deeper" in fr.error
+
+
+def test_lone_surrogates_are_refused_pairs_are_not():
+    f = Framer()
+    f.feed(b'{"method":"\\ud800"}\0{"m":{"k":"\\udfff"}}\0{"\\udabc":1}\0{"ok":"\\ud83d\\ude00"}\0')
+    a, b, c, ok = frames(f)
+    assert all(x.error and "surrogate" in x.error for x in (a, b, c))
+    assert ok.error is None and ok.message == {"ok": "\U0001f600"}
+
+
+def test_fd_cap_counts_every_read_of_one_message_and_closes_at_once():
+    f = Framer(max_fds=4)
+    first, second = memfds(3), memfds(3)
+    f.feed(b'{"a":', first)
+    assert f.fd_count == 3
+    f.feed(b'"x"', second)  # 6 > 4: every fd of the message is closed now, not at its NUL
+    assert f.fd_count == 0 and not any(is_open(fd) for fd in first + second)
+    third = memfds(1)
+    f.feed(b" ", third)
+    assert not is_open(third[0])
+    f.feed(b"}\0")
+    (fr,) = frames(f)
+    assert fr.error and "more than 4" in fr.error
+
+
+def test_fd_count_follows_frames_taken():
+    f = Framer()
+    fds = memfds(2)
+    f.feed(b'{"a":1}\0', fds)
+    assert f.fd_count == 2
+    fr = f.take()
+    assert f.fd_count == 0 and fr.fds == fds
+    close_all = [os.close(fd) for fd in fds]
+    assert len(close_all) == 2
+
+
+def test_short_ctrunc_is_the_daemon_out_of_fds_not_the_peer():
+    f = Framer(max_fds=8)
+    fds = memfds(2)
+    f.feed(b'{"a":1}\0', fds, truncated=True)
+    (fr,) = frames(f)
+    assert fr.error_name == "BackendUnavailable" and "out of file descriptors" in fr.error
+    assert not any(is_open(fd) for fd in fds)
+
+
+def test_encode_never_fails_on_what_a_peer_sent():
+    raw = encode({"error": "x", "parameters": {"box": "\ud800", "é": "ü"}})
+    assert raw.isascii() and raw.endswith(b"\0")

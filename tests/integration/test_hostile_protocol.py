@@ -1,0 +1,205 @@
+"""Issue 13, protocol and resources: hostile messages get one reply each, in order, and
+pin nothing; fd floods, unread replies, connection floods and idle connections are
+bounded; accept() out of fds backs off instead of spinning."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import time
+
+import pytest
+from fdboxtest import RawConnection, memfd_with, run_as_user, wait_for
+
+from fdboxd.client import Client
+from fdboxd.errors import FdboxError
+
+OTHER = 65534
+STATUS = {"method": "io.fdbox.Store.Status"}
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uid")
+
+
+def settled(d) -> int:  # type: ignore[no-untyped-def]
+    last, since = d.fd_count(), time.monotonic()
+    while time.monotonic() - since < 0.5:
+        time.sleep(0.05)
+        now = d.fd_count()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def memfds(n: int) -> list[int]:
+    return [memfd_with(b"x") for _ in range(n)]
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def test_deep_nesting_gets_its_reply_and_pipelined_neighbours_theirs(daemon):
+    base = settled(daemon)
+    deep = b'{"method":"io.fdbox.Store.List","parameters":{"box":' + b"[" * 5000 + b"]" * 5000 + b"}}\0"
+    with RawConnection(daemon.socket) as raw:
+        fds = memfds(3)
+        raw.send(json.dumps(STATUS).encode() + b"\0" + deep[:20], [])
+        raw.send(deep[20:] + json.dumps(STATUS).encode() + b"\0", [])  # neighbours in the same reads
+        raw.send(deep, fds)
+        close_all(fds)
+        replies = [raw.recv() for _ in range(4)]
+    assert "error" not in replies[0] and "error" not in replies[2]
+    assert replies[1]["error"] == replies[3]["error"] == "io.fdbox.Store.InvalidRequest"
+    assert wait_for(lambda: daemon.fd_count() == base), daemon.fd_count()
+    assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.parametrize("message", [
+    {"method": "io.fdbox.Store.\ud800"},
+    {"method": "io.fdbox.Store.Get", "parameters": {"box": "\ud800", "name": "a"}},
+    {"method": "\udc00.x.Y"},
+    {"method": "org.varlink.service.GetInterfaceDescription", "parameters": {"interface": "\ud800"}},
+    {"method": "io.fdbox.Store.Put", "parameters": {"box": "b", "name": "n", "fd": 0, "metadata": {"k": "\ud800"}}},
+    {"method": "io.fdbox.Store.Put", "parameters": {"box": "b", "name": "n", "fd": 0, "metadata": {"\udfff": "v"}}},
+])
+def test_lone_surrogates_are_invalid_requests_in_order(shared_daemon, message):
+    with RawConnection(shared_daemon.socket) as raw:
+        fds = memfds(1)
+        raw.send(json.dumps(message).encode() + b"\0" + json.dumps(STATUS).encode() + b"\0", fds)
+        close_all(fds)
+        bad, ok = raw.recv(), raw.recv()
+    assert bad["error"] == "io.fdbox.Store.InvalidRequest", bad
+    assert "error" not in ok and "backend" in ok["parameters"]
+    assert "Traceback" not in shared_daemon.log()
+
+
+def test_fds_of_a_message_that_never_ends_are_capped(daemon_factory):
+    d = daemon_factory("--max-fds-per-message", "8")
+    base = settled(d)
+    with RawConnection(d.socket) as raw:
+        raw.send(b'{"method":"io.fdbox.Store.Put","parameters":{"box":"b","name":"n","fd":0}')
+        for _ in range(10):  # 10 x 8 fds, no terminator: 80 fds if nothing caps them
+            fds = memfds(8)
+            raw.send(b" ", fds)
+            close_all(fds)
+        time.sleep(0.3)
+        assert d.fd_count() <= base + 8, d.fd_count() - base
+        raw.send(b"\0")
+        reply = raw.recv()
+        assert reply["error"] == "io.fdbox.Store.InvalidRequest" and "more than 8" in reply["parameters"]["message"]
+    assert wait_for(lambda: d.fd_count() == base)
+
+
+def test_unread_replies_hold_a_bounded_number_of_fds(daemon_factory):
+    d = daemon_factory("--max-fds-in-flight-per-connection", "32")
+    base = settled(d)
+    with d.client() as c:
+        fd = memfd_with(b"ram")
+        c.put("vm", "ram0", fd)
+        os.close(fd)
+    get = json.dumps({"method": "io.fdbox.Store.Get", "parameters": {"box": "vm", "name": "ram0"}}).encode() + b"\0"
+    n = 3000
+    with RawConnection(d.socket, timeout=30) as raw:
+        import threading
+
+        sender = threading.Thread(target=raw.sock.sendall, args=(get * n,))
+        sender.start()  # blocks once the daemon stops reading us: that is the point
+        time.sleep(1.0)
+        held = d.fd_count() - base - 1
+        assert held <= 32 + 8, held  # the budget (plus what a socket buffer has in flight)
+        with d.client() as other:  # others are served meanwhile, with fds and all
+            _, got = other.get("vm", "ram0")
+            os.close(got)
+        replies = [raw.recv() for _ in range(n)]
+        sender.join()
+    assert all("error" not in r and r["parameters"]["fd"] == 0 for r in replies)
+    assert wait_for(lambda: d.fd_count() == base + 1)
+
+
+@needs_root
+def test_per_uid_connection_quota_and_root_reserve(daemon_factory):
+    d = daemon_factory("--max-connections-per-uid", "3", "--max-connections", "6", "--root-reserved-connections", "2")
+
+    def flood() -> list[str]:
+        conns, out = [], []
+        for _ in range(5):
+            try:
+                c = Client(d.socket)
+                c.status()
+                conns.append(c)
+                out.append("ok")
+            except FdboxError as e:
+                out.append(e.name)
+            except OSError as e:
+                out.append(type(e).__name__)
+        time.sleep(3)  # hold them while root connects
+        for c in conns:
+            c.close()
+        return out
+
+    import threading
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(run_as_user(OTHER, flood)))
+    t.start()
+    time.sleep(1.5)
+    roots = [d.client() for _ in range(3)]  # 3 of OTHER + 3 of root = the whole table
+    assert all(c.status()["backend"] for c in roots)
+    for c in roots:
+        c.close()
+    t.join()
+    assert result["ok"] == ["ok", "ok", "ok", "LimitExceeded", "LimitExceeded"], result
+
+
+@needs_root
+def test_idle_non_root_connections_are_closed_roots_are_not(daemon_factory):
+    d = daemon_factory("--idle-timeout", "0.5")
+
+    def idle() -> str:
+        with Client(d.socket) as c:
+            c.status()
+            time.sleep(1.5)
+            try:
+                c.status()
+            except (OSError, FdboxError) as e:
+                return type(e).__name__
+            return "served"
+
+    assert run_as_user(OTHER, idle)["ok"] in ("ConnectionClosed", "BrokenPipeError", "ConnectionResetError")
+    with d.client() as c:
+        c.status()
+        time.sleep(1.5)
+        assert c.status()["backend"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_accept_out_of_fds_backs_off_and_recovers(daemon):
+    base = settled(daemon)
+    soft, hard = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (base + 6, hard))
+    socks = []
+    try:
+        for _ in range(20):  # connect() succeeds into the backlog; accept() hits EMFILE
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(2)
+            try:
+                s.connect(daemon.socket)
+            except OSError:
+                s.close()
+                break
+            socks.append(s)
+        cpu0 = _cpu_seconds(daemon.pid)
+        time.sleep(2)
+        assert _cpu_seconds(daemon.pid) - cpu0 < 0.5, "accept() on EMFILE spins"
+        assert daemon.log().count("accept failed") <= 2, daemon.log()[-2000:]
+    finally:
+        for s in socks:
+            s.close()
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    with Client(daemon.socket, timeout=10) as c:  # resumes
+        assert c.status()["backend"]
