@@ -203,3 +203,16 @@ def test_accept_out_of_fds_backs_off_and_recovers(daemon):
         resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (soft, hard))
     with Client(daemon.socket, timeout=10) as c:  # resumes
         assert c.status()["backend"]
+
+
+def test_thousands_of_pipelined_requests_in_one_write_all_answered(shared_daemon):
+    n = 3000
+    with RawConnection(shared_daemon.socket, timeout=30) as raw:
+        import threading
+
+        sender = threading.Thread(target=raw.sock.sendall, args=((json.dumps(STATUS).encode() + b"\0") * n,))
+        sender.start()
+        replies = [raw.recv() for _ in range(n)]
+        sender.join()
+    assert all("backend" in r["parameters"] for r in replies)
+    assert "Traceback" not in shared_daemon.log()
