@@ -7,7 +7,9 @@ The package is laid out one concept a module:
 - :mod:`fdboxd.fdtypes`  what kind of file an fd really is (never trust the client)
 - :mod:`fdboxd.model`    boxes, entries, states, callers
 - :mod:`fdboxd.store`    the core: rules, ownership, limits, events
-- :mod:`fdboxd.manifest` the on-disk record of names, owners and types
+- :mod:`fdboxd.lifecycle` seal, carry across kexec, verify, unseal, finish (over a store)
+- :mod:`fdboxd.reconcile` start-up: the backends say what exists, the manifest who owns it
+- :mod:`fdboxd.manifest` the on-disk record of names, owners and types (snapshot + journal)
 - :mod:`fdboxd.backends` where the file references actually live (memory, kernel)
 - :mod:`fdboxd.varlink`  the socket protocol (framing) and server
 - :mod:`fdboxd.client`   the client library used by fdboxctl and integrators

@@ -256,7 +256,7 @@ _RESIDENT = bytes(b & 1 for b in range(256))  # mincore's bit 0; the other bits 
 
 # ---------------------------------------------------------------------- RestoreInto
 #
-# Three phases over a Store, like sealing (fdboxd.store.seal_in_worker): check and
+# Three phases over a Store, like sealing (fdboxd.lifecycle.seal_in_worker): check and
 # reserve on the daemon's loop, copy in a worker thread, then record on the loop.
 
 _busy: set[tuple[int, str, str]] = set()  # (id(store), box, name) being restored

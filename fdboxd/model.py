@@ -131,3 +131,17 @@ class Box:
             "entries": len(self.entries),
             "size": sum(e.size for e in self.entries.values()),
         }
+
+
+@dataclass(frozen=True)
+class Event:
+    """A change front-ends may mirror: D-Bus signals, the systemd fdstore, the journal.
+
+    ``fd`` is set on ``entry-added`` only and is borrowed: valid during the callback.
+    """
+
+    kind: str  # "entry-added" | "entry-removed" | "state-changed"
+    box: str
+    entry: Entry | None = None
+    state: BoxState | None = None
+    fd: int | None = None

@@ -1,0 +1,389 @@
+"""The seal/restore lifecycle: functions over a :class:`~fdboxd.store.Store`.
+
+The store keeps the rules (who may put, get, remove; what a state allows); this module
+moves boxes through their life around a kexec: ``seal_begin`` checks everything and
+freezes the boxes, a worker checksums (:func:`seal_in_worker`), ``seal_commit`` records
+the checksums, seals in the backend and carries the manifest of the sealed boxes inside
+the sealed set (:data:`CARRY_BOX`); in the next kernel :func:`take_carried_manifest`
+takes it back at start-up and :func:`verify_restored` checks every restored entry before
+anyone may take it; ``unseal`` and ``finish`` end the cycle. :class:`Store` keeps methods
+of the same names that call these, so front-ends and tests see one object.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import gmem
+from .checksum import Digest, Verify, check_many, digest_many, planned_bytes, sha256_fd
+from .errors import FdboxError
+from .fdtypes import MEMORY_TYPES, FdType, detect
+from .manifest import ManifestData, Op, decode, encode
+from .model import Box, BoxState, Caller, Entry, Event
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger("fdboxd.store")
+
+#: The box that carries the manifest of the sealed boxes across kexec, inside the sealed
+#: set itself, so the next kernel's daemon learns owners, metadata and checksums even
+#: when the state directory did not survive. Reserved: callers cannot name it.
+CARRY_BOX = "fdboxd.manifest"
+CARRY_ENTRY = "manifest.json"
+
+
+@dataclass
+class SealItem:
+    box: str
+    name: str
+    fd: int  # owned by the plan
+    digest: Digest | None = None  # filled by whoever checksums (fdboxd.checksum)
+    type: FdType = FdType.MEMFD
+    #: guest_memfd: the memfd copy that is carried and checksummed instead (owned by the
+    #: plan), made by :meth:`SealPlan.copy_guest_memfds`; see fdboxd.gmem
+    copy: int = -1
+
+    @property
+    def source(self) -> int:
+        """The file whose bytes are sealed: the entry's own, or its carried copy."""
+        return self.copy if self.copy >= 0 else self.fd
+
+
+@dataclass
+class SealPlan:
+    """What :func:`seal_begin` froze: boxes and one open fd per memory entry."""
+
+    boxes: list[str]
+    items: list[SealItem] = field(default_factory=list)
+
+    def copy_guest_memfds(self) -> None:
+        """Copy each guest_memfd into the memfd that is carried instead (slow: a worker runs it)."""
+        for item in self.items:
+            if item.type == FdType.GUEST_MEMFD and item.copy < 0:
+                item.copy = gmem.copy_out(item.fd, f"{item.box}/{item.name}")
+
+    def close(self) -> None:
+        for item in self.items:
+            if item.fd >= 0:
+                os.close(item.fd)
+                item.fd = -1
+            if item.copy >= 0:
+                os.close(item.copy)
+                item.copy = -1
+
+
+def seal(store: Store, caller: Caller, box: str | None = None) -> list[str]:
+    """Seal one box, or every open box (``box=None``), in one go. Returns the boxes sealed.
+
+    The daemon's front-ends use the three phases below instead, so that checksumming
+    gigabytes runs in a worker thread while the loop keeps serving (and the watchdog
+    keeps being fed); this is the same thing, synchronously.
+    """
+    plan = seal_begin(store, caller, box)
+    try:
+        plan.copy_guest_memfds()
+        for item, d in zip(plan.items, digest_many([i.source for i in plan.items], store.verify)):
+            item.digest = d
+    except BaseException:
+        seal_abort(store, plan)
+        raise
+    return seal_commit(store, plan)
+
+
+def seal_begin(store: Store, caller: Caller, box: str | None = None) -> SealPlan:
+    """Check everything, then freeze the boxes (no put/remove) and open each entry.
+
+    Every entry is checked first, so a failure leaves nothing half-sealed. The plan
+    holds one fd per memory entry for checksumming; :func:`seal_commit` or
+    :func:`seal_abort` closes them.
+    """
+    if box is not None:
+        targets = [store._box(box)]
+        store._check_box_owner(caller, box)
+        if targets[0].state == BoxState.SEALED or box in store._sealing:
+            raise FdboxError("Sealed", f"box {box} is already sealed", box=box)
+        if targets[0].state == BoxState.RESTORED:
+            raise FdboxError("InvalidRequest", f"box {box} is restored: claim or finish it first", box=box)
+    else:
+        if not caller.is_root:
+            raise FdboxError("PermissionDenied", "only root may seal every box")
+        targets = [b for b in store.boxes.values() if b.state == BoxState.OPEN and b.name not in store._sealing]
+    for b in targets:
+        for e in b.entries.values():
+            if e.type not in store.allowed_types:
+                raise FdboxError("UnsupportedType", f"{b.name}/{e.name} is {e.type}", box=b.name, name=e.name)
+            if e.type == FdType.GUEST_MEMFD:
+                refusal = gmem.seal_refusal(b.name, e)
+                if refusal is not None:
+                    raise refusal
+                if not store.backend.accepts(FdType.MEMFD):
+                    raise FdboxError("UnsupportedType", f"the {store.backend.name} backend cannot carry memfd, "
+                                     "which a guest_memfd is carried as", box=b.name, name=e.name, type=str(e.type))
+            elif e.type in MEMORY_TYPES and not store.backend.accepts(e.type):
+                raise FdboxError("UnsupportedType", f"the {store.backend.name} backend cannot carry {e.type}",
+                                 box=b.name, name=e.name, type=str(e.type))
+    plan = SealPlan([b.name for b in targets])
+    try:
+        for b in targets:
+            for e in sorted(b.entries.values(), key=lambda e: e.name):
+                if e.type in MEMORY_TYPES:
+                    plan.items.append(SealItem(b.name, e.name, store._backend_for(e.type).get(b.name, e.name),
+                                               type=e.type))
+    except BaseException:
+        plan.close()
+        raise
+    store._sealing.update(plan.boxes)
+    return plan
+
+
+def seal_commit(store: Store, plan: SealPlan) -> list[str]:
+    """Record the checksums, seal in the backend, write the manifest (and carry it)."""
+    try:
+        for item in plan.items:
+            if item.digest is None:
+                raise FdboxError("InvalidRequest", f"{item.box}/{item.name} was not checksummed")
+            entry = store.boxes[item.box].entries[item.name]
+            entry.size, entry.sha256 = item.digest.size, item.digest.sha256
+            extra = {k: v for k, v in entry.extra.items() if k != "sample"}
+            if item.digest.sample is not None:
+                extra["sample"] = item.digest.sample
+            entry.extra = extra  # assigned, not changed in place: see Entry.wire()
+        for name in plan.boxes:
+            for e in store.boxes[name].entries.values():
+                if e.type == FdType.TAP and "net" in e.extra:
+                    e.extra = {**e.extra, "recreate": True}  # held, not carried: fdboxd.net recreates it
+        sealed: list[str] = []
+        carried: list[SealItem] = []
+        try:
+            for item in plan.items:  # guest_memfd copies are sealed with their box
+                if item.copy >= 0:
+                    store.backend.put(item.box, gmem.carry_name(item.name), item.copy, detect(item.copy))
+                    carried.append(item)
+                    gmem.set_carried(store.boxes[item.box].entries[item.name], True)
+            for name in plan.boxes:
+                store.backend.seal(name)
+                store._set_state(store.boxes[name], BoxState.SEALED)
+                sealed.append(name)
+            store._record(store._box_ops(sealed))
+            carry_manifest(store)
+        except BaseException:
+            for name in sealed:
+                store.backend.unseal(name)
+                store._set_state(store.boxes[name], BoxState.OPEN)
+            for item in carried:
+                store._drop_copy(item.box, store.boxes[item.box].entries[item.name])
+            store._record_or_log(store._box_ops(sealed))
+            raise
+    finally:
+        seal_abort(store, plan)
+    for name in sealed:
+        store._emit(Event("state-changed", name, state=BoxState.SEALED))
+    return sealed
+
+
+def seal_abort(store: Store, plan: SealPlan) -> None:
+    """Forget a plan: close its fds and let its boxes take puts again."""
+    plan.close()
+    store._sealing.difference_update(plan.boxes)
+
+
+def unseal(store: Store, caller: Caller, box: str) -> None:
+    b = store._box(box)
+    store._check_box_owner(caller, box)
+    if b.state != BoxState.SEALED:
+        raise FdboxError("NotSealed", f"box {box} is {b.state}", box=box, state=str(b.state))
+    store.backend.unseal(box)
+    store._set_state(b, BoxState.OPEN)
+    for e in b.entries.values():
+        if gmem.is_carried(e):
+            store._drop_copy(box, e)
+    store._record_or_log(store._box_ops([box]))
+    try:
+        carry_manifest(store)
+    except FdboxError:
+        log.exception("could not rewrite the carried manifest after unsealing %s", box)
+    store._emit(Event("state-changed", box, state=BoxState.OPEN))
+
+
+def finish(store: Store, caller: Caller, box: str | None = None) -> list[str]:
+    """End the restore phase: unclaimed entries of restored boxes are released."""
+    if box is None and not caller.is_root:
+        raise FdboxError("PermissionDenied", "only root may finish every box")
+    targets = [store._box(box)] if box is not None else [b for b in store.boxes.values() if b.state == BoxState.RESTORED]
+    for b in targets:
+        store._check_box_owner(caller, b.name)
+        if b.state != BoxState.RESTORED:
+            raise FdboxError("InvalidRequest", f"box {b.name} is {b.state}, not restored", box=b.name)
+    done = []
+    ops: list[Op] = []
+    for b in targets:
+        for e in [e for e in b.entries.values() if not e.claimed]:
+            store._drop(b, e.name)
+            ops.append(["rm", b.name, e.name])
+            store._emit(Event("entry-removed", b.name, entry=e))
+        store._reopen(b)
+        done.append(b.name)
+    store._record_or_log(ops + store._box_ops(done))
+    return done
+
+
+def verify_restored(store: Store) -> list[dict[str, Any]]:
+    """Check every restored entry against what was recorded when it was sealed.
+
+    How much is read is ``store.verify`` (see :mod:`fdboxd.checksum`); entries are
+    checked in parallel threads. An entry that does not match is dropped and
+    reported in ``lost`` with the reason: handing a VM memory that changed under it
+    is worse than handing none. Returns the entries that failed.
+    """
+    todo: list[tuple[Box, Entry, int]] = []
+    problems: dict[tuple[str, str], str] = {}
+    for b in store.boxes.values():
+        if b.state != BoxState.RESTORED:
+            continue
+        for e in sorted(b.entries.values(), key=lambda e: e.name):
+            if (e.type not in MEMORY_TYPES or store.verify == Verify.NONE
+                    or (e.sha256 is None and "sample" not in e.extra)):
+                continue  # nothing to check against (getting it would restore it early)
+            if gmem.is_carried(e):
+                continue  # a carried guest_memfd's copy is checked by RestoreInto, before it copies
+            try:
+                todo.append((b, e, store._backend_for(e.type).get(b.name, e.name)))
+            except (FdboxError, OSError) as err:
+                problems[(b.name, e.name)] = f"cannot restore: {err}"
+    try:
+        results = check_many([(fd, Digest(e.size, e.sha256, e.extra.get("sample"))) for _, e, fd in todo],
+                             store.verify)
+    finally:
+        for _, _, fd in todo:
+            os.close(fd)
+    for (b, e, _), problem in zip(todo, results):
+        if problem is not None:
+            problems[(b.name, e.name)] = problem
+    failed = []
+    for (box, name), problem in sorted(problems.items()):
+        b = store.boxes[box]
+        e = b.entries[name]
+        log.error("restored entry %s/%s refused: %s", box, name, problem)
+        report = {"box": box, "name": name, "type": str(e.type), "reason": problem}
+        failed.append(report)
+        store.lost.append(report)
+        try:
+            store._drop(b, name)
+        except FdboxError:
+            b.entries.pop(name, None)
+            store._n_entries -= 1
+    if failed:
+        store._record_or_log([["rm", r["box"], r["name"]] for r in failed])
+    return failed
+
+
+def carry_manifest(store: Store) -> None:
+    """Put the manifest of every sealed box into the sealed set (kexec-capable backends)."""
+    if not store.backend.survives_kexec:
+        return
+    drop_carry_box(store)
+    sealed = {n: b for n, b in store.boxes.items() if b.state == BoxState.SEALED}
+    if not sealed:
+        return
+    raw = encode(ManifestData(boxes=sealed, owners={n: store.owners.get(n, 0) for n in sealed},
+                              generation=store.generation))
+    fd = os.memfd_create("fdboxd-manifest", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, raw)
+        store.backend.create_box(CARRY_BOX)
+        store.backend.put(CARRY_BOX, CARRY_ENTRY, fd, detect(fd))
+        store.backend.seal(CARRY_BOX)
+    except BaseException:
+        drop_carry_box(store)
+        raise
+    finally:
+        os.close(fd)
+
+
+def drop_carry_box(store: Store) -> None:
+    held = store.backend.inventory().get(CARRY_BOX)
+    if held is None:
+        return
+    if held.state == BoxState.SEALED:
+        store.backend.unseal(CARRY_BOX)
+    elif held.state == BoxState.RESTORED:
+        store.backend.finish(CARRY_BOX)
+    store.backend.delete_box(CARRY_BOX)
+
+
+def take_carried_manifest(store: Store, data: ManifestData, held: dict[str, Any]) -> ManifestData:
+    """After kexec: the manifest that crossed with the data wins for restored boxes."""
+    try:
+        fd = store.backend.get(CARRY_BOX, CARRY_ENTRY)
+        try:
+            carried = decode(_read_fd(fd))
+        finally:
+            os.close(fd)
+    except (FdboxError, OSError) as e:
+        log.error("the manifest carried across kexec is unreadable: %s", e)
+        return data
+    finally:
+        drop_carry_box(store)
+    for name, box in carried.boxes.items():
+        hbox = held.get(name)
+        if hbox is not None and hbox.state == BoxState.RESTORED:
+            data.boxes[name] = box
+            data.owners[name] = carried.owners.get(name, 0)
+    log.info("restored the manifest of %d sealed boxes from the previous kernel", len(carried.boxes))
+    return data
+
+
+def _read_fd(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0) if size else b""
+
+
+def file_digest(fd: int) -> tuple[int, str]:
+    """Size and SHA-256 of the whole file behind ``fd`` (by pread: moves no cursor, maps nothing)."""
+    return sha256_fd(fd)
+
+
+async def seal_in_worker(
+    store: Store, caller: Caller, box: str | None = None,
+    progress: Callable[[SealItem, int, int], None] | None = None,
+) -> list[str]:
+    """:func:`seal` for the event loop: checksums run in worker threads.
+
+    The loop stays free to serve other clients and feed the watchdog while gigabytes are
+    read. The boxes are frozen (``seal_begin``) before the first byte is read, so nothing
+    changes under the checksums. Entries are hashed in parallel (one thread per CPU);
+    ``progress(item, done_bytes, total_bytes)`` is called on the loop after every chunk
+    (:data:`fdboxd.checksum.CHUNK`), so a large entry shows movement while it is hashed.
+    ``done``/``total`` count the bytes ``store.verify`` actually reads.
+    """
+    import asyncio
+
+    plan = seal_begin(store, caller, box)
+    try:
+        loop = asyncio.get_running_loop()
+        # guest_memfd first: its copy is what is checksummed and carried (fdboxd.gmem).
+        await loop.run_in_executor(None, plan.copy_guest_memfds)
+        total = sum(planned_bytes(os.fstat(i.source).st_size, store.verify) for i in plan.items)
+        done = 0
+
+        def report(i: int, n: int) -> None:  # worker thread, under digest_many's lock
+            nonlocal done
+            done += n
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, plan.items[i], min(done, total), total)
+
+        digests = await loop.run_in_executor(
+            None, digest_many, [i.source for i in plan.items], store.verify, report)
+        for item, d in zip(plan.items, digests):
+            item.digest = d
+        if progress is not None and plan.items and done < total:
+            progress(plan.items[-1], total, total)  # a file that shrank still ends at 100%
+    except BaseException:
+        seal_abort(store, plan)
+        raise
+    return seal_commit(store, plan)

@@ -1,0 +1,72 @@
+"""Start-up reconciliation: the backends say what exists, the manifest who owns it.
+
+One function over a :class:`~fdboxd.store.Store`, run once when the store is built:
+entries the manifest names but no backend holds are reported in ``store.lost``;
+entries a backend holds that the manifest does not know are adopted
+(``store.adopted``); after a kexec, the manifest carried in the sealed set wins for the
+restored boxes (:func:`fdboxd.lifecycle.take_carried_manifest`). The reconciled state is
+written as a fresh snapshot before the daemon serves anyone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from . import gmem
+from .lifecycle import CARRY_BOX, take_carried_manifest
+from .manifest import ManifestData
+from .model import Box, BoxState, Entry
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger("fdboxd.store")
+
+
+def reconcile(store: Store, data: ManifestData) -> None:
+    """Believe the backends for what exists, the manifest for who owns it."""
+    held = dict(store.backend.inventory())
+    carried = held.pop(CARRY_BOX, None)
+    if carried is not None and carried.state == BoxState.RESTORED:
+        data = take_carried_manifest(store, data, held)
+    if store.side is not store.backend:
+        for name, sbox in store.side.inventory().items():
+            held.setdefault(name, sbox).entries.update(sbox.entries)
+    store.generation = data.generation
+    for name, box in data.boxes.items():
+        hbox = held.get(name)
+        for ename, entry in list(box.entries.items()):
+            if hbox is not None and ename in hbox.entries:
+                entry.size = hbox.entries[ename].size
+                continue
+            if entry.extra.get("recreate"):
+                continue  # e.g. a tap to be recreated after kexec (fdboxd.net)
+            if hbox is not None and gmem.is_carried(entry) and gmem.carry_name(ename) in hbox.entries:
+                continue  # a guest_memfd carried as a copy (fdboxd.gmem): RestoreInto
+            del box.entries[ename]
+            store.lost.append({"box": name, "name": ename, "type": str(entry.type)})
+            log.warning("entry %s/%s is in the manifest but no backend holds it", name, ename)
+        if hbox is not None:
+            box.state = hbox.state
+        elif not box.entries:
+            log.warning("box %s is in the manifest but no backend holds it", name)
+            continue
+        store.boxes[name] = box
+        store.owners[name] = data.owners.get(name, 0)
+    for name, hbox in held.items():
+        box = store.boxes.get(name)
+        if box is None:
+            box = store.boxes[name] = Box(name, hbox.state)
+            uids = {he.uid for he in hbox.entries.values()}
+            store.owners[name] = uids.pop() if len(uids) == 1 else 0
+        for ename, he in hbox.entries.items():
+            if ename not in box.entries and not gmem.is_carry_name(ename):
+                box.entries[ename] = Entry(name, ename, he.type, he.size, he.uid, he.gid)
+                store.adopted.append({"box": name, "name": ename, "type": str(he.type)})
+                log.warning("adopted %s/%s (uid %d) held by the backend but not in the manifest",
+                            name, ename, he.uid)
+    store._recount()
+    if store.manifest is not None:
+        store._save()
+        store.manifest.open()
