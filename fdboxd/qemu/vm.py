@@ -113,7 +113,7 @@ def plan_start(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu
     for a in qemu_args:
         if "-" + a.lstrip("-").split("=", 1)[0] in OWN_OPTIONS and a.startswith("-"):
             raise FdboxError("InvalidRequest", f"QEMU-ARGS must not contain {a}: fdbox-qemu sets the RAM and -incoming itself")
-        if a.startswith("-") and "memory-backend=" in a:
+        if "memory-backend=" in a:
             raise FdboxError("InvalidRequest", "QEMU-ARGS must not set memory-backend: fdbox-qemu does")
     page = HUGETLB_SIZES[hugetlb] if hugetlb else os.sysconf("SC_PAGE_SIZE")
     for i, size in enumerate(ram):

@@ -229,6 +229,7 @@ def test_wrong_states_get_clear_errors(vm, daemon):
     code(vm.cli("status", "bad/name", check=False), "InvalidName")
     code(vm.cli("start", "vm1", "--ram", "32M", "--", "-m", "64", check=False), "InvalidRequest")
     code(vm.cli("start", "vm1", "--ram", "0", check=False), "InvalidRequest")
+    code(vm.cli("start", "vm1", "--ram", "32M", "--", "-machine", "pc,memory-backend=m", check=False), "InvalidRequest")
     code(vm.cli("start", "vm1", "--ram", "3000", check=False), "InvalidRequest")  # not page-sized
     assert _box_names(daemon) == set()  # refused starts created nothing
 
