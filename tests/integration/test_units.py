@@ -289,3 +289,5 @@ def test_qemu_suspend_unit_blocks_kexec_and_seal():
     assert {"fdbox-seal.service", "systemd-kexec.service", "umount.target"} <= set(u["Before"].split())
     # A failed suspend fails the seal's and the kexec's jobs ("dependency failed").
     assert set(sus["Install"]["RequiredBy"].split()) == {"systemd-kexec.service", "fdbox-seal.service"}
+    # Template instances get a per-template slice that conflicts with shutdown.target.
+    assert vm["Service"]["Slice"] == sus["Service"]["Slice"] == "system.slice"
