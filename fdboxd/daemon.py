@@ -58,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="run as a user daemon: socket and state under the user's own directories")
     p.add_argument("--socket", help="Varlink socket path (default: /run/fdbox/fdboxd.sock as root)")
     p.add_argument("--state-dir", help="where manifest.json lives (default: /var/lib/fdbox as root)")
-    p.add_argument("--backend", choices=["auto", "memory", "kernel"], default="auto",
-                   help="auto: kernel if /dev/fdbox exists, else memory")
+    p.add_argument("--backend", choices=["auto", "memory", "kernel", "liveupdate"], default="auto",
+                   help="kernel: fdbox.ko (/dev/fdbox); liveupdate: LUO (/dev/liveupdate, plain memfds); "
+                        "auto: plain memfds on LUO if it works, the rest on fdbox.ko if loaded, else memory")
     p.add_argument("--device", default=DEVICE_PATH, help=argparse.SUPPRESS)
     p.add_argument("--verify", choices=[v.value for v in Verify], default=DEFAULT_VERIFY.value,
                    help="checksums at seal and restore: full (SHA-256 of every byte), sample "

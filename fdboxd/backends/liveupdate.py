@@ -1,0 +1,441 @@
+"""The ``liveupdate`` backend: plain memfds cross kexec through the kernel's LUO.
+
+The Live Update Orchestrator (``/dev/liveupdate``, Linux >= 6.19, boot with ``kho=on
+liveupdate=on``) preserves a memfd's pages in place: after the kexec the same pages come
+back, nothing is copied. Only plain shmem memfds (no hugetlb); preserving fills holes
+and freezes the size until unseal.
+
+Design (the uAPI is :mod:`fdboxd.uapi_luo`):
+
+- Open boxes are held like the memory backend holds them (a dup per entry, mirrored to
+  systemd's fdstore): LUO is involved only while sealed.
+- ``seal(box)``: open ``/dev/liveupdate``, create one session named like the box (box
+  names are at most 63 bytes, as session names), preserve token 0 = a small JSON memfd
+  describing the entries (name, token, type, size, owner), tokens 1.. = the entries;
+  rewrite the index session :data:`INDEX_SESSION` (not a valid box name) listing the
+  sealed boxes; close the device. Sessions outlive the device fd, so the device is held
+  for milliseconds and other agents (systemd >= 261, luod) can open it in between.
+- Who keeps a session open until the kexec: not fdboxd, which systemd-shutdown kills
+  first, but the holder process (:mod:`fdboxd.backends.luo_holder`, ``argv[0]`` starting
+  with ``@`` so systemd-shutdown spares it). fdboxd hands it every sealed session and
+  closes its own copy; ``unseal`` asks it to drop the session, which unpreserves.
+- After the kexec, opening the backend retrieves the index, every session and every
+  file, FINISHes each session and closes the device: LUO is done with them before any
+  client connects, and the boxes are reported ``restored`` holding ordinary memfds.
+- Never twice: a file already preserved (in another session, by fdbox.ko, or named
+  twice in fdbox) is refused at seal with ``AlreadyExists``. When ``/dev/fdbox`` is
+  available the module is asked too (:meth:`LiveupdateBackend._module_holds`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import uapi_luo
+from ..errors import FdboxError
+from ..fdtypes import FdType, detect
+from ..model import BoxState
+from . import luo_holder
+from .base import BackendBox, BackendEntry
+from .memory import MemoryBackend
+
+log = logging.getLogger("fdboxd.liveupdate")
+
+#: The session listing every sealed box's session; a colon keeps it out of box names.
+INDEX_SESSION = "fdboxd:index"
+INDEX_TOKEN = 0
+#: Box names that are other agents' session names (systemd >= 261 uses "systemd").
+RESERVED_SESSIONS = frozenset({"systemd"})
+OPEN_RETRY_S = 10.0  # how long to wait for another agent to release /dev/liveupdate
+
+
+def _json_memfd(doc: dict[str, Any]) -> int:
+    fd = os.memfd_create("fdboxd-luo-index", os.MFD_CLOEXEC)
+    os.write(fd, json.dumps(doc, sort_keys=True).encode())
+    return fd
+
+
+def _read_json(fd: int) -> dict[str, Any]:
+    size = os.fstat(fd).st_size
+    return json.loads(os.pread(fd, size, 0) if size else b"{}")
+
+
+def _luo_error(e: uapi_luo.LuoOSError, what: str, **details: Any) -> FdboxError:
+    return FdboxError(e.error_name, f"{what}: {e.strerror}", errno=e.errno, **details)
+
+
+def open_device(path: str = uapi_luo.DEVICE_PATH, wait: float = OPEN_RETRY_S) -> uapi_luo.LuoDevice:
+    """Open /dev/liveupdate, waiting up to ``wait`` seconds while another agent holds it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return uapi_luo.LuoDevice(path)
+        except uapi_luo.LuoOSError as e:
+            if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            raise FdboxError(e.error_name, f"cannot open {path}: {e.meaning}", errno=e.errno) from None
+
+
+class Holder:
+    """fdboxd's end of the holder process: hold/drop/take session fds by name."""
+
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes] | None = None) -> None:
+        self.sock = sock
+        self.proc = proc
+
+    @classmethod
+    def spawn(cls) -> Holder:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                [luo_holder.ARGV0, str(Path(luo_holder.__file__).resolve()), str(theirs.fileno())],
+                executable=sys.executable, pass_fds=[theirs.fileno()], cwd="/",
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                close_fds=True, start_new_session=True,
+                # argv[0] is not a path, so the interpreter cannot find its own
+                # installation from it: say where it is (stdlib only, no site-packages).
+                env={"PYTHONHOME": f"{sys.base_prefix}:{sys.base_exec_prefix}", "PATH": "/usr/bin:/bin"},
+            )
+        finally:
+            theirs.close()
+        return cls(ours, proc)
+
+    @classmethod
+    def reclaim(cls) -> list[tuple[str, int]]:
+        """Take the sessions an earlier fdboxd's holder still keeps (after a daemon restart)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.connect(luo_holder.RECLAIM_ADDRESS)
+        except OSError:
+            s.close()
+            return []
+        try:
+            cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            if int.from_bytes(cred[4:8], sys.byteorder) != os.geteuid():
+                log.warning("ignoring a squatter on the LUO holder's reclaim address")
+                return []
+            s.send(b"take")
+            got: list[tuple[str, int]] = []
+            while True:
+                msg, fds = luo_holder._recv(s)
+                text = msg.decode(errors="replace")
+                if text.startswith("fd ") and len(fds) == 1:
+                    got.append((text[3:], fds[0]))
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                return got
+        finally:
+            s.close()
+
+    def _call(self, msg: str, fd: int | None = None) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder, signed=True))] if fd is not None else []
+        try:
+            self.sock.sendmsg([msg.encode()], anc)
+            reply = self.sock.recv(luo_holder.MAX_MSG).decode(errors="replace")
+        except OSError as e:
+            raise FdboxError("BackendUnavailable", f"LUO session holder: {e}") from None
+        if reply != "ok":
+            raise FdboxError("BackendUnavailable", f"LUO session holder: {msg.split()[0]}: {reply or 'gone'}")
+
+    def hold(self, name: str, fd: int) -> None:
+        self._call(f"hold {name}", fd)
+
+    def drop(self, name: str) -> None:
+        self._call(f"drop {name}")
+
+    def close(self) -> None:
+        """Leave: the holder keeps what it holds (until a new fdboxd reclaims it or kexec)."""
+        self.sock.close()
+
+
+class LiveupdateBackend(MemoryBackend):
+    name = "liveupdate"
+    survives_kexec = True
+
+    def __init__(self, device: str = uapi_luo.DEVICE_PATH, fdbox_device: str | None = None) -> None:
+        super().__init__()
+        self.device = device
+        self.fdbox_device = fdbox_device
+        self._holder: Holder | None = None
+        self._sealed: set[str] = set()  # boxes whose session the holder keeps
+        self._held_index = False
+        #: Sessions reclaimed from an earlier fdboxd's holder, not yet matched to a box
+        #: (the fdstore gives the entries back and seals the box again: see seal()).
+        self._orphans: set[str] = set()
+        #: Timings of the last restore (seconds), for the bench and the log.
+        self.restore_timing: dict[str, float] = {}
+        # Prove the device works now (and take back what the last kernel carried),
+        # rather than failing the first seal hours later.
+        dev = open_device(device)
+        try:
+            self._restore(dev)
+        finally:
+            dev.close()
+        self._reclaim()
+
+    # ------------------------------------------------------------------ contract
+
+    def accepts(self, fd_type: FdType) -> bool:
+        return fd_type == FdType.MEMFD
+
+    def seal(self, box: str) -> None:
+        b = self._box(box)
+        if box in self._orphans:  # still preserved in the session we reclaimed
+            self._orphans.discard(box)
+            b.state = BoxState.SEALED
+            return
+        if box in RESERVED_SESSIONS:
+            raise FdboxError("InvalidName", f"box {box}: the LUO session name {box!r} belongs to another agent",
+                             box=box)
+        fds = {name: self._fds[(box, name)] for name, e in b.entries.items() if e.type == FdType.MEMFD}
+        self._check_not_preserved(box, fds)
+        entries = {}
+        for token, name in enumerate(sorted(fds), 1):
+            e = b.entries[name]
+            entries[name] = {"token": token, "type": str(e.type), "size": os.fstat(fds[name]).st_size,
+                             "uid": e.uid, "gid": e.gid}
+        dev = open_device(self.device)
+        try:
+            session = self._create_session(dev, box)
+            try:
+                index = _json_memfd({"box": box, "entries": entries})
+                try:
+                    session.preserve_fd(index, INDEX_TOKEN)
+                finally:
+                    os.close(index)
+                for name, rec in entries.items():
+                    try:
+                        session.preserve_fd(fds[name], rec["token"])
+                    except uapi_luo.LuoOSError as e:
+                        raise self._preserve_error(e, box, name) from None
+                self._hold(box, session.fd)
+            finally:
+                session.close()  # the holder has its own copy now (or the seal failed)
+            try:
+                self._sealed.add(box)
+                self._write_index(dev)
+            except BaseException:
+                self._sealed.discard(box)
+                self._holder_drop(box)
+                raise
+        finally:
+            dev.close()
+        b.state = BoxState.SEALED
+
+    def unseal(self, box: str) -> None:
+        b = self._box(box)
+        if box in self._sealed:
+            self._holder_drop(box)  # the last fd of the session: the kernel unpreserves
+            self._sealed.discard(box)
+            dev = None
+            try:
+                dev = open_device(self.device)
+                self._write_index(dev)
+            except FdboxError:
+                log.exception("index session not rewritten after unsealing %s (its entry is stale, harmless)", box)
+            finally:
+                if dev is not None:
+                    dev.close()
+        b.state = BoxState.OPEN
+
+    def delete_box(self, box: str) -> None:
+        if box in self._sealed:
+            self.unseal(box)
+        super().delete_box(box)
+
+    def close(self) -> None:
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
+        super().close()
+
+    # ------------------------------------------------------------------ seal helpers
+
+    def _create_session(self, dev: uapi_luo.LuoDevice, name: str) -> uapi_luo.LuoSession:
+        try:
+            return dev.create_session(name)
+        except uapi_luo.LuoOSError as e:
+            if e.errno == errno.EEXIST:
+                raise FdboxError("AlreadyExists", f"a LUO session named {name!r} exists already "
+                                 "(another agent's, or left by an fdboxd that could not be reclaimed)",
+                                 box=name) from None
+            raise _luo_error(e, f"create LUO session {name}", box=name) from None
+
+    def _preserve_error(self, e: uapi_luo.LuoOSError, box: str, name: str) -> FdboxError:
+        if e.errno == errno.EBUSY:
+            return FdboxError("AlreadyExists", f"{box}/{name}: the file is already preserved by LUO "
+                              "(in another session, or under a second name)", box=box, name=name)
+        if e.errno == errno.ENOENT:
+            return FdboxError("UnsupportedType", f"{box}/{name}: LUO cannot preserve this file", box=box, name=name)
+        if e.errno == errno.EOPNOTSUPP:
+            return FdboxError("UnsupportedType", f"{box}/{name}: LUO cannot preserve this memfd's seals",
+                              box=box, name=name)
+        return _luo_error(e, f"LUO preserve {box}/{name}", box=box, name=name)
+
+    def _check_not_preserved(self, box: str, fds: dict[str, int]) -> None:
+        """Refuse files that are preserved already: LUO would, too (EBUSY), but only after
+        a half-made session; the module is asked because only it knows its own."""
+        seen: dict[tuple[int, int], str] = {}
+        for other in self._sealed:
+            held = self._boxes.get(other)
+            for n in held.entries if held is not None else ():
+                st = os.fstat(self._fds[(other, n)])
+                seen[(st.st_dev, st.st_ino)] = f"{other}/{n}"
+        for name, fd in sorted(fds.items()):
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                raise FdboxError("AlreadyExists", f"{box}/{name} is the same file as {seen[key]}, "
+                                 "which is or will be preserved: a file is preserved once", box=box, name=name)
+            seen[key] = f"{box}/{name}"
+            if self._module_holds(fd):
+                raise FdboxError("AlreadyExists", f"{box}/{name}: fdbox.ko holds this file; "
+                                 "it cannot be preserved twice", box=box, name=name)
+
+    def _module_holds(self, fd: int) -> bool:
+        """Whether fdbox.ko holds this file (in any box): PUT_FD refuses such a file
+        with EEXIST, so try it on a scratch box. False without the module."""
+        path = self.fdbox_device
+        if path is None or not os.path.exists(path):
+            return False
+        from .. import uapi
+
+        probe = "fdboxd.luo-probe"
+        try:
+            dev = uapi.FdboxDevice(path)
+        except OSError:
+            return False
+        try:
+            try:
+                dev.create_box(probe)
+            except uapi.FdboxOSError as e:
+                if e.errno != errno.EEXIST:
+                    return False
+            try:
+                dev.put_fd(probe, "f", fd)
+            except uapi.FdboxOSError as e:
+                return e.errno == errno.EEXIST
+            dev.remove_entry(probe, "f")
+            return False
+        finally:
+            try:
+                dev.delete_box(probe)
+            except uapi.FdboxOSError:
+                pass
+            dev.close()
+
+    def _hold(self, name: str, fd: int) -> None:
+        if self._holder is None:
+            self._holder = Holder.spawn()
+        self._holder.hold(name, fd)
+
+    def _holder_drop(self, name: str) -> None:
+        if self._holder is not None:
+            self._holder.drop(name)
+
+    def _write_index(self, dev: uapi_luo.LuoDevice) -> None:
+        """Replace the index session with one listing :attr:`_sealed` (none if empty)."""
+        if self._held_index:
+            self._holder_drop(INDEX_SESSION)
+            self._held_index = False
+        if not self._sealed:
+            return
+        session = self._create_session(dev, INDEX_SESSION)
+        try:
+            index = _json_memfd({"version": 1, "boxes": sorted(self._sealed)})
+            try:
+                session.preserve_fd(index, INDEX_TOKEN)
+            except uapi_luo.LuoOSError as e:
+                raise _luo_error(e, "LUO preserve of the index") from None
+            finally:
+                os.close(index)
+            self._hold(INDEX_SESSION, session.fd)
+            self._held_index = True
+        finally:
+            session.close()
+
+    # ------------------------------------------------------------------ restore
+
+    def _restore(self, dev: uapi_luo.LuoDevice) -> None:
+        """Retrieve what the previous kernel carried: every file, then FINISH each session."""
+        t0 = time.perf_counter()
+        try:
+            idx = dev.retrieve_session(INDEX_SESSION)
+        except uapi_luo.LuoOSError as e:
+            if e.errno in (errno.ENOENT, errno.EINVAL):
+                return  # nothing carried (first boot, or a kexec with nothing sealed)
+            raise _luo_error(e, "retrieve the LUO index session") from None
+        try:
+            boxes = self._read_token(idx, INDEX_TOKEN).get("boxes", [])
+            self._finish(idx, INDEX_SESSION)
+        finally:
+            idx.close()
+        for box in boxes:
+            try:
+                self._restore_box(dev, str(box))
+            except (FdboxError, uapi_luo.LuoOSError, ValueError) as e:
+                log.error("LUO session %s not restored: %s", box, e)
+        self.restore_timing["retrieve_s"] = time.perf_counter() - t0
+
+    def _restore_box(self, dev: uapi_luo.LuoDevice, box: str) -> None:
+        session = dev.retrieve_session(box)
+        try:
+            desc = self._read_token(session, INDEX_TOKEN)
+            b = BackendBox(box, BoxState.RESTORED)
+            for name, rec in sorted(desc.get("entries", {}).items()):
+                try:
+                    fd = session.retrieve_fd(int(rec["token"]))
+                except uapi_luo.LuoOSError as e:
+                    log.error("LUO %s/%s not retrieved: %s", box, name, e)
+                    continue
+                info = detect(fd)
+                self._fds[(box, name)] = fd
+                b.entries[name] = BackendEntry(name, info.type, info.size, int(rec.get("uid", 0)),
+                                               int(rec.get("gid", 0)))
+            self._finish(session, box)
+        finally:
+            session.close()
+        self._boxes[box] = b
+
+    @staticmethod
+    def _read_token(session: uapi_luo.LuoSession, token: int) -> dict[str, Any]:
+        fd = session.retrieve_fd(token)
+        try:
+            return _read_json(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _finish(session: uapi_luo.LuoSession, name: str) -> None:
+        try:
+            session.finish()
+        except uapi_luo.LuoOSError as e:
+            log.warning("LUO session %s: finish failed (%s); released at close", name, e)
+
+    def _reclaim(self) -> None:
+        """A restarted fdboxd takes back the sessions the last one's holder keeps."""
+        got = Holder.reclaim()
+        if not got:
+            return
+        for name, fd in got:
+            if name == INDEX_SESSION:
+                os.close(fd)  # rewritten at the next seal/unseal
+                continue
+            try:
+                self._hold(name, fd)
+            finally:
+                os.close(fd)
+            self._orphans.add(name)
+            self._sealed.add(name)
+        log.info("reclaimed %d LUO sessions from the previous fdboxd's holder", len(self._orphans))
