@@ -1,79 +1,241 @@
 #!/usr/bin/env python3
-"""Seal and restore time per GiB, measured in the VM across a real kexec.
+"""Live update blackout, by phase: raw LUO vs fdbox on LUO vs fdbox on fdbox.ko.
 
-    python3 bench/liveupdate.py [--size-mib 512] [--hugetlb-mib 128]
+    python3 bench/liveupdate.py [--sizes 512,2048] [--verify sample] [--memory-mb 5632]
 
-Boots the test kernel in qemu (TCG: numbers are for emulated CPUs, compare them with
-each other, not with hardware), loads fdbox.ko, stores the regions with the stand-in
-VMM, and times inside the guest:
+Boots the test kernel in qemu (TCG: compare the numbers with each other, not with
+hardware) and, for each memfd size, times inside the guest, side by side in the same
+VM and across the same kexecs:
 
-- seal: ``fdboxctl seal --all`` (checksums + KHO preservation);
-- restore: fdboxd start-up in the new kernel (the module's restore into fresh memfds
-  plus the daemon's checksum verification) until its socket answers;
-- claim: the stand-in VMM getting the box back and checking every byte.
+- ``raw``: a plain script on /dev/liveupdate (create session, preserve, and after the
+  kexec retrieve session + fd, finish) — the floor fdbox is measured against;
+- ``luo``: fdboxd ``--backend liveupdate`` (``fdboxctl``-equivalent client calls);
+- ``ko``: fdboxd ``--backend kernel`` (fdbox.ko: KHO preservation, restore by copy).
 
-Prints the numbers; asserts nothing.
+Phases: ``seal`` (the Seal call: checksums + preservation), ``restore`` (in the new
+kernel: for raw the ioctls; for fdboxd the daemon's own restore phases from its log —
+backend open/retrieve, store, checksum verification — before clients can connect),
+``claim`` (GetBox: the VMM gets its memory back). ``sum`` is the checksum share: the
+time ``fdboxd.checksum`` takes on that memfd in the guest in the chosen ``--verify``
+mode. Prints a table and the ratios to raw LUO; asserts nothing.
+
+Run inside the guest (by the stages below) as ``bench/liveupdate.py --guest STEP``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MiB = 1 << 20
+OUT = Path("/out")
 
-import vmlib  # noqa: E402
 
-STAGE_LIB = ". tests/vm/stagelib.sh\n"
+# ---------------------------------------------------------------------------- guest
+
+
+def _fill(mib: int, tag: str) -> int:
+    import hashlib
+    import mmap
+
+    fd = os.memfd_create(tag, os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, mib * MiB)
+    with mmap.mmap(fd, mib * MiB) as m:
+        for i in range(mib):
+            m[i * MiB:(i + 1) * MiB] = hashlib.sha256(f"{tag}/{i}".encode()).digest() * (MiB // 32)
+    return fd
+
+
+def _record(name: str, data: dict) -> None:
+    (OUT / f"bench-{name}.json").write_text(json.dumps(data))
+
+
+def guest_raw_seal(mib: int) -> None:
+    """Preserve one memfd with bare LUO ioctls, then hold the session into the kexec."""
+    from fdboxd import uapi_luo
+
+    fd = _fill(mib, f"raw{mib}")
+    t0 = time.perf_counter()
+    dev = uapi_luo.LuoDevice()
+    session = dev.create_session(f"bench-raw-{mib}")
+    session.preserve_fd(fd, 1)
+    dev.close()
+    t1 = time.perf_counter()
+    _record(f"raw-seal-{mib}", {"seal_s": t1 - t0})
+    os.close(fd)
+    import signal
+
+    signal.pause()  # keep the session open until kexec
+
+
+def guest_raw_restore(mib: int) -> None:
+    from fdboxd import uapi_luo
+
+    t0 = time.perf_counter()
+    dev = uapi_luo.LuoDevice()
+    session = dev.retrieve_session(f"bench-raw-{mib}")
+    fd = session.retrieve_fd(1)
+    session.finish()
+    session.close()
+    dev.close()
+    t1 = time.perf_counter()
+    assert os.fstat(fd).st_size == mib * MiB
+    _record(f"raw-restore-{mib}", {"restore_s": t1 - t0})
+    os.close(fd)
+
+
+def guest_fdbox_seal(kind: str, mib: int, verify: str) -> None:
+    from fdboxd import checksum
+    from fdboxd.client import Client
+
+    fd = _fill(mib, f"{kind}{mib}")
+    t = time.perf_counter()
+    checksum.digest_fd(fd, checksum.Verify(verify))
+    sum_s = time.perf_counter() - t
+    with Client(f"/run/fdbox/{kind}.sock") as c:
+        c.put(f"b{mib}", "ram0", fd)
+        os.close(fd)
+        t0 = time.perf_counter()
+        c.seal(f"b{mib}")
+        t1 = time.perf_counter()
+    _record(f"{kind}-seal-{mib}", {"seal_s": t1 - t0, "sum_s": sum_s})
+
+
+def guest_fdbox_restore(kind: str, mib: int) -> None:
+    from fdboxd.client import Client
+
+    log = Path(f"/out/fdboxd-{kind}-{os.environ.get('FDBOX_VM_STAGE', '')}.log").read_text()
+    m = re.findall(r"restore timing: backend_ms=([\d.]+) store_ms=([\d.]+) verify_ms=([\d.]+)", log)
+    backend_ms, store_ms, verify_ms = (float(x) for x in m[-1]) if m else (0.0, 0.0, 0.0)
+    with Client(f"/run/fdbox/{kind}.sock") as c:
+        t0 = time.perf_counter()
+        got = c.get_box(f"b{mib}")
+        t1 = time.perf_counter()
+        for _e, fd in got:
+            assert os.fstat(fd).st_size == mib * MiB
+            os.close(fd)
+        c.delete_box(f"b{mib}")  # frees the memory for the next size
+    _record(f"{kind}-restore-{mib}", {"restore_s": (backend_ms + store_ms + verify_ms) / 1e3,
+                                      "verify_s": verify_ms / 1e3, "claim_s": t1 - t0})
+
+
+def guest(argv: list[str]) -> None:
+    step, *args = argv
+    if step == "raw-seal":
+        guest_raw_seal(int(args[0]))
+    elif step == "raw-restore":
+        guest_raw_restore(int(args[0]))
+    elif step == "seal":
+        guest_fdbox_seal(args[0], int(args[1]), args[2])
+    elif step == "restore":
+        guest_fdbox_restore(args[0], int(args[1]))
+    else:
+        raise SystemExit(f"unknown step {step}")
+
+
+# ---------------------------------------------------------------------------- host
+
+STAGE_LIB = r"""
+. tests/vm/stagelib.sh
+B="python3 bench/liveupdate.py --guest"
+daemon() {  # daemon KIND BACKEND: fdboxd on /run/fdbox/KIND.sock
+    mkdir -p /run/fdbox /var/lib/fdbox-$1
+    python3 -m fdboxd --backend $2 --socket /run/fdbox/$1.sock --state-dir /var/lib/fdbox-$1 \
+        --verify $VERIFY > /out/fdboxd-$1-$FDBOX_VM_STAGE.log 2>&1 &
+    until python3 -m fdboxd.ctl --socket /run/fdbox/$1.sock status > /dev/null 2>&1; do sleep 0.2; done
+}
+raw_seal() {
+    $B raw-seal $1 &
+    until [ -e /out/bench-raw-seal-$1.json ]; do sleep 0.2; done
+}
+"""
+
+
+def stage_scripts(sizes: list[int], verify: str) -> list[str]:
+    """One size per kexec cycle (three copies of 2 GiB do not fit a small guest)."""
+    head = STAGE_LIB + f"VERIFY={verify}\n"
+    stages = []
+    prev: list[tuple[str, int]] = []
+    plan: list[list[tuple[str, int]]] = []
+    for mib in sizes:
+        if mib * 3 <= 1536:
+            plan.append([("raw", mib), ("luo", mib), ("ko", mib)])
+        else:
+            plan.append([("raw", mib), ("luo", mib)])
+            plan.append([("ko", mib)])
+    for cycle in plan + [[]]:
+        s = head + "load_module\n"
+        kinds = {k for k, _ in prev} | {k for k, _ in cycle}
+        for kind in ("luo", "ko"):
+            if kind in kinds:
+                s += f"daemon {kind} {'liveupdate' if kind == 'luo' else 'kernel'}\n"
+        for kind, mib in prev:
+            s += f"$B {'raw-restore' if kind == 'raw' else 'restore ' + kind} {mib}\n"
+        for kind, mib in cycle:
+            s += f"raw_seal {mib}\n" if kind == "raw" else f"$B seal {kind} {mib} $VERIFY\n"
+        if cycle:
+            s += "vm-kexec --reuse-cmdline\n"
+        stages.append(s)
+        prev = cycle
+    return stages
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size-mib", type=int, default=512, help="plain memfd size")
-    p.add_argument("--hugetlb-mib", type=int, default=128, help="hugetlb memfd size (2 MiB pages)")
+    p.add_argument("--guest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.add_argument("--sizes", default="512,2048", help="memfd sizes in MiB (default: 512,2048)")
+    p.add_argument("--verify", default="sample", choices=["full", "sample", "none"])
+    p.add_argument("--memory-mb", type=int, default=5632)
+    p.add_argument("--timeout", type=float, default=3600)
     a = p.parse_args()
+    if a.guest:
+        guest(a.guest)
+        return 0
+
+    sys.path.insert(0, str(ROOT / "tests" / "vm"))
+    import vmlib
+
     kernel = vmlib.find_test_kernel()
     if kernel is None:
-        print("no test kernel", file=sys.stderr)
+        print("no test kernel (see tests/vm/vmlib.py)", file=sys.stderr)
+        return 2
+    sizes = [int(x) for x in a.sizes.split(",")]
+    module = vmlib.build_module()
+    out = Path(tempfile.mkdtemp(prefix="fdbox-bench-luo-"))
+    stages = stage_scripts(sizes, a.verify)
+    run = vmlib.run_guest(stages[0], stages=stages, out_dir=out, kernel=kernel,
+                          initramfs=vmlib.build_initramfs(), module=module,
+                          memory_mb=a.memory_mb, timeout=a.timeout)
+    if not run.ok:
+        print(run.report(), file=sys.stderr)
         return 1
-    module = vmlib.build_module(vmlib.repo_root() / "kmod", vmlib.kernel_build_dir(kernel))
-    regions = f"--mem ram0={a.size_mib}M"
-    if a.hugetlb_mib:
-        regions += f" --hugetlb ram1={a.hugetlb_mib}M"
-    stage1 = STAGE_LIB + f"""
-load_module
-start_fdboxd
-vmm store --box bench {regions} --seed bench
-t0=$(now); ctl seal --all > /dev/null; t1=$(now)
-echo "$t0 $t1" > /out/seal.t
-stop_fdboxd
-vm-kexec --reuse-cmdline
-"""
-    stage2 = STAGE_LIB + f"""
-t0=$(now); load_module; start_fdboxd; t1=$(now)
-vmm verify --box bench {regions} --seed bench > /out/verify.txt; t2=$(now)
-echo "$t0 $t1 $t2" > /out/restore.t
-"""
-    huge_pages = a.hugetlb_mib // 2 + 16
-    mem = max(2048, 3 * (a.size_mib + a.hugetlb_mib) + 1024)
-    with tempfile.TemporaryDirectory(prefix="fdbox-bench-") as tmp:
-        run = vmlib.run_guest(stage1, stage2, out_dir=Path(tmp), module=module, kernel=kernel,
-                              initramfs=vmlib.build_initramfs(), memory_mb=mem,
-                              cmdline_extra=(f"hugepages={huge_pages}",), timeout=3600)
-        if not run.ok:
-            print(run.report(), file=sys.stderr)
-            return 1
-        s0, s1 = map(float, (Path(tmp) / "seal.t").read_text().split())
-        r0, r1, r2 = map(float, (Path(tmp) / "restore.t").read_text().split())
-        verified = (Path(tmp) / "verify.txt").read_text().count("OK ")
-    gib = (a.size_mib + a.hugetlb_mib) / 1024
-    print(f"regions: {a.size_mib} MiB memfd + {a.hugetlb_mib} MiB hugetlb = {gib:.3f} GiB (qemu TCG, {mem} MiB guest)")
-    print(f"seal:    {s1 - s0:8.2f} s  ({(s1 - s0) / gib:8.2f} s/GiB)")
-    print(f"restore: {r1 - r0:8.2f} s  ({(r1 - r0) / gib:8.2f} s/GiB)  module load + fdboxd start (restore + verify)")
-    print(f"claim:   {r2 - r1:8.2f} s  ({(r2 - r1) / gib:8.2f} s/GiB)  stand-in VMM GetBox + full read, {verified} regions OK")
-    print(f"wall:    {run.wall_seconds:8.2f} s  whole two-stage run")
+
+    def rec(name: str) -> dict:
+        f = out / f"bench-{name}.json"
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    print(f"live update in the VM (TCG), --verify={a.verify}; seconds; ratio = x / raw LUO")
+    print(f"{'size':>6} {'path':<5} {'seal':>8} {'restore':>8} {'claim':>8} {'sum':>8} "
+          f"{'seal/raw':>9} {'rest/raw':>9}")
+    for mib in sizes:
+        raw_seal = rec(f"raw-seal-{mib}").get("seal_s")
+        raw_rest = rec(f"raw-restore-{mib}").get("restore_s")
+        print(f"{mib:>5}M {'raw':<5} {raw_seal or 0:8.3f} {raw_rest or 0:8.3f} {'-':>8} {'-':>8}")
+        for kind in ("luo", "ko"):
+            s, r = rec(f"{kind}-seal-{mib}"), rec(f"{kind}-restore-{mib}")
+            ratio_s = s.get("seal_s", 0) / raw_seal if raw_seal else float("nan")
+            ratio_r = r.get("restore_s", 0) / raw_rest if raw_rest else float("nan")
+            print(f"{mib:>5}M {kind:<5} {s.get('seal_s', 0):8.3f} {r.get('restore_s', 0):8.3f} "
+                  f"{r.get('claim_s', 0):8.3f} {s.get('sum_s', 0):8.3f} {ratio_s:9.2f} {ratio_r:9.2f}")
+    print(f"(raw data: {out})")
     return 0
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,9 @@ class Daemon:
         # Under systemd: the Varlink listener and the fdstore's fds come in LISTEN_FDS;
         # the fds are adopted before the store is built so that it reconciles them.
         self.activation = sd.Activation.from_environ()
+        t0 = time.perf_counter()
         self.backend = open_backend(config.backend, config.device)
+        t1 = time.perf_counter()
         refused = sd.adopt_store_fds(self.activation, self.backend, Manifest(config.state_dir))
         self.store = Store(self.backend, Manifest(config.state_dir), limits=config.limits,
                            allowed_types=config.allowed_types, verify=config.verify)
@@ -118,8 +121,13 @@ class Daemon:
         if self.store.status()["restored"]:
             # After a kexec: check every entry against the checksum it was sealed with
             # before anyone can take it back (mismatches are dropped and reported lost).
+            t2 = time.perf_counter()
             failed = self.store.verify_restored()
+            t3 = time.perf_counter()
             log.info("verified restored entries: %d failed", len(failed))
+            # One line per phase of the blackout's restore side (bench/liveupdate.py reads it).
+            log.info("restore timing: backend_ms=%.1f store_ms=%.1f verify_ms=%.1f verify=%s",
+                     (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, config.verify)
         # Taps cannot cross a kexec: recreate the recorded interfaces no backend holds.
         from . import net  # standard library only; pyroute2 is imported if there is work
 

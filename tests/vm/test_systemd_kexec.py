@@ -7,7 +7,10 @@ unchanged. Drop-ins (below) only point ``ExecStart=`` at where ``pip install -e 
 put the console scripts on this host and copy the seal's output to the console; they
 change no ordering, dependency or hardening the units ship with, except
 ``ProtectHome=`` when the interpreter itself lives under /root or /home (pyenv).
-fdbox.ko is loaded and fdboxd picks the kernel backend (``--backend auto``).
+fdbox.ko is loaded and fdboxd picks ``--backend auto``: the kernel has LUO, so the memfd
+crosses through LUO (``liveupdate+kernel``). That proves the LUO sessions outlive
+fdboxd through systemd-shutdown's final kill: their holder, ``@fdboxd-luo-holder``,
+is spared by its ``@`` and keeps them open until the kexec.
 
 The journal does not survive a kexec but the serial console does, so the order is
 read from the console: systemd's own status lines ("Stopped …", "Finished …"), lines
@@ -138,7 +141,7 @@ def _marker_uptime(console: str, what: str) -> float:
 
 def _check_before(out: Path) -> None:
     before = _json(out / "before-status.json")
-    assert before["backend"] == "kernel", before
+    assert before["backend"] == "liveupdate+kernel", before
     assert (before["boxes"], before["entries"], before["sealed"]) == (1, 1, 0), before
     deps = (out / "kexec-deps.txt").read_text()
     assert "fdbox-seal.service" in deps.split("Requires=", 1)[1].splitlines()[0], deps
@@ -181,7 +184,7 @@ def test_seal_runs_before_kexec(vm_with_module: vmlib.Harness) -> None:
 
     # Stage 2: the box crossed the kexec sealed and came back restored, intact.
     restored = _json(out / "restored-status.json")
-    assert restored["backend"] == "kernel" and restored["restored"] == 1, restored
+    assert restored["backend"] == "liveupdate+kernel" and restored["restored"] == 1, restored
     assert restored["lost"] == [], restored
     assert (out / "verify.txt").read_text().count("OK vm1/ram0") == 1, (out / "verify.txt").read_text()
     assert _json(out / "final-status.json")["state"] == "open"
