@@ -137,8 +137,9 @@ ERRNO_MEANINGS: dict[int, tuple[str, str]] = {
 class LuoOSError(OSError):
     """An ``OSError`` from /dev/liveupdate or a session fd, with meaning and error name."""
 
-    def __init__(self, err: int, op: str) -> None:
-        meaning, name = ERRNO_MEANINGS.get(err, (os.strerror(err), "BackendUnavailable"))
+    def __init__(self, err: int, op: str, meaning: str | None = None, name: str | None = None) -> None:
+        known, known_name = ERRNO_MEANINGS.get(err, (os.strerror(err), "BackendUnavailable"))
+        meaning, name = meaning or known, name or known_name
         super().__init__(err, f"liveupdate {op}: {meaning} ({errno.errorcode.get(err, err)})")
         self.op = op
         self.meaning = meaning
@@ -211,10 +212,9 @@ class LuoDevice:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            err = LuoOSError(e.errno or errno.EIO, "open")
             if e.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
-                err.meaning, err.error_name = "no /dev/liveupdate (kernel without LUO)", "BackendUnavailable"
-            raise err from None
+                raise LuoOSError(e.errno, "open", f"no {path} (kernel without LUO)", "BackendUnavailable") from None
+            raise LuoOSError(e.errno or errno.EIO, "open") from None
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -191,6 +191,8 @@ class LiveupdateBackend(MemoryBackend):
 
     def seal(self, box: str) -> None:
         b = self._box(box)
+        if box in self._sealed and box not in self._orphans and b.state == BoxState.SEALED:
+            return  # already (systemd's fdstore adoption seals once per entry)
         if box in self._orphans:  # still preserved in the session we reclaimed
             self._orphans.discard(box)
             b.state = BoxState.SEALED

@@ -1,0 +1,82 @@
+"""``auto`` on a kernel with LUO and fdbox.ko: the routing of MixedBackend, with memory
+backends standing in for both sides (the real ones are exercised in tests/vm/test_luo.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fdboxd.backends.memory import MemoryBackend
+from fdboxd.backends.mixed import MixedBackend
+from fdboxd.errors import FdboxError
+from fdboxd.fdtypes import FdInfo, FdType
+from fdboxd.model import BoxState
+
+
+class Side(MemoryBackend):
+    def __init__(self, types: set[FdType], fail_seal: bool = False) -> None:
+        super().__init__()
+        self.types = types
+        self.fail_seal = fail_seal
+
+    def accepts(self, fd_type: FdType) -> bool:
+        return fd_type in self.types
+
+    def seal(self, box: str) -> None:
+        if self.fail_seal:
+            raise FdboxError("AlreadyExists", "preserved already")
+        super().seal(box)
+
+
+def mixed(fail_luo: bool = False) -> tuple[MixedBackend, Side, Side]:
+    luo = Side({FdType.MEMFD}, fail_seal=fail_luo)
+    ko = Side({FdType.MEMFD_HUGETLB, FdType.GUEST_MEMFD})
+    return MixedBackend(luo, ko), luo, ko  # type: ignore[arg-type]
+
+
+def put(b: MixedBackend, box: str, name: str, t: FdType) -> None:
+    fd = os.memfd_create(name)
+    try:
+        b.put(box, name, fd, FdInfo(t, 0))
+    finally:
+        os.close(fd)
+
+
+def test_each_file_goes_to_exactly_one_side() -> None:
+    b, luo, ko = mixed()
+    b.create_box("vm")
+    put(b, "vm", "ram0", FdType.MEMFD)
+    put(b, "vm", "ram1", FdType.MEMFD_HUGETLB)
+    assert set(luo.inventory()["vm"].entries) == {"ram0"}
+    assert set(ko.inventory()["vm"].entries) == {"ram1"}
+    assert set(b.inventory()["vm"].entries) == {"ram0", "ram1"}
+    assert not b.accepts(FdType.TAP)  # taps stay with the store's side backend
+    b.seal("vm")
+    assert luo.inventory()["vm"].state == ko.inventory()["vm"].state == BoxState.SEALED
+    b.unseal("vm")
+    assert b.inventory()["vm"].state == BoxState.OPEN
+    os.close(b.get("vm", "ram1"))
+    b.remove("vm", "ram1")
+    with pytest.raises(FdboxError):
+        b.get("vm", "ram1")
+
+
+def test_a_failed_luo_seal_leaves_nothing_sealed() -> None:
+    b, luo, ko = mixed(fail_luo=True)
+    b.create_box("vm")
+    put(b, "vm", "ram0", FdType.MEMFD)
+    put(b, "vm", "ram1", FdType.MEMFD_HUGETLB)
+    with pytest.raises(FdboxError):
+        b.seal("vm")
+    assert ko.inventory()["vm"].state == BoxState.OPEN
+    assert luo.inventory()["vm"].state == BoxState.OPEN
+
+
+def test_a_box_restored_on_one_side_reopens_on_both() -> None:
+    b, luo, ko = mixed()
+    luo.create_box("vm")
+    luo._boxes["vm"].state = BoxState.RESTORED
+    assert b.inventory()["vm"].state == BoxState.RESTORED
+    b.finish("vm")
+    assert "vm" in ko.inventory() and b.inventory()["vm"].state == BoxState.OPEN
