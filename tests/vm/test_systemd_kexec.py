@@ -75,10 +75,12 @@ def guest_units() -> dict[str, str]:
     units = {name: (UNITS / name).read_text() for name in ("fdboxd.service", "fdboxd.socket", "fdbox-seal.service")}
     home = any(str(BINDIR).startswith(p) for p in ("/root/", "/home/"))
     units["fdboxd.service.d/50-vm-test-paths.conf"] = textwrap.dedent(f"""\
-        # VM test: the console script is where pip put it on this host.
+        # VM test: the console script is where pip put it on this host; it runs the
+        # code of this checkout (pip's editable install may point at another one).
         [Service]
         ExecStart=
         ExecStart={_exec_start("fdboxd.service")}
+        Environment=PYTHONPATH={vmlib.repo_root()}
         """) + (
         "# This host's interpreter lives under /root or /home, which ProtectHome=yes hides.\n"
         "ProtectHome=read-only\n" if home else "") + (
@@ -91,6 +93,7 @@ def guest_units() -> dict[str, str]:
         ExecStartPre={_uptime_marker("seal start")}
         ExecStart=
         ExecStart={_exec_start("fdbox-seal.service")}
+        Environment=PYTHONPATH={vmlib.repo_root()}
         ExecStartPost={_uptime_marker("seal done")}
         StandardOutput=journal+console
         StandardError=journal+console
