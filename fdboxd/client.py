@@ -184,6 +184,11 @@ class Client:
         reply, _ = self.call("NetRestore", {"box": box})
         return reply["entries"]
 
+    def acknowledge_lost(self, box: str | None = None) -> int:
+        """Forget your lost-entry reports (of one box, or all); returns how many."""
+        reply, _ = self.call("AcknowledgeLost", {"box": box} if box else {})
+        return int(reply["acknowledged"])
+
     def status(self) -> dict[str, Any]:
         reply, _ = self.call("Status")
         return reply

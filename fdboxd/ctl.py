@@ -91,6 +91,11 @@ def cmd_status(c: Client, a: argparse.Namespace) -> int:
         items = st.get(what) or []
         if items:
             print(f"{what}:    " + ", ".join(f"{i['box']}/{i['name']} ({i['type']})" for i in items))
+    if st.get("lost"):
+        print("          (fdboxctl ack-lost [BOX] once dealt with)")
+    usage = st.get("usage") or {}
+    if usage:
+        print("usage:    " + ", ".join(f"{k} {v}" for k, v in usage.items()))
     return 0
 
 
@@ -248,6 +253,15 @@ def cmd_unseal(c: Client, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ack_lost(c: Client, a: argparse.Namespace) -> int:
+    n = c.acknowledge_lost(a.box)
+    if a.json:
+        _print_json({"acknowledged": n})
+    else:
+        print(f"acknowledged {n} lost entr{'y' if n == 1 else 'ies'}")
+    return 0
+
+
 def cmd_finish(c: Client, a: argparse.Namespace) -> int:
     done = c.finish(a.box)
     if a.json:
@@ -336,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("unseal", parents=[common], help="reopen a sealed BOX")
     s.add_argument("box", metavar="BOX")
     s.set_defaults(func=cmd_unseal)
+
+    s = sub.add_parser("ack-lost", parents=[common],
+                       help="acknowledge your lost entries (of BOX, or all): status stops listing them")
+    s.add_argument("box", nargs="?", metavar="BOX")
+    s.set_defaults(func=cmd_ack_lost)
 
     s = sub.add_parser("finish", parents=[common], help="end the restore phase of BOX (or all)")
     s.add_argument("box", nargs="?", metavar="BOX")

@@ -26,6 +26,7 @@ from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdType
 from .manifest import Manifest
 from .model import Caller
+from .names import BoxRules
 from .checksum import DEFAULT_VERIFY, Verify
 from .limits import Budget, Limits, add_arguments, from_args
 from .store import Store
@@ -45,6 +46,7 @@ class Config:
     allowed_types: frozenset[FdType] = MEMORY_TYPES
     limits: Limits = field(default_factory=Limits)
     budget: Budget = field(default_factory=Budget)
+    box_rules: BoxRules = field(default_factory=BoxRules)
     user: bool = False  # --user: serve only our own uid, on a 0600 socket in a checked directory
     max_fds: int = MAX_FDS_PER_MESSAGE
     max_message_size: int = MAX_MESSAGE_SIZE
@@ -73,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--max-fds-per-message", type=int, default=MAX_FDS_PER_MESSAGE,
                    help="fds in one message, however many reads it spans (default: %(default)s)")
     add_arguments(p)
+    p.add_argument("--box-owners", metavar="FILE",
+                   help="reserve box names: lines of 'PATTERN UID-or-USER'; a name that matches may be "
+                        "created only by that user (or root). Names 'UID.*' always belong to UID")
     p.add_argument("--bus", help="also serve D-Bus: system, session, or a bus address")
     p.add_argument("--log-level", default=os.environ.get("FDBOX_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
@@ -83,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error(f"--max-fds-per-message must be 1..{MAX_FDS_PER_MESSAGE}")
     try:
         limits, budget = from_args(a)
-    except ValueError as e:
+        box_rules = BoxRules.load(a.box_owners) if a.box_owners else BoxRules()
+    except (ValueError, OSError) as e:
         p.error(str(e))
     return Config(
         socket=a.socket or paths.default_socket(user),
@@ -94,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         limits=limits,
         budget=budget,
         user=user,
+        box_rules=box_rules,
         max_fds=a.max_fds_per_message,
         bus=a.bus,
         log_level=a.log_level,
@@ -116,7 +123,8 @@ class Daemon:
         t1 = time.perf_counter()
         refused = sd.adopt_store_fds(self.activation, self.backend, Manifest(config.state_dir))
         self.store = Store(self.backend, Manifest(config.state_dir), limits=config.limits,
-                           allowed_types=config.allowed_types, verify=config.verify)
+                           allowed_types=config.allowed_types, verify=config.verify,
+                           box_rules=config.box_rules)
         self.systemd = sd.SystemdIntegration(self.store, self.activation, refused)
         if self.store.status()["restored"]:
             # After a kexec: check every entry against the checksum it was sealed with

@@ -168,11 +168,11 @@ class Manager(ServiceInterface):
 
     @dbus_method()
     def Status(self) -> "a{sv}":  # noqa: F821, N802
-        st = self.store.status()
-        root = self.caller().is_root
+        caller = self.caller()
+        st = self.store.status(caller)  # non-root: only the caller's own counts and losses
 
         def triples(items: list[dict[str, Any]]) -> Variant:
-            rows = [[str(i.get("box", "")), str(i.get("name", "")), str(i.get("type", ""))] for i in items] if root else []
+            rows = [[str(i.get("box", "")), str(i.get("name", "")), str(i.get("type", ""))] for i in items]
             return Variant("a(sss)", rows)
 
         return {
@@ -187,7 +187,13 @@ class Manager(ServiceInterface):
             "lost": triples(st["lost"]),
             "adopted": triples(st["adopted"]),
             "limits": Variant("a{st}", {k: int(v) for k, v in self.limits.items()}),
+            "usage": Variant("a{st}", {k: int(v) for k, v in self.store.usage(caller.uid).items()}),
         }
+
+    @dbus_method()
+    def AcknowledgeLost(self, box: "s") -> "u":  # noqa: F821, N802
+        """Forget the caller's lost-entry reports (root: everyone's), of one box or all when ''."""
+        return _u32(self.store.acknowledge_lost(self.caller(), box or None))
 
     # ------------------------------------------------------------------ properties
 
@@ -246,7 +252,8 @@ def _complete_introspection() -> dict[str, tuple[str, str, Callable[..., Any]]]:
     signal arguments unnamed; ``busctl introspect`` and code generators read the names.
     """
     out_names = {"Get": ["fd"], "GetBox": ["entries"], "List": ["entries"], "ListBoxes": ["boxes"],
-                 "Seal": ["sealed"], "Finish": ["finished"], "Status": ["status"]}
+                 "Seal": ["sealed"], "Finish": ["finished"], "Status": ["status"],
+                 "AcknowledgeLost": ["acknowledged"]}
     signal_names = {"EntryAdded": ["box", "name", "uid"], "EntryRemoved": ["box", "name", "uid"],
                     "StateChanged": ["box", "state"]}
     probe = Manager(None, {})  # type: ignore[arg-type]

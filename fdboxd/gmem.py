@@ -277,9 +277,7 @@ class RestorePlan:
 
 def restore_begin(store: Store, caller: Caller, box: str, name: str, fd: int) -> RestorePlan:
     """Check everything RestoreInto needs, before any byte moves; reserve the entry."""
-    entry = store._entry(box, name)
-    if not entry.owned_by(caller):
-        raise FdboxError("PermissionDenied", f"{box}/{name} belongs to another user", box=box, name=name)
+    entry = store._entry(box, name, caller)  # another user's: NotFound, as if missing
     if entry.type != FdType.GUEST_MEMFD:
         raise FdboxError("UnsupportedType", f"{box}/{name} is {entry.type}, not a guest_memfd: use Get",
                          box=box, name=name, type=str(entry.type))

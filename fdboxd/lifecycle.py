@@ -22,7 +22,7 @@ from . import gmem
 from .checksum import Digest, Verify, check_many, digest_many, planned_bytes, sha256_fd
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdType, detect
-from .manifest import ManifestData, Op, decode, encode
+from .manifest import ManifestData, Op, decode, encode, lost_op, lost_record
 from .model import Box, BoxState, Caller, Entry, Event
 
 if TYPE_CHECKING:
@@ -269,7 +269,7 @@ def verify_restored(store: Store) -> list[dict[str, Any]]:
         b = store.boxes[box]
         e = b.entries[name]
         log.error("restored entry %s/%s refused: %s", box, name, problem)
-        report = {"box": box, "name": name, "type": str(e.type), "reason": problem}
+        report = lost_record(e, problem)
         failed.append(report)
         store.lost.append(report)
         try:
@@ -278,7 +278,7 @@ def verify_restored(store: Store) -> list[dict[str, Any]]:
             b.entries.pop(name, None)
             store._n_entries -= 1
     if failed:
-        store._record_or_log([["rm", r["box"], r["name"]] for r in failed])
+        store._record_or_log([["rm", r["box"], r["name"]] for r in failed] + [lost_op(store.lost)])
     return failed
 
 

@@ -80,6 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for option, cls, name, kind, text in _OPTIONS:
         default = next(f.default for f in fields(cls) if f.name == name)
         g.add_argument(option, type=kind, default=default, dest=f"{cls.__name__}.{name}",
+                       metavar="SECONDS" if kind is float else "N",
                        help=f"{text} (default: %(default)s)")
 
 

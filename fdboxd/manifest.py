@@ -7,15 +7,21 @@ daemon in the next kernel — can hand each file back to the right caller.
 Format (``schema`` is bumped on any incompatible change; readers refuse newer ones)::
 
     {
-      "schema": 1,
+      "schema": 2,
       "generation": 42,                 # bumped on every write
       "written": 1764250000.0,
       "boxes": {
         "vm1": {"state": "open", "created": 1764250000.0, "uid": 1000,
                 "entries": {"ram0": {<Entry.to_dict()>}, ...}},
         ...
-      }
+      },
+      "lost": [{"box": "vm1", "name": "ram1", "type": "memfd", "uid": 1000,   # schema 2
+                "size": 4096, "reason": "...", "time": 1764250000.0}, ...]
     }
+
+Schema 2 added ``lost``: entries that did not survive, kept until their owner
+acknowledges them (``AcknowledgeLost``). A schema-1 reader would silently forget them,
+so it refuses a schema-2 manifest; a schema-1 manifest reads as one with no losses.
 
 Persistence: a snapshot plus an append-only journal
 --------------------------------------------------
@@ -69,7 +75,7 @@ from .model import Box, BoxState, Entry
 
 log = logging.getLogger("fdboxd.manifest")
 
-SCHEMA = 1
+SCHEMA = 2
 FILENAME = "manifest.json"
 JOURNAL = "manifest.journal"
 OLD_JOURNAL = JOURNAL + ".old"
@@ -78,7 +84,7 @@ COMPACT_RATIO = 2
 COMPACT_MIN = 1 << 20
 
 #: One journal op: ``["box", name, state, created, uid]``, ``["entry", Entry.to_dict()]``,
-#: ``["rm", box, name]`` or ``["rmbox", name]``.
+#: ``["rm", box, name]``, ``["rmbox", name]`` or ``["lost", [record, ...]]`` (the whole list).
 Op = list[Any]
 
 
@@ -87,6 +93,8 @@ class ManifestData:
     boxes: dict[str, Box] = field(default_factory=dict)
     owners: dict[str, int] = field(default_factory=dict)  # box -> uid of its creator
     generation: int = 0
+    #: Unacknowledged lost entries (see fdboxd.store.lost_record).
+    lost: list[dict[str, Any]] = field(default_factory=list)
 
 
 def encode(data: ManifestData) -> bytes:
@@ -103,6 +111,7 @@ def encode(data: ManifestData) -> bytes:
             }
             for name, box in sorted(data.boxes.items())
         },
+        "lost": data.lost,
     }
     return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 
@@ -124,11 +133,29 @@ def decode(raw: bytes) -> ManifestData:
                 box.entries[ename] = entry
             data.boxes[name] = box
             data.owners[name] = int(b.get("uid", 0))
+        data.lost = _lost(doc.get("lost", []))
         return data
     except FdboxError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FdboxError("InvalidRequest", f"malformed manifest: {e}") from e
+
+
+def _lost(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(r, dict) and isinstance(r.get("box"), str)
+                                              and isinstance(r.get("name"), str) for r in value):
+        raise ValueError("'lost' must be a list of {box, name, ...}")
+    return [dict(r) for r in value]
+
+
+def lost_record(entry: Entry, reason: str) -> dict[str, Any]:
+    """What is kept about a lost entry, until its owner acknowledges it."""
+    return {"box": entry.box, "name": entry.name, "type": str(entry.type), "uid": entry.uid,
+            "size": entry.size, "reason": reason, "time": time.time()}
+
+
+def lost_op(lost: list[dict[str, Any]]) -> Op:
+    return ["lost", list(lost)]
 
 
 def box_op(box: Box, uid: int) -> Op:
@@ -164,6 +191,8 @@ def apply(data: ManifestData, ops: list[Op]) -> None:
         elif kind == "rmbox":
             data.boxes.pop(op[1], None)
             data.owners.pop(op[1], None)
+        elif kind == "lost":
+            data.lost = _lost(op[1])
         else:
             raise ValueError(f"unknown journal op {kind!r}")
 
@@ -211,6 +240,7 @@ class Manifest:
         if not self.dir.is_dir():
             return ManifestData()
         with _DirLock(self.dir):  # not while an orphaned compaction swaps the files
+            self._remove_stale_temp_files()
             raw = _read(self.path)
             data = decode(raw) if raw is not None else ManifestData()
             self._snapshot_size = len(raw or b"")
@@ -219,6 +249,16 @@ class Manifest:
                 if j:
                     replay(data, j, path.name)
         return data
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of writers killed mid-write. Every writer holds the directory lock
+        while its temp file exists, and we hold it now: any found is stale."""
+        for tmp in self.dir.glob(f".{FILENAME}.*.tmp"):
+            try:
+                tmp.unlink()
+                log.info("removed a stale temp file %s", tmp.name)
+            except OSError as e:
+                log.warning("cannot remove stale %s: %s", tmp, e.strerror)
 
     def save(self, data: ManifestData) -> None:
         """Write a whole snapshot (start-up, tests) and drop the journals it contains."""

@@ -35,3 +35,54 @@ def check_entry_name(name: object) -> str:
 def _printable(name: object) -> str:
     text = name if isinstance(name, str) else repr(name)
     return text[:80]
+
+
+class BoxRules:
+    """Who may *create* a box of a given name: the answer to box-name squatting.
+
+    Box names are otherwise first come, first served, so a tenant could take another's
+    VM name before that VM starts. Two rules, root exempt from both:
+
+    - built in: a name that starts with a uid and a dot (``1000.vm1``) belongs to that
+      uid; every user has a namespace nobody else can enter;
+    - ``fdboxd --box-owners FILE``: lines of ``PATTERN OWNER`` (shell-style pattern,
+      uid or user name; ``#`` starts a comment). The first pattern that matches a
+      name decides who may create it; names no line matches stay first come, first served.
+
+    The check is at creation only: an existing box keeps its owner.
+    """
+
+    def __init__(self, rules: list[tuple[str, int]] | None = None) -> None:
+        self.rules = list(rules or [])
+
+    @classmethod
+    def load(cls, path: str) -> BoxRules:
+        import pwd
+
+        rules = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                words = line.split("#", 1)[0].split()
+                if not words:
+                    continue
+                if len(words) != 2:
+                    raise ValueError(f"{path}:{n}: expected 'PATTERN OWNER'")
+                pattern, owner = words
+                try:
+                    uid = int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+                except KeyError:
+                    raise ValueError(f"{path}:{n}: no user {owner!r}") from None
+                rules.append((pattern, uid))
+        return cls(rules)
+
+    def owner(self, box: str) -> int | None:
+        """The uid that alone (with root) may create ``box``, or None if anyone may."""
+        import fnmatch
+
+        prefix, dot, _ = box.partition(".")
+        if dot and prefix.isdigit():
+            return int(prefix)
+        for pattern, uid in self.rules:
+            if fnmatch.fnmatchcase(box, pattern):
+                return uid
+        return None

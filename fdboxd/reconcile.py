@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from . import gmem
 from .lifecycle import CARRY_BOX, take_carried_manifest
-from .manifest import ManifestData
+from .manifest import ManifestData, lost_record
 from .model import Box, BoxState, Entry
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ def reconcile(store: Store, data: ManifestData) -> None:
         for name, sbox in store.side.inventory().items():
             held.setdefault(name, sbox).entries.update(sbox.entries)
     store.generation = data.generation
+    store.lost = [dict(r) for r in data.lost]  # unacknowledged losses of earlier runs
     for name, box in data.boxes.items():
         hbox = held.get(name)
         for ename, entry in list(box.entries.items()):
@@ -45,13 +46,18 @@ def reconcile(store: Store, data: ManifestData) -> None:
             if hbox is not None and gmem.is_carried(entry) and gmem.carry_name(ename) in hbox.entries:
                 continue  # a guest_memfd carried as a copy (fdboxd.gmem): RestoreInto
             del box.entries[ename]
-            store.lost.append({"box": name, "name": ename, "type": str(entry.type)})
+            store.lost.append(lost_record(entry, "no backend held it at start-up"))
             log.warning("entry %s/%s is in the manifest but no backend holds it", name, ename)
         if hbox is not None:
             box.state = hbox.state
-        elif not box.entries:
+        elif not box.entries and not any(r["box"] == name for r in store.lost):
             log.warning("box %s is in the manifest but no backend holds it", name)
             continue
+        elif not box.entries:
+            # Its entries are lost: the box (empty, open) stays its owner's until they
+            # acknowledge the loss, so nobody else can take the VM's name meanwhile.
+            store._create_box_backends(name)
+            box.state = BoxState.OPEN
         store.boxes[name] = box
         store.owners[name] = data.owners.get(name, 0)
     for name, hbox in held.items():
@@ -63,7 +69,7 @@ def reconcile(store: Store, data: ManifestData) -> None:
         for ename, he in hbox.entries.items():
             if ename not in box.entries and not gmem.is_carry_name(ename):
                 box.entries[ename] = Entry(name, ename, he.type, he.size, he.uid, he.gid)
-                store.adopted.append({"box": name, "name": ename, "type": str(he.type)})
+                store.adopted.append({"box": name, "name": ename, "type": str(he.type), "uid": he.uid})
                 log.warning("adopted %s/%s (uid %d) held by the backend but not in the manifest",
                             name, ename, he.uid)
     store._recount()

@@ -40,9 +40,9 @@ from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdInfo, FdType, detect
 from .lifecycle import CARRY_BOX, CARRY_ENTRY, SealItem, SealPlan, file_digest, seal_in_worker
 from .limits import Limits
-from .manifest import Manifest, ManifestData, Op, box_op, entry_op
+from .manifest import Manifest, ManifestData, Op, box_op, entry_op, lost_op
 from .model import Box, BoxState, Caller, Entry, Event
-from .names import check_box_name, check_entry_name
+from .names import BoxRules, check_box_name, check_entry_name
 from .reconcile import reconcile
 
 # Names other modules and tests import from here, wherever they now live.
@@ -71,6 +71,7 @@ class Store:
         limits: Limits = Limits(),
         allowed_types: Iterable[FdType] = MEMORY_TYPES,
         verify: Verify = DEFAULT_VERIFY,
+        box_rules: BoxRules | None = None,
     ) -> None:
         self.backend = backend
         #: How much of each entry seal hashes and restore checks (fdboxd --verify).
@@ -89,6 +90,8 @@ class Store:
         #: Entries a backend held that the manifest did not know (adopted as root's).
         self.adopted: list[dict[str, Any]] = []
         self.listeners: list[Listener] = []
+        #: Which box names which uid may create (fdboxd --box-owners; see fdboxd.names).
+        self.box_rules: BoxRules = box_rules or BoxRules()
         self._sealing: set[str] = set()  # boxes between seal_begin and seal_commit/abort
         self._n_entries = 0  # kept as entries come and go: Status and limits are O(1)
         self._n_state: dict[BoxState, int] = {s: 0 for s in BoxState}
@@ -106,7 +109,10 @@ class Store:
 
     # ------------------------------------------------------------------ queries
 
-    def status(self) -> dict[str, Any]:
+    def status(self, caller: Caller | None = None) -> dict[str, Any]:
+        """The whole store's counts; for a non-root ``caller``, only what is theirs."""
+        if caller is not None and not caller.is_root:
+            return self._status_of(caller)
         return {
             "backend": self.backend.name,
             "survives_kexec": self.backend.survives_kexec,
@@ -120,6 +126,44 @@ class Store:
             "generation": self.generation,
         }
 
+    def _status_of(self, caller: Caller) -> dict[str, Any]:
+        boxes = [b for b in self.boxes.values() if self._visible(caller, b)]
+        return {
+            "backend": self.backend.name,
+            "survives_kexec": self.backend.survives_kexec,
+            "boxes": len(boxes),
+            "entries": sum(1 for b in boxes for e in b.entries.values() if e.uid == caller.uid),
+            "sealed": sum(b.state == BoxState.SEALED for b in boxes),
+            "restored": sum(b.state == BoxState.RESTORED for b in boxes),
+            "state": self.overall_state(),
+            "lost": [r for r in self.lost if r.get("uid") == caller.uid],
+            "adopted": [r for r in self.adopted if r.get("uid") == caller.uid],
+            "generation": self.generation,
+        }
+
+    def usage(self, uid: int) -> dict[str, int]:
+        """What ``uid`` holds, against the per-uid quotas: boxes owned, entries, bytes."""
+        entries = size = 0
+        for b in self.boxes.values():
+            for e in b.entries.values():
+                if e.uid == uid:
+                    entries += 1
+                    size += e.size
+        return {"boxes": sum(1 for o in self.owners.values() if o == uid), "entries": entries, "bytes": size}
+
+    def acknowledge_lost(self, caller: Caller, box: str | None = None) -> int:
+        """Forget the caller's lost-entry reports (root: everybody's), of one box or all."""
+        keep, gone = [], 0
+        for r in self.lost:
+            if (caller.is_root or r.get("uid") == caller.uid) and (box is None or r["box"] == box):
+                gone += 1
+            else:
+                keep.append(r)
+        if gone:
+            self.lost = keep
+            self._record([lost_op(self.lost)])
+        return gone
+
     def overall_state(self) -> str:
         """One word for the whole store: open, sealed (every non-empty box), restored."""
         if self._n_state[BoxState.RESTORED]:
@@ -129,7 +173,7 @@ class Store:
         return "open"
 
     def list(self, caller: Caller, box: str | None = None) -> list[Entry]:
-        boxes = [self._box(box)] if box is not None else list(self.boxes.values())
+        boxes = [self._box(box, caller)] if box is not None else list(self.boxes.values())
         out = []
         for b in sorted(boxes, key=lambda b: b.name):
             for e in sorted(b.entries.values(), key=lambda e: e.name):
@@ -183,15 +227,16 @@ class Store:
             for n in names:
                 if n in b.entries:
                     raise FdboxError("AlreadyExists", f"{box}/{n} exists", box=box, name=n)
-        elif len(self.boxes) >= self.limits.max_boxes:
+        elif len(self.boxes) >= self.limits.cap(self.limits.max_boxes, caller.is_root):
             raise FdboxError("LimitExceeded", f"at most {self.limits.max_boxes} boxes", limit="boxes")
         have = len(b.entries) if b else 0
         if have + len(items) > self.limits.max_entries_per_box:
             raise FdboxError(
                 "LimitExceeded", f"at most {self.limits.max_entries_per_box} entries per box", box=box, limit="entries_per_box"
             )
-        if self._n_entries + len(items) > self.limits.max_entries_total:
+        if self._n_entries + len(items) > self.limits.cap(self.limits.max_entries_total, caller.is_root):
             raise FdboxError("LimitExceeded", f"at most {self.limits.max_entries_total} entries", limit="entries")
+        self._check_quota(caller, box, b is None, infos)
 
         extras = [self._type_record(it.fd, info, caller) for it, info in zip(items, infos, strict=True)]
 
@@ -228,16 +273,14 @@ class Store:
 
     def get(self, caller: Caller, box: str, name: str) -> tuple[Entry, int]:
         """A new fd for one entry (the caller closes it). In a restored box, a claim."""
-        entry = self._entry(box, name)
-        if not entry.owned_by(caller):
-            raise FdboxError("PermissionDenied", f"{box}/{name} belongs to another user", box=box, name=name)
+        entry = self._entry(box, name, caller)
         fd = self._get_fd(self.boxes[box], entry)
         self._claim(self.boxes[box], [entry])
         return entry, fd
 
     def get_box(self, caller: Caller, box: str) -> list[tuple[Entry, int]]:
         """Every entry of a box the caller owns, with a new fd each: all or nothing."""
-        b = self._box(box)
+        b = self._box(box, caller)
         mine = sorted((e for e in b.entries.values() if e.owned_by(caller)), key=lambda e: e.name)
         if not mine and b.entries:
             raise FdboxError("PermissionDenied", f"no entry of box {box} belongs to you", box=box)
@@ -253,9 +296,7 @@ class Store:
         return out
 
     def remove(self, caller: Caller, box: str, name: str) -> None:
-        entry = self._entry(box, name)
-        if not entry.owned_by(caller):
-            raise FdboxError("PermissionDenied", f"{box}/{name} belongs to another user", box=box, name=name)
+        entry = self._entry(box, name, caller)
         b = self.boxes[box]
         if b.state == BoxState.SEALED or box in self._sealing:
             raise FdboxError("Sealed", f"box {box} is sealed", box=box)
@@ -348,24 +389,55 @@ class Store:
             except Exception:  # a front-end's mirror must never undo a done change
                 log.exception("event listener failed on %s", event.kind)
 
-    def _box(self, box: str) -> Box:
+    def _visible(self, caller: Caller, b: Box) -> bool:
+        """Whether the caller may learn that box exists: root, its owner, or one of its entries'."""
+        return (caller.is_root or self.owners.get(b.name) == caller.uid
+                or any(e.uid == caller.uid for e in b.entries.values()))
+
+    def _box(self, box: str, caller: Caller | None = None) -> Box:
+        """The box; NotFound if missing or, for ``caller``, not visible (no name oracle:
+        another user's box and no box at all get the same answer)."""
         check_box_name(box)
         b = self.boxes.get(box)
-        if b is None:
+        if b is None or (caller is not None and not self._visible(caller, b)):
             raise FdboxError("NotFound", f"no box {box}", box=box)
         return b
 
-    def _entry(self, box: str, name: str) -> Entry:
-        b = self._box(box)
+    def _entry(self, box: str, name: str, caller: Caller | None = None) -> Entry:
+        """The entry; for ``caller``, NotFound unless theirs (as if it did not exist)."""
+        b = self._box(box, caller)
         check_entry_name(name)
         e = b.entries.get(name)
-        if e is None:
+        if e is None or (caller is not None and not e.owned_by(caller)):
             raise FdboxError("NotFound", f"no entry {box}/{name}", box=box, name=name)
         return e
 
     def _check_box_owner(self, caller: Caller, box: str) -> None:
         if not (caller.is_root or self.owners.get(box) == caller.uid):
+            if not self._visible(caller, self.boxes[box]):
+                raise FdboxError("NotFound", f"no box {box}", box=box)
             raise FdboxError("PermissionDenied", f"box {box} belongs to another user", box=box)
+
+    def _check_quota(self, caller: Caller, box: str, new_box: bool, infos: list[FdInfo]) -> None:
+        """Per-uid quotas and the box-name rules, before anything changes."""
+        lim = self.limits
+        if lim.max_entry_size and any(i.size > lim.max_entry_size for i in infos):
+            raise FdboxError("LimitExceeded", f"an entry is over {lim.max_entry_size} bytes", box=box,
+                             limit="entry_size")
+        if caller.is_root:
+            return
+        if new_box:
+            owner = self.box_rules.owner(box)
+            if owner is not None and owner != caller.uid:
+                raise FdboxError("PermissionDenied", f"box name {box} is reserved for another user", box=box)
+        u = self.usage(caller.uid)
+        if new_box and u["boxes"] >= lim.max_boxes_per_uid:
+            raise FdboxError("LimitExceeded", f"at most {lim.max_boxes_per_uid} boxes per user", limit="boxes_per_uid")
+        if u["entries"] + len(infos) > lim.max_entries_per_uid:
+            raise FdboxError("LimitExceeded", f"at most {lim.max_entries_per_uid} entries per user",
+                             limit="entries_per_uid")
+        if lim.max_bytes_per_uid and u["bytes"] + sum(i.size for i in infos) > lim.max_bytes_per_uid:
+            raise FdboxError("LimitExceeded", f"at most {lim.max_bytes_per_uid} bytes per user", limit="bytes_per_uid")
 
     def _check_fd(self, fd: int) -> FdInfo:
         try:
@@ -400,11 +472,14 @@ class Store:
         return self.backend if self.backend.accepts(fd_type) else self.side
 
     def _create_box(self, box: str) -> None:
+        self._create_box_backends(box)
+        self.boxes[box] = Box(box)
+        self._n_state[BoxState.OPEN] += 1
+
+    def _create_box_backends(self, box: str) -> None:
         self.backend.create_box(box)
         if self.side is not self.backend:
             self.side.create_box(box)
-        self.boxes[box] = Box(box)
-        self._n_state[BoxState.OPEN] += 1
 
     def _set_state(self, b: Box, state: BoxState) -> None:
         self._n_state[b.state] -= 1
@@ -470,7 +545,7 @@ class Store:
         self._emit(Event("state-changed", b.name, state=BoxState.OPEN))
 
     def _manifest_data(self) -> ManifestData:
-        return ManifestData(boxes=self.boxes, owners=self.owners, generation=self.generation)
+        return ManifestData(boxes=self.boxes, owners=self.owners, generation=self.generation, lost=self.lost)
 
     def _box_ops(self, names: Iterable[str]) -> list[Op]:
         """Journal ops that restate whole boxes (after a seal, a finish: O(those boxes))."""
@@ -509,5 +584,3 @@ class Store:
         except OSError as e:
             raise FdboxError("BackendUnavailable", f"cannot write the manifest: {e.strerror}") from e
         self.generation = data.generation
-
-

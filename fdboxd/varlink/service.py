@@ -244,9 +244,10 @@ class StoreService:
         return Reply({"finished": self.store.finish(call.caller, call.opt_str("box"))})
 
     def do_Status(self, call: Call) -> Reply:
-        st = self.store.status()
-        if not call.caller.is_root:  # these name other users' entries
-            st["lost"], st["adopted"] = [], []
+        st = self.store.status(call.caller)  # non-root: only the caller's own counts
+        usage = self.store.usage(call.caller.uid)
+        if self.connection_usage is not None:
+            usage.update(self.connection_usage(call.caller.uid))
         return Reply({
             "version": __version__,
             "backend": st["backend"],
@@ -259,7 +260,11 @@ class StoreService:
             "lost": st["lost"],
             "adopted": st["adopted"],
             "limits": self.limits,
+            "usage": usage,
         })
+
+    def do_AcknowledgeLost(self, call: Call) -> Reply:
+        return Reply({"acknowledged": self.store.acknowledge_lost(call.caller, call.opt_str("box"))})
 
 
 _SIGNATURES: dict[str, frozenset[str]] = {
@@ -276,4 +281,5 @@ _SIGNATURES: dict[str, frozenset[str]] = {
     "Finish": frozenset({"box"}),
     "NetRestore": frozenset({"box"}),
     "Status": frozenset(),
+    "AcknowledgeLost": frozenset({"box"}),
 }

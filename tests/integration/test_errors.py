@@ -65,9 +65,9 @@ def t_not_sealed(d: DaemonProcess, c: Client, box: str) -> None:
 def t_permission_denied(d: DaemonProcess, c: Client, box: str) -> None:
     _put(c, box, "ram0")
 
-    def other_user() -> None:
+    def other_user() -> None:  # a put into root's box: the one refusal that is not NotFound
         with Client(d.socket) as oc:
-            oc.get(box, "ram0")
+            _put(oc, box, "mine")
 
     res = run_as_user(NOBODY, other_user)
     raise FdboxError(res["error"], res["message"])  # re-raised here: the child saw it

@@ -70,13 +70,15 @@ def test_caller_fd_is_not_closed_on_failure(store, fds):
 
 def test_ownership(store, fds):
     store.put(ALICE, "vm", "a", fds())
-    assert err(store.get, BOB, "vm", "a") == "PermissionDenied"
-    assert err(store.remove, BOB, "vm", "a") == "PermissionDenied"
-    assert err(store.put, BOB, "vm", "b", fds()) == "PermissionDenied"
-    assert err(store.delete_box, BOB, "vm") == "PermissionDenied"
-    assert err(store.seal, BOB, "vm") == "PermissionDenied"
+    # No name oracle: another user's box or entry answers as a missing one would.
+    assert err(store.get, BOB, "vm", "a") == "NotFound"
+    assert err(store.remove, BOB, "vm", "a") == "NotFound"
+    assert err(store.put, BOB, "vm", "b", fds()) == "PermissionDenied"  # cannot be hidden: a put creates
+    assert err(store.delete_box, BOB, "vm") == "NotFound"
+    assert err(store.seal, BOB, "vm") == "NotFound"
     assert err(store.seal, BOB) == "PermissionDenied"
-    assert err(store.get_box, BOB, "vm") == "PermissionDenied"
+    assert err(store.get_box, BOB, "vm") == "NotFound"
+    assert err(store.list, BOB, "vm") == "NotFound"
     assert store.list(BOB) == [] and store.list_boxes(BOB) == []
     assert [e.name for e in store.list(ALICE)] == ["a"]
     _, fd = store.get(ROOT, "vm", "a")  # root may
@@ -214,8 +216,10 @@ def test_reconcile_reports_lost_and_keeps_what_the_backend_holds(tmp_path, fds):
     assert set(s2.boxes["vm"].entries) == {"kept"}
     assert s2.boxes["vm"].entries["kept"].uid == ALICE.uid  # owner from the manifest
     s3 = Store(MemoryBackend(), Manifest(tmp_path))  # a fresh process: everything lost
-    assert [(x["box"], x["name"]) for x in s3.status()["lost"]] == [("vm", "kept")]
-    assert s3.boxes == {}
+    # Losses are remembered until acknowledged, the earlier one included...
+    assert [(x["box"], x["name"]) for x in s3.status()["lost"]] == [("vm", "gone"), ("vm", "kept")]
+    # ...and the emptied box stays its owner's meanwhile (nobody else takes the VM's name).
+    assert s3.boxes["vm"].entries == {} and s3.owners["vm"] == ALICE.uid
     backend.close()
 
 
@@ -229,7 +233,7 @@ def test_reconcile_adopts_unknown_entries_as_roots(tmp_path, fds):
     s = Store(backend, Manifest(tmp_path))
     assert [(x["box"], x["name"]) for x in s.status()["adopted"]] == [("orphan", "e")]
     assert s.boxes["orphan"].entries["e"].uid == 0
-    assert err(s.get, ALICE, "orphan", "e") == "PermissionDenied"
+    assert err(s.get, ALICE, "orphan", "e") == "NotFound"  # root's: as if missing
     backend.close()
 
 
@@ -246,5 +250,70 @@ def test_reconcile_adopts_with_the_owner_the_backend_recorded(tmp_path, fds):
     entry, fd = s2.get(ALICE, "vm", "ram0")
     assert os.pread(fd, 7, 0) == b"alice's"
     os.close(fd)
-    assert err(s2.get, Caller(2000, 2000), "vm", "ram0") == "PermissionDenied"
+    assert err(s2.get, Caller(2000, 2000), "vm", "ram0") == "NotFound"
     backend.close()
+
+
+# ---------------------------------------------------------------- issue 13
+
+
+def test_lost_entries_persist_until_their_owner_acknowledges(tmp_path, fds):
+    s1 = Store(MemoryBackend(), Manifest(tmp_path))
+    s1.put(ALICE, "vm", "ram0", fds(b"a"))
+    s1.put(BOB, "bobvm", "ram0", fds(b"b"))
+    s2 = Store(MemoryBackend(), Manifest(tmp_path))  # the memory backend died with the daemon
+    assert [(r["box"], r["uid"]) for r in s2.status(ALICE)["lost"]] == [("vm", ALICE.uid)]
+    assert [r["box"] for r in s2.status(BOB)["lost"]] == ["bobvm"]
+    assert len(s2.status(ROOT)["lost"]) == 2
+    assert err(s2.put, BOB, "vm", "x", fds()) == "PermissionDenied"  # alice's name stays hers
+    s3 = Store(MemoryBackend(), Manifest(tmp_path))  # and across another restart
+    assert s3.acknowledge_lost(ALICE) == 1
+    assert s3.status(ALICE)["lost"] == [] and len(s3.status(BOB)["lost"]) == 1
+    s4 = Store(MemoryBackend(), Manifest(tmp_path))
+    assert s4.status(ALICE)["lost"] == [] and [r["box"] for r in s4.status(BOB)["lost"]] == ["bobvm"]
+    assert s4.acknowledge_lost(ROOT, "bobvm") == 1 and s4.status(ROOT)["lost"] == []
+
+
+def test_non_root_status_counts_only_the_callers_own(store, fds):
+    store.put(ALICE, "a1", "x", fds())
+    store.put(ALICE, "a2", "x", fds())
+    store.put(BOB, "b1", "x", fds())
+    st = store.status(BOB)
+    assert (st["boxes"], st["entries"]) == (1, 1)
+    assert (store.status(ROOT)["boxes"], store.status(ROOT)["entries"]) == (3, 3)
+    assert store.usage(ALICE.uid) == {"boxes": 2, "entries": 2, "bytes": 8}
+
+
+def test_per_uid_quotas_and_roots_share_of_the_global_caps(tmp_path, fds):
+    s = Store(MemoryBackend(), Manifest(tmp_path), limits=Limits(
+        max_boxes=16, max_boxes_per_uid=2, max_entries_per_uid=3, max_bytes_per_uid=10, max_entry_size=8))
+    s.put(ALICE, "a1", "x", fds(b"1234"))
+    s.put(ALICE, "a2", "x", fds(b"1234"))
+    assert err(s.put, ALICE, "a3", "x", fds()) == "LimitExceeded"  # boxes per uid
+    assert err(s.put, ALICE, "a1", "y", fds(b"1234")) == "LimitExceeded"  # bytes per uid (12 > 10)
+    s.put(ALICE, "a1", "y", fds(b"1"))
+    assert err(s.put, ALICE, "a1", "z", fds(b"1")) == "LimitExceeded"  # entries per uid
+    assert err(s.put, ROOT, "r", "big", fds(b"123456789")) == "LimitExceeded"  # entry size: everyone
+    for i in range(6):  # others fill the non-root part of max_boxes (16 - 16 // 8 = 14)
+        s.put(Caller(2000 + i, 2000 + i), f"u{i}a", "x", fds(b"1"))
+        s.put(Caller(2000 + i, 2000 + i), f"u{i}b", "x", fds(b"1"))
+    assert len(s.boxes) == 16 - 2
+    assert err(s.put, BOB, "b", "x", fds()) == "LimitExceeded"
+    s.put(ROOT, "root1", "x", fds())  # root is still served
+    s.put(ROOT, "root2", "x", fds())
+
+
+def test_box_names_reserved_by_rule_or_uid_prefix(tmp_path, fds):
+    from fdboxd.names import BoxRules
+
+    rules = tmp_path / "owners"
+    rules.write_text("# tenant A's VMs\ntenantA-* 1000\nvm-* nobody\n")
+    s = Store(MemoryBackend(), Manifest(tmp_path / "state"), box_rules=BoxRules.load(str(rules)))
+    assert err(s.put, BOB, "tenantA-web", "ram0", fds()) == "PermissionDenied"
+    s.put(ALICE, "tenantA-web", "ram0", fds())
+    assert err(s.put, BOB, "1000.vm1", "ram0", fds()) == "PermissionDenied"  # uid prefix: alice's
+    s.put(ALICE, "1000.vm1", "ram0", fds())
+    s.put(BOB, "1001.vm1", "ram0", fds())
+    assert err(s.put, ALICE, "vm-x", "ram0", fds()) == "PermissionDenied"  # nobody's (65534)
+    s.put(ROOT, "vm-x", "ram0", fds())  # root is exempt
+    s.put(BOB, "free-name", "ram0", fds())  # no rule: first come, first served
