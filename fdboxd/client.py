@@ -43,8 +43,12 @@ class ConnectionClosed(OSError):
 class Client:
     def __init__(self, socket_path: str | None = None, timeout: float | None = 60.0) -> None:
         self.path = socket_path or paths.client_socket()
+        self.timeout = timeout
+        self._connect()
+
+    def _connect(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(self.timeout)
         try:
             self.sock.connect(self.path)
         except OSError as e:
@@ -56,6 +60,10 @@ class Client:
             self.sock.close()
             raise
         self.framer = Framer(MAX_REPLY_SIZE)
+
+    def _reconnect(self) -> None:
+        self.close()
+        self._connect()
 
     def __enter__(self) -> Client:
         return self
@@ -77,13 +85,19 @@ class Client:
         """
         if "." not in method:
             method = f"{INTERFACE}.{method}"
+        message = {"method": method, "parameters": params or {}}
         try:
-            send_message(self.sock, {"method": method, "parameters": params or {}}, list(fds))
-        except OSError:
-            # The daemon may have refused the connection with a reason (LimitExceeded
-            # on too many connections) and closed it: say that rather than EPIPE.
-            self._reply()
-            raise
+            send_message(self.sock, message, list(fds))
+        except (BrokenPipeError, ConnectionResetError):
+            # The daemon closed the connection before this call. If it said why (too many
+            # connections), that is raised here. If it just closed it (an idle
+            # connection), it never saw this call: connect again and send it once more.
+            try:
+                self._reply()
+            except ConnectionClosed:
+                pass
+            self._reconnect()
+            send_message(self.sock, message, list(fds))
         reply, rfds = self._reply()
         return reply.get("parameters") or {}, rfds
 

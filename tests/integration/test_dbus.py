@@ -419,3 +419,19 @@ def test_unreachable_bus_is_not_fatal(daemon_factory, tmp_path):
         assert c.status()["entries"] == 1
     os.close(fd)
     assert "serving Varlink only" in d.log()
+
+
+def test_lost_entries_and_usage_over_dbus(dbus_daemon, bus):
+    fd = memfd_with(b"ram")
+    put(bus, "lostvm", "ram0", fd)
+    os.close(fd)
+    dbus_daemon.kill()  # the memory backend's fds die with it
+    dbus_daemon.start()
+    assert wait_for(lambda: name_owned(bus), 10), dbus_daemon.log()
+    out = busctl(bus, "--json=short", "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "Status")
+    st = json.loads(out.stdout)["data"][0]
+    assert st["lost"]["data"] == [["lostvm", "ram0", "memfd"]]
+    assert st["usage"]["data"]["boxes"] == 1  # the emptied box stays its owner's
+    assert gdbus(bus, "AcknowledgeLost", "").stdout.strip() == "(uint32 1,)"
+    out = busctl(bus, "--json=short", "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "Status")
+    assert json.loads(out.stdout)["data"][0]["lost"]["data"] == []
