@@ -49,8 +49,11 @@ def test_sigkill_right_after_a_reply_loses_no_acknowledged_change(daemon):
     # The memory backend's fds died with the process: the journal knew every one of them.
     assert sorted((x["box"], x["name"]) for x in st["lost"]) == [
         ("vm1", "last"), ("vm1", "ram0"), ("vm2", "a"), ("vm2", "b")]
-    # Start-up folded the journal into a fresh snapshot.
-    assert json.loads(open(os.path.join(daemon.state_dir, FILENAME)).read())["boxes"] == {}
+    # Start-up folded the journal into a fresh snapshot: the emptied boxes stay their
+    # owner's and the losses are recorded until acknowledged.
+    snap = json.loads(open(os.path.join(daemon.state_dir, FILENAME)).read())
+    assert {n: b["entries"] for n, b in snap["boxes"].items()} == {"vm1": {}, "vm2": {}}
+    assert len(snap["lost"]) == 4
 
 
 def test_a_torn_last_journal_line_is_ignored_not_fatal(daemon):

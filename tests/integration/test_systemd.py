@@ -229,7 +229,7 @@ def test_unknown_store_fd_is_adopted_as_roots(daemon_factory, notify):
     os.close(fd)
     with d.client() as c:
         st = c.status()
-        assert st["adopted"] == [{"box": "orph", "name": "ram0", "type": "memfd"}]
+        assert st["adopted"] == [{"box": "orph", "name": "ram0", "type": "memfd", "uid": 0}]
         entry, got = c.get("orph", "ram0")
         assert read_all(got) == b"orphan" and entry["uid"] == 0
         os.close(got)
