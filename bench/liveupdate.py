@@ -14,7 +14,8 @@ VM and across the same kexecs:
 
 Phases: ``seal`` (the Seal call: checksums + preservation), ``restore`` (in the new
 kernel: for raw the ioctls; for fdboxd the daemon's own restore phases from its log —
-backend open/retrieve, store, checksum verification — before clients can connect),
+LUO retrieval (or the module backend's open), store, checksum verification — before
+clients can connect; ``start`` adds the backend's import and open),
 ``claim`` (GetBox: the VMM gets its memory back). ``sum`` is the checksum share: the
 time ``fdboxd.checksum`` takes on that memfd in the guest in the chosen ``--verify``
 mode. Prints a table and the ratios to raw LUO; asserts nothing.
@@ -115,6 +116,12 @@ def guest_fdbox_restore(kind: str, mib: int) -> None:
     log = Path(f"/out/fdboxd-{kind}-{os.environ.get('FDBOX_VM_STAGE', '')}.log").read_text()
     m = re.findall(r"restore timing: backend_ms=([\d.]+) store_ms=([\d.]+) verify_ms=([\d.]+)", log)
     backend_ms, store_ms, verify_ms = (float(x) for x in m[-1]) if m else (0.0, 0.0, 0.0)
+    # The backend's open includes importing it; LUO's own retrieval is logged apart
+    # (the same ioctls raw LUO times), so prefer it when there.
+    luo = re.findall(r"LUO restore: index [\d.]+ ms, all sessions ([\d.]+) ms", log)
+    start_ms = backend_ms + store_ms + verify_ms
+    if luo:
+        backend_ms = float(luo[-1])
     with Client(f"/run/fdbox/{kind}.sock") as c:
         t0 = time.perf_counter()
         got = c.get_box(f"b{mib}")
@@ -124,7 +131,8 @@ def guest_fdbox_restore(kind: str, mib: int) -> None:
             os.close(fd)
         c.delete_box(f"b{mib}")  # frees the memory for the next size
     _record(f"{kind}-restore-{mib}", {"restore_s": (backend_ms + store_ms + verify_ms) / 1e3,
-                                      "verify_s": verify_ms / 1e3, "claim_s": t1 - t0})
+                                      "start_s": start_ms / 1e3, "verify_s": verify_ms / 1e3,
+                                      "claim_s": t1 - t0})
 
 
 def guest(argv: list[str]) -> None:

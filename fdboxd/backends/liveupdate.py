@@ -383,12 +383,19 @@ class LiveupdateBackend(MemoryBackend):
             self._finish(idx, INDEX_SESSION)
         finally:
             idx.close()
+        t1 = time.perf_counter()
         for box in boxes:
+            tb = time.perf_counter()
             try:
                 self._restore_box(dev, str(box))
             except (FdboxError, uapi_luo.LuoOSError, ValueError) as e:
                 log.error("LUO session %s not restored: %s", box, e)
+                continue
+            log.info("LUO restore: %s: %d files in %.1f ms", box, len(self._boxes[str(box)].entries),
+                     (time.perf_counter() - tb) * 1e3)
         self.restore_timing["retrieve_s"] = time.perf_counter() - t0
+        log.info("LUO restore: index %.1f ms, all sessions %.1f ms", (t1 - t0) * 1e3,
+                 self.restore_timing["retrieve_s"] * 1e3)
 
     def _restore_box(self, dev: uapi_luo.LuoDevice, box: str) -> None:
         session = dev.retrieve_session(box)
