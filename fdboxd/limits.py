@@ -8,7 +8,8 @@ Two kinds, both refused with ``LimitExceeded`` or applied as back-pressure:
 - :class:`Budget`, what the Varlink server holds for callers in flight: connections
   (per uid, with a reserve only root may use) and fds received or queued but not yet
   handled or written (per connection and per uid; over budget, a connection is simply
-  not read until it drains). Idle non-root connections are closed after a timeout.
+  not read until it drains, and a message whose fds would take the uid past its
+  budget is refused with its fds closed at once). Idle non-root connections are closed after a timeout.
 
 :func:`add_arguments` puts every one of them in ``fdboxd --help`` with its default,
 and ``Status`` reports the caller's usage against them (:func:`fdboxd.store.Store.usage`).

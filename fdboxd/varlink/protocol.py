@@ -21,6 +21,7 @@ import json
 import os
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ MAX_DEPTH = 32
 RECV_CHUNK = 64 << 10
 _FD_SIZE = array.array("i").itemsize
 _OUT_OF_FDS = "file descriptors were truncated: fdboxd is out of file descriptors, try again later"
+_OVER_BUDGET = "too many file descriptors in flight for this user: read your replies, then try again"
 CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
 
 
@@ -115,9 +117,14 @@ class Framer:
     :meth:`feed`: every frame becomes a message or an error.
     """
 
-    def __init__(self, max_size: int = MAX_MESSAGE_SIZE, max_fds: int = MAX_FDS_PER_MESSAGE) -> None:
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE, max_fds: int = MAX_FDS_PER_MESSAGE,
+                 fd_room: Callable[[], int] | None = None) -> None:
         self.max_size = max_size
         self.max_fds = max_fds
+        #: How many more fds the owner may hold now (the server's per-uid budget), or None.
+        #: A message whose fds do not fit is refused at once, never waited on: pausing
+        #: on a half-read message would wait for bytes that only reading brings.
+        self.fd_room = fd_room
         self._buf = bytearray()
         self._fds: list[int] = []  # fds for the message currently being read
         self._skipping = False  # discarding the rest of an oversized message
@@ -159,6 +166,11 @@ class Framer:
                 self._finish()
 
     @property
+    def partial_fds(self) -> int:
+        """Fds of the message still being read."""
+        return len(self._fds)
+
+    @property
     def fd_count(self) -> int:
         """Fds owned here: the partial message's and those of untaken frames."""
         return len(self._fds) + self._frame_fds
@@ -166,6 +178,8 @@ class Framer:
     def _take_fds(self, fds: list[int], problem: str | None) -> None:
         if problem is None and len(self._fds) + len(fds) > self.max_fds:
             problem = f"more than {self.max_fds} file descriptors in one message"
+        if problem is None and fds and self.fd_room is not None and len(fds) > self.fd_room():
+            problem = _OVER_BUDGET
         if problem is not None or self._problem is not None:
             # Refused: close now, so a message that never ends pins nothing.
             close_fds(self._fds)
@@ -188,7 +202,7 @@ class Framer:
             if problem is None:
                 return
         close_fds(fds)
-        name = "BackendUnavailable" if problem == _OUT_OF_FDS else "InvalidRequest"
+        name = {_OUT_OF_FDS: "BackendUnavailable", _OVER_BUDGET: "LimitExceeded"}.get(problem, "InvalidRequest")
         self._frames.append(Frame(None, [], problem, name))
 
     def _decode(self, raw: bytes, fds: list[int]) -> str | None:

@@ -83,7 +83,8 @@ class Connection:
         self.sock = sock
         self.fileno = sock.fileno()
         self.caller = caller
-        self.framer = Framer(server.max_message_size, server.max_fds)
+        self.framer = Framer(server.max_message_size, server.max_fds,
+                             None if caller.is_root else self._fd_room)
         self.out: deque[tuple[memoryview, list[int]]] = deque()
         self.out_bytes = 0
         self.out_fds = 0
@@ -104,13 +105,23 @@ class Connection:
         """Fds this connection holds: received and unhandled, or in unsent replies."""
         return self.framer.fd_count + len(self.task_fds) + self.out_fds
 
+    @property
+    def fds_waiting(self) -> int:
+        """The fds that go away by our work or the peer reading: whole messages not yet
+        handled, the running call's, unsent replies'. (A half-read message's fds only go
+        away by reading more, so they never pause reading; see Framer.fd_room.)"""
+        return self.framer.fd_count - self.framer.partial_fds + len(self.task_fds) + self.out_fds
+
+    def _fd_room(self) -> int:
+        return self.server.budget.fds_per_uid - self.server.uid_fds(self.caller.uid)
+
     # -------------------------------------------------------------- input
 
     def _over_budget(self) -> bool:
         b = self.server.budget
-        if self.out_bytes > MAX_PENDING_OUT or self.fds_in_flight >= b.fds_per_connection:
+        if self.out_bytes > MAX_PENDING_OUT or self.fds_waiting >= b.fds_per_connection:
             return True
-        return not self.caller.is_root and self.server.uid_fds(self.caller.uid) >= b.fds_per_uid
+        return not self.caller.is_root and self.server.uid_fds(self.caller.uid, waiting=True) >= b.fds_per_uid
 
     def _update(self) -> None:
         """Read when open, idle and within budget; otherwise let the socket wait."""
@@ -372,8 +383,9 @@ class VarlinkServer:
 
     # -------------------------------------------------------------- per-uid accounting
 
-    def uid_fds(self, uid: int) -> int:
-        return sum(c.fds_in_flight for c in self.by_uid.get(uid, ()))
+    def uid_fds(self, uid: int, waiting: bool = False) -> int:
+        conns = self.by_uid.get(uid, ())
+        return sum(c.fds_waiting for c in conns) if waiting else sum(c.fds_in_flight for c in conns)
 
     def usage(self, uid: int) -> dict[str, int]:
         conns = self.by_uid.get(uid, ())

@@ -215,3 +215,49 @@ def test_thousands_of_pipelined_requests_in_one_write_all_answered(shared_daemon
         sender.join()
     assert all("backend" in r["parameters"] for r in replies)
     assert "Traceback" not in shared_daemon.log()
+
+
+@needs_root
+def test_one_users_fd_flood_is_capped_per_uid_and_root_is_still_served(daemon_factory):
+    d = daemon_factory("--max-fds-per-message", "32", "--max-fds-in-flight-per-uid", "64")
+    base = settled(d)
+
+    def flood() -> int:
+        conns = []
+        for _ in range(10):  # 10 connections x unfinished messages of 8-fd sends: 320 fds if uncapped
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket)
+            s.setblocking(False)
+            s.send(b'{"method":"io.fdbox.Store.Put","parameters":{"box":"b","name":"n","fd":0}')
+            conns.append(s)
+        import array
+
+        for _ in range(4):
+            for s in conns:
+                fds = memfds(8)
+                try:
+                    s.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+                except OSError:
+                    pass  # the daemon stopped reading us: that is the point
+                finally:
+                    close_all(fds)
+        time.sleep(3)  # root's turn, while these stay open
+        for s in conns:
+            s.close()
+        return 0
+
+    import threading
+    t = threading.Thread(target=lambda: run_as_user(OTHER, flood))
+    t.start()
+    time.sleep(1.5)
+    held = d.fd_count() - base
+    with d.client(timeout=5) as c:  # root: served at once, fds and all
+        fd = memfd_with(b"root")
+        c.put("rootvm", "ram0", fd)
+        os.close(fd)
+        _, got = c.get("rootvm", "ram0")
+        os.close(got)
+    t.join()
+    # the uid's budget, plus one read's worth per connection and the sockets themselves
+    assert held <= 64 + 10 * 8 + 10, held
+    assert wait_for(lambda: d.fd_count() == base + 1)
