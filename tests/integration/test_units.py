@@ -89,7 +89,7 @@ def test_fdstore_preserve_drop_in_matches_systemd_version(tmp_path):
     assert "FileDescriptorStorePreserve" not in svc["Service"]
     drop = tmp_path / "fdboxd.service.d"
     drop.mkdir()
-    shutil.copy(UNITS / "fdboxd.service.d" / "10-fdstore-preserve.conf", drop)
+    shutil.copy(UNITS / "optional" / "fdboxd.service.d" / "10-fdstore-preserve.conf", drop)
     (tmp_path / "fdboxd.service").write_text((UNITS / "fdboxd.service").read_text()
                                              .replace("/usr/bin/fdboxd ", f"{shutil.which('true')} "))
     shutil.copy(UNITS / "fdboxd.socket", tmp_path)
@@ -99,6 +99,60 @@ def test_fdstore_preserve_drop_in_matches_systemd_version(tmp_path):
     unknown = "Unknown key 'FileDescriptorStorePreserve'" in out.stderr or \
               "Unknown key name 'FileDescriptorStorePreserve'" in out.stderr
     assert unknown == (systemd_version() < 254), out.stderr
+
+
+def test_shipped_tree_has_no_drop_in_next_to_a_unit():
+    """A .d directory in units/ would be picked up by `systemd-analyze verify units/...`
+    on every systemd; the >= 254 drop-in lives in units/optional/ and the installer
+    adds it only where it is understood."""
+    units = [p for p in UNITS.glob("*.d") if p.name.endswith((".service.d", ".socket.d"))]
+    assert not units, units
+
+
+def _security(verify_dir: Path, name: str) -> float:
+    out = subprocess.run([need("systemd-analyze"), "security", "--offline=true", "--no-pager", f"./{name}"],
+                         cwd=verify_dir, capture_output=True, text=True, timeout=120)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
+    assert m, out.stdout + out.stderr
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("name", ["fdboxd.service", "fdbox-seal.service"])
+def test_systemd_analyze_security_at_most_4(verify_dir, name):
+    score = _security(verify_dir, name)
+    print(f"systemd-analyze security {name}: {score}")
+    assert score <= 4.0, f"{name}: exposure {score}"
+
+
+def test_security_check_can_fail(verify_dir):
+    """The check above can fail: the seal unit without its hardening scores high."""
+    seal = verify_dir / "fdbox-seal.service"
+    text = seal.read_text()
+    seal.write_text(text[:text.index("# Hardening:")] + "\n[Install]\nRequiredBy=systemd-kexec.service\n")
+    assert _security(verify_dir, "fdbox-seal.service") > 4.0
+
+
+def test_hardening_the_issue_asks_for():
+    s = unit("fdboxd.service")["Service"]
+    assert s["ProtectProc"] == "invisible" and s["ProcSubset"] == "pid"
+    assert s["MemoryDenyWriteExecute"] == "yes" and int(s["OOMScoreAdjust"]) <= -500
+    seal = unit("fdbox-seal.service")["Service"]
+    assert seal["CapabilityBoundingSet"] == "" and seal["PrivateNetwork"] == "yes"
+    assert "PrivateTmp" not in seal  # would pull tmp.mount into the kexec transaction
+
+
+def test_user_unit_verifies_clean(tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    text = (UNITS / "user" / "fdboxd.service").read_text().replace("/usr/bin/fdboxd ", f"{shutil.which('true')} ")
+    (tmp_path / "fdboxd.service").write_text(text)
+    out = subprocess.run([need("systemd-analyze"), "verify", "--user", "--man=no", "fdboxd.service"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "XDG_RUNTIME_DIR": str(runtime), "HOME": str(tmp_path)})
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+    s = unit("user/fdboxd.service")["Service"]
+    assert s["Type"] == "notify" and int(s["FileDescriptorStoreMax"]) >= 1024
+    assert s["ExecStart"].split()[1:] == ["--user"]
 
 
 def test_service_unit_contents():
@@ -291,3 +345,31 @@ def test_qemu_suspend_unit_blocks_kexec_and_seal():
     assert set(sus["Install"]["RequiredBy"].split()) == {"systemd-kexec.service", "fdbox-seal.service"}
     # Template instances get a per-template slice that conflicts with shutdown.target.
     assert vm["Service"]["Slice"] == sus["Service"]["Slice"] == "system.slice"
+
+
+def test_bus_policy_missing_is_logged_and_varlink_goes_on(daemon_factory, tmp_path):
+    """No io.fdbox1.conf on a system bus: the name is refused; fdboxd says why and
+    serves Varlink, instead of dying with a traceback."""
+    need("dbus-daemon")
+    d = Path(tempfile.mkdtemp(prefix="fdbox-sysbus-", dir="/tmp"))
+    conf = d / "system.conf"
+    empty = d / "empty.conf"
+    empty.write_text("<busconfig/>\n")
+    conf.write_text(SYSTEM_LIKE.format(path=d / "bus", policy=empty))
+    proc = subprocess.Popen(["dbus-daemon", "--nofork", f"--config-file={conf}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: (d / "bus").exists(), 10)
+        daemon = daemon_factory("--bus", f"unix:path={d / 'bus'}", "--user")
+        fd = memfd_with(b"still served")
+        with daemon.client() as c:
+            c.put("v", "x", fd)
+        os.close(fd)
+        assert wait_for(lambda: "serving Varlink only" in daemon.log(), 20), daemon.log()
+        log = daemon.log()
+        assert "cannot own io.fdbox1" in log, log
+        assert "Traceback" not in log
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(d, ignore_errors=True)

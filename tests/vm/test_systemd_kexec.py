@@ -97,7 +97,11 @@ def guest_units() -> dict[str, str]:
         ExecStartPost={_uptime_marker("seal done")}
         StandardOutput=journal+console
         StandardError=journal+console
-        """)
+        # The uptime markers read /proc/uptime, which ProcSubset=pid hides.
+        ProcSubset=all
+        """) + (
+        "# This host's interpreter lives under /root or /home, which ProtectHome=yes hides.\n"
+        "ProtectHome=read-only\n" if home else "")
     return units
 
 
