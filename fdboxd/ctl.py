@@ -3,12 +3,18 @@
 Human tables by default, ``--json`` for scripts. Exit codes mean something:
 
 - ``0`` done;
-- ``1`` usage error or something unexpected (a protocol error, a bug);
-- ``2`` argparse's own usage errors;
+- ``1`` something unexpected: no reply within ``--timeout``, a protocol error, a bug;
+- ``2`` a bad command line: argparse's errors and the ones found after parsing (a
+  ``--meta`` without ``=``, an ``--fd`` that is not open, a ``--from-file`` that
+  cannot be read), always before anything was sent;
 - ``fdboxd.errors.EXIT_CODES[name]`` (10 and up) for each fdbox error name, so a script
   can tell ``NotFound`` from ``PermissionDenied`` without parsing text;
 - ``get … -- CMD`` and ``get-box … -- CMD`` *become* CMD (exec, like
   ``s6-fdholder-retrieve``), so its exit status is CMD's; 127 if CMD cannot be run.
+
+Timeouts: ``seal`` waits as long as it takes (the seal unit's TimeoutStartSec= is the
+limit); every other command gives up after 60 s without a reply; ``--timeout SECONDS``
+sets it for any command (0: wait forever), like ``s6-fdholder-*``'s ``-t``.
 
 ``get`` hands the fd over the systemd way: fd 3, ``LISTEN_FDS=1``,
 ``LISTEN_FDNAMES=NAME`` and ``LISTEN_PID`` set to the pid of the program that runs (the
@@ -34,8 +40,14 @@ SD_LISTEN_FDS_START = 3
 EXIT_EXEC_FAILED = 127
 
 
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+DEFAULT_TIMEOUT = 60.0
+COPY_CHUNK = 1 << 20
+
+
 class UsageError(Exception):
-    """A command line that parsed but makes no sense (exit 1)."""
+    """A command line that parsed but makes no sense (exit 2, like argparse's own)."""
 
 
 # ---------------------------------------------------------------------- output helpers
@@ -125,26 +137,73 @@ def _parse_meta(items: Sequence[str]) -> dict[str, str]:
     return meta
 
 
-def cmd_put(c: Client, a: argparse.Namespace) -> int:
-    meta = _parse_meta(a.meta)
+def _put_source(a: argparse.Namespace) -> int:
+    """The fd ``put`` sends, found *before* connecting: an fd of ours, an opened path, a copy.
+
+    Checked first because connecting takes the lowest free fd: with nothing on fd 3,
+    ``--fd 3`` checked afterwards would name fdboxctl's own socket.
+    """
     if a.fd is not None:
         try:
             os.fstat(a.fd)
         except OSError as e:
-            raise UsageError(f"--fd {a.fd}: {e.strerror}") from None
-        entry = c.put(a.box, a.name, a.fd, meta)
-    else:
+            raise UsageError(f"--fd {a.fd}: {e.strerror} (nothing was passed on fd {a.fd})") from None
+        return os.dup(a.fd)  # ours to close, whatever the caller does with a.fd
+    if a.file is not None:
         try:
-            fd = os.open(a.file, os.O_RDWR | os.O_CLOEXEC)
+            return os.open(a.file, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             try:
-                fd = os.open(a.file, os.O_RDONLY | os.O_CLOEXEC)
+                return os.open(a.file, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise UsageError(f"--file {a.file}: {e.strerror}") from None
-        try:
-            entry = c.put(a.box, a.name, fd, meta)
-        finally:
-            os.close(fd)
+    return _memfd_copy(a.from_file)
+
+
+def _memfd_copy(path: str) -> int:
+    """A sealable memfd holding a copy of ``path`` (``put --from-file``: try fdbox by hand)."""
+    try:
+        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"--from-file {path}: {e.strerror}") from None
+    mem = os.memfd_create(os.path.basename(path) or "fdbox", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        size = os.fstat(src).st_size
+        os.ftruncate(mem, size)
+        _copy(src, mem, size)
+        return mem
+    except OSError as e:
+        os.close(mem)
+        raise UsageError(f"--from-file {path}: {e.strerror}") from None
+    finally:
+        os.close(src)
+
+
+def _copy(src: int, dst: int, size: int | None) -> None:
+    """Copy ``src`` from offset 0 to ``dst``'s current position, 1 MiB at a time.
+
+    Streams: memory stays at one chunk whatever the size (a 1 GiB entry does not
+    become 1 GiB of fdboxctl). ``size`` None: until EOF.
+    """
+    off = 0
+    while size is None or off < size:
+        chunk = os.pread(src, COPY_CHUNK if size is None else min(COPY_CHUNK, size - off), off)
+        if not chunk:
+            break
+        view = memoryview(chunk)
+        while view:
+            n = os.write(dst, view)
+            view = view[n:]
+        off += len(chunk)
+
+
+def cmd_put(c: Client, a: argparse.Namespace) -> int:
+    fd = a.source_fd
+    try:
+        entry = c.put(a.box, a.name, fd, a.metadata)
+    finally:
+        os.close(fd)
+        a.source_fd = None
     if a.json:
         _print_json(entry)
     else:
@@ -178,13 +237,17 @@ def _exec_with_fds(c: Client, fds: list[int], names: list[str], argv: list[str])
 
 
 def _copy_out(fd: int, out: str) -> None:
-    data = read_all(fd)
+    """The entry's bytes to ``out`` ('-': stdout), streamed."""
+    size = os.fstat(fd).st_size
     if out == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        sys.stdout.flush()
+        _copy(fd, sys.stdout.fileno(), size)
         return
-    with open(out, "wb") as f:
-        f.write(data)
+    dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _copy(fd, dst, size)
+    finally:
+        os.close(dst)
 
 
 def cmd_get(c: Client, a: argparse.Namespace) -> int:
@@ -288,80 +351,112 @@ def cmd_net_restore(c: Client, a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- argument parsing
 
 
+NAMES = """\
+BOX is a named group of entries, usually one VM's files (e.g. vm1): letters, digits
+and . _ @ + -, up to 63 characters, starting with a letter or digit. NAME is one entry
+in the box (e.g. ram0, devstate): the same characters plus = and , up to 255; it
+becomes the fd's name in LISTEN_FDNAMES on the way back."""
+
+
+def _sub(sub, name: str, common: argparse.ArgumentParser, help: str, example: str,  # type: ignore[no-untyped-def]
+         names: bool = True, **kw):
+    """A subcommand whose --help says what BOX and NAME are and shows an example."""
+    epilog = (NAMES + "\n\n" if names else "") + "example:\n" + "\n".join("  " + line for line in example.splitlines())
+    return sub.add_parser(name, parents=[common], help=help, description=help[:1].upper() + help[1:] + ".",
+                          epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fdboxctl",
         description="Control fdboxd: named boxes of file descriptors.",
-        epilog="Exit codes: 0 ok, 1 usage/unexpected, 2 bad arguments, "
-        + ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items()) + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=NAMES + "\n\nexit codes: 0 ok, 1 unexpected (no reply within --timeout, protocol error), "
+        "2 bad command line (nothing was sent), "
+        + ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items())
+        + "; get/get-box -- CMD: CMD's own status (127: CMD cannot be run).",
     )
     p.add_argument("--socket", default=None, help="fdboxd socket (default: $FDBOX_SOCKET, "
                    f"{paths.SYSTEM_SOCKET} if present, else the user socket)")
     p.add_argument("--json", action="store_true", default=False, help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"give up after SECONDS without a reply (0: never; default: none for seal, "
+                   f"{DEFAULT_TIMEOUT:g} for the rest)")
     p.add_argument("--version", action="version", version=f"fdboxctl {__version__}")
-    # Sub-commands accept --json too; SUPPRESS keeps them from resetting the global one.
+    # Sub-commands accept --json and --timeout too; SUPPRESS keeps them from resetting the global ones.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help="give up after SECONDS without a reply (0: never)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("status", parents=[common], help="daemon state, backend, lost entries")
+    s = _sub(sub, "status", common, "daemon state, backend, lost entries", "fdboxctl status", names=False)
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("list", aliases=["ls"], parents=[common], help="list entries (of one box)")
+    s = _sub(sub, "list", common, "list entries (of one box)", "fdboxctl list\nfdboxctl list vm1 --json",
+             aliases=["ls"])
     s.add_argument("box", nargs="?", metavar="BOX")
     s.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("put", parents=[common], help="store an fd as BOX/NAME")
+    s = _sub(sub, "put", common, "store a file as BOX/NAME",
+             "fdboxctl put vm1 notes --from-file /etc/hostname      # a copy in a new memfd\n"
+             "fdboxctl put vm1 ram0 --fd 3 3</proc/$QEMU_PID/fd/17    # an fd passed to fdboxctl\n"
+             "fdboxctl put vm1 ram0 --file /proc/$QEMU_PID/fd/17 --meta slot=0")
     s.add_argument("box", metavar="BOX")
     s.add_argument("name", metavar="NAME")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--fd", type=int, help="an fd this process inherited")
+    src.add_argument("--fd", type=int, help="an fd this process inherited (checked before connecting)")
     src.add_argument("--file", help="open this path and store it (e.g. /proc/PID/fd/N of a memfd)")
+    src.add_argument("--from-file", metavar="PATH", help="copy PATH into a new memfd and store that")
     s.add_argument("--meta", action="append", default=[], metavar="K=V", help="user metadata (repeatable)")
     s.set_defaults(func=cmd_put)
 
-    s = sub.add_parser("get", parents=[common], help="run CMD with BOX/NAME as fd 3 (LISTEN_FDS=1)")
+    s = _sub(sub, "get", common, "run CMD with BOX/NAME as fd 3 (LISTEN_FDS=1), or copy it out",
+             "fdboxctl get vm1 ram0 -- qemu-system-x86_64 ... # the memfd as fd 3\n"
+             "fdboxctl get vm1 notes --out -                   # its bytes to stdout")
     s.add_argument("box", metavar="BOX")
     s.add_argument("name", metavar="NAME")
     s.add_argument("--out", metavar="FILE", help="copy the file's contents to FILE ('-': stdout) instead")
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
     s.set_defaults(func=cmd_get)
 
-    s = sub.add_parser("get-box", parents=[common], help="run CMD with every entry of BOX from fd 3 on")
+    s = _sub(sub, "get-box", common, "run CMD with every entry of BOX from fd 3 on",
+             "fdboxctl get-box vm1 -- my-vmm --restore        # LISTEN_FDNAMES=ram0:ram1:...")
     s.add_argument("box", metavar="BOX")
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
     s.set_defaults(func=cmd_get_box)
 
-    s = sub.add_parser("rm", aliases=["remove"], parents=[common], help="remove BOX/NAME")
+    s = _sub(sub, "rm", common, "remove BOX/NAME", "fdboxctl rm vm1 ram0", aliases=["remove"])
     s.add_argument("box", metavar="BOX")
     s.add_argument("name", metavar="NAME")
     s.set_defaults(func=cmd_rm)
 
-    s = sub.add_parser("delete-box", parents=[common], help="remove BOX and all its entries")
+    s = _sub(sub, "delete-box", common, "remove BOX and all its entries", "fdboxctl delete-box vm1")
     s.add_argument("box", metavar="BOX")
     s.set_defaults(func=cmd_delete_box)
 
-    s = sub.add_parser("seal", parents=[common], help="seal BOX (or --all) for kexec")
+    s = _sub(sub, "seal", common, "seal BOX (or --all) for kexec; waits without a timeout unless --timeout",
+             "fdboxctl seal vm1\nfdboxctl seal --all                              # what fdbox-seal.service runs")
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("box", nargs="?", metavar="BOX")
     which.add_argument("--all", action="store_true", help="every open box (root only)")
     s.set_defaults(func=cmd_seal)
 
-    s = sub.add_parser("unseal", parents=[common], help="reopen a sealed BOX")
+    s = _sub(sub, "unseal", common, "reopen a sealed BOX", "fdboxctl unseal vm1")
     s.add_argument("box", metavar="BOX")
     s.set_defaults(func=cmd_unseal)
 
-    s = sub.add_parser("ack-lost", parents=[common],
-                       help="acknowledge your lost entries (of BOX, or all): status stops listing them")
+    s = _sub(sub, "ack-lost", common, "acknowledge your lost entries (of BOX, or all): status stops listing them",
+             "fdboxctl ack-lost vm1")
     s.add_argument("box", nargs="?", metavar="BOX")
     s.set_defaults(func=cmd_ack_lost)
 
-    s = sub.add_parser("finish", parents=[common], help="end the restore phase of BOX (or all)")
+    s = _sub(sub, "finish", common, "end the restore phase of BOX (or all)", "fdboxctl finish vm1")
     s.add_argument("box", nargs="?", metavar="BOX")
     s.set_defaults(func=cmd_finish)
 
-    s = sub.add_parser("net-restore", parents=[common],
-                       help="recreate the tap/macvtap interfaces of BOX that are gone")
+    s = _sub(sub, "net-restore", common, "recreate the tap/macvtap interfaces of BOX that are gone",
+             "fdboxctl net-restore vm1")
     s.add_argument("box", metavar="BOX")
     s.set_defaults(func=cmd_net_restore)
     return p
@@ -383,6 +478,12 @@ def _fix_remainder(a: argparse.Namespace) -> None:
     a.cmd = cmd[1:] if cmd and cmd[0] == "--" else cmd
 
 
+def _timeout(a: argparse.Namespace) -> float | None:
+    if a.timeout is None:
+        return None if a.command == "seal" else DEFAULT_TIMEOUT
+    return None if a.timeout <= 0 else a.timeout
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -392,23 +493,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("get needs a command after -- (or --out FILE)")
         if a.command == "get" and a.cmd and a.out:
             parser.error("get takes either a command or --out, not both")
+    a.source_fd = None
     try:
-        with Client(a.socket or paths.client_socket()) as c:
+        # Everything the command line says is checked before connecting (exit 2, nothing sent).
+        if a.command == "put":
+            a.metadata = _parse_meta(a.meta)
+            a.source_fd = _put_source(a)
+        with Client(a.socket or paths.client_socket(), timeout=_timeout(a)) as c:
             return a.func(c, a)
     except FdboxError as e:
         print(f"fdboxctl: {e.name}: {e.message}", file=sys.stderr)
         return EXIT_CODES[e.name]
     except UsageError as e:
         print(f"fdboxctl: {e}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    except TimeoutError:
+        print(f"fdboxctl: no reply from fdboxd within {_timeout(a):g} s (--timeout)", file=sys.stderr)
+        return EXIT_UNEXPECTED
     except VarlinkCallError as e:
         print(f"fdboxctl: {e.error}: {e.params}", file=sys.stderr)
-        return 1
+        return EXIT_UNEXPECTED
     except BrokenPipeError:
-        return 1
+        return EXIT_UNEXPECTED
     except OSError as e:
         print(f"fdboxctl: {e}", file=sys.stderr)
-        return 1
+        return EXIT_UNEXPECTED
+    finally:
+        if a.source_fd is not None:
+            os.close(a.source_fd)
 
 
 if __name__ == "__main__":

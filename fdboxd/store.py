@@ -445,7 +445,11 @@ class Store:
         except OSError as e:
             raise FdboxError("InvalidRequest", f"not a usable file descriptor: {e.strerror}") from e
         if info.type not in self.allowed_types:
-            raise FdboxError("UnsupportedType", f"files of type {info.type} are not accepted", type=str(info.type))
+            accepted = sorted(str(t) for t in self.allowed_types)
+            wider = sorted(str(t) for t in FdType if t not in self.allowed_types)
+            hint = f"; fdboxd --allow-type {'|'.join(wider)} widens that" if wider else ""
+            raise FdboxError("UnsupportedType", f"files of type {info.type} are not accepted: this daemon "
+                             f"takes {', '.join(accepted)}{hint}", type=str(info.type), accepted=accepted)
         return info
 
     def _type_record(self, fd: int, info: FdInfo, caller: Caller) -> dict[str, Any]:

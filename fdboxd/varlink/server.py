@@ -31,6 +31,7 @@ import enum
 import errno
 import inspect
 import logging
+import select
 import os
 import socket
 import struct
@@ -212,6 +213,12 @@ class Connection:
         if task.cancelled():
             return
         exc = task.exception()
+        if self.state == ConnState.CLOSED or self._peer_hung_up():
+            # The caller left (a client timeout, say) while its call ran: say how it
+            # ended, since nobody else will hear it (a seal that finished still counts).
+            log.warning("%s %s finished after its caller (pid %d) left: %s", str(req.method).rsplit(".", 1)[-1],
+                        (req.params or {}).get("box") or "(all)" if isinstance(req.params, dict) else "?",
+                        self.caller.pid, "done" if exc is None else getattr(exc, "message", None) or repr(exc))
         if self.state == ConnState.CLOSED:
             if exc is None:
                 close_fds(task.result().fds)
@@ -228,6 +235,12 @@ class Connection:
             if isinstance(e, FdboxError):
                 self.server.log_op(self.caller, req.method, req.params, e)
         self._process()
+
+    def _peer_hung_up(self) -> bool:
+        """The peer closed its end (POLLHUP; a half-close alone is not leaving)."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLHUP)
+        return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
     def _reply(self, req: _Request, reply: Any) -> None:
         self.server.log_op(self.caller, req.method, req.params, None)
@@ -544,3 +557,25 @@ def bind_socket(path: str, mode: int = 0o666) -> socket.socket:
     os.chmod(path, mode)
     sock.listen(128)
     return sock
+
+
+def socket_identity(path: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of the socket file just bound, for :func:`unlink_socket`."""
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def unlink_socket(path: str, identity: tuple[int, int]) -> None:
+    """Remove the socket file this daemon bound, unless it is not ours any more.
+
+    Only while the file is still the one bound (same inode): a second daemon's socket
+    or an operator's file that replaced it is left alone.
+    """
+    import stat
+
+    try:
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+    except OSError:
+        pass

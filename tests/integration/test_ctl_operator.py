@@ -1,0 +1,219 @@
+"""fdboxctl as an operator meets it: fds checked before connecting, files copied in and
+streamed out, errors that say what is accepted, timeouts, help that explains itself."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from fdboxtest import REPO, memfd_with, wait_for
+
+from fdboxd.errors import EXIT_CODES
+
+
+def ctl_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fdboxd.ctl", *args]
+
+
+def env() -> dict[str, str]:
+    e = {**os.environ, "PYTHONPATH": str(REPO)}
+    e.pop("FDBOX_SOCKET", None)
+    return e
+
+
+def ctl(daemon, *args: str, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run(ctl_cmd("--socket", daemon.socket, *args), capture_output=True, text=True,
+                          timeout=60, env=env(), **kw)
+
+
+def test_put_fd_that_is_not_open_is_refused_before_connecting(daemon_factory):
+    """fd 3 is free: fdboxctl's own socket would take it. Even a daemon that takes
+    "other" fds stores nothing."""
+    d = daemon_factory("--allow-type", "other")
+    out = ctl(d, "put", "vm1", "x", "--fd", "3", close_fds=True)
+    assert out.returncode == 2, out
+    assert "--fd 3" in out.stderr and "nothing was passed" in out.stderr
+    with d.client() as c:
+        assert c.list()["entries"] == []
+
+
+def test_put_from_file_then_get_out_round_trip(daemon, tmp_path):
+    src = tmp_path / "hostname"
+    data = os.urandom(3 * (1 << 20) + 17)  # more than one copy chunk, not a multiple of it
+    src.write_bytes(data)
+    out = ctl(daemon, "--json", "put", "vm1", "blob", "--from-file", str(src), "--meta", "from=test")
+    assert out.returncode == 0, out.stderr
+    with daemon.client() as c:
+        entry = c.list("vm1")["entries"][0]
+    assert entry["type"] == "memfd" and entry["size"] == len(data) and entry["metadata"] == {"from": "test"}
+    dst = tmp_path / "out"
+    out = ctl(daemon, "get", "vm1", "blob", "--out", str(dst))
+    assert out.returncode == 0, out.stderr
+    assert dst.read_bytes() == data
+    assert dst.stat().st_mode & 0o777 == 0o600  # guest memory is nobody else's to read
+    out = subprocess.run(ctl_cmd("--socket", daemon.socket, "get", "vm1", "blob", "--out", "-"),
+                         capture_output=True, timeout=60, env=env())
+    assert out.returncode == 0 and out.stdout == data
+
+
+def test_put_from_file_that_cannot_be_read(daemon, tmp_path):
+    out = ctl(daemon, "put", "vm1", "x", "--from-file", str(tmp_path / "missing"))
+    assert out.returncode == 2 and "No such file" in out.stderr
+
+
+def test_get_out_streams_a_large_entry(daemon):
+    """256 MiB out through fdboxctl: its peak RSS stays far below the entry's size."""
+    size = 256 << 20
+    fd = memfd_with(b"head", flags=0)
+    os.ftruncate(fd, size)
+    os.pwrite(fd, b"tail", size - 4)
+    try:
+        with daemon.client() as c:
+            c.put("big", "ram0", fd)
+    finally:
+        os.close(fd)
+    with open(os.devnull, "wb") as null:
+        proc = subprocess.Popen(ctl_cmd("--socket", daemon.socket, "get", "big", "ram0", "--out", "-"),
+                                stdout=null, stderr=subprocess.PIPE, env=env())
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    assert usage.ru_maxrss * 1024 < size // 4, f"peak RSS {usage.ru_maxrss} KiB for a {size >> 20} MiB entry"
+
+
+def test_unsupported_type_lists_what_is_accepted(daemon, tmp_path):
+    f = tmp_path / "plain"
+    f.write_bytes(b"x")
+    out = ctl(daemon, "put", "vm1", "x", "--file", str(f))
+    assert out.returncode == EXIT_CODES["UnsupportedType"], out
+    msg = out.stderr
+    assert "files of type other are not accepted" in msg
+    assert "takes guest_memfd, memfd, memfd-hugetlb" in msg and "--allow-type other|tap" in msg, msg
+
+
+class SilentServer:
+    """A socket that accepts and never answers: a daemon stuck in a long call."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_timeout_gives_up_with_exit_1(tmp_path):
+    srv = SilentServer(str(tmp_path / "s"))
+    try:
+        out = subprocess.run(ctl_cmd("--socket", str(tmp_path / "s"), "--timeout", "0.5", "status"),
+                             capture_output=True, text=True, timeout=60, env=env())
+        assert out.returncode == 1 and "no reply from fdboxd within 0.5 s" in out.stderr, out
+        # The option also goes after the subcommand.
+        out = subprocess.run(ctl_cmd("--socket", str(tmp_path / "s"), "list", "--timeout", "0.3"),
+                             capture_output=True, text=True, timeout=60, env=env())
+        assert out.returncode == 1 and "0.3 s" in out.stderr, out
+    finally:
+        srv.close()
+
+
+def test_seal_waits_without_a_client_timeout(tmp_path, monkeypatch):
+    """The default: seal has no timeout (the unit's TimeoutStartSec= is the limit)."""
+    from fdboxd import ctl as ctlmod
+
+    seen = {}
+
+    class Probe:
+        def __init__(self, path: str, timeout: float | None = 60.0) -> None:
+            seen["timeout"] = timeout
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def seal(self, box, progress=None):  # type: ignore[no-untyped-def]
+            return []
+
+        def status(self):  # type: ignore[no-untyped-def]
+            return {"backend": "memory", "survives_kexec": False, "state": "open", "boxes": 0, "sealed": 0,
+                    "restored": 0, "entries": 0}
+
+    monkeypatch.setattr(ctlmod, "Client", Probe)
+    assert ctlmod.main(["--socket", "x", "seal", "--all"]) == 0 and seen["timeout"] is None
+    assert ctlmod.main(["--socket", "x", "status"]) == 0 and seen["timeout"] == ctlmod.DEFAULT_TIMEOUT
+    assert ctlmod.main(["--socket", "x", "seal", "--all", "--timeout", "5"]) == 0 and seen["timeout"] == 5
+    assert ctlmod.main(["--socket", "x", "--timeout", "0", "status"]) == 0 and seen["timeout"] is None
+
+
+def test_seal_that_outlives_its_caller_is_logged(daemon):
+    size = 512 << 20  # a few hundred ms of SHA-256: the caller is long gone
+    fd = memfd_with(b"x", flags=0)
+    os.ftruncate(fd, size)
+    with daemon.client() as c:
+        c.put("slow", "ram0", fd)
+    os.close(fd)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(daemon.socket)
+    s.sendall(b'{"method":"io.fdbox.Store.Seal","parameters":{"box":"slow"}}\0')
+    s.close()
+    assert wait_for(lambda: "Seal slow finished after its caller" in daemon.log(), 60), daemon.log()[-2000:]
+    assert "left: done" in daemon.log()
+    with daemon.client() as c:
+        assert {b["name"]: b["state"] for b in c.list()["boxes"]}["slow"] == "sealed"
+
+
+def test_help_explains_box_name_and_defaults():
+    for sub in ("put", "get", "seal", "rm", "list"):
+        out = subprocess.run(ctl_cmd(sub, "--help"), capture_output=True, text=True, env=env(), timeout=30)
+        assert out.returncode == 0
+        assert "BOX is a named group of entries" in out.stdout and "example:\n  fdboxctl " in out.stdout, sub
+    top = subprocess.run(ctl_cmd("--help"), capture_output=True, text=True, env=env(), timeout=30).stdout
+    assert "1 unexpected" in top and "2 bad command line" in top
+    d = subprocess.run([sys.executable, "-m", "fdboxd", "--help"], capture_output=True, text=True, env=env(),
+                       timeout=30).stdout
+    for opt in ("--max-entries-per-box", "--max-entries", "--max-boxes", "--max-fds-per-message"):
+        block = d.split(opt, 1)[1]
+        assert "(default:" in block.split("--", 1)[0].replace("\n", " ") or "(default:" in block[:200], opt
+    assert "exit codes:" in d
+
+
+def test_socket_file_removed_on_exit(daemon_factory):
+    d = daemon_factory()
+    assert os.path.exists(d.socket)
+    d.stop()
+    assert wait_for(lambda: not os.path.exists(d.socket), 10)
+
+
+def test_socket_file_of_someone_else_is_left_alone(daemon_factory):
+    """A socket file that replaced ours (another daemon's) is not removed by our exit."""
+    d = daemon_factory()
+    os.unlink(d.socket)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(d.socket)
+    try:
+        d.stop()
+        time.sleep(0.2)
+        assert os.path.exists(d.socket)
+    finally:
+        other.close()
+        os.unlink(d.socket)
