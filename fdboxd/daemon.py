@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__, paths
+from . import __version__, deps, paths
 from .backends import DEVICE_PATH, open_backend
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdType
@@ -31,7 +31,7 @@ from .checksum import DEFAULT_VERIFY, Verify
 from .limits import Budget, Limits, add_arguments, from_args
 from .store import Store
 from .varlink.protocol import MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
-from .varlink.server import VarlinkServer, bind_socket
+from .varlink.server import VarlinkServer, bind_socket, socket_identity, unlink_socket
 from .varlink.service import StoreService
 
 log = logging.getLogger("fdboxd")
@@ -56,7 +56,10 @@ class Config:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="fdboxd", description="fdbox daemon: named boxes of file descriptors.")
+    p = argparse.ArgumentParser(prog="fdboxd", description="fdbox daemon: named boxes of file descriptors.",
+                                epilog="exit codes: 0 stopped by SIGTERM/SIGINT, 1 could not start (a missing "
+                                "optional package, the socket or bus name taken, a bad state directory; one line "
+                                "on stderr says which), 2 bad command line.")
     p.add_argument("--user", action="store_true", default=None,
                    help="run as a user daemon: socket and state under the user's own directories")
     p.add_argument("--socket", help="Varlink socket path (default: /run/fdbox/fdboxd.sock as root)")
@@ -146,6 +149,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.varlink: VarlinkServer | None = None
         self.frontends: list[Any] = []  # objects with an async close()
+        self._bound: tuple[str, tuple[int, int]] | None = None  # the socket file we made
 
     def limits(self) -> dict[str, int]:
         lim, bud = self.config.limits, self.config.budget
@@ -172,8 +176,11 @@ class Daemon:
             listener, self.activation.listener = self.activation.listener, None
         if listener is None and self.config.user:
             paths.ensure_private_dir(os.path.dirname(self.config.socket))
-        sock = listener if listener is not None else bind_socket(self.config.socket,
-                                                                 0o600 if self.config.user else 0o666)
+        if listener is not None:
+            sock = listener  # the socket unit's: it owns the file
+        else:
+            sock = bind_socket(self.config.socket, 0o600 if self.config.user else 0o666)
+            self._bound = (self.config.socket, socket_identity(self.config.socket))
         service = StoreService(self.store, self.limits())
         self.varlink = VarlinkServer(
             service, sock,
@@ -204,9 +211,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        await self.start()
-        await self.stopping.wait()
-        await self.close()
+        try:
+            await self.start()
+            await self.stopping.wait()
+        finally:
+            await self.close()  # also after a failed start: nothing bound is left behind
 
     async def close(self) -> None:
         self.systemd.stopping()
@@ -214,6 +223,9 @@ class Daemon:
             await fe.close()
         if self.varlink is not None:
             self.varlink.close()
+        if self._bound is not None:
+            unlink_socket(*self._bound)  # a socket file left behind would only mislead
+            self._bound = None
         # Only the memory backend's references die with the process; the kernel keeps its own.
         self.backend.close()
         if self.store.manifest is not None:
@@ -250,6 +262,12 @@ def raise_fd_limit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    missing = [d.problem() for d, used in ((deps.DBUS, bool(config.bus)),
+                                           (deps.NET, FdType.TAP in config.allowed_types)) if used]
+    if any(missing):
+        for line in filter(None, missing):
+            print(f"fdboxd: {line}", file=sys.stderr)
+        return 1
     from .systemd import setup_logging  # journal fields under journald, plain lines otherwise
 
     setup_logging(config.log_level)

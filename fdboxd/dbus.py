@@ -13,11 +13,11 @@ negotiated fd passing (``negotiate_unix_fd=True``; without it fd calls fail with
 ``NotSupported``).
 
 Who is calling: the bus tells us, never the message. The sender's unique name is
-resolved with ``org.freedesktop.DBus.GetConnectionUnixUser`` (and
-``GetConnectionUnixProcessID`` for logs). A unique name belongs to one connection for
-the bus's whole life and that connection's credentials are fixed when it
-authenticates, so the answer is cached per unique name and dropped on
-``NameOwnerChanged``.
+resolved with one ``org.freedesktop.DBus.GetConnectionCredentials`` call (uid, pid
+and, from dbus-daemon, the groups). A unique name belongs to one connection for the
+bus's whole life and that connection's credentials are fixed when it authenticates,
+so the answer is cached per unique name and dropped on ``NameOwnerChanged``: a
+caller costs one extra bus round trip for its first call, none after.
 
 Method calls to our object are taken by a bus message handler (public dbus-fast API)
 instead of dbus-fast's own dispatcher, for three reasons the dispatcher cannot serve:
@@ -28,10 +28,19 @@ returns a future resolved after the write), which is when the fds ``Get`` return
 be closed. The :class:`Manager` methods below are still declared with dbus-fast's
 decorators, so introspection, properties and signals come from one definition.
 
-List entries are the struct ``ENTRY_SIGNATURE`` = ``(ssstuuda{ss}xsbs)``, the fields of
-a Varlink ``Entry`` in order: box, name, type, size, uid, gid, created (seconds since
-the epoch), metadata, seals (-1: none), sha256 ('' until sealed), claimed, extra (a
-JSON object as text, '' if none).
+Entries (``List``, ``PutMany``) are dictionaries ``a{sv}`` with the keys of a Varlink
+``Entry``, so ``busctl call`` prints them with their names: ``box`` s, ``name`` s,
+``type`` s, ``size`` t, ``uid`` u, ``gid`` u, ``created`` d (seconds since the epoch),
+``metadata`` a{ss}; once known ``seals`` x, ``sha256`` s; ``claimed`` b when claimed;
+``extra`` s (a JSON object as text) when there is one. Boxes (``ListBoxes``) are
+``a{sv}`` too: ``name`` s, ``state`` s, ``entries`` t, ``size`` t, ``owner`` u. Keys may be
+added; none is removed or retyped without a new interface name.
+
+``Seal("")`` and ``Finish("")`` mean every box (root only), as a missing ``box`` does
+on Varlink. ``PutMany(box, [(name, fd index, metadata)])`` stores all or none;
+``GetBox(box)`` returns ``[(name, fd index)]``; ``NetRestore(box)`` returns one
+``a{sv}`` per interface (``box``, ``name``, ``ifname``, ``status``; ``error`` and
+``error_name`` when it failed). The errors are Varlink's, named ``io.fdbox1.Error.<Name>``.
 """
 
 from __future__ import annotations
@@ -48,13 +57,20 @@ from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusError
 from dbus_fast.constants import MessageFlag, NameFlag, PropertyAccess, RequestNameReply
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
+from dbus_fast.service import ServiceInterface, dbus_property
+
+try:
+    from dbus_fast.service import dbus_method, dbus_signal
+except ImportError:  # dbus-fast < 2 (Debian 12's 1.84): the same decorators, older names
+    from dbus_fast.service import method as dbus_method  # type: ignore[no-redef]
+    from dbus_fast.service import signal as dbus_signal  # type: ignore[no-redef]
 
 from . import __version__
 from .errors import FdboxError, describe
 from .model import Caller, Entry
-from .store import Event, Store, seal_in_worker
+from .store import Event, PutItem, Store, seal_in_worker
 from .varlink.protocol import close_fds
 
 log = logging.getLogger("fdboxd.dbus")
@@ -63,8 +79,8 @@ BUS_NAME = "io.fdbox1"
 OBJECT_PATH = "/io/fdbox1"
 INTERFACE = "io.fdbox1.Manager"
 ERROR_PREFIX = "io.fdbox1.Error."
-ENTRY_SIGNATURE = "(ssstuuda{ss}xsbs)"
-BOX_SIGNATURE = "(ssttu)"
+ENTRY_SIGNATURE = "a{sv}"
+BOX_SIGNATURE = "a{sv}"
 
 _DBUS = "org.freedesktop.DBus"
 _DBUS_PATH = "/org/freedesktop/DBus"
@@ -83,12 +99,28 @@ class FdReply:
     fds: list[int]
 
 
-def entry_struct(e: Entry) -> list[Any]:
-    return [
-        e.box, e.name, str(e.type), e.size, e.uid, e.gid, float(e.created), dict(e.metadata),
-        -1 if e.seals is None else e.seals, e.sha256 or "", bool(e.claimed),
-        json.dumps(e.extra, sort_keys=True) if e.extra else "",
-    ]
+_ENTRY_TYPES = {"box": "s", "name": "s", "type": "s", "size": "t", "uid": "u", "gid": "u", "created": "d",
+                "metadata": "a{ss}", "seals": "x", "sha256": "s", "claimed": "b"}
+
+
+def entry_dict(e: Entry) -> dict[str, Variant]:
+    """An entry as ``a{sv}``: the Varlink ``Entry`` fields under their own names."""
+    out = {}
+    for key, value in e.to_dict().items():
+        if key == "extra":
+            out[key] = Variant("s", json.dumps(value, sort_keys=True))
+        elif key in _ENTRY_TYPES:
+            sig = _ENTRY_TYPES[key]
+            out[key] = Variant(sig, float(value) if sig == "d" else value)
+    return out
+
+
+def _dict(d: dict[str, Any], types: dict[str, str]) -> dict[str, Variant]:
+    return {k: Variant(types[k], v) for k, v in d.items() if k in types and v is not None}
+
+
+_BOX_TYPES = {"name": "s", "state": "s", "entries": "t", "size": "t", "owner": "u"}
+_NET_TYPES = {"box": "s", "name": "s", "ifname": "s", "status": "s", "error": "s", "error_name": "s"}
 
 
 def _u32(v: int) -> int:
@@ -122,20 +154,30 @@ class Manager(ServiceInterface):
         return FdReply([0], [fd])
 
     @dbus_method()
+    def PutMany(self, box: "s", entries: "a(sha{ss})") -> "aa{sv}":  # noqa: F821, N802
+        """Store several fds of one box in one call: all or none (as Varlink's PutMany)."""
+        items = [PutItem(name, fd, dict(meta)) for name, fd, meta in entries]
+        return [entry_dict(e) for e in self.store.put_many(self.caller(), box, items)]
+
+    @dbus_method()
     def GetBox(self, box: "s") -> "a(sh)":  # noqa: F821, N802
         got = self.store.get_box(self.caller(), box)
         return FdReply([[[e.name, i] for i, (e, _) in enumerate(got)]], [fd for _, fd in got])
 
     @dbus_method()
-    def List(self) -> "a(ssstuuda{ss}xsbs)":  # noqa: F821, N802
-        return [entry_struct(e) for e in self.store.list(self.caller())]
+    def List(self) -> "aa{sv}":  # noqa: F821, N802
+        return [entry_dict(e) for e in self.store.list(self.caller())]
 
     @dbus_method()
-    def ListBoxes(self) -> "a(ssttu)":  # noqa: F821, N802
-        return [
-            [b["name"], b["state"], b["entries"], b["size"], b.get("owner", 0)]
-            for b in self.store.list_boxes(self.caller())
-        ]
+    def ListBoxes(self) -> "aa{sv}":  # noqa: F821, N802
+        return [_dict(b, _BOX_TYPES) for b in self.store.list_boxes(self.caller())]
+
+    @dbus_method()
+    def NetRestore(self, box: "s") -> "aa{sv}":  # noqa: F821, N802
+        """Recreate the box's recorded network interfaces that are gone (see fdboxd.net)."""
+        from . import net  # pyroute2 is imported only if an interface must be recreated
+
+        return [_dict(r.to_dict(), _NET_TYPES) for r in net.restore_box(self.store, self.caller(), box)]
 
     @dbus_method()
     def Remove(self, box: "s", name: "s"):  # noqa: F821, N802
@@ -252,6 +294,7 @@ def _complete_introspection() -> dict[str, tuple[str, str, Callable[..., Any]]]:
     signal arguments unnamed; ``busctl introspect`` and code generators read the names.
     """
     out_names = {"Get": ["fd"], "GetBox": ["entries"], "List": ["entries"], "ListBoxes": ["boxes"],
+                 "PutMany": ["entries"], "NetRestore": ["entries"],
                  "Seal": ["sealed"], "Finish": ["finished"], "Status": ["status"],
                  "AcknowledgeLost": ["acknowledged"]}
     signal_names = {"EntryAdded": ["box", "name", "uid"], "EntryRemoved": ["box", "name", "uid"],
@@ -266,7 +309,8 @@ def _complete_introspection() -> dict[str, tuple[str, str, Callable[..., Any]]]:
         for arg, n in zip(sig.introspection.args, signal_names.get(sig.name, []), strict=False):
             arg.name = n
     for prop in ServiceInterface._get_properties(probe):
-        if prop.name in ("Backend", "Version"):
+        # dbus-fast < 2 has no annotations on properties: the hint is then left out.
+        if prop.name in ("Backend", "Version") and hasattr(prop.introspection, "annotations"):
             prop.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "const"
     return methods
 
@@ -290,13 +334,14 @@ class DBusFrontend:
         self._watch: asyncio.Task[Any] | None = None
 
     async def start(self, bus: str) -> DBusFrontend:
-        if bus == "system":
-            self.bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
-        elif bus == "session":
-            self.bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
-        else:
-            self.bus = MessageBus(bus_address=bus, negotiate_unix_fd=True)
         try:
+            # dbus-fast < 2 already connects the socket in the constructor.
+            if bus == "system":
+                self.bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+            elif bus == "session":
+                self.bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
+            else:
+                self.bus = MessageBus(bus_address=bus, negotiate_unix_fd=True)
             await self.bus.connect()
         except Exception as e:  # noqa: BLE001 - any failure to reach the bus
             # Not fatal: Varlink is the primary API, and the one moment the bus is
@@ -309,7 +354,16 @@ class DBusFrontend:
         await self._bus_call("AddMatch", "s", [
             f"type='signal',sender='{_DBUS}',interface='{_DBUS}',member='NameOwnerChanged'"
         ])
-        reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        try:
+            reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        except DBusError as e:
+            # Typically the policy (io.fdbox1.conf) is not installed, or dbus-daemon was
+            # not reloaded since: not fatal, Varlink goes on, the log says what to do.
+            log.error("cannot own %s on %s: %s (is io.fdbox1.conf installed and dbus reloaded?); "
+                      "serving Varlink only", BUS_NAME, bus, e.text)
+            self.bus.disconnect()
+            self.bus = None
+            return self
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             self.bus.disconnect()
             raise FdboxError("AlreadyExists", f"the D-Bus name {BUS_NAME} is taken on {bus}")
@@ -404,17 +458,11 @@ class DBusFrontend:
         return True
 
     def _args(self, msg: Message, in_sig: str, fds: list[int]) -> list[Any]:
-        """The call's arguments with each ``h`` index replaced by the received fd."""
+        """The call's arguments with each ``h`` index (at any depth) replaced by the received fd."""
         from dbus_fast.signature import get_signature_tree
 
-        args = list(msg.body)
-        for i, t in enumerate(get_signature_tree(in_sig).types):
-            if t.signature == "h":
-                idx = args[i]
-                if not 0 <= idx < len(fds):
-                    raise FdboxError("InvalidRequest", f"fd index {idx}, but the message carried {len(fds)} fds")
-                args[i] = fds[idx]
-        return args
+        types = get_signature_tree(in_sig).types
+        return [_with_fds(t, v, fds) for t, v in zip(types, msg.body, strict=True)]
 
     def _resolve(self, sender: str) -> asyncio.Future[Caller]:
         fut = asyncio.ensure_future(self._credentials(sender))
@@ -424,15 +472,16 @@ class DBusFrontend:
         return fut
 
     async def _credentials(self, sender: str) -> Caller:
-        uid_reply, pid_reply = await asyncio.gather(
-            self._bus_call("GetConnectionUnixUser", "s", [sender]),
-            self._bus_call("GetConnectionUnixProcessID", "s", [sender]),
-        )
-        if uid_reply.message_type != MessageType.METHOD_RETURN:
+        """uid and pid of ``sender`` in one bus round trip (GetConnectionCredentials)."""
+        reply = await self._bus_call("GetConnectionCredentials", "s", [sender])
+        creds = reply.body[0] if reply.message_type == MessageType.METHOD_RETURN and reply.body else {}
+        uid = creds.get("UnixUserID")
+        if uid is None:
             self._callers.pop(sender, None)
-            raise FdboxError("PermissionDenied", f"the bus cannot identify {sender}: {uid_reply.error_name}")
-        uid = int(uid_reply.body[0])
-        pid = int(pid_reply.body[0]) if pid_reply.message_type == MessageType.METHOD_RETURN else 0
+            why = reply.error_name if reply.message_type == MessageType.ERROR else "no UnixUserID"
+            raise FdboxError("PermissionDenied", f"the bus cannot identify {sender}: {why}")
+        uid = int(uid.value)
+        pid = int(creds["ProcessID"].value) if "ProcessID" in creds else 0
         return Caller(uid=uid, gid=_gid_of(pid, uid), pid=pid)
 
     async def _bus_call(self, member: str, signature: str, body: list[Any]) -> Message:
@@ -542,6 +591,24 @@ class DBusFrontend:
         if msg.unix_fds:
             fds = list(msg.unix_fds)
             asyncio.get_running_loop().call_soon(self._close, fds)
+
+
+def _with_fds(t: Any, value: Any, fds: list[int]) -> Any:
+    """``value`` of D-Bus type ``t`` with every ``h`` (an index into ``fds``) made the fd."""
+    if "h" not in t.signature:
+        return value
+    if t.token == "h":
+        if not isinstance(value, int) or not 0 <= value < len(fds):
+            raise FdboxError("InvalidRequest", f"fd index {value}, but the message carried {len(fds)} fds")
+        return fds[value]
+    if t.token == "a":
+        child = t.children[0]
+        if child.token == "{":
+            return {k: _with_fds(child.children[1], v, fds) for k, v in value.items()}
+        return [_with_fds(child, v, fds) for v in value]
+    if t.token == "(":
+        return [_with_fds(c, v, fds) for c, v in zip(t.children, value, strict=True)]
+    return value
 
 
 def _params(msg: Message) -> dict[str, Any]:

@@ -54,7 +54,10 @@ class DaemonProcess:
         return self.proc.pid
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "fdboxd", "--socket", self.socket,
+        # FDBOX_TEST_DAEMON_PYTHON: run the daemon with another interpreter (e.g. a venv
+        # holding the oldest supported dbus-fast, see test_optional_deps.py).
+        python = os.environ.get("FDBOX_TEST_DAEMON_PYTHON") or sys.executable
+        return [python, "-m", "fdboxd", "--socket", self.socket,
                 "--state-dir", self.state_dir, "--log-level", "debug", *self.args]
 
     def start(self) -> DaemonProcess:

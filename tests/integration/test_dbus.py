@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import subprocess
 import tempfile
 import time
@@ -160,10 +161,15 @@ def test_gdbus_put_then_varlink_busctl_and_dbus_fast_get(dbus_daemon, bus):
     # The fd that came in with Put is closed, every fd sent with Get is closed after
     # it was written: only the held reference remains.
     assert wait_for(lambda: dbus_daemon.fd_count() == before + 1, 5), os.listdir(f"/proc/{dbus_daemon.pid}/fd")
-    # List: the documented struct, same fields as Varlink.
+    # List: one a{sv} per entry, the Varlink Entry's fields under their names.
     out = gdbus(bus, "List")
-    assert "'vm1', 'ram0', 'memfd', uint64 %d, uint32 0, uint32 0" % len(data) in out.stdout, out.stdout
-    assert "{'slot': '0'}" in out.stdout
+    for field in ("'box': <'vm1'>", "'name': <'ram0'>", "'type': <'memfd'>", f"'size': <uint64 {len(data)}>",
+                  "'uid': <uint32 0>", "'metadata': <{'slot': '0'}>"):
+        assert field in out.stdout, (field, out.stdout)
+    out = busctl(bus, "--json=short", "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "List")
+    assert out.returncode == 0, out.stderr
+    (entry,) = json.loads(out.stdout)["data"][0]
+    assert entry["name"] == {"type": "s", "data": "ram0"} and entry["size"] == {"type": "t", "data": len(data)}
 
 
 def test_introspection_is_complete(dbus_daemon, bus):
@@ -176,8 +182,11 @@ def test_introspection_is_complete(dbus_daemon, bus):
             rows[f[0][1:]] = (f[1], f[2], f[3])
     assert rows["Put"] == ("method", "ssha{ss}", "-")
     assert rows["Get"] == ("method", "ss", "h")
-    assert rows["List"] == ("method", "-", "a(ssstuuda{ss}xsbs)")
+    assert rows["List"] == ("method", "-", "aa{sv}")
+    assert rows["ListBoxes"] == ("method", "-", "aa{sv}")
     assert rows["GetBox"] == ("method", "s", "a(sh)")
+    assert rows["PutMany"] == ("method", "sa(sha{ss})", "aa{sv}")
+    assert rows["NetRestore"] == ("method", "s", "aa{sv}")
     for m, sig in {"Remove": "ss", "DeleteBox": "s", "Seal": "s", "Unseal": "s", "Status": "-", "Finish": "s"}.items():
         assert rows[m][:2] == ("method", sig), m
     for p, sig in {"State": "s", "Backend": "s", "Version": "s", "EntryCount": "u"}.items():
@@ -435,3 +444,87 @@ def test_lost_entries_and_usage_over_dbus(dbus_daemon, bus):
     assert gdbus(bus, "AcknowledgeLost", "").stdout.strip() == "(uint32 1,)"
     out = busctl(bus, "--json=short", "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "Status")
     assert json.loads(out.stdout)["data"][0]["lost"]["data"] == []
+def test_put_many_over_dbus_is_all_or_nothing(dbus_daemon, bus):
+    """PutMany on D-Bus: the Varlink method, the same errors. (gdbus cannot send fds
+    nested in a struct, so dbus-fast is the client here.)"""
+    a, b = memfd_with(b"slot zero"), memfd_with(b"slot one")
+    name, body = asyncio.run(_put_many_raw(bus, "many", [("ram0", 0, {"slot": "0"}), ("ram1", 1, {})], [a, b]))
+    assert name == "ok", body
+    assert [e["name"].value for e in body[0]] == ["ram0", "ram1"]
+    assert body[0][0]["type"].value == "memfd" and body[0][0]["metadata"].value == {"slot": "0"}
+    with dbus_daemon.client() as c:
+        got = {e["name"]: e for e in c.list("many")["entries"]}
+        assert set(got) == {"ram0", "ram1"}
+        _, fd = c.get("many", "ram1")
+    assert read_all(fd) == b"slot one"
+    os.close(fd)
+    # A bad name in the batch: the error is Varlink's, and nothing of the batch is stored.
+    name, _ = asyncio.run(_put_many_raw(bus, "other", [("ok", 0, {}), ("bad/name", 1, {})], [a, b]))
+    assert name == "io.fdbox1.Error.InvalidName"
+    # An fd index the message did not carry.
+    name, _ = asyncio.run(_put_many_raw(bus, "other", [("ok", 7, {})], [a]))
+    assert name == "io.fdbox1.Error.InvalidRequest"
+    with dbus_daemon.client() as c:
+        assert "other" not in {b["name"] for b in c.list()["boxes"]}
+    os.close(a)
+    os.close(b)
+
+
+async def _put_many_raw(address: str, box: str, items: list, fds: list[int]):  # type: ignore[no-untyped-def,type-arg]
+    from dbus_fast import Message
+    from dbus_fast.aio import MessageBus
+
+    bus = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+    try:
+        reply = await bus.call(Message(destination="io.fdbox1", path="/io/fdbox1", interface="io.fdbox1.Manager",
+                                       member="PutMany", signature="sa(sha{ss})", body=[box, items],
+                                       unix_fds=fds))
+        return reply.error_name or "ok", reply.body
+    finally:
+        bus.disconnect()
+
+
+def test_net_restore_and_list_boxes_over_dbus(dbus_daemon, bus):
+    put(bus, "nb", "ram0", memfd_with(b"x"))
+    # No interface recorded: nothing to recreate, an empty list (as on Varlink).
+    out = gdbus(bus, "NetRestore", "nb")
+    assert out.stdout.strip() in ("(@aa{sv} [],)", "([],)"), out.stdout
+    assert error_of(gdbus(bus, "NetRestore", "no-such-box", check=False)) == "io.fdbox1.Error.NotFound"
+    out = gdbus(bus, "ListBoxes")
+    assert "'name': <'nb'>" in out.stdout and "'state': <'open'>" in out.stdout and "'entries': <uint64 1>" in out.stdout
+
+
+def test_seal_empty_string_means_every_box(dbus_daemon, bus):
+    put(bus, "s1", "ram0", memfd_with(b"one"))
+    put(bus, "s2", "ram0", memfd_with(b"two"))
+    out = gdbus(bus, "Seal", "")
+    assert "'s1'" in out.stdout and "'s2'" in out.stdout, out.stdout
+    with dbus_daemon.client() as c:
+        assert {b["name"]: b["state"] for b in c.list()["boxes"]} == {"s1": "sealed", "s2": "sealed"}
+
+
+def test_caller_identity_costs_one_bus_call_per_connection(dbus_daemon, bus):
+    """GetConnectionCredentials once per unique name (cached), not per call."""
+    mon = subprocess.Popen(["dbus-monitor", "--address", bus, "type='method_call',interface='org.freedesktop.DBus'"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(0.5)
+    script = f"""
+import asyncio
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
+async def main():
+    bus = await MessageBus(bus_address={bus!r}).connect()
+    for _ in range(5):
+        r = await bus.call(Message(destination="io.fdbox1", path="/io/fdbox1", interface="io.fdbox1.Manager",
+                                   member="List"))
+        assert r.message_type.name == "METHOD_RETURN", r.body
+    bus.disconnect()
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    time.sleep(0.5)
+    mon.terminate()
+    text = mon.communicate(timeout=10)[0]
+    assert text.count("member=GetConnectionCredentials") == 1, text
+    assert "GetConnectionUnixUser" not in text and "GetConnectionUnixProcessID" not in text
