@@ -127,8 +127,9 @@ def test_status_seal_unseal_finish_rm_delete(daemon):
         (("list", "bad/box"), EXIT_CODES["InvalidName"]),
         (("delete-box", "nobox"), EXIT_CODES["NotFound"]),
         (("put", "vm", "x", "--fd", "0"), EXIT_CODES["UnsupportedType"]),  # stdin: /dev/null
-        (("put", "vm", "x", "--fd", "999"), 1),
-        (("put", "vm", "x", "--meta", "novalue", "--fd", "0"), 1),
+        # A bad command line found after parsing is a bad command line too (2, nothing sent).
+        (("put", "vm", "x", "--fd", "999"), 2),
+        (("put", "vm", "x", "--meta", "novalue", "--fd", "0"), 2),
         (("get", "vm", "x"), 2),
         (("seal",), 2),
         (("bogus",), 2),
