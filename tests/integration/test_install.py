@@ -98,8 +98,9 @@ def test_exec_and_documentation_paths_point_into_the_install(installed):
     for name in installed_units(root):
         text = (root / PREFIX.lstrip("/") / "lib/systemd/system" / name).read_text()
         for prog in re.findall(r"^Exec\w*=[-@:+!]*(\S+)", text, re.MULTILINE):
-            assert prog.startswith(f"{PREFIX}/bin/"), (name, prog)
-            assert os.access(root / prog.lstrip("/"), os.X_OK), (name, prog)
+            if Path(prog).name.startswith("fdbox"):  # ours: where the installer put it
+                assert prog.startswith(f"{PREFIX}/bin/"), (name, prog)
+                assert os.access(root / prog.lstrip("/"), os.X_OK), (name, prog)
         for doc in re.findall(r"^Documentation=(.*)$", text, re.MULTILINE):
             for url in doc.split():
                 assert url.startswith("file://"), url
