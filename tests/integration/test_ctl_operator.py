@@ -190,11 +190,11 @@ def test_help_explains_box_name_and_defaults():
         assert "BOX is a named group of entries" in out.stdout and "example:\n  fdboxctl " in out.stdout, sub
     top = subprocess.run(ctl_cmd("--help"), capture_output=True, text=True, env=env(), timeout=30).stdout
     assert "1 unexpected" in top and "2 bad command line" in top
-    d = subprocess.run([sys.executable, "-m", "fdboxd", "--help"], capture_output=True, text=True, env=env(),
-                       timeout=30).stdout
+    d = subprocess.run([sys.executable, "-m", "fdboxd", "--help"], capture_output=True, text=True,
+                       env={**env(), "COLUMNS": "250"}, timeout=30).stdout  # one line per option
+    lines = {line.split()[0]: line for line in d.splitlines() if line.startswith("  --")}
     for opt in ("--max-entries-per-box", "--max-entries", "--max-boxes", "--max-fds-per-message"):
-        block = d.split(opt, 1)[1]
-        assert "(default:" in block.split("--", 1)[0].replace("\n", " ") or "(default:" in block[:200], opt
+        assert "(default: " in lines[opt], (opt, d)
     assert "exit codes:" in d
 
 
