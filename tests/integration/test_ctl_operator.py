@@ -4,6 +4,7 @@ streamed out, errors that say what is accepted, timeouts, help that explains its
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -192,9 +193,10 @@ def test_help_explains_box_name_and_defaults():
     assert "1 unexpected" in top and "2 bad command line" in top
     d = subprocess.run([sys.executable, "-m", "fdboxd", "--help"], capture_output=True, text=True,
                        env={**env(), "COLUMNS": "250"}, timeout=30).stdout  # one line per option
-    lines = {line.split()[0]: line for line in d.splitlines() if line.startswith("  --")}
+    # One block per option: its line and the help lines indented under it.
+    blocks = {b.split()[0]: " ".join(b.split()) for b in re.split(r"\n  (?=-)", d.split("options:", 1)[1]) if b.strip()}
     for opt in ("--max-entries-per-box", "--max-entries", "--max-boxes", "--max-fds-per-message"):
-        assert "(default: " in lines[opt], (opt, d)
+        assert "(default: " in blocks[opt], (opt, d)
     assert "exit codes:" in d
 
 
