@@ -102,12 +102,14 @@ def dbus_fast_oldest() -> str:
 def test_dbus_front_end_on_debian_12s_dbus_fast(dbus_fast_oldest):
     """The D-Bus integration tests, with the daemon on dbus-fast 1.84.
 
-    Left out: test_introspection_is_complete's EmitsChangedSignal=const annotation
-    (dbus-fast 1.84 cannot annotate a property; everything else is the same).
+    Left out, two known differences of 1.84: the EmitsChangedSignal=const annotation
+    (1.84 cannot annotate a property), and PutMany with more than one fd: 1.84 reads
+    with room for one fd per recvmsg (``CMSG_LEN(4)`` in its unmarshaller), the kernel
+    drops the rest, and the call fails with InvalidRequest, nothing stored.
     """
     env = dict(os.environ, FDBOX_TEST_DAEMON_PYTHON=dbus_fast_oldest)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(REPO / "tests/integration/test_dbus.py"), "-k", "not introspection"],
+                          str(REPO / "tests/integration/test_dbus.py"), "-k", "not introspection and not put_many"],
                          env=env, capture_output=True, text=True, timeout=900, cwd=str(REPO))
     assert out.returncode == 0, out.stdout[-4000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-2000:]
