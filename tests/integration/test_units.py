@@ -360,7 +360,7 @@ def test_bus_policy_missing_is_logged_and_varlink_goes_on(daemon_factory, tmp_pa
                             stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: (d / "bus").exists(), 10)
-        daemon = daemon_factory("--bus", f"unix:path={d / 'bus'}", "--user")
+        daemon = daemon_factory("--bus", f"unix:path={d / 'bus'}")
         fd = memfd_with(b"still served")
         with daemon.client() as c:
             c.put("v", "x", fd)
