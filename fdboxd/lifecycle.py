@@ -169,7 +169,11 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
                 store.backend.seal(name)
                 store._set_state(store.boxes[name], BoxState.SEALED)
                 sealed.append(name)
-            store._record(store._box_ops(sealed))
+            # A seal writes the whole snapshot (temp, fsync, rename), not a journal line:
+            # a kexec follows, and a state directory that cannot take the sealed manifest
+            # must refuse the seal (and so the kexec) rather than half-record it. A line
+            # appended to a full file system can still fit in the journal's last page.
+            store._save()
             carry_manifest(store)
         except BaseException:
             for name in sealed:

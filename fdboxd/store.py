@@ -588,3 +588,4 @@ class Store:
         except OSError as e:
             raise FdboxError("BackendUnavailable", f"cannot write the manifest: {e.strerror}") from e
         self.generation = data.generation
+        self._unrecorded = []  # the snapshot holds every change, the unjournalled ones too

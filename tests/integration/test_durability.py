@@ -68,3 +68,57 @@ def test_a_torn_last_journal_line_is_ignored_not_fatal(daemon):
         st = c.status()
     assert ("vm1", "ram0") in {(x["box"], x["name"]) for x in st["lost"]}  # the torn rm did not apply
     assert "torn last line" in daemon.log()
+
+
+def _mount_tmpfs(path: str, size: str) -> bool:
+    import subprocess
+    os.makedirs(path, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "fdbox-test", path],
+                          capture_output=True).returncode == 0
+
+
+def test_seal_on_a_full_state_file_system_is_refused_and_changes_nothing(daemon_factory, tmp_path):
+    """A seal writes the whole snapshot: a state file system that cannot take it refuses
+    the seal (and so, under systemd, the kexec), even when a journal line would still fit
+    in the journal's last page. The VM test test_failed_seal_aborts_kexec is the same
+    rule under systemd; this is it on the host, with a real full tmpfs."""
+    import subprocess
+
+    import pytest
+
+    from fdboxd.client import FdboxError
+
+    state = str(tmp_path / "state")
+    if not _mount_tmpfs(state, "256k"):
+        if os.environ.get("CI"):
+            pytest.fail("cannot mount a tmpfs (CI runs as root)")
+        pytest.skip("cannot mount a tmpfs (not root?)")
+    try:
+        d = daemon_factory(state_dir=state)
+        fd = memfd_with(b"guest ram")
+        try:
+            with d.client() as c:
+                c.put("vm1", "ram0", fd, {"slot": "0"})
+                filler = os.open(os.path.join(state, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+                try:  # fill it up, to the last block
+                    while os.write(filler, b"\0" * 4096):
+                        pass
+                except OSError:
+                    pass
+                finally:
+                    os.close(filler)
+                with pytest.raises(FdboxError) as ei:
+                    c.seal("vm1")
+                assert ei.value.name == "BackendUnavailable"
+                assert "manifest" in str(ei.value)
+                assert c.list("vm1")["boxes"][0]["state"] == "open"
+                _, got = c.get("vm1", "ram0")
+                assert os.pread(got, 9, 0) == b"guest ram"
+                os.close(got)
+                os.unlink(os.path.join(state, "filler"))
+                c.seal("vm1")  # room again: the same seal goes through
+        finally:
+            os.close(fd)
+            d.stop(timeout=5)
+    finally:
+        subprocess.run(["umount", "-l", state], check=False)

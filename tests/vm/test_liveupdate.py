@@ -33,9 +33,11 @@ def _json(path: Path) -> dict:
 
 
 def test_memfd_and_hugetlb_survive_kexec(vm_with_module: vmlib.Harness) -> None:
+    # --verify full: this test compares the whole-file SHA-256 recorded at seal with the
+    # bytes read back (the default, sample, records no whole-file digest for large entries).
     stage1 = STAGE_LIB + f"""
 load_module
-start_fdboxd
+start_fdboxd --verify full
 vmm store --box vm1 {REGIONS} --seed kexec-1
 ctl --json list vm1 > /out/before.json
 ctl seal --all
@@ -45,7 +47,7 @@ vm-kexec --reuse-cmdline
 """
     stage2 = STAGE_LIB + f"""
 load_module
-start_fdboxd
+start_fdboxd --verify full
 ctl --json status > /out/restored-status.json
 vmm verify --box vm1 {REGIONS} --seed kexec-1 | tee /out/verify.txt
 ctl --json list vm1 > /out/after.json
