@@ -148,7 +148,8 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
             if item.digest is None:
                 raise FdboxError("InvalidRequest", f"{item.box}/{item.name} was not checksummed")
             entry = store.boxes[item.box].entries[item.name]
-            entry.size, entry.sha256 = item.digest.size, item.digest.sha256
+            store._resize(entry, item.digest.size)
+            entry.sha256 = item.digest.sha256
             extra = {k: v for k, v in entry.extra.items() if k != "sample"}
             if item.digest.sample is not None:
                 extra["sample"] = item.digest.sample
@@ -279,8 +280,8 @@ def verify_restored(store: Store) -> list[dict[str, Any]]:
         try:
             store._drop(b, name)
         except FdboxError:
-            b.entries.pop(name, None)
-            store._n_entries -= 1
+            if b.entries.pop(name, None) is not None:  # _drop fails after its pop, or before it
+                store._count_entry(e, -1)
     if failed:
         store._record_or_log([["rm", r["box"], r["name"]] for r in failed] + [lost_op(store.lost)])
     return failed

@@ -26,6 +26,8 @@ at seal time — runs in worker threads through
 
 from __future__ import annotations
 
+from collections import Counter
+
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -94,6 +96,11 @@ class Store:
         self.box_rules: BoxRules = box_rules or BoxRules()
         self._sealing: set[str] = set()  # boxes between seal_begin and seal_commit/abort
         self._n_entries = 0  # kept as entries come and go: Status and limits are O(1)
+        #: Per-uid usage, kept the same way (quotas and non-root Status stay O(1)): boxes
+        #: owned, entries and recorded bytes. Changed only through _count_entry/_own.
+        self._uid_boxes: Counter[int] = Counter()
+        self._uid_entries: Counter[int] = Counter()
+        self._uid_bytes: Counter[int] = Counter()
         self._n_state: dict[BoxState, int] = {s: 0 for s in BoxState}
         self._unrecorded: list[Op] = []  # ops of done changes whose journal write failed
         reconcile(self, manifest.load() if manifest else ManifestData())  # fdboxd.reconcile
@@ -105,6 +112,32 @@ class Store:
         self._n_state = {s: 0 for s in BoxState}
         for b in self.boxes.values():
             self._n_state[b.state] += 1
+        self._uid_boxes = Counter(self.owners[n] for n in self.boxes if n in self.owners)
+        self._uid_entries, self._uid_bytes = Counter(), Counter()
+        for b in self.boxes.values():
+            for e in b.entries.values():
+                self._uid_entries[e.uid] += 1
+                self._uid_bytes[e.uid] += e.size
+
+    def _count_entry(self, entry: Entry, sign: int) -> None:
+        """An entry joined (+1) or left (-1) the store: the O(1) counters follow."""
+        self._n_entries += sign
+        self._uid_entries[entry.uid] += sign
+        self._uid_bytes[entry.uid] += sign * entry.size
+
+    def _resize(self, entry: Entry, size: int) -> None:
+        """Record a new size for an entry (the seal measures it again)."""
+        self._uid_bytes[entry.uid] += size - entry.size
+        entry.size = size
+
+    def _own(self, box: str, uid: int | None) -> None:
+        """``box`` now belongs to ``uid`` (None: the box is gone)."""
+        old = self.owners.pop(box, None)
+        if old is not None:
+            self._uid_boxes[old] -= 1
+        if uid is not None:
+            self.owners[box] = uid
+            self._uid_boxes[uid] += 1
 
 
     # ------------------------------------------------------------------ queries
@@ -143,13 +176,7 @@ class Store:
 
     def usage(self, uid: int) -> dict[str, int]:
         """What ``uid`` holds, against the per-uid quotas: boxes owned, entries, bytes."""
-        entries = size = 0
-        for b in self.boxes.values():
-            for e in b.entries.values():
-                if e.uid == uid:
-                    entries += 1
-                    size += e.size
-        return {"boxes": sum(1 for o in self.owners.values() if o == uid), "entries": entries, "bytes": size}
+        return {"boxes": self._uid_boxes[uid], "entries": self._uid_entries[uid], "bytes": self._uid_bytes[uid]}
 
     def acknowledge_lost(self, caller: Caller, box: str | None = None) -> int:
         """Forget the caller's lost-entry reports (root: everybody's), of one box or all."""
@@ -244,7 +271,7 @@ class Store:
         if created_box:
             self._create_box(box)
             b = self.boxes[box]
-            self.owners[box] = caller.uid
+            self._own(box, caller.uid)
         done: list[Entry] = []
         try:
             for it, info, extra in zip(items, infos, extras, strict=True):
@@ -254,7 +281,7 @@ class Store:
                     metadata=dict(it.metadata), seals=info.seals, extra=extra,
                 )
                 b.entries[it.name] = entry
-                self._n_entries += 1
+                self._count_entry(entry, +1)
                 done.append(entry)
             ops: list[Op] = [box_op(b, caller.uid)] if created_box else []
             self._record(ops + [entry_op(e) for e in done])
@@ -265,7 +292,7 @@ class Store:
                 self._delete_box_backends(box)
                 del self.boxes[box]
                 self._n_state[BoxState.OPEN] -= 1
-                self.owners.pop(box, None)
+                self._own(box, None)
             raise
         for entry, it in zip(done, items, strict=False):
             self._emit(Event("entry-added", box, entry=entry, fd=it.fd))
@@ -314,9 +341,10 @@ class Store:
         entries = list(b.entries.values())
         self._delete_box_backends(box)
         del self.boxes[box]
-        self._n_entries -= len(entries)
+        for e in entries:
+            self._count_entry(e, -1)
         self._n_state[b.state] -= 1
-        self.owners.pop(box, None)
+        self._own(box, None)
         self._record_or_log([["rmbox", box]])
         for e in entries:
             self._emit(Event("entry-removed", box, entry=e))
@@ -497,7 +525,7 @@ class Store:
 
     def _drop(self, b: Box, name: str) -> None:
         entry = b.entries.pop(name)
-        self._n_entries -= 1
+        self._count_entry(entry, -1)
         if gmem.is_carried(entry):
             self._drop_copy(b.name, entry)
             if b.state == BoxState.RESTORED:

@@ -317,3 +317,36 @@ def test_box_names_reserved_by_rule_or_uid_prefix(tmp_path, fds):
     assert err(s.put, ALICE, "vm-x", "ram0", fds()) == "PermissionDenied"  # nobody's (65534)
     s.put(ROOT, "vm-x", "ram0", fds())  # root is exempt
     s.put(BOB, "free-name", "ram0", fds())  # no rule: first come, first served
+
+
+def _usage_by_scan(s: Store, uid: int) -> dict[str, int]:
+    mine = [e for b in s.boxes.values() for e in b.entries.values() if e.uid == uid]
+    return {"boxes": sum(1 for n, o in s.owners.items() if o == uid and n in s.boxes),
+            "entries": len(mine), "bytes": sum(e.size for e in mine)}
+
+
+def test_usage_counters_match_a_full_scan_after_every_kind_of_change(store, fds):
+    """Quotas read O(1) counters; they must agree with counting the entries by hand."""
+    def check() -> None:
+        for c in (ROOT, ALICE, BOB):
+            assert store.usage(c.uid) == _usage_by_scan(store, c.uid)
+
+    grows = fds(b"12345")
+    store.put(ALICE, "a1", "x", grows)
+    store.put_many(ALICE, "a2", [PutItem("y", fds(b"1"), {}), PutItem("z", fds(b"22"), {})])
+    store.put(BOB, "b1", "x", fds(b"333"))
+    store.put(ROOT, "a1", "root-in-alice", fds(b"4444"))
+    check()
+    with pytest.raises(FdboxError):  # all or nothing: a refused put_many changes no counter
+        store.put_many(BOB, "b2", [PutItem("ok", fds(), {}), PutItem("bad name!", fds(), {})])
+    check()
+    store.remove(ALICE, "a2", "y")
+    store.delete_box(BOB, "b1")
+    check()
+    os.ftruncate(grows, 100)  # the same file, grown after the put ...
+    store.seal(ROOT, "a1")  # ... and the seal measures sizes again
+    check()
+    store.unseal(ROOT, "a1")
+    store.remove(ROOT, "a1", "root-in-alice")
+    check()
+    assert store.usage(ALICE.uid) == {"boxes": 2, "entries": 2, "bytes": 102}
