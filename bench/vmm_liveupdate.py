@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """A real QEMU guest's blackout across a host live update, split by phase.
 
-    python3 bench/vmm_liveupdate.py [--sizes 256M,1G]
+    python3 bench/vmm_liveupdate.py [--sizes 256M,1G] [--backend auto|kernel|liveupdate] [--verify ...]
 
-Boots the test kernel in qemu (TCG), loads fdbox.ko, runs fdboxd on the kernel backend
-and, inside that VM, one QEMU per size (the host's qemu-system-x86_64 over 9p, nested
+Boots the test kernel in qemu (TCG), loads fdbox.ko, runs fdboxd (``--backend auto`` by
+default, as fdboxd itself: LUO for memfd RAM where the kernel has it; ``kernel`` for the
+module's copy) and, inside that VM, one QEMU per size (the host's qemu-system-x86_64 over 9p, nested
 TCG) with the boot-sector guest of tests/qemu-guest/tick.S on fdbox-held memfd RAM.
 Then, one VM after the other so the phases do not overlap:
 
@@ -44,9 +45,9 @@ def _mib(size: str) -> int:
     return n << 10 if unit == "G" else n
 
 
-def stages(sizes: list[str]) -> tuple[str, str]:
+def stages(sizes: list[str], daemon_args: str = "") -> tuple[str, str]:
     vms = {f"v{s.lower()}": s for s in sizes}
-    s1 = LIB + "load_module\nstart_fdboxd\n"
+    s1 = LIB + f"load_module\nstart_fdboxd {daemon_args}\n"
     for vm, size in vms.items():
         s1 += f"qemu_start {vm} 1 --ram {size}\n"
     for vm in vms:
@@ -58,7 +59,7 @@ def stages(sizes: list[str]) -> tuple[str, str]:
         s1 += f"t0=$(now); ctl seal {vm} > /dev/null; t1=$(now); echo $t0 $t1 > /out/{vm}-seal.t\n"
     s1 += "ctl --json status > /out/sealed.json\nstop_fdboxd\ndate +%s.%N > /out/kexec.t0\nvm-kexec --reuse-cmdline\n"
     s2 = "date +%s.%N > /out/kexec.t1\n" + LIB
-    s2 += "t0=$(now); load_module; start_fdboxd; t1=$(now); echo $t0 $t1 > /out/restore.t\n"
+    s2 += f"t0=$(now); load_module; start_fdboxd {daemon_args}; t1=$(now); echo $t0 $t1 > /out/restore.t\n"
     s2 += "ctl --json status > /out/restored.json\n"
     for vm, size in vms.items():
         s2 += (f"t0=$(now); qemu_start {vm} 2 --ram {size}\n"
@@ -74,6 +75,8 @@ def stages(sizes: list[str]) -> tuple[str, str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="256M,1G", help="guest RAM sizes, one QEMU each (M or G)")
+    p.add_argument("--backend", default="auto", choices=["auto", "kernel", "liveupdate"])
+    p.add_argument("--verify", default="sample", choices=["full", "sample", "none"])
     a = p.parse_args()
     sizes = a.sizes.split(",")
     kernel = vmlib.find_test_kernel()
@@ -82,7 +85,7 @@ def main() -> int:
         return 1
     module = vmlib.build_module(vmlib.repo_root() / "kmod", vmlib.kernel_build_dir(kernel))
     mem = max(2048, 2 * sum(_mib(s) for s in sizes) + 1536)
-    s1, s2 = stages(sizes)
+    s1, s2 = stages(sizes, f"--backend {a.backend} --verify {a.verify}")
     with tempfile.TemporaryDirectory(prefix="fdbox-bench-") as tmp:
         out = Path(tmp)
         qemuguest.build(out)
@@ -99,7 +102,7 @@ def main() -> int:
         kexec_ms = (float((out / "kexec.t1").read_text()) - float((out / "kexec.t0").read_text())) * 1000
         restore_ms = span("restore.t")
         backend = json.loads((out / "restored.json").read_text())["backend"]
-        print(f"fdbox-qemu blackout, backend {backend}, fdboxd default --verify; test VM {mem} MiB, qemu TCG,"
+        print(f"fdbox-qemu blackout, backend {backend}, --verify {a.verify}; test VM {mem} MiB, qemu TCG,"
               " QEMU nested TCG; ms")
         print(f"{'guest RAM':>9} {'QEMU save':>10} {'seal':>8} {'kexec+boot':>11} {'restore':>8} {'QEMU load':>10}"
               f" {'total':>8} {'VMM side':>9} {'fdbox':>7} {'QEMU':>7}")
