@@ -172,13 +172,8 @@ class Connection:
                 if frame.error is not None:
                     raise FdboxError(frame.error_name, frame.error)
                 self._dispatch(frame.message, frame.fds, req)
-            except VarlinkError as e:
-                self._reply_error(req, e.error, e.params)
             except Exception as e:  # noqa: BLE001 - every request gets its answer
-                name, params = describe(e, req.method)
-                self._reply_error(req, ERROR_PREFIX + name, params)
-                if isinstance(e, FdboxError):
-                    self.server.log_op(self.caller, req.method, req.params, e)
+                self._reply_exception(req, e)
         finally:
             if self.task is None:
                 close_fds(frame.fds)
@@ -227,14 +222,20 @@ class Connection:
             if exc is not None:
                 raise exc
             self._reply(req, task.result())
-        except VarlinkError as e:
-            self._reply_error(req, e.error, e.params)
         except Exception as e:  # noqa: BLE001 - every request gets its answer
-            name, params = describe(e, req.method)
-            self._reply_error(req, ERROR_PREFIX + name, params)
-            if isinstance(e, FdboxError):
-                self.server.log_op(self.caller, req.method, req.params, e)
+            self._reply_exception(req, e)
         self._process()
+
+    def _reply_exception(self, req: _Request, e: Exception) -> None:
+        """Answer a request that raised: a Varlink error as itself, anything else as the
+        FdboxError name :func:`describe` gives it (logged when it is the caller's)."""
+        if isinstance(e, VarlinkError):
+            self._reply_error(req, e.error, e.params)
+            return
+        name, params = describe(e, req.method)
+        self._reply_error(req, ERROR_PREFIX + name, params)
+        if isinstance(e, FdboxError):
+            self.server.log_op(self.caller, req.method, req.params, e)
 
     def _peer_hung_up(self) -> bool:
         """The peer closed its end (POLLHUP; a half-close alone is not leaving)."""
