@@ -21,7 +21,6 @@ import asyncio
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -172,7 +171,7 @@ def test_other_users_cannot_get_it(kvm, daemon):
 
 def test_survives_a_daemon_restart_through_the_fdstore(kvm, daemon_factory, tmp_path):
     """Memory backend under systemd: the guest_memfd is in the fdstore and comes back."""
-    from test_systemd import NotifySocket, launch_activated
+    from test_systemd import NotifySocket, restart_from_fdstore
 
     notify = NotifySocket(tmp_path / "notify")
     try:
@@ -187,13 +186,7 @@ def test_survives_a_daemon_restart_through_the_fdstore(kvm, daemon_factory, tmp_
         with notify.lock:
             kept = dict(notify.store)
         assert d.stop() == 0
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.lexists(d.socket):  # fdboxd now removes the socket file it bound
-            os.unlink(d.socket)
-        listener.bind(d.socket)
-        listener.listen(16)
-        launch_activated(d, [("varlink", listener.fileno()), *sorted(kept.items())], {"NOTIFY_SOCKET": notify.path})
-        listener.close()
+        restart_from_fdstore(d, notify, kept)
         with d.client() as c:
             assert c.status()["adopted"] == [] and c.status()["lost"] == []
             entry, got = c.get("vm1", "ram0")

@@ -15,7 +15,6 @@ controls show the test can fail: a resume on fresh RAM prints no tick at all (QE
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import qemuguest
 from fdboxtest import memfd_with, wait_for
-from test_systemd import launch_activated
+from test_systemd import restart_from_fdstore
 
 from fdboxd.errors import EXIT_CODES
 
@@ -139,13 +138,7 @@ def test_suspend_restart_fdboxd_resume(daemon_factory, image, tmp_path):
             with notify.lock:
                 kept = dict(notify.store)
             assert d.stop() == 0
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            if os.path.lexists(d.socket):  # fdboxd now removes the socket file it bound
-                os.unlink(d.socket)
-            listener.bind(d.socket)
-            listener.listen(16)
-            launch_activated(d, [("varlink", listener.fileno()), *sorted(kept.items())], {"NOTIFY_SOCKET": notify.path})
-            listener.close()
+            restart_from_fdstore(d, notify, kept)
             with d.client() as c:
                 c.unseal(vm.name)
 

@@ -130,6 +130,22 @@ def launch_activated(d: DaemonProcess, passed: list[tuple[str, int]], env: dict[
     return proc
 
 
+def restart_from_fdstore(d: DaemonProcess, notify: NotifySocket, kept: dict[str, int]) -> subprocess.Popen:
+    """Restart ``d`` as systemd does after a stop: the Varlink socket (named by the socket
+    unit) first, then the fdstore ``kept`` in LISTEN_FDNAMES. The caller keeps its copies
+    of the fds, as systemd does."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.lexists(d.socket):  # fdboxd removes the socket file it bound
+            os.unlink(d.socket)
+        listener.bind(d.socket)
+        listener.listen(16)
+        return launch_activated(d, [("varlink", listener.fileno()), *sorted(kept.items())],
+                                {"NOTIFY_SOCKET": notify.path})
+    finally:
+        listener.close()
+
+
 def test_fdname_encoding():
     assert fdname_for("vm1", "ram0") == "vm1/ram0"
     assert parse_fdname("vm1/ram0") == ("vm1", "ram0")
@@ -189,17 +205,9 @@ def test_notify_fdstore_and_restart_with_the_fds_passed_back(daemon_factory, not
     time.sleep(0.2)
     assert len(notify.seen("STOPPING", "1")) == 1
 
-    # Restart as systemd does: the Varlink socket (named by the socket unit) first, then
-    # the fdstore in LISTEN_FDNAMES. The test keeps its copies, as systemd does.
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    if os.path.lexists(d.socket):  # fdboxd now removes the socket file it bound
-        os.unlink(d.socket)
-    listener.bind(d.socket)
-    listener.listen(16)
-    passed = [("varlink", listener.fileno())] + sorted(kept.items())
+    # Restart as systemd does: the Varlink socket first, then the fdstore.
     n_before = len(notify.messages)
-    launch_activated(d, passed, {"NOTIFY_SOCKET": notify.path})
-    listener.close()
+    restart_from_fdstore(d, notify, kept)
     assert notify.wait(lambda: notify.seen("READY", "1", since=n_before)), d.log()
     with d.client() as c:
         st = c.status()
