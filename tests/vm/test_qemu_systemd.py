@@ -109,7 +109,11 @@ def test_systemctl_kexec_suspends_before_seal_and_resumes(vm_with_module: vmlib.
     seal_finished = _index(console, "Finished fdbox-seal.service", seal_start)
     kexec = _index(console, "Rebooting with kexec.", seal_finished)
     assert "Stopped fdbox-qemu@vmq.service" not in console[:shutdown], "the VM was stopped before the transaction's suspend"
-    assert "Failed" not in console[shutdown:kexec], console[shutdown:kexec]
+    # No unit failed in the transaction (systemd's own markers; a daemon's log line such
+    # as journald's "Failed to send WATCHDOG=1 notification" while PID 1 hands over to
+    # systemd-shutdown is not a unit failing).
+    for marker in ("[FAILED]", "Failed to start", "Dependency failed", "Failed with result"):
+        assert marker not in console[shutdown:kexec], console[shutdown:kexec]
 
     restored = json.loads((out / "restored-status.json").read_text())
     assert restored["restored"] == 1 and not restored["lost"], restored
