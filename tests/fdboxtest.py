@@ -126,6 +126,17 @@ class DaemonProcess:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def settled_fd_count(self) -> int:
+        """The daemon's fd count once it has held steady for 0.5 s (a closing
+        connection, a probe, a reply being written are not counted half-way)."""
+        last, since = self.fd_count(), time.monotonic()
+        while time.monotonic() - since < 0.5:
+            time.sleep(0.05)
+            now = self.fd_count()
+            if now != last:
+                last, since = now, time.monotonic()
+        return last
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

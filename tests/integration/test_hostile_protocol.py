@@ -21,16 +21,6 @@ STATUS = {"method": "io.fdbox.Store.Status"}
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uid")
 
 
-def settled(d) -> int:  # type: ignore[no-untyped-def]
-    last, since = d.fd_count(), time.monotonic()
-    while time.monotonic() - since < 0.5:
-        time.sleep(0.05)
-        now = d.fd_count()
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
-
-
 def memfds(n: int) -> list[int]:
     return [memfd_with(b"x") for _ in range(n)]
 
@@ -41,7 +31,7 @@ def close_all(fds: list[int]) -> None:
 
 
 def test_deep_nesting_gets_its_reply_and_pipelined_neighbours_theirs(daemon):
-    base = settled(daemon)
+    base = daemon.settled_fd_count()
     deep = b'{"method":"io.fdbox.Store.List","parameters":{"box":' + b"[" * 5000 + b"]" * 5000 + b"}}\0"
     with RawConnection(daemon.socket) as raw:
         fds = memfds(3)
@@ -77,7 +67,7 @@ def test_lone_surrogates_are_invalid_requests_in_order(shared_daemon, message):
 
 def test_fds_of_a_message_that_never_ends_are_capped(daemon_factory):
     d = daemon_factory("--max-fds-per-message", "8")
-    base = settled(d)
+    base = d.settled_fd_count()
     with RawConnection(d.socket) as raw:
         raw.send(b'{"method":"io.fdbox.Store.Put","parameters":{"box":"b","name":"n","fd":0}')
         for _ in range(10):  # 10 x 8 fds, no terminator: 80 fds if nothing caps them
@@ -94,7 +84,7 @@ def test_fds_of_a_message_that_never_ends_are_capped(daemon_factory):
 
 def test_unread_replies_hold_a_bounded_number_of_fds(daemon_factory):
     d = daemon_factory("--max-fds-in-flight-per-connection", "32")
-    base = settled(d)
+    base = d.settled_fd_count()
     with d.client() as c:
         fd = memfd_with(b"ram")
         c.put("vm", "ram0", fd)
@@ -178,7 +168,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def test_accept_out_of_fds_backs_off_and_recovers(daemon):
-    base = settled(daemon)
+    base = daemon.settled_fd_count()
     soft, hard = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (base + 6, hard))
     socks = []
@@ -220,7 +210,7 @@ def test_thousands_of_pipelined_requests_in_one_write_all_answered(shared_daemon
 @needs_root
 def test_one_users_fd_flood_is_capped_per_uid_and_root_is_still_served(daemon_factory):
     d = daemon_factory("--max-fds-per-message", "32", "--max-fds-in-flight-per-uid", "64")
-    base = settled(d)
+    base = d.settled_fd_count()
 
     def flood() -> int:
         conns = []

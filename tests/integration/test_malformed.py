@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from fdboxtest import RawConnection, memfd_with, pattern, wait_for
 
@@ -78,21 +77,11 @@ def _replying_cases() -> list[tuple[str, bytes, int, str | None]]:
     return cases
 
 
-def _settled_fd_count(d) -> int:  # type: ignore[no-untyped-def]
-    last, since = d.fd_count(), time.monotonic()
-    while time.monotonic() - since < 0.5:
-        time.sleep(0.05)
-        now = d.fd_count()
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
-
-
 def test_two_hundred_malformed_messages_leak_nothing(daemon_factory):
     d = daemon_factory("--max-fds-per-message", str(MAX_FDS))
     # The fixture's readiness probe may still be open in the daemon for a moment: the
     # baseline is the count once it has stayed the same for half a second.
-    baseline = _settled_fd_count(d)
+    baseline = d.settled_fd_count()
     with d.client() as c:  # warm up every code path once (fd type detection, replies)
         fd = memfd_with(b"warm")
         c.put("warm", "up", fd)
