@@ -25,6 +25,12 @@ from fdboxd.client import Client  # noqa: E402
 READY_TIMEOUT = 15.0
 
 
+def build_libexec(name: str = "fdbox-call") -> Path:
+    """A C helper of ``libexec/`` built with its Makefile (up to date: nothing to do)."""
+    subprocess.run(["make", "-s", "-C", str(REPO / "libexec"), name], check=True)
+    return REPO / "libexec" / name
+
+
 class DaemonError(RuntimeError):
     pass
 

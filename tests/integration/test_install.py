@@ -89,14 +89,16 @@ def test_verify_in_the_root_notices_a_missing_program(installed, tmp_path):
     root, _ = installed
     unit = root / PREFIX.lstrip("/") / "lib/systemd/system/fdbox-seal.service"
     broken = unit.with_name("fdbox-broken.service")
-    broken.write_text(unit.read_text().replace(f"{PREFIX}/bin/fdboxctl", f"{PREFIX}/bin/fdboxctl-missing"))
+    program = f"{PREFIX}/libexec/fdbox/fdbox-call"
+    assert program in unit.read_text()
+    broken.write_text(unit.read_text().replace(program, f"{program}-missing"))
     try:
         out = subprocess.run([need("systemd-analyze"), "verify", "--man=no", f"--root={root}",
                               f"{PREFIX}/lib/systemd/system/fdbox-broken.service"],
                              capture_output=True, text=True, timeout=120)
     finally:
         broken.unlink()
-    assert out.returncode != 0 and "fdboxctl-missing" in out.stderr, out.stderr
+    assert out.returncode != 0 and "fdbox-call-missing" in out.stderr, out.stderr
 
 
 def test_exec_and_documentation_paths_point_into_the_install(installed):
@@ -105,7 +107,7 @@ def test_exec_and_documentation_paths_point_into_the_install(installed):
         text = (root / PREFIX.lstrip("/") / "lib/systemd/system" / name).read_text()
         for prog in re.findall(r"^Exec\w*=[-@:+!]*(\S+)", text, re.MULTILINE):
             if Path(prog).name.startswith("fdbox"):  # ours: where the installer put it
-                assert prog.startswith(f"{PREFIX}/bin/"), (name, prog)
+                assert prog.startswith((f"{PREFIX}/bin/", f"{PREFIX}/libexec/fdbox/")), (name, prog)
                 assert os.access(root / prog.lstrip("/"), os.X_OK), (name, prog)
         for doc in re.findall(r"^Documentation=(.*)$", text, re.MULTILINE):
             for url in doc.split():
@@ -121,6 +123,10 @@ def test_installed_console_scripts_run(installed):
         out = subprocess.run([str(root / PREFIX.lstrip("/") / "bin" / prog), "--version"], env=env,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stdout.split() == [want, __version__], out
+    # The seal unit's C client answers without a daemon: a usage line and exit 2.
+    call = subprocess.run([str(root / PREFIX.lstrip("/") / "libexec/fdbox/fdbox-call")],
+                          capture_output=True, text=True, timeout=60)
+    assert call.returncode == 2 and "usage: fdbox-call" in call.stderr, call
     # The interface description (package data) came along.
     assert (site / "fdboxd/varlink/io.fdbox.Store.varlink").is_file()
 

@@ -62,6 +62,7 @@ def verify_dir(tmp_path):
     for f in ("fdboxd.service", "fdboxd.socket", "fdbox-seal.service"):
         text = (UNITS / f).read_text()
         text = text.replace("/usr/bin/fdboxd ", f"{true} ").replace("/usr/bin/fdboxctl ", f"{true} ")
+        text = text.replace("/usr/libexec/fdbox/fdbox-call ", f"{true} ")
         (tmp_path / f).write_text(text)
     return tmp_path
 
@@ -184,7 +185,8 @@ def test_seal_unit_orders_before_kexec_and_blocks_it():
     seal = unit("fdbox-seal.service")
     u, s, i = seal["Unit"], seal["Service"], seal["Install"]
     assert s["Type"] == "oneshot" and u["DefaultDependencies"] == "no"
-    assert s["ExecStart"].split()[-2:] == ["seal", "--all"] and s["ExecStart"].split()[0].endswith("fdboxctl")
+    # No interpreter start on the blackout path: the C client asks the running daemon.
+    assert s["ExecStart"].split() == ["/usr/libexec/fdbox/fdbox-call", "--more", "io.fdbox.Store.Seal"]
     assert "systemd-kexec.service" in u["Before"].split()
     assert "umount.target" in u["Before"].split()
     assert "shutdown.target" in u["After"].split() and "fdboxd.service" in u["After"].split()
@@ -321,6 +323,7 @@ def test_qemu_units_verify_clean(tmp_path):
         text = (UNITS / f).read_text()
         for prog in ("fdboxd", "fdboxctl", "fdbox-qemu"):
             text = text.replace(f"/usr/bin/{prog} ", f"{true} ")
+        text = text.replace("/usr/libexec/fdbox/fdbox-call ", f"{true} ")
         (tmp_path / f).write_text(text)
     (tmp_path / "fdbox-qemu@vm1.service").symlink_to("fdbox-qemu@.service")
     (tmp_path / "fdbox-qemu-suspend@vm1.service").symlink_to("fdbox-qemu-suspend@.service")

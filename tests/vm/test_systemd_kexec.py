@@ -39,6 +39,7 @@ import textwrap
 from pathlib import Path
 
 import vmlib
+from fdboxtest import build_libexec
 
 UNITS = vmlib.repo_root() / "units"
 BINDIR = Path(sys.executable).parent
@@ -53,9 +54,13 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _exec_start(unit: str) -> str:
-    """The unit's ExecStart= with its program moved to :data:`BINDIR` (arguments kept)."""
+    """The unit's ExecStart= with its program moved to where this checkout has it
+    (arguments kept): console scripts to :data:`BINDIR`, ``/usr/libexec/fdbox/``'s
+    C client to the one built from ``libexec/``."""
     m = re.search(r"^ExecStart=(\S+)(.*)$", (UNITS / unit).read_text(), re.MULTILINE)
     assert m, f"units/{unit} has no ExecStart="
+    if m.group(1).startswith("/usr/libexec/fdbox/"):
+        return f"{build_libexec(Path(m.group(1)).name)}{m.group(2)}"
     return f"{BINDIR / Path(m.group(1)).name}{m.group(2)}"
 
 
@@ -178,7 +183,7 @@ def test_seal_runs_before_kexec(vm_with_module: vmlib.Harness) -> None:
     vmm_stopped = _index(console, "Stopped fdbox-vm-stage.service")
     shutdown = _index(console, "Reached target shutdown.target", vmm_stopped)  # After=shutdown.target
     seal_start = _index(console, "fdbox-vm-test: seal start", shutdown)
-    sealed_line = _index(console, "sealed vm1", seal_start)  # fdboxctl seal --all's output
+    sealed_line = _index(console, '{"parameters":{"sealed":["vm1"]}}', seal_start)  # fdbox-call's last reply
     seal_done = _index(console, "fdbox-vm-test: seal done", sealed_line)
     seal_finished = _index(console, "Finished fdbox-seal.service", seal_done)
     _index(console, "Reached target umount.target", seal_finished)  # Before=umount.target
@@ -283,7 +288,7 @@ def test_failed_seal_aborts_kexec(vm_with_module: vmlib.Harness) -> None:
 
     # The seal was refused by fdboxd for its real reason, and systemd stopped the kexec.
     seal_fail = _index(console, "Failed to start fdbox-seal.service")
-    assert "BackendUnavailable" in console[:seal_fail], "fdboxctl's error is not on the console"
+    assert "io.fdbox.Store.BackendUnavailable" in console[:seal_fail], "fdbox-call's error is not on the console"
     _index(console, "Dependency failed for systemd-kexec.service", seal_fail)
     _index(console, "Dependency failed for kexec.target", seal_fail)
     assert "fdbox-vm-test: seal done" not in console  # ExecStartPost= runs only on success
