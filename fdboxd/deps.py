@@ -10,7 +10,6 @@ tests/integration/test_optional_deps.py.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 
@@ -29,9 +28,13 @@ class Optional:
         hint = f"install {self.debian} (Debian) or `pip install '{self.dist}>={want}'`"
         if importlib.util.find_spec(self.module) is None:
             return f"{self.needed_for} needs {self.dist} >= {want}, which is not installed: {hint}"
+        # Imported here, not at the top: importlib.metadata costs ~20 ms of start-up
+        # (email, zipfile, csv ...), and only --bus and taps ask for it.
+        from importlib import metadata
+
         try:
-            have = importlib.metadata.version(self.dist)
-        except importlib.metadata.PackageNotFoundError:
+            have = metadata.version(self.dist)
+        except metadata.PackageNotFoundError:
             return None  # importable without metadata (a checkout): trust it
         if _version_tuple(have) < self.minimum:
             return f"{self.needed_for} needs {self.dist} >= {want}, found {have}: {hint}"

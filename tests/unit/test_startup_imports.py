@@ -1,0 +1,37 @@
+"""The daemon imports only what its backend and front-ends need (issue 18: the restore
+after a kexec waits for fdboxd's start, and every import is on that path)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+NOT_AT_START = ("importlib.metadata", "dbus_fast", "pyroute2", "email", "zipfile", "csv")
+"""Modules a start without --bus or taps must not load: the optional front-ends'
+packages, and importlib.metadata (with email/zipfile/csv behind it), which only the
+--bus/--allow-type tap version checks read."""
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport json, sys; print(json.dumps(sorted(sys.modules)))"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_importing_the_daemon_loads_no_optional_dependency():
+    baseline = _modules_after("pass")  # site's own imports (an editable install's finder...)
+    loaded = _modules_after("import fdboxd.daemon") - baseline
+    assert "fdboxd.daemon" in loaded
+    bad = sorted(m for m in loaded if m.split(".")[0] in NOT_AT_START or m in NOT_AT_START)
+    assert not bad, f"imported at start: {bad}"
+
+
+def test_the_version_check_still_reads_metadata_when_asked():
+    from fdboxd import deps
+    # dbus-fast is a test dependency here, so its version is read for real.
+    assert deps.DBUS.problem() is None
