@@ -18,7 +18,16 @@ LUO retrieval (or the module backend's open), store, checksum verification — b
 clients can connect; ``start`` adds the backend's import and open),
 ``claim`` (GetBox: the VMM gets its memory back). ``sum`` is the checksum share: the
 time ``fdboxd.checksum`` takes on that memfd in the guest in the chosen ``--verify``
-mode. Prints a table and the ratios to raw LUO; asserts nothing.
+mode. ``ready`` is the restore as a VMM waits for it: from fdboxd's exec in the new
+kernel until its socket first answers (``libexec/fdbox-call`` polls it every 10 ms: no
+interpreter start of its own in the measurement).
+
+The floors, measured in the same guest and in every kernel of the run: ``python3 -c
+pass``, ``python3 -c 'import asyncio'``, fdboxd's exec to first reply with nothing to
+restore, and one socket round trip (a Status call on an open connection). The targets
+of issue 18, printed met or not for each path and size: seal <= 1.2 x raw LUO preserve
++ one round trip; ready <= 1.2 x raw LUO retrieve + one ``import asyncio``.
+Prints a table and the ratios to raw LUO; asserts nothing.
 
 Run inside the guest (by the stages below) as ``bench/liveupdate.py --guest STEP``.
 """
@@ -93,6 +102,22 @@ def guest_raw_restore(mib: int) -> None:
     os.close(fd)
 
 
+def guest_floors() -> None:
+    """The interpreter's own start in this guest, the floor of every Python step."""
+    import subprocess
+
+    def best_of_3(code: str) -> float:
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            runs.append(time.perf_counter() - t0)
+        return min(runs)
+
+    _record(f"floors-{os.environ.get('FDBOX_VM_STAGE', '')}",
+            {"python_pass_s": best_of_3("pass"), "python_asyncio_s": best_of_3("import asyncio")})
+
+
 def guest_fdbox_seal(kind: str, mib: int, verify: str) -> None:
     from fdboxd import checksum
     from fdboxd.client import Client
@@ -104,10 +129,15 @@ def guest_fdbox_seal(kind: str, mib: int, verify: str) -> None:
     with Client(f"/run/fdbox/{kind}.sock") as c:
         c.put(f"b{mib}", "ram0", fd)
         os.close(fd)
+        rtts = []
+        for _ in range(5):  # one socket round trip: the floor of any call
+            t0 = time.perf_counter()
+            c.status()
+            rtts.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         c.seal(f"b{mib}")
         t1 = time.perf_counter()
-    _record(f"{kind}-seal-{mib}", {"seal_s": t1 - t0, "sum_s": sum_s})
+    _record(f"{kind}-seal-{mib}", {"seal_s": t1 - t0, "sum_s": sum_s, "rtt_s": min(rtts)})
 
 
 def guest_fdbox_restore(kind: str, mib: int) -> None:
@@ -122,6 +152,7 @@ def guest_fdbox_restore(kind: str, mib: int) -> None:
     start_ms = backend_ms + store_ms + verify_ms
     if luo:
         backend_ms = float(luo[-1])
+    ready = _ready_s(kind)
     with Client(f"/run/fdbox/{kind}.sock") as c:
         t0 = time.perf_counter()
         got = c.get_box(f"b{mib}")
@@ -132,7 +163,16 @@ def guest_fdbox_restore(kind: str, mib: int) -> None:
         c.delete_box(f"b{mib}")  # frees the memory for the next size
     _record(f"{kind}-restore-{mib}", {"restore_s": (backend_ms + store_ms + verify_ms) / 1e3,
                                       "start_s": start_ms / 1e3, "verify_s": verify_ms / 1e3,
-                                      "claim_s": t1 - t0})
+                                      "claim_s": t1 - t0, "ready_s": ready})
+
+
+def _ready_s(kind: str) -> float | None:
+    """fdboxd's exec to first answer in this kernel, as the stage's daemon() timed it."""
+    f = OUT / f"ready-{kind}-{os.environ.get('FDBOX_VM_STAGE', '')}.t"
+    if not f.exists():
+        return None
+    t0, t1 = (float(x) for x in f.read_text().split())
+    return t1 - t0
 
 
 def guest(argv: list[str]) -> None:
@@ -145,6 +185,8 @@ def guest(argv: list[str]) -> None:
         guest_fdbox_seal(args[0], int(args[1]), args[2])
     elif step == "restore":
         guest_fdbox_restore(args[0], int(args[1]))
+    elif step == "floors":
+        guest_floors()
     else:
         raise SystemExit(f"unknown step {step}")
 
@@ -154,11 +196,13 @@ def guest(argv: list[str]) -> None:
 STAGE_LIB = r"""
 . tests/vm/stagelib.sh
 B="python3 bench/liveupdate.py --guest"
-daemon() {  # daemon KIND BACKEND: fdboxd on /run/fdbox/KIND.sock
+daemon() {  # daemon KIND BACKEND: fdboxd on /run/fdbox/KIND.sock; exec to first answer timed
     mkdir -p /run/fdbox /var/lib/fdbox-$1
+    t0=$(date +%s.%N)
     python3 -m fdboxd --backend $2 --socket /run/fdbox/$1.sock --state-dir /var/lib/fdbox-$1 \
         --verify $VERIFY > /out/fdboxd-$1-$FDBOX_VM_STAGE.log 2>&1 &
-    until python3 -m fdboxd.ctl --socket /run/fdbox/$1.sock status > /dev/null 2>&1; do sleep 0.2; done
+    until $CALL --quiet --socket /run/fdbox/$1.sock io.fdbox.Store.Status 2> /dev/null; do sleep 0.01; done
+    echo $t0 $(date +%s.%N) > /out/ready-$1-$FDBOX_VM_STAGE.t
 }
 raw_seal() {
     $B raw-seal $1 &
@@ -167,10 +211,10 @@ raw_seal() {
 """
 
 
-def stage_scripts(sizes: list[int], verify: str) -> list[str]:
+def stage_scripts(sizes: list[int], verify: str, call: Path) -> list[str]:
     """One size per kexec cycle; sizes too big to be carried side by side (two 2 GiB
     memfds plus KHO's scratch ran a 5.5 GiB guest out of memory) get one path per cycle."""
-    head = STAGE_LIB + f"VERIFY={verify}\n"
+    head = STAGE_LIB + f"VERIFY={verify}\nCALL={call}\n"
     stages = []
     prev: list[tuple[str, int]] = []
     plan: list[list[tuple[str, int]]] = []
@@ -180,7 +224,7 @@ def stage_scripts(sizes: list[int], verify: str) -> list[str]:
         else:
             plan += [[("raw", mib)], [("luo", mib)], [("ko", mib)]]
     for cycle in plan + [[]]:
-        s = head + "load_module\n"
+        s = head + "load_module\n$B floors\n"
         kinds = {k for k, _ in prev} | {k for k, _ in cycle}
         for kind in ("luo", "ko"):
             if kind in kinds:
@@ -215,10 +259,13 @@ def main() -> int:
     if kernel is None:
         print("no test kernel (see tests/vm/vmlib.py)", file=sys.stderr)
         return 2
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fdboxtest import build_libexec
+
     sizes = [int(x) for x in a.sizes.split(",")]
     module = vmlib.build_module()
     out = Path(tempfile.mkdtemp(prefix="fdbox-bench-luo-"))
-    stages = stage_scripts(sizes, a.verify)
+    stages = stage_scripts(sizes, a.verify, build_libexec("fdbox-call"))
     run = vmlib.run_guest(stages[0], stages=stages, out_dir=out, kernel=kernel,
                           initramfs=vmlib.build_initramfs(), module=module,
                           memory_mb=a.memory_mb, timeout=a.timeout)
@@ -230,19 +277,43 @@ def main() -> int:
         f = out / f"bench-{name}.json"
         return json.loads(f.read_text()) if f.exists() else {}
 
+    floors = [rec(f"floors-{i}") for i in range(1, len(stages) + 1)]
+    floors = [f for f in floors if f]
+    py_pass = min((f["python_pass_s"] for f in floors), default=float("nan"))
+    py_asyncio = min((f["python_asyncio_s"] for f in floors), default=float("nan"))
+    fresh = [json.loads("[" + (out / f"ready-{k}-1.t").read_text().replace(" ", ",") + "]")
+             for k in ("luo", "ko") if (out / f"ready-{k}-1.t").exists()]
+    fresh_s = min((t1 - t0 for t0, t1 in fresh), default=float("nan"))
+    print(f"floors in this guest (best of 3, every kernel of the run): python3 -c pass {py_pass:.3f} s, "
+          f"import asyncio {py_asyncio:.3f} s, fdboxd exec to first reply (nothing to restore) {fresh_s:.3f} s")
     print(f"live update in the VM (TCG), --verify={a.verify}; seconds; ratio = x / raw LUO")
-    print(f"{'size':>6} {'path':<5} {'seal':>8} {'restore':>8} {'claim':>8} {'sum':>8} "
+    print(f"{'size':>6} {'path':<5} {'seal':>8} {'restore':>8} {'ready':>8} {'claim':>8} {'sum':>8} {'rtt':>8} "
           f"{'seal/raw':>9} {'rest/raw':>9}")
+    verdicts = []
     for mib in sizes:
         raw_seal = rec(f"raw-seal-{mib}").get("seal_s")
         raw_rest = rec(f"raw-restore-{mib}").get("restore_s")
-        print(f"{mib:>5}M {'raw':<5} {raw_seal or 0:8.3f} {raw_rest or 0:8.3f} {'-':>8} {'-':>8}")
+        print(f"{mib:>5}M {'raw':<5} {raw_seal or 0:8.3f} {raw_rest or 0:8.3f} {'-':>8} {'-':>8} {'-':>8} {'-':>8}")
         for kind in ("luo", "ko"):
             s, r = rec(f"{kind}-seal-{mib}"), rec(f"{kind}-restore-{mib}")
+            if not s:
+                continue
             ratio_s = s.get("seal_s", 0) / raw_seal if raw_seal else float("nan")
             ratio_r = r.get("restore_s", 0) / raw_rest if raw_rest else float("nan")
-            print(f"{mib:>5}M {kind:<5} {s.get('seal_s', 0):8.3f} {r.get('restore_s', 0):8.3f} "
-                  f"{r.get('claim_s', 0):8.3f} {s.get('sum_s', 0):8.3f} {ratio_s:9.2f} {ratio_r:9.2f}")
+            ready = r.get("ready_s") or float("nan")
+            print(f"{mib:>5}M {kind:<5} {s.get('seal_s', 0):8.3f} {r.get('restore_s', 0):8.3f} {ready:8.3f} "
+                  f"{r.get('claim_s', 0):8.3f} {s.get('sum_s', 0):8.3f} {s.get('rtt_s', 0):8.4f} "
+                  f"{ratio_s:9.2f} {ratio_r:9.2f}")
+            if raw_seal and raw_rest:
+                seal_goal = 1.2 * raw_seal + s.get("rtt_s", 0)
+                ready_goal = 1.2 * raw_rest + py_asyncio
+                verdicts.append(f"{mib:>5}M {kind:<5} seal {s['seal_s']:.3f} <= {seal_goal:.3f}: "
+                                f"{'met' if s['seal_s'] <= seal_goal else 'NOT met'}; "
+                                f"ready {ready:.3f} <= {ready_goal:.3f}: "
+                                f"{'met' if ready <= ready_goal else 'NOT met'}")
+    print("targets (seal <= 1.2 x raw preserve + one round trip; ready <= 1.2 x raw retrieve + import asyncio):")
+    for v in verdicts:
+        print("  " + v)
     print(f"(raw data: {out})")
     return 0
 
