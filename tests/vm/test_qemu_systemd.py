@@ -105,7 +105,7 @@ def test_systemctl_kexec_suspends_before_seal_and_resumes(vm_with_module: vmlib.
     sus_line = _index(console, "vmq: suspended (running before)", sus_start)
     sus_done = _index(console, "Finished fdbox-qemu-suspend@vmq.service", sus_line)
     seal_start = _index(console, "fdbox-vm-test: seal start", sus_done)
-    _index(console, "sealed vmq", seal_start)
+    _index(console, '{"parameters":{"sealed":["vmq"]}}', seal_start)  # fdbox-call's last reply
     seal_finished = _index(console, "Finished fdbox-seal.service", seal_start)
     kexec = _index(console, "Rebooting with kexec.", seal_finished)
     assert "Stopped fdbox-qemu@vmq.service" not in console[:shutdown], "the VM was stopped before the transaction's suspend"
