@@ -85,7 +85,7 @@ def planned_bytes(size: int, mode: Verify) -> int:
     return SAMPLE_BLOCKS * SAMPLE_BLOCK
 
 
-def _data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     """The data (non-hole) ranges of ``[start, end)``; all of it if the fs cannot tell."""
     out: list[tuple[int, int]] = []
     pos = start
@@ -129,7 +129,7 @@ def sha256_fd(fd: int, size: int | None = None, progress: Progress | None = None
             if progress is not None:
                 progress(k)
 
-    for data, hole in _data_extents(fd, 0, size) + [(size, size)]:
+    for data, hole in data_extents(fd, 0, size) + [(size, size)]:
         zeros(data - pos)
         pos = data
         while pos < hole:

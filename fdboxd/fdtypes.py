@@ -89,7 +89,7 @@ def _fs_magic(fd: int) -> int | None:
     if _STATFS is None:
         import ctypes
 
-        _STATFS = (_libc().fstatfs, ctypes.create_string_buffer)
+        _STATFS = (libc().fstatfs, ctypes.create_string_buffer)
     fstatfs, make_buffer = _STATFS
     buf = make_buffer(120)  # struct statfs is 120 bytes on x86_64; one per call: thread-safe
     if fstatfs(fd, buf) != 0:
@@ -100,7 +100,8 @@ def _fs_magic(fd: int) -> int | None:
 _LIBC = None
 
 
-def _libc():  # type: ignore[no-untyped-def]
+def libc():  # type: ignore[no-untyped-def]
+    """The C library, loaded once, with errno (for the calls the os module lacks)."""
     global _LIBC
     if _LIBC is None:
         import ctypes

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .checksum import Digest, check_fd
-from .checksum import _data_extents as data_extents  # one hole walker for checksum and copy
+from .checksum import data_extents  # one hole walker for checksum and copy
 from .errors import FdboxError
 from .fdtypes import FdInfo, FdType, detect
 from .model import BoxState, Caller, Entry
@@ -222,9 +222,9 @@ def populated(fd: int, size: int) -> list[tuple[int, int]]:
     """
     import ctypes
 
-    from .fdtypes import _libc
+    from .fdtypes import libc as load_libc
 
-    libc = _libc()
+    libc = load_libc()
     page = mmap.PAGESIZE
     npages = (size + page - 1) // page
     libc.mmap.restype = ctypes.c_void_p

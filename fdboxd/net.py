@@ -139,7 +139,7 @@ def flag_names(flags: int) -> list[str]:
 
 
 def _libc() -> ctypes.CDLL:
-    from .fdtypes import _libc as libc
+    from .fdtypes import libc
 
     return libc()  # type: ignore[no-any-return]
 

@@ -127,7 +127,7 @@ class Holder:
             s.send(b"take")
             got: list[tuple[str, int]] = []
             while True:
-                msg, fds = luo_holder._recv(s)
+                msg, fds = luo_holder.recv_message(s)
                 text = msg.decode(errors="replace")
                 if text.startswith("fd ") and len(fds) == 1:
                     got.append((text[3:], fds[0]))

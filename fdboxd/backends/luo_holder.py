@@ -37,7 +37,7 @@ ARGV0 = "@fdboxd-luo-holder"
 MAX_MSG = 4096
 
 
-def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+def recv_message(sock: socket.socket) -> tuple[bytes, list[int]]:
     fds = array.array("i")
     msg, anc, _flags, _addr = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(16 * fds.itemsize))
     for level, kind, data in anc:
@@ -50,7 +50,7 @@ def _serve(sock: socket.socket, held: dict[str, int]) -> None:
     """Answer requests until EOF."""
     while True:
         try:
-            msg, fds = _recv(sock)
+            msg, fds = recv_message(sock)
         except OSError:
             return
         if not msg and not fds:
