@@ -38,9 +38,13 @@
  * =====================
  *
  * The root is allocated at its largest size (FDBOX_MAX_BOXES) and added as
- * the KHO subtree "fdbox" when the first box is sealed; while any box is
- * sealed it is only rewritten in place, and it is removed again once no box
- * is sealed (nothing to lose then; the module can be unloaded). In 7.2 KHO has no finalize step: what the root says
+ * the KHO subtree "fdbox" when the first SEAL starts; while any box is
+ * sealed or any SEAL is in flight (fdbox_kho_sealing, counted under
+ * fdbox_kho_lock from taking the root to publishing or giving up) it is only
+ * rewritten in place, and it is removed again once neither is left (nothing
+ * to lose then; the module can be unloaded). A failed SEAL or the last
+ * UNSEAL therefore never frees the root another SEAL is about to publish
+ * into. In 7.2 KHO has no finalize step: what the root says
  * when kexec runs is what crosses. So a whole SEAL or UNSEAL (preserve,
  * rewrite the root, unpreserve) runs with fdbox_kho_rwsem held for read, and
  * a reboot notifier (kernel_kexec() calls the reboot notifiers before the
@@ -73,8 +77,8 @@
  *
  * Locking: callers hold the box's mutex. fdbox_kho_rwsem (read: SEAL,
  * UNSEAL; write: the reboot notifier) makes them atomic with respect to
- * kexec; fdbox_kho_lock, inside it, protects the root and the list of sealed
- * boxes.
+ * kexec; fdbox_kho_lock, inside it, protects the root, the list of sealed
+ * boxes and the count of SEALs in flight.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -162,6 +166,7 @@ static bool fdbox_kho_final;		/* reboot started: published state is final */
 static DEFINE_MUTEX(fdbox_kho_lock);
 static LIST_HEAD(fdbox_sealed);		/* boxes in the root, in seal order */
 static struct fdbox_kho_root *fdbox_kho_root;
+static unsigned int fdbox_kho_sealing;	/* SEALs between root_get and publish */
 static bool fdbox_kho_restored;
 
 static u32 fdbox_crc(const void *buf, size_t len)
@@ -448,13 +453,14 @@ static int fdbox_kho_root_get(void)
 }
 
 /*
- * With no box sealed, the root goes away (the module can be unloaded then;
- * a kexec loses nothing). Removing it is safe only because nothing is in it.
+ * With no box sealed and no SEAL in flight, the root goes away (the module
+ * can be unloaded then; a kexec loses nothing). Removing it is safe only
+ * because nothing is in it and nobody is about to publish into it.
  */
 static void fdbox_kho_root_put_unused(void)
 {
 	lockdep_assert_held(&fdbox_kho_lock);
-	if (!fdbox_kho_root || !list_empty(&fdbox_sealed))
+	if (!fdbox_kho_root || !list_empty(&fdbox_sealed) || fdbox_kho_sealing)
 		return;
 	kho_remove_subtree(fdbox_kho_root);
 	kho_unpreserve_free(fdbox_kho_root);
@@ -518,8 +524,11 @@ int fdbox_kho_seal(struct fdbox_box *box)
 	err = fdbox_kho_begin();
 	if (err)
 		return err;
-	scoped_guard(mutex, &fdbox_kho_lock)
+	scoped_guard(mutex, &fdbox_kho_lock) {
 		err = fdbox_kho_root_get();
+		if (!err)
+			fdbox_kho_sealing++;	/* the root stays until we publish */
+	}
 	if (err)
 		goto out_end;
 
@@ -544,6 +553,7 @@ int fdbox_kho_seal(struct fdbox_box *box)
 #endif
 	scoped_guard(mutex, &fdbox_kho_lock) {
 		list_add_tail(&box->sealed_node, &fdbox_sealed);
+		fdbox_kho_sealing--;
 		fdbox_kho_publish_root();
 	}
 	up_read(&fdbox_kho_rwsem);
@@ -552,8 +562,10 @@ int fdbox_kho_seal(struct fdbox_box *box)
 err_unseal:
 	list_for_each_entry_continue_reverse(entry, &box->entries, node)
 		fdbox_kho_unseal_entry(entry);
-	scoped_guard(mutex, &fdbox_kho_lock)
+	scoped_guard(mutex, &fdbox_kho_lock) {
+		fdbox_kho_sealing--;
 		fdbox_kho_root_put_unused();
+	}
 out_end:
 	up_read(&fdbox_kho_rwsem);
 	return err;
