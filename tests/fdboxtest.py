@@ -253,6 +253,10 @@ class RawConnection:
 
     def recv(self):  # type: ignore[no-untyped-def]
         """The next reply message (a dict); its fds are closed."""
+        return self.recv_counting_fds()[0]
+
+    def recv_counting_fds(self):  # type: ignore[no-untyped-def]
+        """The next reply message and how many fds came with it (closed here)."""
         from fdboxd.varlink.protocol import close_fds, recv_into
 
         while (frame := self.framer.take()) is None:
@@ -260,7 +264,7 @@ class RawConnection:
                 raise ConnectionError("daemon closed the connection")
         close_fds(frame.fds)
         assert frame.error is None, frame.error
-        return frame.message
+        return frame.message, len(frame.fds)
 
     def close(self) -> None:
         self.framer.close()

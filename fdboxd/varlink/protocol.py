@@ -49,6 +49,10 @@ class Frame:
     error: str | None = None  # set instead of message when the frame was refused
     #: The fdbox error name for ``error``: the peer's fault, or ours (out of fds).
     error_name: str = "InvalidRequest"
+    #: A refused frame that still parsed as an object saying ``"oneway": true``: its
+    #: sender asked for no reply, and gets none (the server answers nothing else
+    #: in its place, so the replies after it stay in step).
+    oneway: bool = False
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -61,11 +65,14 @@ def check_document(raw: bytes, doc: Any) -> str | None:
 
     ``json.loads`` accepts ``"\\ud800"`` (a string no UTF-8 encoder takes back) and
     nesting up to the interpreter's recursion limit. Both are refused here, at the
-    edge, so nothing behind the framer meets them. The walk runs only when the raw
-    bytes could hold either (cheap byte counts first): ordinary messages skip it.
+    edge, so nothing behind the framer meets them (a surrogate let through comes back
+    in an error reply that names it, which the peer's framer must refuse). It reads
+    bytes with ``surrogatepass``, so the raw UTF-8 form of a surrogate (ED A0..BF xx)
+    is one too, with no backslash in sight. The walk runs only when the raw bytes
+    could hold either (cheap byte counts first): ordinary messages skip it.
     """
     deep = raw.count(b"[") + raw.count(b"{") > MAX_DEPTH
-    escaped = b"\\u" in raw or b"\\U" in raw
+    escaped = b"\\u" in raw or b"\xed" in raw
     if not (deep or escaped):
         return None
     stack: list[tuple[Any, int]] = [(doc, 1)]
@@ -197,32 +204,35 @@ class Framer:
         if self._skipping:
             self._skipping = False
             problem = f"message larger than {self.max_size} bytes"
+        oneway = False
         if problem is None:
-            problem = self._decode(raw, fds)
+            problem, oneway = self._decode(raw, fds)
             if problem is None:
                 return
         close_fds(fds)
         name = {_OUT_OF_FDS: "BackendUnavailable", _OVER_BUDGET: "LimitExceeded"}.get(problem, "InvalidRequest")
-        self._frames.append(Frame(None, [], problem, name))
+        self._frames.append(Frame(None, [], problem, name, oneway))
 
-    def _decode(self, raw: bytes, fds: list[int]) -> str | None:
-        """Queue the frame of ``raw``; or say why not (the caller closes ``fds``)."""
+    def _decode(self, raw: bytes, fds: list[int]) -> tuple[str | None, bool]:
+        """Queue the frame of ``raw``; or say why not, and whether it asked for no reply
+        (the caller closes ``fds``). Only a parsed object can ask: in bytes that are not
+        JSON, nothing can be believed, ``"oneway"`` included, so they get their answer."""
         try:
             message = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return f"not a JSON message: {e}"
+            return f"not a JSON message: {e}", False
         except RecursionError:
-            return f"JSON nested deeper than {MAX_DEPTH}"
+            return f"JSON nested deeper than {MAX_DEPTH}", False
         except Exception as e:  # noqa: BLE001 - whatever the parser raises, the frame gets an answer
-            return f"not a JSON message: {type(e).__name__}"
+            return f"not a JSON message: {type(e).__name__}", False
         if not isinstance(message, dict):
-            return "a message must be a JSON object"
+            return "a message must be a JSON object", False
         problem = check_document(raw, message)
         if problem is not None:
-            return problem
+            return problem, message.get("oneway") is True
         self._frames.append(Frame(message, fds))
         self._frame_fds += len(fds)
-        return None
+        return None, False
 
     @property
     def has_frames(self) -> bool:

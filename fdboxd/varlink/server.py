@@ -166,7 +166,7 @@ class Connection:
     def _serve(self, frame: Frame) -> None:
         """The one place a request is answered: exactly one reply (or none for oneway),
         whatever it raises, and its fds closed unless a running task now owns them."""
-        req = _Request()
+        req = _Request(oneway=frame.oneway)
         try:
             try:
                 if frame.error is not None:

@@ -1,10 +1,13 @@
 """10,000 mutated messages with random fds of random types, pipelined in batches.
 
 The invariant of the Varlink server (fdboxd/varlink/server.py): every request gets
-exactly one reply, in order, or the connection is closed after a framing error. Each
-batch ends with a GetInfo sentinel: exactly one reply per message must come before the
-sentinel's, and none after. At the end the daemon holds its baseline fds plus one per
-stored entry (the memory backend's references) and logged no internal error.
+exactly one reply, in order (none when it is a JSON object saying ``"oneway": true``,
+refused or not), or the connection is closed after a framing error. Each batch ends
+with a GetInfo sentinel: exactly one reply per expected reply must come before the
+sentinel's, and none after; each reply carries the fds its own request's method
+returns (a Get's one, a GetBox's one per entry, an error none). At the end the daemon
+holds its baseline fds plus one per stored entry (the memory backend's references)
+and logged no internal error.
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ SEEDS: list[dict] = [
     {"method": "io.fdbox.Store.Unseal", "parameters": {"box": "fz2"}},
     {"method": "io.fdbox.Store.Finish", "parameters": {"box": "fz"}},
     {"method": "org.varlink.service.GetInterfaceDescription", "parameters": {"interface": "io.fdbox.Store"}},
+    {"oneway": True, "method": "io.fdbox.Store.Get", "parameters": {"box": "fz", "name": "a"}},
+    {"oneway": True, "method": "io.fdbox.Store.Put", "parameters": {"box": "fz", "name": "e", "fd": 0}},
 ]
 TOKENS = [b"[" * 64, b"[" * 3000, b"{" * 40, b'"\\ud800"', b'"\\udfff\\ud800"', b"\xff\xfe", b"-1", b"1e999", b"null",
           b"true", b"1.5", b'"fd"', b'"box"', b'"\\u0000"', b"9" * 40, b'{"x":' * 10, b"]", b"}", b",", b":",
-          b'"' + "é".encode() * 3 + b'"', b'"' + b"A" * 300 + b'"', b'"../etc"', b'"fdboxd.manifest"']
+          b'"' + "é".encode() * 3 + b'"', b'"' + b"A" * 300 + b'"', b'"../etc"', b'"fdboxd.manifest"',
+          b'"\xed\xa0\x80"']  # the last: U+D800 as raw UTF-8, which json.loads(bytes) takes
 SENTINEL = json.dumps({"method": "org.varlink.service.GetInfo"}).encode() + b"\0"
 
 
@@ -86,7 +92,7 @@ def mutate(rng: random.Random, raw: bytes) -> bytes:
             quotes = [i for i, ch in enumerate(data) if ch == ord('"')]
             if quotes:
                 q = rng.choice(quotes) + 1
-                data[q:q] = rng.choice([b"\\ud800", b"\\udc01x", b"\\ud83d\\ude00"])
+                data[q:q] = rng.choice([b"\\ud800", b"\\udc01x", b"\\ud83d\\ude00", b"\xed\xb0\x81"])
         # op 5: leave as is (a valid message now and then)
     return bytes(data).replace(b"\0", b"")
 
@@ -94,10 +100,36 @@ def mutate(rng: random.Random, raw: bytes) -> bytes:
 def message(rng: random.Random) -> bytes:
     while True:
         raw = mutate(rng, json.dumps(rng.choice(SEEDS)).encode())
-        # A message that could ask for no reply (oneway) or several (more) is not sent:
-        # the count of replies must be known. Nothing else is filtered.
-        if b"oneway" not in raw and b"more" not in raw and b"GetInfo" not in raw:
+        # A message that could ask for several replies (more) is not sent: the count of
+        # replies must be known. Nothing else is filtered.
+        if b"more" not in raw and b"GetInfo" not in raw:
             return raw + b"\0"
+
+
+def parsed(data: bytes) -> dict | None:
+    """The message as the daemon reads it (json.loads of the bytes), if it is an object."""
+    try:
+        doc = json.loads(data[:-1])
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def replies_expected(data: bytes) -> int:
+    doc = parsed(data)
+    return 0 if doc is not None and doc.get("oneway") is True else 1
+
+
+def fds_expected(data: bytes, reply: dict) -> int:
+    """What the reply to ``data`` must carry: only a successful Get or GetBox has fds."""
+    method = (parsed(data) or {}).get("method")
+    if "error" in reply:
+        return 0
+    if method == "io.fdbox.Store.Get":
+        return 1
+    if method == "io.fdbox.Store.GetBox":
+        return len(reply["parameters"]["entries"])
+    return 0
 
 
 def test_ten_thousand_mutated_messages_one_reply_each_in_order_no_fd_leak(daemon):
@@ -106,7 +138,7 @@ def test_ten_thousand_mutated_messages_one_reply_each_in_order_no_fd_leak(daemon
         c.status()
     time.sleep(0.3)
     baseline = daemon.fd_count()
-    sent = replies = 0
+    sent = replies = oneway = 0
     errors: dict[str, int] = {}
     with RawConnection(daemon.socket, timeout=30) as raw:
         while sent < MESSAGES:
@@ -119,18 +151,21 @@ def test_ten_thousand_mutated_messages_one_reply_each_in_order_no_fd_leak(daemon
                     for fd in fds:
                         os.close(fd)
             raw.send(SENTINEL)
-            for i in range(len(batch)):
-                reply = raw.recv()
+            answered = [data for data in batch if replies_expected(data)]
+            for i, data in enumerate(answered):
+                reply, nfds = raw.recv_counting_fds()
                 assert isinstance(reply, dict) and ("error" in reply or "parameters" in reply), reply
                 assert "continues" not in reply
                 params = reply.get("parameters") or {}
-                assert "vendor" not in params, f"reply {i} of {len(batch)} is the sentinel's: one went missing"
+                assert "vendor" not in params, f"reply {i} of {len(answered)} is the sentinel's: one went missing"
+                assert nfds == fds_expected(data, reply), (data, reply, nfds)
                 if "error" in reply:
                     errors[reply["error"]] = errors.get(reply["error"], 0) + 1
                 replies += 1
             assert raw.recv()["parameters"]["vendor"] == "fdbox", "more replies than requests"
             sent += len(batch)
-    assert replies == sent >= MESSAGES
+            oneway += len(batch) - len(answered)
+    assert replies + oneway == sent >= MESSAGES and oneway > MESSAGES // 50, oneway
     assert errors.get("io.fdbox.Store.InvalidRequest", 0) > MESSAGES // 4, errors  # the fuzz did bite
     with daemon.client() as c:
         stored = c.status()["entries"]

@@ -65,6 +65,78 @@ def test_lone_surrogates_are_invalid_requests_in_order(shared_daemon, message):
     assert "Traceback" not in shared_daemon.log()
 
 
+RAW_SURROGATE = b"\xed\xa0\x80"  # U+D800 as UTF-8: json.loads(bytes) takes it without any \\u
+GETINFO = {"method": "org.varlink.service.GetInfo"}
+
+
+def _wire(message: dict) -> bytes:
+    return json.dumps(message).encode() + b"\0"
+
+
+def test_surrogates_in_a_pipelined_batch_leave_every_reply_in_step(daemon):
+    """Issue 18 §5a: each reply answers its own request, with that request's fds."""
+    with daemon.client() as c:
+        for name in ("a", "b"):
+            fd = memfd_with(b"x")
+            c.put("sv", name, fd)
+            os.close(fd)
+    get = {"method": "io.fdbox.Store.Get", "parameters": {"box": "sv", "name": "a"}}
+    batch = [  # (wire, reply expected: None for none, else (error or None, fds))
+        (_wire({"method": "io.fdbox.Store.Put", "parameters": {"box": "sv", "name": "c", "fd": 0,
+                                                             "metadata": {"k": "SURR"}}}), ("InvalidRequest", 0)),
+        (_wire(get), (None, 1)),
+        (_wire({"method": "io.fdbox.Store.Get", "parameters": {"box": "svSURR", "name": "a"}}), ("InvalidRequest", 0)),
+        (_wire({"method": "io.fdbox.Store.GetBox", "parameters": {"box": "sv"}}), (None, 2)),
+        (_wire({"oneway": True, "method": "io.fdbox.Store.Get", "parameters": {"box": "\ud800", "name": "a"}}), None),
+        (_wire({"method": "io.fdbox.Store.Get", "parameters": {"box": "sv", "name": "b"}}), (None, 1)),
+        (_wire({"oneway": True, "method": "io.fdbox.Store.Put", "parameters": {"box": "sv", "name": "dSURR", "fd": 0}}),
+         None),
+        (_wire({"method": "io.fdbox.Store.PutMany", "parameters": {"box": "sv", "entries": [
+            {"name": "e", "fd": 0}, {"name": "f", "fd": 1, "metadata": {"SURR": "v"}}]}}), ("InvalidRequest", 0)),
+        (_wire(get), (None, 1)),
+        (_wire(STATUS), (None, 0)),
+    ]
+    with RawConnection(daemon.socket) as raw:
+        for data, _ in batch:
+            fds = memfds(2)
+            raw.send(data.replace(b"SURR", RAW_SURROGATE), fds)
+            close_all(fds)
+        raw.send(_wire(GETINFO))
+        for data, want in batch:
+            if want is None:
+                continue
+            reply, nfds = raw.recv_counting_fds()
+            error = reply.get("error", "").removeprefix("io.fdbox.Store.") or None
+            assert (error, nfds) == want, (data, reply)
+            if data.startswith(b'{"method": "io.fdbox.Store.Get"') and error is None:
+                assert reply["parameters"]["fd"] == 0 and reply["parameters"]["entry"]["name"] in ("a", "b")
+        assert reply["parameters"]["entries"] == 2, "a refused Put stored something"
+        assert raw.recv()["parameters"]["vendor"] == "fdbox", "more replies than requests"
+    log = daemon.log()
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("data", [
+    _wire({"oneway": True, "method": "io.fdbox.Store.Get", "parameters": {"box": "\ud800", "name": "a"}}),
+    _wire({"oneway": True, "method": "io.fdbox.Store.\udc00"}),
+    _wire({"oneway": True, "method": "io.fdbox.Store.Put", "parameters": {"box": "b", "name": "n", "fd": 0,
+                                                                         "metadata": {"\udfff": "v"}}}),
+    b'{"oneway":true,"method":"io.fdbox.Store.Get","parameters":{"box":"' + RAW_SURROGATE + b'","name":"a"}}\0',
+    b'{"method":"io.fdbox.Store.List","oneway":true,"parameters":{"box":' + b"[" * 40 + b"]" * 40 + b"}}\0",
+], ids=["box", "method", "metadata-key", "raw-utf8", "too-deep"])
+def test_a_refused_oneway_call_gets_no_reply(shared_daemon, data):
+    """Issue 18 §5b: oneway means no reply, also when the message is refused."""
+    with RawConnection(shared_daemon.socket) as raw:
+        fds = memfds(1)
+        raw.send(data + _wire(STATUS), fds)
+        close_all(fds)
+        first = raw.recv()
+        assert "error" not in first and "backend" in first["parameters"], first
+        raw.send(_wire(GETINFO))
+        assert raw.recv()["parameters"]["vendor"] == "fdbox"
+    assert "Traceback" not in shared_daemon.log()
+
+
 def test_fds_of_a_message_that_never_ends_are_capped(daemon_factory):
     d = daemon_factory("--max-fds-per-message", "8")
     base = d.settled_fd_count()

@@ -235,6 +235,25 @@ def test_lone_surrogates_are_refused_pairs_are_not():
     assert ok.error is None and ok.message == {"ok": "\U0001f600"}
 
 
+def test_lone_surrogates_in_raw_utf8_are_refused_like_escaped_ones():
+    # json.loads(bytes) decodes with 'surrogatepass': ED A0 80 is U+D800 with no \\u in sight.
+    f = Framer()
+    f.feed(b'{"method":"\xed\xa0\x80"}\0{"m":{"k\xed\xbf\xbf":"v"}}\0{"ok":"\xed\x9f\xbf"}\0')
+    a, b, ok = frames(f)
+    assert all(x.error and "surrogate" in x.error for x in (a, b))
+    assert ok.error is None and ok.message == {"ok": "\ud7ff"}
+
+
+def test_a_refused_document_keeps_its_oneway():
+    f = Framer()
+    f.feed(b'{"oneway":true,"method":"\\ud800"}\0{"oneway":true,"p":' + b"[" * 40 + b"]" * 40 + b"}\0"
+           b'{"oneway":false,"method":"\\ud800"}\0{"oneway":true,\0')
+    a, b, c, d = frames(f)
+    assert a.error and a.oneway and b.error and b.oneway
+    assert c.error and not c.oneway
+    assert d.error and not d.oneway  # not JSON: nothing in it can be believed, it gets its answer
+
+
 def test_fd_cap_counts_every_read_of_one_message_and_closes_at_once():
     f = Framer(max_fds=4)
     first, second = memfds(3), memfds(3)
