@@ -277,7 +277,7 @@ class RestorePlan:
 
 def restore_begin(store: Store, caller: Caller, box: str, name: str, fd: int) -> RestorePlan:
     """Check everything RestoreInto needs, before any byte moves; reserve the entry."""
-    entry = store._entry(box, name, caller)  # another user's: NotFound, as if missing
+    entry = store.find_entry(box, name, caller)  # another user's: NotFound, as if missing
     if entry.type != FdType.GUEST_MEMFD:
         raise FdboxError("UnsupportedType", f"{box}/{name} is {entry.type}, not a guest_memfd: use Get",
                          box=box, name=name, type=str(entry.type))
@@ -341,15 +341,15 @@ def restore_commit(plan: RestorePlan, problem: str | None) -> Entry:
             if not plan.sealed:
                 log.error("restored entry %s/%s refused: %s", plan.box, entry.name, problem)
                 store.lost.append({"box": plan.box, "name": entry.name, "type": str(entry.type), "reason": problem})
-                store._drop(b, entry.name)
-                store._record_or_log([["rm", plan.box, entry.name]])
+                store.drop_entry(b, entry.name)
+                store.record_or_log([["rm", plan.box, entry.name]])
             raise FdboxError("BackendUnavailable", f"{plan.box}/{entry.name}: {problem}", box=plan.box, name=entry.name)
         if plan.sealed:
             return entry  # a rehearsal: the box keeps the original and its copy
         store.rehold(plan.box, entry, plan.target)
-        store._drop_copy(plan.box, entry)
+        store.drop_copy(plan.box, entry)
         entry.extra = {**entry.extra, EXTRA: {**extra_of(entry.extra), "shared": True}}
-        store._claim(b, [entry])
+        store.claim(b, [entry])
         return entry
     finally:
         restore_abort(plan)

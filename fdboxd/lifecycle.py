@@ -103,16 +103,16 @@ def seal_begin(store: Store, caller: Caller, box: str | None = None) -> SealPlan
     :func:`seal_abort` closes them.
     """
     if box is not None:
-        targets = [store._box(box)]
-        store._check_box_owner(caller, box)
-        if targets[0].state == BoxState.SEALED or box in store._sealing:
+        targets = [store.find_box(box)]
+        store.check_box_owner(caller, box)
+        if targets[0].state == BoxState.SEALED or box in store.sealing:
             raise FdboxError("Sealed", f"box {box} is already sealed", box=box)
         if targets[0].state == BoxState.RESTORED:
             raise FdboxError("InvalidRequest", f"box {box} is restored: claim or finish it first", box=box)
     else:
         if not caller.is_root:
             raise FdboxError("PermissionDenied", "only root may seal every box")
-        targets = [b for b in store.boxes.values() if b.state == BoxState.OPEN and b.name not in store._sealing]
+        targets = [b for b in store.boxes.values() if b.state == BoxState.OPEN and b.name not in store.sealing]
     for b in targets:
         for e in b.entries.values():
             if e.type not in store.allowed_types:
@@ -132,12 +132,12 @@ def seal_begin(store: Store, caller: Caller, box: str | None = None) -> SealPlan
         for b in targets:
             for e in sorted(b.entries.values(), key=lambda e: e.name):
                 if e.type in MEMORY_TYPES:
-                    plan.items.append(SealItem(b.name, e.name, store._backend_for(e.type).get(b.name, e.name),
+                    plan.items.append(SealItem(b.name, e.name, store.backend_for(e.type).get(b.name, e.name),
                                                type=e.type))
     except BaseException:
         plan.close()
         raise
-    store._sealing.update(plan.boxes)
+    store.sealing.update(plan.boxes)
     return plan
 
 
@@ -148,7 +148,7 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
             if item.digest is None:
                 raise FdboxError("InvalidRequest", f"{item.box}/{item.name} was not checksummed")
             entry = store.boxes[item.box].entries[item.name]
-            store._resize(entry, item.digest.size)
+            store.resize(entry, item.digest.size)
             entry.sha256 = item.digest.sha256
             extra = {k: v for k, v in entry.extra.items() if k != "sample"}
             if item.digest.sample is not None:
@@ -168,72 +168,72 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
                     gmem.set_carried(store.boxes[item.box].entries[item.name], True)
             for name in plan.boxes:
                 store.backend.seal(name)
-                store._set_state(store.boxes[name], BoxState.SEALED)
+                store.set_state(store.boxes[name], BoxState.SEALED)
                 sealed.append(name)
             # A seal writes the whole snapshot (temp, fsync, rename), not a journal line:
             # a kexec follows, and a state directory that cannot take the sealed manifest
             # must refuse the seal (and so the kexec) rather than half-record it. A line
             # appended to a full file system can still fit in the journal's last page.
-            store._save()
+            store.save_snapshot()
             carry_manifest(store)
         except BaseException:
             for name in sealed:
                 store.backend.unseal(name)
-                store._set_state(store.boxes[name], BoxState.OPEN)
+                store.set_state(store.boxes[name], BoxState.OPEN)
             for item in carried:
-                store._drop_copy(item.box, store.boxes[item.box].entries[item.name])
-            store._record_or_log(store._box_ops(sealed))
+                store.drop_copy(item.box, store.boxes[item.box].entries[item.name])
+            store.record_or_log(store.box_ops(sealed))
             raise
     finally:
         seal_abort(store, plan)
     for name in sealed:
-        store._emit(Event("state-changed", name, state=BoxState.SEALED))
+        store.emit(Event("state-changed", name, state=BoxState.SEALED))
     return sealed
 
 
 def seal_abort(store: Store, plan: SealPlan) -> None:
     """Forget a plan: close its fds and let its boxes take puts again."""
     plan.close()
-    store._sealing.difference_update(plan.boxes)
+    store.sealing.difference_update(plan.boxes)
 
 
 def unseal(store: Store, caller: Caller, box: str) -> None:
-    b = store._box(box)
-    store._check_box_owner(caller, box)
+    b = store.find_box(box)
+    store.check_box_owner(caller, box)
     if b.state != BoxState.SEALED:
         raise FdboxError("NotSealed", f"box {box} is {b.state}", box=box, state=str(b.state))
     store.backend.unseal(box)
-    store._set_state(b, BoxState.OPEN)
+    store.set_state(b, BoxState.OPEN)
     for e in b.entries.values():
         if gmem.is_carried(e):
-            store._drop_copy(box, e)
-    store._record_or_log(store._box_ops([box]))
+            store.drop_copy(box, e)
+    store.record_or_log(store.box_ops([box]))
     try:
         carry_manifest(store)
     except FdboxError:
         log.exception("could not rewrite the carried manifest after unsealing %s", box)
-    store._emit(Event("state-changed", box, state=BoxState.OPEN))
+    store.emit(Event("state-changed", box, state=BoxState.OPEN))
 
 
 def finish(store: Store, caller: Caller, box: str | None = None) -> list[str]:
     """End the restore phase: unclaimed entries of restored boxes are released."""
     if box is None and not caller.is_root:
         raise FdboxError("PermissionDenied", "only root may finish every box")
-    targets = [store._box(box)] if box is not None else [b for b in store.boxes.values() if b.state == BoxState.RESTORED]
+    targets = [store.find_box(box)] if box is not None else [b for b in store.boxes.values() if b.state == BoxState.RESTORED]
     for b in targets:
-        store._check_box_owner(caller, b.name)
+        store.check_box_owner(caller, b.name)
         if b.state != BoxState.RESTORED:
             raise FdboxError("InvalidRequest", f"box {b.name} is {b.state}, not restored", box=b.name)
     done = []
     ops: list[Op] = []
     for b in targets:
         for e in [e for e in b.entries.values() if not e.claimed]:
-            store._drop(b, e.name)
+            store.drop_entry(b, e.name)
             ops.append(["rm", b.name, e.name])
-            store._emit(Event("entry-removed", b.name, entry=e))
-        store._reopen(b)
+            store.emit(Event("entry-removed", b.name, entry=e))
+        store.reopen(b)
         done.append(b.name)
-    store._record_or_log(ops + store._box_ops(done))
+    store.record_or_log(ops + store.box_ops(done))
     return done
 
 
@@ -257,7 +257,7 @@ def verify_restored(store: Store) -> list[dict[str, Any]]:
             if gmem.is_carried(e):
                 continue  # a carried guest_memfd's copy is checked by RestoreInto, before it copies
             try:
-                todo.append((b, e, store._backend_for(e.type).get(b.name, e.name)))
+                todo.append((b, e, store.backend_for(e.type).get(b.name, e.name)))
             except (FdboxError, OSError) as err:
                 problems[(b.name, e.name)] = f"cannot restore: {err}"
     try:
@@ -278,12 +278,12 @@ def verify_restored(store: Store) -> list[dict[str, Any]]:
         failed.append(report)
         store.lost.append(report)
         try:
-            store._drop(b, name)
+            store.drop_entry(b, name)
         except FdboxError:
             if b.entries.pop(name, None) is not None:  # _drop fails after its pop, or before it
-                store._count_entry(e, -1)
+                store.count_entry(e, -1)
     if failed:
-        store._record_or_log([["rm", r["box"], r["name"]] for r in failed] + [lost_op(store.lost)])
+        store.record_or_log([["rm", r["box"], r["name"]] for r in failed] + [lost_op(store.lost)])
     return failed
 
 

@@ -56,7 +56,7 @@ def reconcile(store: Store, data: ManifestData) -> None:
         elif not box.entries:
             # Its entries are lost: the box (empty, open) stays its owner's until they
             # acknowledge the loss, so nobody else can take the VM's name meanwhile.
-            store._create_box_backends(name)
+            store.create_box_backends(name)
             box.state = BoxState.OPEN
         store.boxes[name] = box
         store.owners[name] = data.owners.get(name, 0)
@@ -72,7 +72,7 @@ def reconcile(store: Store, data: ManifestData) -> None:
                 store.adopted.append({"box": name, "name": ename, "type": str(he.type), "uid": he.uid})
                 log.warning("adopted %s/%s (uid %d) held by the backend but not in the manifest",
                             name, ename, he.uid)
-    store._recount()
+    store.recount()
     if store.manifest is not None:
-        store._save()
+        store.save_snapshot()
         store.manifest.open()

@@ -65,6 +65,25 @@ Listener = Callable[[Event], None]
 
 
 class Store:
+    """The rules over a backend (see the module docstring).
+
+    Front-ends call the request methods (``put``, ``get``, ``seal``, ``status``...).
+    :mod:`fdboxd.lifecycle`, :mod:`fdboxd.reconcile` and the fd kinds use a small
+    surface below the requests, public so that no module reaches into another's
+    private names (``tests/unit/test_layering.py``):
+
+    - lookups with the visibility rules: :meth:`find_box`, :meth:`find_entry`,
+      :meth:`check_box_owner`, :meth:`owned_box`;
+    - where an entry is held: :meth:`backend_for`, :meth:`create_box_backends`;
+    - changes that keep the O(1) counters right: :meth:`count_entry`, :meth:`resize`,
+      :meth:`set_state`, :meth:`recount` (start-up only), :meth:`drop_entry`,
+      :meth:`drop_copy`, :meth:`claim`, :meth:`reopen`; ``sealing`` is the set of
+      boxes between seal_begin and seal_commit/abort;
+    - the record: :meth:`record_or_log` (journal a done change), :meth:`box_ops`
+      (ops restating whole boxes), :meth:`save_snapshot`; and :meth:`emit` for the
+      front-ends' listeners.
+    """
+
     def __init__(
         self,
         backend: Backend,
@@ -94,7 +113,7 @@ class Store:
         self.listeners: list[Listener] = []
         #: Which box names which uid may create (fdboxd --box-owners; see fdboxd.names).
         self.box_rules: BoxRules = box_rules or BoxRules()
-        self._sealing: set[str] = set()  # boxes between seal_begin and seal_commit/abort
+        self.sealing: set[str] = set()  # boxes between seal_begin and seal_commit/abort
         self._n_entries = 0  # kept as entries come and go: Status and limits are O(1)
         #: Per-uid usage, kept the same way (quotas and non-root Status stay O(1)): boxes
         #: owned, entries and recorded bytes. Changed only through _count_entry/_own.
@@ -107,7 +126,7 @@ class Store:
 
     # ------------------------------------------------------------------ start-up
 
-    def _recount(self) -> None:
+    def recount(self) -> None:
         self._n_entries = sum(len(b.entries) for b in self.boxes.values())
         self._n_state = {s: 0 for s in BoxState}
         for b in self.boxes.values():
@@ -119,13 +138,13 @@ class Store:
                 self._uid_entries[e.uid] += 1
                 self._uid_bytes[e.uid] += e.size
 
-    def _count_entry(self, entry: Entry, sign: int) -> None:
+    def count_entry(self, entry: Entry, sign: int) -> None:
         """An entry joined (+1) or left (-1) the store: the O(1) counters follow."""
         self._n_entries += sign
         self._uid_entries[entry.uid] += sign
         self._uid_bytes[entry.uid] += sign * entry.size
 
-    def _resize(self, entry: Entry, size: int) -> None:
+    def resize(self, entry: Entry, size: int) -> None:
         """Record a new size for an entry (the seal measures it again)."""
         self._uid_bytes[entry.uid] += size - entry.size
         entry.size = size
@@ -200,7 +219,7 @@ class Store:
         return "open"
 
     def list(self, caller: Caller, box: str | None = None) -> list[Entry]:
-        boxes = [self._box(box, caller)] if box is not None else list(self.boxes.values())
+        boxes = [self.find_box(box, caller)] if box is not None else list(self.boxes.values())
         out = []
         for b in sorted(boxes, key=lambda b: b.name):
             for e in sorted(b.entries.values(), key=lambda e: e.name):
@@ -248,7 +267,7 @@ class Store:
         if b is not None:
             if not (caller.is_root or self.owners.get(box) == caller.uid):
                 raise FdboxError("PermissionDenied", f"box {box} belongs to another user", box=box)
-            if b.state != BoxState.OPEN or box in self._sealing:
+            if b.state != BoxState.OPEN or box in self.sealing:
                 state = "sealing" if b.state == BoxState.OPEN else str(b.state)
                 raise FdboxError("Sealed", f"box {box} is {state}", box=box, state=state)
             for n in names:
@@ -275,19 +294,19 @@ class Store:
         done: list[Entry] = []
         try:
             for it, info, extra in zip(items, infos, extras, strict=True):
-                self._backend_for(info.type).put(box, it.name, it.fd, info, caller.uid, caller.gid)
+                self.backend_for(info.type).put(box, it.name, it.fd, info, caller.uid, caller.gid)
                 entry = Entry(
                     box, it.name, info.type, info.size, caller.uid, caller.gid,
                     metadata=dict(it.metadata), seals=info.seals, extra=extra,
                 )
                 b.entries[it.name] = entry
-                self._count_entry(entry, +1)
+                self.count_entry(entry, +1)
                 done.append(entry)
             ops: list[Op] = [box_op(b, caller.uid)] if created_box else []
             self._record(ops + [entry_op(e) for e in done])
         except BaseException:
             for entry in done:
-                self._drop(b, entry.name)
+                self.drop_entry(b, entry.name)
             if created_box:
                 self._delete_box_backends(box)
                 del self.boxes[box]
@@ -295,19 +314,19 @@ class Store:
                 self._own(box, None)
             raise
         for entry, it in zip(done, items, strict=False):
-            self._emit(Event("entry-added", box, entry=entry, fd=it.fd))
+            self.emit(Event("entry-added", box, entry=entry, fd=it.fd))
         return done
 
     def get(self, caller: Caller, box: str, name: str) -> tuple[Entry, int]:
         """A new fd for one entry (the caller closes it). In a restored box, a claim."""
-        entry = self._entry(box, name, caller)
+        entry = self.find_entry(box, name, caller)
         fd = self._get_fd(self.boxes[box], entry)
-        self._claim(self.boxes[box], [entry])
+        self.claim(self.boxes[box], [entry])
         return entry, fd
 
     def get_box(self, caller: Caller, box: str) -> list[tuple[Entry, int]]:
         """Every entry of a box the caller owns, with a new fd each: all or nothing."""
-        b = self._box(box, caller)
+        b = self.find_box(box, caller)
         mine = sorted((e for e in b.entries.values() if e.owned_by(caller)), key=lambda e: e.name)
         if not mine and b.entries:
             raise FdboxError("PermissionDenied", f"no entry of box {box} belongs to you", box=box)
@@ -319,35 +338,35 @@ class Store:
             for _, fd in out:
                 os.close(fd)
             raise
-        self._claim(b, mine)
+        self.claim(b, mine)
         return out
 
     def remove(self, caller: Caller, box: str, name: str) -> None:
-        entry = self._entry(box, name, caller)
+        entry = self.find_entry(box, name, caller)
         b = self.boxes[box]
-        if b.state == BoxState.SEALED or box in self._sealing:
+        if b.state == BoxState.SEALED or box in self.sealing:
             raise FdboxError("Sealed", f"box {box} is sealed", box=box)
-        self._drop(b, name)
-        self._record_or_log([["rm", box, name]])
-        self._emit(Event("entry-removed", box, entry=entry))
+        self.drop_entry(b, name)
+        self.record_or_log([["rm", box, name]])
+        self.emit(Event("entry-removed", box, entry=entry))
 
     def delete_box(self, caller: Caller, box: str) -> None:
-        b = self._box(box)
-        self._check_box_owner(caller, box)
+        b = self.find_box(box)
+        self.check_box_owner(caller, box)
         if any(not e.owned_by(caller) for e in b.entries.values()):
             raise FdboxError("PermissionDenied", f"box {box} holds other users' entries", box=box)
-        if b.state == BoxState.SEALED or box in self._sealing:
+        if b.state == BoxState.SEALED or box in self.sealing:
             raise FdboxError("Sealed", f"box {box} is sealed", box=box)
         entries = list(b.entries.values())
         self._delete_box_backends(box)
         del self.boxes[box]
         for e in entries:
-            self._count_entry(e, -1)
+            self.count_entry(e, -1)
         self._n_state[b.state] -= 1
         self._own(box, None)
-        self._record_or_log([["rmbox", box]])
+        self.record_or_log([["rmbox", box]])
         for e in entries:
-            self._emit(Event("entry-removed", box, entry=e))
+            self.emit(Event("entry-removed", box, entry=e))
 
     # ------------------------------------------------------------------ seal and restore
 
@@ -380,8 +399,8 @@ class Store:
 
     def owned_box(self, caller: Caller, box: str) -> Box:
         """The box, if the caller may act on it as a whole (its creator, or root)."""
-        b = self._box(box)
-        self._check_box_owner(caller, box)
+        b = self.find_box(box)
+        self.check_box_owner(caller, box)
         return b
 
     def rehold(self, box: str, entry: Entry, fd: int) -> None:
@@ -390,7 +409,7 @@ class Store:
         The old reference, if the backend still has one, is dropped first; front-ends
         that mirror held fds (the systemd fdstore) see a removal and an addition.
         """
-        backend = self._backend_for(entry.type)
+        backend = self.backend_for(entry.type)
         if backend.inventory().get(box) is None:
             backend.create_box(box)
         try:
@@ -398,9 +417,9 @@ class Store:
         except FdboxError:
             pass  # nothing held: the usual case after kexec
         else:
-            self._emit(Event("entry-removed", box, entry=entry))
+            self.emit(Event("entry-removed", box, entry=entry))
         backend.put(box, entry.name, fd, detect(fd), entry.uid, entry.gid)
-        self._emit(Event("entry-added", box, entry=entry, fd=fd))
+        self.emit(Event("entry-added", box, entry=entry, fd=fd))
 
     # ------------------------------------------------------------------ helpers
 
@@ -410,7 +429,7 @@ class Store:
     def subscribe(self, listener: Listener) -> None:
         self.listeners.append(listener)
 
-    def _emit(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
         for listener in self.listeners:
             try:
                 listener(event)
@@ -422,7 +441,7 @@ class Store:
         return (caller.is_root or self.owners.get(b.name) == caller.uid
                 or any(e.uid == caller.uid for e in b.entries.values()))
 
-    def _box(self, box: str, caller: Caller | None = None) -> Box:
+    def find_box(self, box: str, caller: Caller | None = None) -> Box:
         """The box; NotFound if missing or, for ``caller``, not visible (no name oracle:
         another user's box and no box at all get the same answer)."""
         check_box_name(box)
@@ -431,16 +450,16 @@ class Store:
             raise FdboxError("NotFound", f"no box {box}", box=box)
         return b
 
-    def _entry(self, box: str, name: str, caller: Caller | None = None) -> Entry:
+    def find_entry(self, box: str, name: str, caller: Caller | None = None) -> Entry:
         """The entry; for ``caller``, NotFound unless theirs (as if it did not exist)."""
-        b = self._box(box, caller)
+        b = self.find_box(box, caller)
         check_entry_name(name)
         e = b.entries.get(name)
         if e is None or (caller is not None and not e.owned_by(caller)):
             raise FdboxError("NotFound", f"no entry {box}/{name}", box=box, name=name)
         return e
 
-    def _check_box_owner(self, caller: Caller, box: str) -> None:
+    def check_box_owner(self, caller: Caller, box: str) -> None:
         if not (caller.is_root or self.owners.get(box) == caller.uid):
             if not self._visible(caller, self.boxes[box]):
                 raise FdboxError("NotFound", f"no box {box}", box=box)
@@ -500,20 +519,20 @@ class Store:
         if sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items()) > self.limits.max_metadata_bytes:
             raise FdboxError("LimitExceeded", f"metadata over {self.limits.max_metadata_bytes} bytes", limit="metadata")
 
-    def _backend_for(self, fd_type: FdType) -> Backend:
+    def backend_for(self, fd_type: FdType) -> Backend:
         return self.backend if self.backend.accepts(fd_type) else self.side
 
     def _create_box(self, box: str) -> None:
-        self._create_box_backends(box)
+        self.create_box_backends(box)
         self.boxes[box] = Box(box)
         self._n_state[BoxState.OPEN] += 1
 
-    def _create_box_backends(self, box: str) -> None:
+    def create_box_backends(self, box: str) -> None:
         self.backend.create_box(box)
         if self.side is not self.backend:
             self.side.create_box(box)
 
-    def _set_state(self, b: Box, state: BoxState) -> None:
+    def set_state(self, b: Box, state: BoxState) -> None:
         self._n_state[b.state] -= 1
         self._n_state[state] += 1
         b.state = state
@@ -523,11 +542,11 @@ class Store:
         if self.side is not self.backend:
             self.side.delete_box(box)
 
-    def _drop(self, b: Box, name: str) -> None:
+    def drop_entry(self, b: Box, name: str) -> None:
         entry = b.entries.pop(name)
-        self._count_entry(entry, -1)
+        self.count_entry(entry, -1)
         if gmem.is_carried(entry):
-            self._drop_copy(b.name, entry)
+            self.drop_copy(b.name, entry)
             if b.state == BoxState.RESTORED:
                 return  # the guest_memfd itself died with the old kernel
         if entry.extra.get("recreate") and entry.type not in MEMORY_TYPES:
@@ -536,7 +555,7 @@ class Store:
             except FdboxError:
                 pass  # recorded for recreation only, nothing held
             return
-        self._backend_for(entry.type).remove(b.name, name)
+        self.backend_for(entry.type).remove(b.name, name)
 
     def _get_fd(self, b: Box, entry: Entry) -> int:
         """A new fd for the file an entry holds (refusing a guest_memfd known only by its copy)."""
@@ -548,9 +567,9 @@ class Store:
                 "and call RestoreInto",
                 box=b.name, name=entry.name,
             )
-        return self._backend_for(entry.type).get(b.name, entry.name)
+        return self.backend_for(entry.type).get(b.name, entry.name)
 
-    def _drop_copy(self, box: str, entry: Entry) -> None:
+    def drop_copy(self, box: str, entry: Entry) -> None:
         """Release a guest_memfd's carried copy (fdboxd.gmem); it may be gone already."""
         gmem.set_carried(entry, False)
         try:
@@ -558,28 +577,28 @@ class Store:
         except FdboxError:
             pass
 
-    def _claim(self, b: Box, entries: list[Entry]) -> None:
+    def claim(self, b: Box, entries: list[Entry]) -> None:
         if b.state != BoxState.RESTORED:
             return
         for e in entries:
             e.claimed = True
         if all(e.claimed for e in b.entries.values()):
-            self._reopen(b)
-            self._record_or_log(self._box_ops([b.name]))
+            self.reopen(b)
+            self.record_or_log(self.box_ops([b.name]))
         else:
-            self._record_or_log([entry_op(e) for e in entries])
+            self.record_or_log([entry_op(e) for e in entries])
 
-    def _reopen(self, b: Box) -> None:
+    def reopen(self, b: Box) -> None:
         self.backend.finish(b.name)
-        self._set_state(b, BoxState.OPEN)
+        self.set_state(b, BoxState.OPEN)
         for e in b.entries.values():
             e.claimed = False
-        self._emit(Event("state-changed", b.name, state=BoxState.OPEN))
+        self.emit(Event("state-changed", b.name, state=BoxState.OPEN))
 
     def _manifest_data(self) -> ManifestData:
         return ManifestData(boxes=self.boxes, owners=self.owners, generation=self.generation, lost=self.lost)
 
-    def _box_ops(self, names: Iterable[str]) -> list[Op]:
+    def box_ops(self, names: Iterable[str]) -> list[Op]:
         """Journal ops that restate whole boxes (after a seal, a finish: O(those boxes))."""
         ops: list[Op] = []
         for name in names:
@@ -599,7 +618,7 @@ class Store:
         self._unrecorded = []
         self.generation += 1
 
-    def _record_or_log(self, ops: list[Op]) -> None:
+    def record_or_log(self, ops: list[Op]) -> None:
         """Journal a change that already happened in the backend and cannot be undone."""
         try:
             self._record(ops)
@@ -607,7 +626,7 @@ class Store:
             self._unrecorded.extend(ops)
             log.exception("manifest journal write failed; the next successful write will include this change")
 
-    def _save(self) -> None:
+    def save_snapshot(self) -> None:
         if self.manifest is None:
             return
         data = self._manifest_data()
@@ -617,3 +636,27 @@ class Store:
             raise FdboxError("BackendUnavailable", f"cannot write the manifest: {e.strerror}") from e
         self.generation = data.generation
         self._unrecorded = []  # the snapshot holds every change, the unjournalled ones too
+
+    # Old private names, for branches written before issue 19's public surface; only
+    # this module may use them (the layering test fails on a use from another module).
+    _backend_for = backend_for
+    _box = find_box
+    _entry = find_entry
+    _box_ops = box_ops
+    _check_box_owner = check_box_owner
+    _count_entry = count_entry
+    _drop = drop_entry
+    _drop_copy = drop_copy
+    _emit = emit
+    _record_or_log = record_or_log
+    _reopen = reopen
+    _resize = resize
+    _save = save_snapshot
+    _set_state = set_state
+    _claim = claim
+    _create_box_backends = create_box_backends
+    _recount = recount
+
+    @property
+    def _sealing(self) -> set[str]:
+        return self.sealing

@@ -28,28 +28,6 @@ ALLOWED_CIRCLES: set[frozenset[str]] = {
 
 ALLOWED_PRIVATE: Counter[tuple[str, str]] = Counter({
     # (reading module, private name): number of uses today; only ever shrinks
-    ("fdboxd.gmem", "_claim"): 1,
-    ("fdboxd.gmem", "_drop"): 1,
-    ("fdboxd.gmem", "_drop_copy"): 1,
-    ("fdboxd.gmem", "_entry"): 1,
-    ("fdboxd.gmem", "_record_or_log"): 1,
-    ("fdboxd.lifecycle", "_backend_for"): 2,
-    ("fdboxd.lifecycle", "_box"): 3,
-    ("fdboxd.lifecycle", "_box_ops"): 3,
-    ("fdboxd.lifecycle", "_check_box_owner"): 3,
-    ("fdboxd.lifecycle", "_count_entry"): 1,
-    ("fdboxd.lifecycle", "_drop"): 2,
-    ("fdboxd.lifecycle", "_drop_copy"): 2,
-    ("fdboxd.lifecycle", "_emit"): 3,
-    ("fdboxd.lifecycle", "_record_or_log"): 4,
-    ("fdboxd.lifecycle", "_reopen"): 1,
-    ("fdboxd.lifecycle", "_resize"): 1,
-    ("fdboxd.lifecycle", "_save"): 1,
-    ("fdboxd.lifecycle", "_sealing"): 4,
-    ("fdboxd.lifecycle", "_set_state"): 3,
-    ("fdboxd.reconcile", "_create_box_backends"): 1,
-    ("fdboxd.reconcile", "_recount"): 1,
-    ("fdboxd.reconcile", "_save"): 1,
 })
 """Issue 19 empties this: lifecycle, reconcile and gmem reach into the Store today."""
 
