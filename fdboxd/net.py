@@ -472,6 +472,7 @@ def _configure(ipr: Any, rec: dict[str, Any], index: int) -> None:
         ipr.link("set", index=index, mtu=rec["mtu"])
     if rec.get("master"):
         ipr.link("set", index=index, master=ipr.link_lookup(ifname=rec["master"])[0])
+    if rec.get("master") and rec.get("vlans", []) is not None:  # None: a new port, the bridge's defaults
         want = {v["vid"]: _vlan_flags(v) for v in rec.get("vlans", [])}
         have = {v["vid"]: _vlan_flags(v) for v in _port_vlans(ipr, index)}
         if want or have:
@@ -496,7 +497,11 @@ def _set_fd_attrs(fd: int, rec: dict[str, Any]) -> None:
 
 
 def recreate_interface(rec: dict[str, Any], queues: int) -> list[int]:
-    """Recreate one interface with ``queues`` open fds. Run in the target namespace."""
+    """Recreate one interface with ``queues`` open fds. Run in the target namespace.
+
+    ``fdbox-qemu --tap`` creates new taps with it too (a record without MAC, MTU or
+    VLANs: the kernel's and the bridge's defaults), so both are made the same way.
+    """
     fds: list[int] = []
     created_index: int | None = None
     with _ipr() as ipr:

@@ -12,8 +12,10 @@ with ``getfd``, puts that memfd as entry ``devstate`` and quits QEMU. The next `
 sees ``devstate`` and runs QEMU with ``-incoming defer``; a helper process set up before
 the exec loads the device state (``migrate-incoming fd:N``), continues the guest and
 only then removes ``devstate`` from the box, so a failed load leaves everything in place
-for another try. Nothing of the guest ever touches a disk.
+for another try. Nothing of the guest ever touches a disk. Each ``--tap`` is a tap held
+in the same box (``tap.IFNAME.qN``, recreated by fdboxd after a kexec) and handed to
+QEMU as ``-netdev tap,fds=…``, so the guest keeps its network too (:mod:`.taps`).
 
 Modules: :mod:`.qmp` (the QMP client), :mod:`.vm` (start/suspend/status),
-:mod:`.cli` (the ``fdbox-qemu`` command line).
+:mod:`.taps` (``--tap``), :mod:`.cli` (the ``fdbox-qemu`` command line).
 """

@@ -2,7 +2,7 @@
 
 ::
 
-    fdbox-qemu [--socket PATH] start VM --ram SIZE [--hugetlb 2M|1G] -- QEMU-ARGS...
+    fdbox-qemu [--socket PATH] start VM --ram SIZE [--hugetlb 2M|1G] [--tap IFNAME[,queues=N][,bridge=BR]]... -- QEMU-ARGS...
     fdbox-qemu [--socket PATH] suspend VM
     fdbox-qemu [--socket PATH] status VM
 
@@ -19,7 +19,7 @@ import sys
 
 from .. import __version__
 from ..errors import EXIT_CODES, FdboxError
-from . import vm
+from . import taps, vm
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,11 +31,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fdbox-qemu {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("start", help="boot the VM, or resume it if its box holds a devstate",
-                       usage="fdbox-qemu start VM --ram SIZE [--hugetlb 2M|1G] -- QEMU-ARGS...")
+                       usage="fdbox-qemu start VM --ram SIZE [--hugetlb 2M|1G] [--tap IFNAME[,queues=N][,bridge=BR]]... "
+                       "-- QEMU-ARGS...")
     s.add_argument("vm", metavar="VM")
     s.add_argument("--ram", action="append", required=True, metavar="SIZE",
                    help="guest RAM (64M, 1G, …); repeat for one NUMA node per ramN entry")
     s.add_argument("--hugetlb", choices=sorted(vm.HUGETLB_SIZES), help="back the RAM with hugetlb memfds of this page size")
+    s.add_argument("--tap", action="append", default=[], metavar="IFNAME[,queues=N][,bridge=BR]",
+                   help="a tap held in the box as tap.IFNAME.qN (created, on bridge BR, if the box has none); "
+                   "QEMU gets -netdev tap,id=IFNAME,fd(s)=…: add -device virtio-net-pci,netdev=IFNAME to QEMU-ARGS")
     s.add_argument("--qemu", default=vm.default_qemu(), help="QEMU binary (default: $FDBOX_QEMU or qemu-system-x86_64)")
     s = sub.add_parser("suspend", help="save the device state into the box as devstate and quit QEMU")
     s.add_argument("vm", metavar="VM")
@@ -62,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "start":
             args = qemu_args
             sizes = [vm.parse_size(s) for s in a.ram]
-            return vm.start(a.vm, sizes, a.hugetlb, args, socket_path=a.socket, run_dir=run_dir, qemu=a.qemu)
+            tap_specs = [taps.parse_tap(t) for t in a.tap]
+            return vm.start(a.vm, sizes, a.hugetlb, args, socket_path=a.socket, run_dir=run_dir, qemu=a.qemu,
+                            taps=tap_specs)
         if a.command == "suspend":
             r = vm.suspend(a.vm, socket_path=a.socket, run_dir=run_dir)
             if a.json:

@@ -16,7 +16,9 @@ from .. import paths
 from ..client import Client
 from ..errors import FdboxError
 from ..names import check_box_name
+from . import taps as tapmod
 from .qmp import QMPClient
+from .taps import TapSpec
 
 DEVSTATE = "devstate"
 RAM_RE = re.compile(r"ram(\d+)")
@@ -108,8 +110,13 @@ def _reopen(fd: int, flags: int) -> int:
 
 
 def plan_start(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[str],
-               qmp: str, qemu: str) -> Plan:
-    """Get or create the RAM entries, pick boot or resume, and build QEMU's argv."""
+               qmp: str, qemu: str, taps: Sequence[TapSpec] = ()) -> Plan:
+    """Get or create the RAM and tap entries, pick boot or resume, and build QEMU's argv.
+
+    Everything is checked before anything is created, and what is created (RAM memfds,
+    taps) is put in one ``PutMany``: a refused start leaves the box as it was.
+    """
+    tapmod.check_unique(taps)
     for a in qemu_args:
         if "-" + a.lstrip("-").split("=", 1)[0] in OWN_OPTIONS and a.startswith("-"):
             raise FdboxError("InvalidRequest", f"QEMU-ARGS must not contain {a}: fdbox-qemu sets the RAM and -incoming itself")
@@ -126,19 +133,29 @@ def plan_start(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu
     if state is not None:
         got = {e["name"]: (e, fd) for e, fd in c.get_box(vm)}
     try:
-        return _plan(c, vm, ram, hugetlb, qemu_args, qmp, qemu, got)
+        return _plan(c, vm, ram, hugetlb, qemu_args, qmp, qemu, got, taps)
     finally:
         for _, fd in got.values():
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
 
 def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[str],
-          qmp: str, qemu: str, got: dict[str, tuple[dict[str, Any], int]]) -> Plan:
+          qmp: str, qemu: str, got: dict[str, tuple[dict[str, Any], int]], taps: Sequence[TapSpec]) -> Plan:
     stored = sorted((int(m.group(1)), n) for n in got if (m := RAM_RE.fullmatch(n)))
     want_type = "memfd-hugetlb" if hugetlb else "memfd"
     keep: list[int] = []
     ram_fds: list[int] = []
     created: list[str] = []
+    items: list[tuple[str, int, dict[str, str]]] = []
+    held = tapmod.held({n: e for n, (e, _) in got.items()})
+    if unasked := sorted(set(held) - {t.ifname for t in taps}):
+        raise FdboxError("InvalidRequest", f"box {vm} holds tap {unasked[0]}, but no --tap {unasked[0]} was given; "
+                         "give it, or remove its entries first (fdboxctl rm)", box=vm)
+    for t in taps:
+        if t.ifname in held:
+            tapmod.check_held(vm, t, held[t.ifname])
+    tap_fds: dict[str, list[int]] = {}
     try:
         if stored:
             if [i for i, _ in stored] != list(range(len(ram))):
@@ -159,7 +176,6 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
             # MFD_ALLOW_SEALING: fdbox.ko refuses to SEAL a hugetlb memfd that has F_SEAL_SEAL
             # (it must add F_SEAL_FUTURE_WRITE while sealed; see kmod/README.md).
             flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | (HUGETLB_FLAGS[hugetlb] if hugetlb else 0)
-            items = []
             for i, size in enumerate(ram):
                 try:
                     fd = os.memfd_create(f"{vm}-ram{i}", flags)
@@ -171,8 +187,20 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
                 except OSError as e:
                     raise FdboxError("LimitExceeded", f"cannot size ram{i} to {_mib(size)}: {e.strerror}") from None
                 items.append((f"ram{i}", fd, {"vm": vm}))
+        for t in taps:
+            if t.ifname in held:
+                tap_fds[t.ifname] = fds = []
+                for i in range(t.queues):
+                    fds.append(got[t.entry(i)][1])  # a tap cannot be reopened: QEMU gets this very fd
+                    got[t.entry(i)] = (got[t.entry(i)][0], -1)  # now ours (closed on failure below)
+                    tapmod.attach(fds[-1])
+            else:
+                tap_fds[t.ifname] = fds = tapmod.create(t)
+                meta = {"vm": vm, "tap": t.ifname, "queues": str(t.queues), **({"bridge": t.bridge} if t.bridge else {})}
+                items += [(t.entry(i), fd, dict(meta, queue=str(i))) for i, fd in enumerate(fds)]
+        if items:
             c.put_many(vm, items)
-            created = [f"ram{i}" for i in range(len(ram))]
+            created = [name for name, _, _ in items]
         plan = Plan(argv=[qemu], keep_fds=keep, created=created)
         for i, (fd, size) in enumerate(zip(ram_fds, ram, strict=True)):
             keep.append(fd)
@@ -183,6 +211,9 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
         else:
             for i in range(len(ram)):
                 plan.argv += ["-numa", f"node,nodeid={i},memdev=ram{i}"]
+        for t in taps:
+            keep += tap_fds[t.ifname]
+            plan.argv += tapmod.netdev_args(t, tap_fds[t.ifname])
         plan.argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
         if DEVSTATE in got:
             e, fd = got[DEVSTATE]
@@ -193,13 +224,13 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
         plan.argv += list(qemu_args)
         return plan
     except BaseException:
-        for fd in ram_fds:
+        for fd in ram_fds + [fd for fds in tap_fds.values() for fd in fds]:
             os.close(fd)
         raise
 
 
 def start(vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[str], *,
-          socket_path: str | None, run_dir: str, qemu: str) -> int:
+          socket_path: str | None, run_dir: str, qemu: str, taps: Sequence[TapSpec] = ()) -> int:
     """Set up and exec QEMU (does not return unless the exec fails)."""
     check_box_name(vm)
     if not ram:
@@ -213,7 +244,7 @@ def start(vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[
     except FileNotFoundError:
         pass
     with Client(socket_path) as c:
-        plan = plan_start(c, vm, ram, hugetlb, qemu_args, qmp, qemu)
+        plan = plan_start(c, vm, ram, hugetlb, qemu_args, qmp, qemu, taps)
     for fd in plan.keep_fds:
         os.set_inheritable(fd, True)
     if plan.resume_fd is not None:

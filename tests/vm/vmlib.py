@@ -253,7 +253,7 @@ def build_module(src: Path | None = None, kdir: Path | None = None, *, jobs: int
 # --------------------------------------------------------------------------- initramfs
 
 
-def _cpio_newc(entries: Sequence[tuple[str, int, bytes, int, int]]) -> bytes:
+def cpio_newc(entries: Sequence[tuple[str, int, bytes, int, int]]) -> bytes:
     """A newc cpio archive of (name, mode, data, rdev_major, rdev_minor) entries.
 
     Written here rather than with cpio(1) so device nodes (/dev/console) need no root
@@ -297,7 +297,7 @@ def build_initramfs() -> Path:
         ("bin/busybox", f, bb.read_bytes(), 0, 0),
         ("init", f, init, 0, 0),
     ]
-    raw = _cpio_newc(entries)
+    raw = cpio_newc(entries)
     digest = hashlib.sha256(raw).hexdigest()[:16]
     path = cache_dir() / f"initramfs-{digest}.cpio.gz"
     with _locked("initramfs"):
