@@ -55,7 +55,8 @@ class Config:
     verify: Verify = DEFAULT_VERIFY
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
+def build_parser() -> argparse.ArgumentParser:
+    """fdboxd's command line; also what the man page and bash completion are generated from."""
     p = argparse.ArgumentParser(prog="fdboxd", description="fdbox daemon: named boxes of file descriptors.",
                                 epilog="exit codes: 0 stopped by SIGTERM/SIGINT, 1 could not start (a missing "
                                 "optional package, the socket or bus name taken, a bad state directory; one line "
@@ -85,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--log-level", default=os.environ.get("FDBOX_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"fdboxd {__version__}")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = build_parser()
     a = p.parse_args(argv)
     user = a.user if a.user is not None else os.geteuid() != 0
     if not 1 <= a.max_fds_per_message <= MAX_FDS_PER_MESSAGE:
