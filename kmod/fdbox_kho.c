@@ -95,6 +95,7 @@
 #include <linux/io.h>
 #include <linux/ioport.h>
 #include <linux/kexec_handover.h>
+#include <linux/memory_hotplug.h>
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/overflow.h>
@@ -103,6 +104,7 @@
 #include <linux/rwsem.h>
 #include <linux/shmem_fs.h>
 #include <linux/slab.h>
+#include <linux/sort.h>
 #include <linux/vmalloc.h>
 
 #include "fdbox_internal.h"
@@ -112,15 +114,6 @@
 #define FDBOX_KHO_SEALS	(F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | \
 			 F_SEAL_WRITE | F_SEAL_FUTURE_WRITE | F_SEAL_EXEC)
 #define FDBOX_KHO_WRITE_SEALS	(F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)
-
-/*
- * KHO marks the head page of every preserved folio: page->private holds this
- * magic and the order (union kho_page_info in kernel/liveupdate/
- * kexec_handover.c, not exported). kho_restore_folio() WARNs on a page
- * without the mark; fdbox checks it first so a corrupt handover is refused
- * quietly.
- */
-#define FDBOX_KHO_PAGE_MAGIC	0x4b484f50U	/* 'KHOP' */
 
 /**
  * struct fdbox_entry_kho - KHO state of one entry.
@@ -151,14 +144,47 @@ struct fdbox_entry_kho {
 static int test_corrupt_handover;
 module_param(test_corrupt_handover, int, 0);
 MODULE_PARM_DESC(test_corrupt_handover,
-		 "testing only, bits: 1 every box descriptor, 2 root version, 4 the descriptor of boxes named bad-desc*, 8 a folio pfn of bad-pfn*, 16 the root's pointer to bad-ptr*");
+		 "testing only, bits: 1 every box descriptor, 2 root version, 4 the descriptor of boxes named bad-desc*, 8 a folio pfn of bad-pfn*, 16 the root's pointer to bad-ptr*, 32 a CRC-valid huge nr_folios in bad-nr*, 64 a CRC-valid pfn listed twice in bad-dup*, 128 a CRC-valid index near 2^64 in bad-idx*");
 static unsigned int test_seal_delay_ms;
 module_param(test_seal_delay_ms, uint, 0);
 MODULE_PARM_DESC(test_seal_delay_ms,
 		 "testing only: sleep this long in SEAL of boxes named slow*, between preserving and publishing");
 #define fdbox_test_corrupt(bit)	(test_corrupt_handover & (bit))
+
+/*
+ * Damage that keeps every CRC valid (applied before the CRCs are taken), for
+ * the checks behind the CRC: a pfn listed twice, an index whose end wraps.
+ * The list must have two folios.
+ */
+static void fdbox_test_damage_list(struct fdbox_box *box,
+				   struct fdbox_entry_kho *kho)
+{
+	if (kho->nr_folios < 2)
+		return;
+	if (fdbox_test_corrupt(64) && !strncmp(box->name, "bad-dup", 7))
+		kho->ser[1].pfn = kho->ser[0].pfn;
+	if (fdbox_test_corrupt(128) && !strncmp(box->name, "bad-idx", 7))
+		kho->ser[1].index = -(1ULL << kho->ser[1].order);
+}
+
+/*
+ * A CRC-valid count whose list size, truncated to 32 bits, is one page: the
+ * list CRC used to read 2^44 bytes past the one-page list.
+ */
+static void fdbox_test_damage_count(struct fdbox_box *box,
+				    struct fdbox_kho_entry *e)
+{
+	if (fdbox_test_corrupt(32) && !strncmp(box->name, "bad-nr", 6)) {
+		e->nr_folios = 733007751851ULL;	/* * 24 = 2^44 + 8 bytes */
+		e->size = e->nr_folios * e->page_size;
+	}
+}
 #else
 #define fdbox_test_corrupt(bit)	false
+static inline void fdbox_test_damage_list(struct fdbox_box *box,
+					  struct fdbox_entry_kho *kho) { }
+static inline void fdbox_test_damage_count(struct fdbox_box *box,
+					   struct fdbox_kho_entry *e) { }
 #endif
 
 static DECLARE_RWSEM(fdbox_kho_rwsem);
@@ -202,9 +228,17 @@ static u32 *fdbox_seals_ptr(struct file *file)
 static void fdbox_kho_release_folios(struct fdbox_entry_kho *kho,
 				     u64 nr_preserved)
 {
-	for (u64 i = 0; i < nr_preserved; i++)
+	for (u64 i = 0; i < nr_preserved; i++) {
 		kho_unpreserve_folio(kho->folios[i]);
-	unpin_folios(kho->folios, kho->nr_folios);
+		if (!(i % 1024))
+			cond_resched();
+	}
+	/* unpin_folios() takes a batch; 1024 at a time keeps latency bounded */
+	for (u64 i = 0; i < kho->nr_folios; i += 1024) {
+		unpin_folios(kho->folios + i,
+			     min_t(u64, 1024, kho->nr_folios - i));
+		cond_resched();
+	}
 	atomic64_sub(kho->nr_folios, &fdbox_counters.pinned_folios);
 	vfree(kho->ser);
 	kho->ser = NULL;
@@ -286,7 +320,12 @@ err_release:
 
 /*
  * The seals SEAL adds to fix the mapping (see the DOC block), or an error if
- * the file cannot be held fixed. Called with the inode lock held.
+ * the file cannot be held fixed. The rules are memfd_add_seals()'s: nothing
+ * is added under F_SEAL_SEAL, and only through a file open for writing (a
+ * read-only reference must not impose F_SEAL_FUTURE_WRITE on the writers).
+ * SEAL never adds F_SEAL_EXEC or F_SEAL_WRITE, so neither the W^X rule nor
+ * the wait for pins applies here (RESTORE_FD applies both). Called with the
+ * inode lock held.
  */
 static int fdbox_kho_seals_to_add(struct fdbox_entry *entry, u32 seals,
 				  u32 *added)
@@ -305,6 +344,9 @@ static int fdbox_kho_seals_to_add(struct fdbox_entry *entry, u32 seals,
 	*added = need & ~seals;
 	if ((seals & F_SEAL_SEAL) && *added)
 		return -EOPNOTSUPP;
+	/* as memfd_add_seals(): only a writer may seal */
+	if (*added && !(entry->file->f_mode & FMODE_WRITE))
+		return -EPERM;
 	return 0;
 }
 
@@ -412,9 +454,11 @@ static struct fdbox_kho_box *fdbox_kho_box_desc(struct fdbox_box *box,
 		if (fdbox_test_corrupt(8) && !strncmp(box->name, "bad-pfn", 7))
 			/* a tail page of the root folio: never KHO-marked */
 			kho->ser[0].pfn = PHYS_PFN(virt_to_phys(fdbox_kho_root)) + 1;
+		fdbox_test_damage_list(box, kho);
 		e->folios = kho->ser_kho;
 		e->folios_crc = fdbox_crc(kho->ser, kho->nr_folios *
 					  sizeof(*kho->ser));
+		fdbox_test_damage_count(box, e);
 	}
 	desc->crc = fdbox_crc(desc, size);
 	if (fdbox_test_corrupt(1) ||
@@ -510,8 +554,8 @@ static int fdbox_kho_begin(void)
  *
  * Return: 0, or an error with nothing changed: -ENODEV (KHO off),
  * -ESHUTDOWN (reboot started), -EOPNOTSUPP (seals that cannot be carried or
- * held), -EEXIST (LUO preserves a file), -EFBIG, -ENOMEM, or what pinning or
- * KHO returned.
+ * held), -EPERM (seals to add to a file not open for writing), -EEXIST (LUO
+ * preserves a file), -EFBIG, -ENOMEM, or what pinning or KHO returned.
  */
 int fdbox_kho_seal(struct fdbox_box *box)
 {
@@ -629,31 +673,60 @@ static struct notifier_block fdbox_kho_reboot_nb = {
 /* Restore */
 
 /*
+ * KHO's mark on the head page of every preserved folio, as
+ * kernel/liveupdate/kexec_handover.c of 7.2 writes it: the page's private
+ * field holds union kho_page_info (order, then magic KHO_PAGE_MAGIC). Neither is
+ * exported (no header has them), so this copy is the one place fdbox
+ * depends on KHO internals; a union, like KHO's own, so it reads the same on
+ * either endianness. tests/unit/test_kmod_kho_page_info.py compares it with
+ * the reference tree. What would replace it upstream: an exported
+ * "bool kho_is_preserved_folio(phys_addr_t phys, unsigned int order)" (or a
+ * kho_restore_folio() that fails quietly on unpreserved memory).
+ */
+#define FDBOX_KHO_PAGE_MAGIC	0x4b484f50U	/* KHO_PAGE_MAGIC, 'KHOP' */
+
+union fdbox_kho_page_info {
+	unsigned long page_private;
+	struct {
+		unsigned int order;
+		unsigned int magic;
+	};
+};
+static_assert(sizeof(union fdbox_kho_page_info) ==
+	      sizeof_field(struct page, private));
+
+/*
  * Is @phys the head of a folio KHO preserved with @order (any order if
- * @order < 0)? Reads only struct page, never the memory.
+ * @order < 0)? Reads only struct page, never the memory. kho_restore_folio()
+ * WARNs on a page without the mark; fdbox checks first, so a corrupt
+ * handover is refused quietly.
  */
 static bool fdbox_kho_preserved(phys_addr_t phys, int order)
 {
 	unsigned long pfn = PHYS_PFN(phys);
-	unsigned long info;
+	union fdbox_kho_page_info info;
 	struct page *page;
 
 	if (!phys || !PAGE_ALIGNED(phys) || !pfn_valid(pfn) ||
 	    !page_is_ram(pfn))
 		return false;
-	page = pfn_to_page(pfn);
-	info = READ_ONCE(page->private);
-	/* union kho_page_info: u32 order, then u32 magic (little endian) */
-	if ((u32)(info >> 32) != FDBOX_KHO_PAGE_MAGIC)
+	page = pfn_to_online_page(pfn);
+	if (!page)
 		return false;
-	return order < 0 || (u32)info == order;
+	info.page_private = READ_ONCE(page->private);
+	if (info.magic != FDBOX_KHO_PAGE_MAGIC)
+		return false;
+	return order < 0 || info.order == order;
 }
 
 static void fdbox_kho_put_folios(struct fdbox_entry_kho *kho)
 {
-	for (u64 i = 0; i < kho->nr_folios; i++)
+	for (u64 i = 0; i < kho->nr_folios; i++) {
 		if (kho->folios[i])
 			folio_put(kho->folios[i]);
+		if (!(i % 1024))
+			cond_resched();
+	}
 	kvfree(kho->folios);
 	vfree(kho->ser);
 }
@@ -709,78 +782,48 @@ static bool fdbox_kho_seals_fit(u32 have, u32 want)
 	return !(have & F_SEAL_SEAL) || have == want;
 }
 
-/* Apply the preserved seals to the filled target; -EMEDIUMTYPE if it can't. */
-static int fdbox_kho_apply_seals(struct fdbox_entry *entry, struct file *target)
+/*
+ * The seals memfd_add_seals() would end up with on @inode: F_SEAL_EXEC on an
+ * executable file implies the write seals (W^X). A sealed file with
+ * F_SEAL_EXEC and no write seal was not executable, so its target must not
+ * be either (memfd_create(MFD_NOEXEC_SEAL)).
+ */
+static u32 fdbox_kho_implied_seals(struct inode *inode, u32 seals)
 {
-	struct inode *inode = file_inode(target);
-	u32 *seals = fdbox_seals_ptr(target);
-
-	int err = 0;
-
-	inode_lock(inode);
-	if (!fdbox_kho_seals_fit(READ_ONCE(*seals), entry->seals))
-		err = -EMEDIUMTYPE;
-	/* as memfd_add_seals(): F_SEAL_WRITE needs no writable mapping */
-	else if ((entry->seals & F_SEAL_WRITE) &&
-		 mapping_deny_writable(target->f_mapping))
-		err = -EMEDIUMTYPE;
-	else
-		WRITE_ONCE(*seals, entry->seals);
-	inode_unlock(inode);
-	return err;
+	if ((seals & F_SEAL_EXEC) && (inode->i_mode & 0111))
+		seals |= F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE |
+			 F_SEAL_FUTURE_WRITE;
+	return seals;
 }
 
 #define FDBOX_RESTORE_BATCH 256
 
-/**
- * fdbox_kho_restore_entry - fill @target from a restored entry's memory.
- * @entry:  a restore-pending entry, whose file the caller already set to
- *          @target (so no other box can take @target meanwhile).
- * @target: the caller's memfd.
- *
- * Copies the preserved data, applies the preserved seals, frees the
- * preserved memory.
- *
- * Context: Process context; the caller holds the box's mutex.
- *
- * Return: 0; -EMEDIUMTYPE if @target does not fit (kind, page size, size,
- * not empty, not open for writing, write-sealed, or seals that conflict with
- * the entry's); -ENOMEM; or an error from pinning @target's folios. On error
- * the preserved data is untouched and RESTORE_FD can be retried.
- */
-int fdbox_kho_restore_entry(struct fdbox_entry *entry, struct file *target)
+/* Copy the preserved data into @target; the caller holds its inode lock. */
+static int fdbox_kho_copy_to(struct fdbox_entry *entry, struct file *target)
 {
 	struct fdbox_entry_kho *kho = entry->kho;
-	struct inode *inode = file_inode(target);
-	struct folio **dst;
-	u64 page_size, cursor = 0;
 	loff_t pos, size = entry->size;
+	u64 cursor = 0;
+	struct folio **dst;
 	pgoff_t offset;
-	u32 type;
-	int err;
-
-	if (fdbox_classify(target, &type, &page_size) || type != entry->type ||
-	    page_size != entry->page_size || i_size_read(inode) != size ||
-	    inode->i_blocks || !(target->f_mode & FMODE_WRITE) ||
-	    !fdbox_kho_seals_fit(READ_ONCE(*fdbox_seals_ptr(target)),
-				 entry->seals))
-		return -EMEDIUMTYPE;
+	int err = 0;
 
 	dst = kvmalloc_array(FDBOX_RESTORE_BATCH, sizeof(*dst), GFP_KERNEL);
 	if (!dst)
 		return -ENOMEM;
 	for (pos = 0; pos < size; ) {
-		loff_t end = min_t(loff_t, size,
-				   pos + (loff_t)FDBOX_RESTORE_BATCH * page_size);
+		loff_t end = min_t(loff_t, size, pos +
+				   (loff_t)FDBOX_RESTORE_BATCH * entry->page_size);
 		long nr = memfd_pin_folios(target, pos, end - 1, dst,
 					   FDBOX_RESTORE_BATCH, &offset);
 
 		if (nr <= 0) {
 			err = nr ?: -EIO;
-			goto out;
+			break;
 		}
 		for (long i = 0; i < nr; i++) {
 			fdbox_copy_into(kho, &cursor, dst[i]);
+			flush_dcache_folio(dst[i]);
 			folio_lock(dst[i]);
 			folio_mark_dirty(dst[i]);
 			folio_unlock(dst[i]);
@@ -790,12 +833,69 @@ int fdbox_kho_restore_entry(struct fdbox_entry *entry, struct file *target)
 		unpin_folios(dst, nr);
 		cond_resched();
 	}
-	err = fdbox_kho_apply_seals(entry, target);
-	if (err)
-		goto out;
-	fdbox_kho_discard_entry(entry);
-out:
 	kvfree(dst);
+	return err;
+}
+
+/**
+ * fdbox_kho_restore_entry - fill @target from a restored entry's memory.
+ * @entry:  a restore-pending entry, whose file the caller already set to
+ *          @target (so no other box can take @target meanwhile).
+ * @target: the caller's memfd.
+ *
+ * Checks @target, copies the preserved data, applies the preserved seals and
+ * frees the preserved memory, all under @target's inode lock: nobody can
+ * truncate, punch or write() it meanwhile, so what the copy wrote is what
+ * the file holds when the seals go on. The seals follow memfd_add_seals():
+ * F_SEAL_WRITE needs no writable mapping and no pinned page. The target is
+ * empty when the lock is taken, so none of its pages can be pinned yet, and
+ * writable mappings are denied before the first page exists: none can be
+ * pinned for writing before F_SEAL_WRITE is set either (no wait for pins is
+ * needed, unlike memfd_add_seals() on a file with a past).
+ *
+ * Context: Process context; the caller holds the box's mutex.
+ *
+ * Return: 0; -EMEDIUMTYPE if @target does not fit (kind, page size, size,
+ * not empty, not open for writing, a writable mapping while the entry is
+ * write-sealed, executable while the entry has F_SEAL_EXEC alone, or seals
+ * that conflict with the entry's); -ENOMEM; or an error from pinning
+ * @target's folios. On error the preserved data is untouched and RESTORE_FD
+ * can be retried.
+ */
+int fdbox_kho_restore_entry(struct fdbox_entry *entry, struct file *target)
+{
+	struct inode *inode = file_inode(target);
+	u32 *seals = fdbox_seals_ptr(target);
+	bool deny = entry->seals & F_SEAL_WRITE;
+	u64 page_size;
+	u32 type;
+	int err;
+
+	if (fdbox_classify(target, &type, &page_size) || type != entry->type ||
+	    page_size != entry->page_size || !(target->f_mode & FMODE_WRITE))
+		return -EMEDIUMTYPE;
+
+	inode_lock(inode);
+	err = -EMEDIUMTYPE;
+	if (i_size_read(inode) != entry->size || inode->i_blocks ||
+	    !fdbox_kho_seals_fit(READ_ONCE(*seals), entry->seals) ||
+	    fdbox_kho_implied_seals(inode, entry->seals) != entry->seals)
+		goto out_unlock;
+	if (deny && mapping_deny_writable(target->f_mapping))
+		goto out_unlock;
+	err = fdbox_kho_copy_to(entry, target);
+	if (err) {
+		if (deny)
+			mapping_allow_writable(target->f_mapping);
+		goto out_unlock;
+	}
+	WRITE_ONCE(*seals, entry->seals);
+	inode_unlock(inode);
+	fdbox_kho_discard_entry(entry);
+	return 0;
+
+out_unlock:
+	inode_unlock(inode);
 	return err;
 }
 
@@ -804,10 +904,10 @@ out:
  * kho_restore_vmalloc() follows it (it trusts every pointer).
  */
 static bool fdbox_kho_vmalloc_valid(const struct kho_vmalloc *v,
-				    unsigned int want_pages)
+				    u64 want_pages)
 {
 	phys_addr_t chunk_phys = v->first.phys;
-	unsigned int pages = 0, chunks = 0;
+	u64 pages = 0, chunks = 0;
 
 	if (v->total_pages != want_pages || v->order)
 		return false;
@@ -825,16 +925,61 @@ static bool fdbox_kho_vmalloc_valid(const struct kho_vmalloc *v,
 				return false;
 		}
 		chunk_phys = chunk->hdr.next.phys;
+		cond_resched();
 	}
 	return pages == want_pages;
 }
 
-/* The folio list: sorted, non-overlapping, inside the file, aligned. */
-static bool fdbox_kho_folio_list_valid(const struct fdbox_kho_entry *e,
-				       const struct fdbox_preserved_folio *ser)
+static int fdbox_cmp_u64(const void *a, const void *b)
 {
-	u64 max_pages = DIV_ROUND_UP_ULL(e->size, PAGE_SIZE);
+	u64 x = *(const u64 *)a, y = *(const u64 *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/*
+ * No pfn twice in one list: KHO's mark check passes a pfn as often as it is
+ * listed, and the second kho_restore_folio() of it would WARN. (Distinct
+ * marked heads cannot overlap otherwise: KHO marks only the head page of a
+ * preserved folio.) Returns 0, -EINVAL, or -ENOMEM.
+ */
+static int fdbox_kho_pfns_unique(const struct fdbox_preserved_folio *ser,
+				 u64 n)
+{
+	u64 *pfns;
+	int err = 0;
+
+	if (n < 2)
+		return 0;
+	pfns = kvmalloc_array(n, sizeof(*pfns), GFP_KERNEL);
+	if (!pfns)
+		return -ENOMEM;
+	for (u64 i = 0; i < n; i++)
+		pfns[i] = ser[i].pfn;
+	sort(pfns, n, sizeof(*pfns), fdbox_cmp_u64, NULL);
+	for (u64 i = 1; i < n && !err; i++) {
+		if (pfns[i] == pfns[i - 1])
+			err = -EINVAL;
+		if (!(i % 4096))
+			cond_resched();
+	}
+	kvfree(pfns);
+	return err;
+}
+
+/*
+ * The folio list: sorted, non-overlapping, inside the file (no index near
+ * 2^64 wraps the bound), aligned, each pfn once. Returns 0, -EINVAL, or
+ * -ENOMEM.
+ */
+static int fdbox_kho_folio_list_valid(const struct fdbox_kho_entry *e,
+				      const struct fdbox_preserved_folio *ser)
+{
+	/* pages the file spans, and one of its pages of slack past the end */
+	u64 limit = DIV_ROUND_UP_ULL(e->size, PAGE_SIZE) +
+		(e->page_size >> PAGE_SHIFT);
 	u32 min_order = ilog2(e->page_size) - PAGE_SHIFT;
+	u64 next = 0;	/* first index the next folio may start at */
 
 	for (u64 i = 0; i < e->nr_folios; i++) {
 		const struct fdbox_preserved_folio *s = &ser[i];
@@ -844,13 +989,15 @@ static bool fdbox_kho_folio_list_valid(const struct fdbox_kho_entry *e,
 		    (e->type == FDBOX_TYPE_MEMFD_HUGETLB && s->order != min_order) ||
 		    !IS_ALIGNED(s->pfn, 1ULL << s->order) ||
 		    !IS_ALIGNED(s->index, 1ULL << s->order) ||
-		    s->index + (1ULL << s->order) > max_pages +
-		    (e->page_size >> PAGE_SHIFT) ||
-		    (i && s->index < ser[i - 1].index + (1ULL << ser[i - 1].order)) ||
+		    s->index < next || s->index >= limit ||
+		    (1ULL << s->order) > limit - s->index ||
 		    !fdbox_kho_preserved(PFN_PHYS(s->pfn), s->order))
-			return false;
+			return -EINVAL;
+		next = s->index + (1ULL << s->order);
+		if (!(i % 4096))
+			cond_resched();
 	}
-	return true;
+	return fdbox_kho_pfns_unique(ser, e->nr_folios);
 }
 
 /*
@@ -860,13 +1007,15 @@ static bool fdbox_kho_folio_list_valid(const struct fdbox_kho_entry *e,
 static int fdbox_kho_claim_folios(const struct fdbox_kho_entry *e,
 				  struct fdbox_entry_kho *kho)
 {
-	u64 list_bytes;
-	u64 i;
+	u64 list_bytes, i;
+	int err;
 
 	kho->nr_folios = e->nr_folios;
 	if (!e->nr_folios)
 		return 0;
-	if (e->nr_folios > DIV_ROUND_UP_ULL(e->size, PAGE_SIZE) ||
+	/* each folio is at least a page of this machine's memory */
+	if (e->nr_folios > min_t(u64, DIV_ROUND_UP_ULL(e->size, PAGE_SIZE),
+				 totalram_pages()) ||
 	    check_mul_overflow(e->nr_folios, (u64)sizeof(*kho->ser), &list_bytes) ||
 	    !fdbox_kho_vmalloc_valid(&e->folios,
 				     DIV_ROUND_UP_ULL(list_bytes, PAGE_SIZE)))
@@ -874,10 +1023,11 @@ static int fdbox_kho_claim_folios(const struct fdbox_kho_entry *e,
 	kho->ser = kho_restore_vmalloc(&e->folios);
 	if (!kho->ser)
 		return -EIO;
-	if (fdbox_crc(kho->ser, list_bytes) != e->folios_crc ||
-	    !fdbox_kho_folio_list_valid(e, kho->ser)) {
+	err = fdbox_crc(kho->ser, list_bytes) != e->folios_crc ? -EINVAL :
+		fdbox_kho_folio_list_valid(e, kho->ser);
+	if (err) {
 		vfree(kho->ser);
-		return -EINVAL;
+		return err;
 	}
 
 	kho->folios = kvcalloc(e->nr_folios, sizeof(*kho->folios), GFP_KERNEL);
@@ -886,11 +1036,18 @@ static int fdbox_kho_claim_folios(const struct fdbox_kho_entry *e,
 		return -ENOMEM;
 	}
 	for (i = 0; i < e->nr_folios; i++) {
-		struct folio *folio = kho_restore_folio(PFN_PHYS(kho->ser[i].pfn));
+		struct folio *folio = NULL;
 
+		/*
+		 * Checked above, but an earlier list (another entry's, another
+		 * box's) may have claimed the same pfn since: KHO's mark is gone
+		 * then, and kho_restore_folio() would WARN.
+		 */
+		if (fdbox_kho_preserved(PFN_PHYS(kho->ser[i].pfn),
+					kho->ser[i].order))
+			folio = kho_restore_folio(PFN_PHYS(kho->ser[i].pfn));
 		if (!folio) {
-			/* checked above: only a pfn listed twice gets here */
-			pr_err("%s: folio %llu at pfn %#llx listed twice\n",
+			pr_err("%s: folio %llu at pfn %#llx is listed twice\n",
 			       e->name, i, kho->ser[i].pfn);
 			kho->nr_folios = i;
 			fdbox_kho_put_folios(kho);
@@ -958,6 +1115,7 @@ static int fdbox_kho_box_desc_valid(struct fdbox_kho_box *desc,
 		for (u32 j = 0; j < i; j++)
 			if (!strcmp(desc->entries[i].name, desc->entries[j].name))
 				return -EINVAL;
+		cond_resched();	/* up to 4096 * 4095 / 2 name compares */
 	}
 	return 0;
 }

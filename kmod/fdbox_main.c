@@ -1117,6 +1117,9 @@ static long fdbox_ioctl(struct file *filp, unsigned int cmd,
 		return err;
 	if (ucmd.user_size < op->min_size)
 		return -EINVAL;
+	/* copy_struct_from_user() checks the tail is zero: bound that scan */
+	if (ucmd.user_size > PAGE_SIZE)
+		return -E2BIG;
 
 	ucmd.cmd = &buf;
 	err = copy_struct_from_user(ucmd.cmd, op->size, ucmd.ubuffer,

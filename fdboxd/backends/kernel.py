@@ -37,6 +37,8 @@ _STATES: dict[uapi.BoxState, BoxState] = {
     uapi.BoxState.RESTORED: BoxState.RESTORED,
 }
 MFD_HUGE_SHIFT = 26
+MFD_NOEXEC_SEAL = 0x0008  # <linux/memfd.h>; not in os before Python 3.13
+F_SEAL_EXEC = 0x0020  # <linux/fcntl.h>
 
 
 def _error(e: uapi.FdboxOSError, box: str, name: str | None = None) -> FdboxError:
@@ -165,6 +167,10 @@ class KernelBackend(Backend):
         if info is None:
             raise FdboxError("NotFound", f"no entry {box}/{name}", box=box, name=name)
         flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        if info.seals & F_SEAL_EXEC:
+            # F_SEAL_EXEC came from a non-executable memfd (on an executable one it
+            # brings the write seals): the module wants the target non-executable too.
+            flags |= MFD_NOEXEC_SEAL
         if info.type == uapi.EntryType.MEMFD_HUGETLB:
             flags |= os.MFD_HUGETLB | (info.page_size.bit_length() - 1) << MFD_HUGE_SHIFT
         try:

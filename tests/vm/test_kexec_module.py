@@ -78,7 +78,7 @@ def test_review_handover_and_restore(vm_with_test_module: vmlib.Harness) -> None
     the good ones restored; a SEAL in flight at `kexec -e` is waited for; restored boxes
     exist before /dev/fdbox does; RESTORE_FD applies seals and checks its target first."""
     s1, s2 = _stages("review")
-    run = vm_with_test_module.run(s1, s2, cmdline_extra=["hugepages=16"], memory_mb=1024, timeout=600)
+    run = vm_with_test_module.run(s1, s2, cmdline_extra=["hugepages=24"], memory_mb=1024, timeout=600)
     run.check()  # includes: no BUG/WARNING/Oops in either kernel
     assert [s.status for s in run.stages] == ["kexec", "ok"]
     assert "fdbox: reboot: waiting for a seal/unseal in progress" in run.console

@@ -268,6 +268,11 @@ def stage2(scenario: str) -> None:
 
 F_SEAL_SEAL, F_SEAL_WRITE = 1, 8
 REVIEW_BAD = ("bad-desc", "bad-pfn", "bad-ptr")
+#: Issue 20, items 3 and 8: damage behind valid CRCs (test_corrupt_handover 32|64|128): a
+#: huge nr_folios with a one-page list, a pfn listed twice, an index whose end wraps 2^64.
+REVIEW_BAD_CRC = ("bad-nr", "bad-dup", "bad-idx")
+MFD_NOEXEC_SEAL = 8
+F_SEAL_EXEC = 0x20
 
 
 def new_memfd(name: str, size: int, flags: int = os.MFD_ALLOW_SEALING) -> int:
@@ -277,7 +282,7 @@ def new_memfd(name: str, size: int, flags: int = os.MFD_ALLOW_SEALING) -> int:
 
 
 def review_stage1() -> None:
-    km.load(params="test_corrupt_handover=28 test_seal_delay_ms=20000")
+    km.load(params="test_corrupt_handover=252 test_seal_delay_ms=20000")
     d = uapi.FdboxDevice()
     record: dict[str, object] = {}
     d.create_box("vm1")
@@ -291,15 +296,23 @@ def review_stage1() -> None:
     huge = new_memfd("huge", 8 * MIB, os.MFD_HUGETLB | os.MFD_ALLOW_SEALING)
     record["huge"] = fill(huge, 8 * MIB, 13)
     d.put_fd("vm1", "huge", huge)
+    # issue 20, item 6: F_SEAL_EXEC alone (a non-executable memfd) must come back as one
+    noexec = new_memfd("noexec", HUGE, os.MFD_HUGETLB | MFD_NOEXEC_SEAL)
+    record["noexec"] = fill(noexec, HUGE, 15)
+    d.put_fd("vm1", "noexec", noexec)
     d.seal("vm1")
-    for i, box in enumerate(REVIEW_BAD):
+    for i, box in enumerate(REVIEW_BAD + REVIEW_BAD_CRC):
         d.create_box(box)
-        fd = new_memfd(box, MIB)
-        fill(fd, MIB, 20 + i)
+        if box in REVIEW_BAD_CRC:  # two folios: the damage needs a second one
+            fd = new_memfd(box, 2 * HUGE, os.MFD_HUGETLB | os.MFD_ALLOW_SEALING)
+            fill(fd, 2 * HUGE, 20 + i)
+        else:
+            fd = new_memfd(box, MIB)
+            fill(fd, MIB, 20 + i)
         d.put_fd(box, "mem", fd)
         d.seal(box)
         os.close(fd)
-    for fd in (ram, plain, huge):
+    for fd in (ram, plain, huge, noexec):
         os.close(fd)
     # "slow": SEAL sleeps 20 s between preserving and publishing, in a child that outlives
     # this script; vm-kexec's `kexec -e` comes while it sleeps.
@@ -368,9 +381,10 @@ def review_stage2() -> None:
     check(set(boxes) == {"vm1", "slow"}, f"good boxes restored, damaged ones refused: {sorted(boxes)}")
     check(v.restore_status == -errno.EINVAL, f"restore_status EINVAL ({v.restore_status})")
     dmesg = subprocess_out(["dmesg"])
-    check("restored 2 box(es) from the previous kernel, refused 3" in dmesg, "dmesg counts restored and refused")
-    check(any("box bad-pfn:" in ln and "refused" in ln for ln in dmesg.splitlines()), "bad folio pfn refused by name")
-    check(dmesg.count("refused") >= 3, "every refused box reported")
+    check("restored 2 box(es) from the previous kernel, refused 6" in dmesg, "dmesg counts restored and refused")
+    for box in ("bad-pfn", *REVIEW_BAD_CRC):
+        check(any(f"box {box}:" in ln and "refused" in ln for ln in dmesg.splitlines()), f"{box} refused by name")
+    check(dmesg.count("refused") >= 6, "every refused box reported")
 
     entries = {e.name: e for e in d.list_entries("vm1")}
     # item 4: unfit targets are refused before anything is copied
@@ -415,6 +429,20 @@ def review_stage2() -> None:
     check(fcntl.fcntl(huge, F_GET_SEALS) == 0, "hugetlb: SEAL's own seals did not cross")
     check(sha_of(huge) == record["huge"], "huge restored")
     os.close(huge)
+
+    # issue 20, item 6: F_SEAL_EXEC alone is restored only into a non-executable target
+    # (memfd_add_seals' W^X rule would add the write seals to an executable one)
+    e = next(e for e in d.list_entries("vm1") if e.name == "noexec")
+    check(e.seals == F_SEAL_EXEC, f"noexec: F_SEAL_EXEC preserved ({e.seals})")
+    ex = new_memfd("noexec", e.size, os.MFD_HUGETLB | os.MFD_ALLOW_SEALING)
+    expect_errno(errno.EMEDIUMTYPE, d.restore_fd, "vm1", "noexec", ex)
+    check(os.fstat(ex).st_blocks == 0, "nothing copied into an unfit target")
+    os.close(ex)
+    fd = new_memfd("noexec", e.size, os.MFD_HUGETLB | MFD_NOEXEC_SEAL)
+    d.restore_fd("vm1", "noexec", fd)
+    check(fcntl.fcntl(fd, F_GET_SEALS) == F_SEAL_EXEC, "noexec: seals restored")
+    check(sha_of(fd) == record["noexec"], "noexec restored")
+    os.close(fd)
 
     # item 5: the reboot notifier waited for the slow SEAL, so the box crossed whole
     [e] = d.list_entries("slow")

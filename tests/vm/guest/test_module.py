@@ -1188,3 +1188,38 @@ def test_root_survives_failing_seals_and_last_unseals(dev: uapi.FdboxDevice) -> 
     for fd in fds:
         os.close(fd)
     print(f"\nseal race {SEAL_RACE_SECONDS:.0f}s: {counts}")
+
+
+@needs_kho
+def test_seal_needs_a_writable_reference(dev: uapi.FdboxDevice) -> None:
+    """Issue 20, item 6: SEAL adds seals as memfd_add_seals() would, so only through a file
+    open for writing: a read-only reference put in the box cannot impose
+    F_SEAL_FUTURE_WRITE on the memfd's writers (EPERM, nothing changed)."""
+    if hugepages_free() < 1:
+        pytest.fail("no free huge pages")
+    dev.create_box("ro")
+    h = memfd(flags=os.MFD_HUGETLB | os.MFD_ALLOW_SEALING, size=HUGE)
+    ro = os.open(f"/proc/self/fd/{h}", os.O_RDONLY)
+    dev.put_fd("ro", "h", ro)
+    e = expect_errno(errno.EPERM, dev.seal, "ro")
+    assert dev.list_boxes()[0].state == uapi.BoxState.OPEN
+    assert fcntl.fcntl(h, F_GET_SEALS) == 0
+    assert km.stats(dev)["pinned_folios"] == 0
+    dev.remove_entry("ro", "h")
+    dev.put_fd("ro", "h", h)  # the writable reference: SEAL works
+    dev.seal("ro")
+    dev.unseal("ro")
+    for fd in (ro, h):
+        os.close(fd)
+    assert e.errno == errno.EPERM
+
+
+def test_struct_larger_than_a_page_is_e2big(dev: uapi.FdboxDevice) -> None:
+    """Issue 20, item 11: the zero-tail check of a larger struct is bounded at PAGE_SIZE
+    (a 4 GiB user_size made the kernel scan 4 GiB): past it E2BIG, at it still accepted."""
+    page = mmap.PAGESIZE
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_VERSION, km.struct_bytes(uapi.Version(), page, bytes(page)))[0] == 0
+    big = km.struct_bytes(uapi.Version(), page + 8, bytes(page + 8))
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_VERSION, big)[0] == errno.E2BIG
+    huge = km.struct_bytes(uapi.Version(), 0xFFFFFFFF)  # the rest unmapped: refused before any read
+    assert km.raw_ioctl(dev, uapi.FDBOX_IOC_VERSION, huge)[0] == errno.E2BIG
