@@ -6,9 +6,13 @@ The package is laid out one concept a module:
 - :mod:`fdboxd.names`    box and entry name rules
 - :mod:`fdboxd.fdtypes`  what kind of file an fd really is (never trust the client)
 - :mod:`fdboxd.model`    boxes, entries, states, callers
-- :mod:`fdboxd.store`    the core: rules, ownership, limits, events
-- :mod:`fdboxd.lifecycle` seal, carry across kexec, verify, unseal, finish (over a store)
+- :mod:`fdboxd.store`    the core: rules, ownership, limits, counters, events (no fd kind named)
+- :mod:`fdboxd.kinds`    one contract per fd kind (memfd, guest_memfd, tap), registered once;
+  :mod:`fdboxd.kinds.base` the contract and the store surface the layers above may use
+- :mod:`fdboxd.lifecycle` seal, carry across kexec, verify, unseal, finish: loops over entries
 - :mod:`fdboxd.reconcile` start-up: the backends say what exists, the manifest who owns it
+- :mod:`fdboxd.gmem` / :mod:`fdboxd.net` the mechanics behind two kinds: copying a
+  guest_memfd without touching it, recording and recreating a tap
 - :mod:`fdboxd.manifest` the on-disk record of names, owners and types (snapshot + journal)
 - :mod:`fdboxd.backends` where the file references actually live (memory, kernel)
 - :mod:`fdboxd.varlink`  the socket protocol (framing) and server

@@ -145,13 +145,8 @@ class Daemon:
             # One line per phase of the blackout's restore side (bench/liveupdate.py reads it).
             log.info("restore timing: backend_ms=%.1f store_ms=%.1f verify_ms=%.1f verify=%s",
                      (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, config.verify)
-        # Taps cannot cross a kexec: recreate the recorded interfaces no backend holds.
-        from . import net  # standard library only; pyroute2 is imported if there is work
-
-        if net.pending(self.store):
-            done = net.restore_pending(self.store)
-            log.info("network devices: %d recreated, %d failed",
-                     sum(r.status == "recreated" for r in done), sum(r.status == "failed" for r in done))
+        # What no kernel carries comes back now: the taps' recorded interfaces (fdboxd.kinds.tap).
+        self.store.start_kinds()
         self.stopping = asyncio.Event()
         self.varlink: VarlinkServer | None = None
         self.frontends: list[Any] = []  # objects with an async close()

@@ -69,6 +69,7 @@ except ImportError:  # dbus-fast < 2 (Debian 12's 1.84): the same decorators, ol
 
 from . import __version__
 from .errors import FdboxError, describe
+from .kinds import guest_memfd, tap
 from .model import Caller, Entry
 from .store import Event, PutItem, Store, seal_in_worker
 from .varlink.protocol import close_fds
@@ -175,9 +176,8 @@ class Manager(ServiceInterface):
     @dbus_method()
     def NetRestore(self, box: "s") -> "aa{sv}":  # noqa: F821, N802
         """Recreate the box's recorded network interfaces that are gone (see fdboxd.net)."""
-        from . import net  # pyroute2 is imported only if an interface must be recreated
-
-        return [_dict(r.to_dict(), _NET_TYPES) for r in net.restore_box(self.store, self.caller(), box)]
+        results = tap.of(self.store).restore_box(self.store, self.caller(), box)  # pyroute2 only if there is work
+        return [_dict(r.to_dict(), _NET_TYPES) for r in results]
 
     @dbus_method()
     def Remove(self, box: "s", name: "s"):  # noqa: F821, N802
@@ -195,9 +195,7 @@ class Manager(ServiceInterface):
     @dbus_method()
     async def RestoreInto(self, box: "s", name: "s", fd: "h"):  # noqa: F821, N802
         """Fill the caller's new guest_memfd ``fd`` from box/name's carried copy (see fdboxd.gmem)."""
-        from . import gmem
-
-        await gmem.restore_into_in_worker(self.store, self.caller(), box, name, fd)
+        await guest_memfd.of(self.store).restore_into_in_worker(self.store, self.caller(), box, name, fd)
 
     @dbus_method()
     def Unseal(self, box: "s"):  # noqa: F821, N802

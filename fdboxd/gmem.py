@@ -45,17 +45,12 @@ import hashlib
 import logging
 import mmap
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .checksum import Digest, check_fd
 from .checksum import data_extents  # one hole walker for checksum and copy
 from .errors import FdboxError
-from .fdtypes import FdInfo, FdType, detect
-from .model import BoxState, Caller, Entry
-
-if TYPE_CHECKING:
-    from .store import Store
+from .fdtypes import FdInfo, FdType
+from .model import Entry
 
 log = logging.getLogger("fdboxd.gmem")
 
@@ -252,135 +247,3 @@ def populated(fd: int, size: int) -> list[tuple[int, int]]:
 
 
 _RESIDENT = bytes(b & 1 for b in range(256))  # mincore's bit 0; the other bits are reserved
-
-
-# ---------------------------------------------------------------------- RestoreInto
-#
-# Three phases over a Store, like sealing (fdboxd.lifecycle.seal_in_worker): check and
-# reserve on the daemon's loop, copy in a worker thread, then record on the loop.
-
-_busy: set[tuple[int, str, str]] = set()  # (id(store), box, name) being restored
-
-
-@dataclass
-class RestorePlan:
-    store: Store
-    box: str
-    entry: Entry
-    target: int  # a dup of the caller's guest_memfd, owned by the plan
-    sealed: bool  # a rehearsal on a sealed box: nothing in the box changes
-
-    @property
-    def key(self) -> tuple[int, str, str]:
-        return (id(self.store), self.box, self.entry.name)
-
-
-def restore_begin(store: Store, caller: Caller, box: str, name: str, fd: int) -> RestorePlan:
-    """Check everything RestoreInto needs, before any byte moves; reserve the entry."""
-    entry = store.find_entry(box, name, caller)  # another user's: NotFound, as if missing
-    if entry.type != FdType.GUEST_MEMFD:
-        raise FdboxError("UnsupportedType", f"{box}/{name} is {entry.type}, not a guest_memfd: use Get",
-                         box=box, name=name, type=str(entry.type))
-    b = store.boxes[box]
-    if b.state == BoxState.OPEN:
-        raise FdboxError("NotSealed", f"box {box} is open: no copy was carried (Seal takes it); Get returns "
-                         "the guest_memfd itself", box=box, state=str(b.state))
-    if not is_carried(entry):
-        raise FdboxError("InvalidRequest", f"{box}/{name} was restored already: Get it", box=box, name=name)
-    if (id(store), box, name) in _busy:
-        raise FdboxError("InvalidRequest", f"{box}/{name} is being restored by another call", box=box, name=name)
-    try:
-        info = detect(fd)
-    except OSError as e:
-        raise FdboxError("InvalidRequest", f"not a usable file descriptor: {e.strerror}") from e
-    if info.type != FdType.GUEST_MEMFD:
-        raise FdboxError("UnsupportedType", f"the target is {info.type}, not a guest_memfd", type=str(info.type))
-    if info.size != entry.size:
-        raise FdboxError("InvalidRequest", f"the target guest_memfd has {info.size} bytes, {box}/{name} "
-                         f"{entry.size}: create it with the entry's size", box=box, name=name)
-    plan = RestorePlan(store, box, entry, os.dup(fd), sealed=b.state == BoxState.SEALED)
-    _busy.add(plan.key)
-    return plan
-
-
-def restore_copy(plan: RestorePlan) -> str | None:
-    """The worker's part: fetch the carried copy, check it against the seal, fill the target.
-
-    Returns None, or why the copy failed its check (then the target was not touched).
-    """
-    what = f"{plan.box}/{plan.entry.name}"
-    try:
-        source = plan.store.backend.get(plan.box, carry_name(plan.entry.name))
-    except FdboxError as e:
-        raise FdboxError("NotFound", f"the copy of {what} carried since seal is gone ({e.message})",
-                         box=plan.box, name=plan.entry.name) from None
-    try:
-        e = plan.entry
-        sample = e.extra.get("sample")
-        problem = check_fd(source, Digest(e.size, e.sha256, sample if isinstance(sample, str) else None),
-                           plan.store.verify)
-        if problem is None:
-            fill(plan.target, source, e.size, what)
-        return problem
-    finally:
-        os.close(source)
-
-
-def restore_commit(plan: RestorePlan, problem: str | None) -> Entry:
-    """Record the outcome; in a restored box the entry then holds the new guest_memfd."""
-    store, entry = plan.store, plan.entry
-    try:
-        b = store.boxes.get(plan.box)
-        if b is None or b.entries.get(entry.name) is not entry or (b.state == BoxState.SEALED) != plan.sealed:
-            # Finished, deleted or unsealed while the copy ran: the target holds the
-            # copied bytes but the entry is no longer there to take it.
-            raise FdboxError("NotFound", f"{plan.box}/{entry.name} changed while it was being restored",
-                             box=plan.box, name=entry.name)
-        if problem is not None:
-            problem = f"the carried copy fails its check ({problem}); the target was not written"
-            if not plan.sealed:
-                log.error("restored entry %s/%s refused: %s", plan.box, entry.name, problem)
-                store.lost.append({"box": plan.box, "name": entry.name, "type": str(entry.type), "reason": problem})
-                store.drop_entry(b, entry.name)
-                store.record_or_log([["rm", plan.box, entry.name]])
-            raise FdboxError("BackendUnavailable", f"{plan.box}/{entry.name}: {problem}", box=plan.box, name=entry.name)
-        if plan.sealed:
-            return entry  # a rehearsal: the box keeps the original and its copy
-        store.rehold(plan.box, entry, plan.target)
-        store.drop_copy(plan.box, entry)
-        entry.extra = {**entry.extra, EXTRA: {**extra_of(entry.extra), "shared": True}}
-        store.claim(b, [entry])
-        return entry
-    finally:
-        restore_abort(plan)
-
-
-def restore_abort(plan: RestorePlan) -> None:
-    if plan.target >= 0:
-        os.close(plan.target)
-        plan.target = -1
-    _busy.discard(plan.key)
-
-
-def restore_into(store: Store, caller: Caller, box: str, name: str, fd: int) -> Entry:
-    """Fill the caller's new guest_memfd ``fd`` with ``box/name``'s carried bytes, synchronously."""
-    plan = restore_begin(store, caller, box, name, fd)
-    try:
-        problem = restore_copy(plan)
-    except BaseException:
-        restore_abort(plan)
-        raise
-    return restore_commit(plan, problem)
-
-
-async def restore_into_in_worker(store: Store, caller: Caller, box: str, name: str, fd: int) -> Entry:
-    """:func:`restore_into` for the event loop: the copy runs in a worker thread."""
-    import asyncio
-
-    plan = restore_begin(store, caller, box, name, fd)
-    try:
-        problem = await asyncio.get_running_loop().run_in_executor(None, restore_copy, plan)
-    except BaseException:
-        restore_abort(plan)
-        raise
-    return restore_commit(plan, problem)

@@ -18,17 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import gmem
 from .checksum import Digest, Verify, check_many, digest_many, planned_bytes, sha256_fd
 from .errors import FdboxError
-from .fdtypes import MEMORY_TYPES, FdType, detect
+from .fdtypes import detect
 from .manifest import ManifestData, Op, decode, encode, lost_op, lost_record
-from .model import Box, BoxState, Caller, Entry, Event
+from .model import Box, BoxState, Caller, Entry, Event, SealItem
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .kinds.base import StoreSurface as Store
 
-log = logging.getLogger("fdboxd.store")
+log = logging.getLogger("fdboxd.lifecycle")
 
 #: The box that carries the manifest of the sealed boxes across kexec, inside the sealed
 #: set itself, so the next kernel's daemon learns owners, metadata and checksums even
@@ -38,34 +37,18 @@ CARRY_ENTRY = "manifest.json"
 
 
 @dataclass
-class SealItem:
-    box: str
-    name: str
-    fd: int  # owned by the plan
-    digest: Digest | None = None  # filled by whoever checksums (fdboxd.checksum)
-    type: FdType = FdType.MEMFD
-    #: guest_memfd: the memfd copy that is carried and checksummed instead (owned by the
-    #: plan), made by :meth:`SealPlan.copy_guest_memfds`; see fdboxd.gmem
-    copy: int = -1
-
-    @property
-    def source(self) -> int:
-        """The file whose bytes are sealed: the entry's own, or its carried copy."""
-        return self.copy if self.copy >= 0 else self.fd
-
-
-@dataclass
 class SealPlan:
-    """What :func:`seal_begin` froze: boxes and one open fd per memory entry."""
+    """What :func:`seal_begin` froze: boxes and one open fd per entry with bytes to seal."""
 
     boxes: list[str]
     items: list[SealItem] = field(default_factory=list)
+    #: Each item's kind (the store's instances), so a worker thread needs no store.
+    kinds: list[Any] = field(default_factory=list)
 
-    def copy_guest_memfds(self) -> None:
-        """Copy each guest_memfd into the memfd that is carried instead (slow: a worker runs it)."""
-        for item in self.items:
-            if item.type == FdType.GUEST_MEMFD and item.copy < 0:
-                item.copy = gmem.copy_out(item.fd, f"{item.box}/{item.name}")
+    def prepare(self) -> None:
+        """Each kind's slow work before the checksum (a guest_memfd's copy): a worker runs it."""
+        for item, kind in zip(self.items, self.kinds, strict=True):
+            kind.prepare(item)
 
     def close(self) -> None:
         for item in self.items:
@@ -86,7 +69,7 @@ def seal(store: Store, caller: Caller, box: str | None = None) -> list[str]:
     """
     plan = seal_begin(store, caller, box)
     try:
-        plan.copy_guest_memfds()
+        plan.prepare()
         for item, d in zip(plan.items, digest_many([i.source for i in plan.items], store.verify)):
             item.digest = d
     except BaseException:
@@ -117,23 +100,16 @@ def seal_begin(store: Store, caller: Caller, box: str | None = None) -> SealPlan
         for e in b.entries.values():
             if e.type not in store.allowed_types:
                 raise FdboxError("UnsupportedType", f"{b.name}/{e.name} is {e.type}", box=b.name, name=e.name)
-            if e.type == FdType.GUEST_MEMFD:
-                refusal = gmem.seal_refusal(b.name, e)
-                if refusal is not None:
-                    raise refusal
-                if not store.backend.accepts(FdType.MEMFD):
-                    raise FdboxError("UnsupportedType", f"the {store.backend.name} backend cannot carry memfd, "
-                                     "which a guest_memfd is carried as", box=b.name, name=e.name, type=str(e.type))
-            elif e.type in MEMORY_TYPES and not store.backend.accepts(e.type):
-                raise FdboxError("UnsupportedType", f"the {store.backend.name} backend cannot carry {e.type}",
-                                 box=b.name, name=e.name, type=str(e.type))
+            store.kind(e.type).check_seal(store, b.name, e)
     plan = SealPlan([b.name for b in targets])
     try:
         for b in targets:
             for e in sorted(b.entries.values(), key=lambda e: e.name):
-                if e.type in MEMORY_TYPES:
-                    plan.items.append(SealItem(b.name, e.name, store.backend_for(e.type).get(b.name, e.name),
-                                               type=e.type))
+                kind = store.kind(e.type)
+                fd = kind.seal_fd(store, b.name, e)
+                if fd is not None:
+                    plan.items.append(SealItem(b.name, e.name, fd, type=e.type))
+                    plan.kinds.append(kind)
     except BaseException:
         plan.close()
         raise
@@ -156,16 +132,13 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
             entry.extra = extra  # assigned, not changed in place: see Entry.wire()
         for name in plan.boxes:
             for e in store.boxes[name].entries.values():
-                if e.type == FdType.TAP and "net" in e.extra:
-                    e.extra = {**e.extra, "recreate": True}  # held, not carried: fdboxd.net recreates it
+                store.kind(e.type).freeze(e)
         sealed: list[str] = []
-        carried: list[SealItem] = []
+        carried: list[tuple[SealItem, Any]] = []
         try:
-            for item in plan.items:  # guest_memfd copies are sealed with their box
-                if item.copy >= 0:
-                    store.backend.put(item.box, gmem.carry_name(item.name), item.copy, detect(item.copy))
-                    carried.append(item)
-                    gmem.set_carried(store.boxes[item.box].entries[item.name], True)
+            for item, kind in zip(plan.items, plan.kinds, strict=True):  # what crosses instead, sealed with its box
+                if kind.carry(store, item, store.boxes[item.box].entries[item.name]):
+                    carried.append((item, kind))
             for name in plan.boxes:
                 store.backend.seal(name)
                 store.set_state(store.boxes[name], BoxState.SEALED)
@@ -180,8 +153,8 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
             for name in sealed:
                 store.backend.unseal(name)
                 store.set_state(store.boxes[name], BoxState.OPEN)
-            for item in carried:
-                store.drop_copy(item.box, store.boxes[item.box].entries[item.name])
+            for item, kind in carried:
+                kind.unfreeze(store, item.box, store.boxes[item.box].entries[item.name])
             store.record_or_log(store.box_ops(sealed))
             raise
     finally:
@@ -205,8 +178,7 @@ def unseal(store: Store, caller: Caller, box: str) -> None:
     store.backend.unseal(box)
     store.set_state(b, BoxState.OPEN)
     for e in b.entries.values():
-        if gmem.is_carried(e):
-            store.drop_copy(box, e)
+        store.kind(e.type).unfreeze(store, box, e)
     store.record_or_log(store.box_ops([box]))
     try:
         carry_manifest(store)
@@ -251,11 +223,9 @@ def verify_restored(store: Store) -> list[dict[str, Any]]:
         if b.state != BoxState.RESTORED:
             continue
         for e in sorted(b.entries.values(), key=lambda e: e.name):
-            if (e.type not in MEMORY_TYPES or store.verify == Verify.NONE
+            if (not store.kind(e.type).verifiable(e) or store.verify == Verify.NONE
                     or (e.sha256 is None and "sample" not in e.extra)):
                 continue  # nothing to check against (getting it would restore it early)
-            if gmem.is_carried(e):
-                continue  # a carried guest_memfd's copy is checked by RestoreInto, before it copies
             try:
                 todo.append((b, e, store.backend_for(e.type).get(b.name, e.name)))
             except (FdboxError, OSError) as err:
@@ -280,7 +250,7 @@ def verify_restored(store: Store) -> list[dict[str, Any]]:
         try:
             store.drop_entry(b, name)
         except FdboxError:
-            if b.entries.pop(name, None) is not None:  # _drop fails after its pop, or before it
+            if b.entries.pop(name, None) is not None:  # drop_entry fails after its pop, or before it
                 store.count_entry(e, -1)
     if failed:
         store.record_or_log([["rm", r["box"], r["name"]] for r in failed] + [lost_op(store.lost)])
@@ -371,8 +341,8 @@ async def seal_in_worker(
     plan = seal_begin(store, caller, box)
     try:
         loop = asyncio.get_running_loop()
-        # guest_memfd first: its copy is what is checksummed and carried (fdboxd.gmem).
-        await loop.run_in_executor(None, plan.copy_guest_memfds)
+        # The kinds' slow part first (a guest_memfd's copy is what is checksummed and carried).
+        await loop.run_in_executor(None, plan.prepare)
         total = sum(planned_bytes(os.fstat(i.source).st_size, store.verify) for i in plan.items)
         done = 0
 

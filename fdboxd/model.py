@@ -145,3 +145,23 @@ class Event:
     entry: Entry | None = None
     state: BoxState | None = None
     fd: int | None = None
+
+
+@dataclass
+class SealItem:
+    """One entry's file, frozen for a seal (:func:`fdboxd.lifecycle.seal_begin`): the
+    plan owns ``fd`` (and ``copy``) until commit or abort."""
+
+    box: str
+    name: str
+    fd: int
+    digest: Any = None  # a fdboxd.checksum.Digest, filled by whoever checksums
+    type: FdType = FdType.MEMFD
+    #: A file carried instead of the entry's own (a guest_memfd's memfd copy, made by
+    #: its kind's ``prepare`` in a worker thread); owned by the plan.
+    copy: int = -1
+
+    @property
+    def source(self) -> int:
+        """The file whose bytes are sealed: the entry's own, or its carried copy."""
+        return self.copy if self.copy >= 0 else self.fd

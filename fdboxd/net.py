@@ -93,7 +93,7 @@ from .fdtypes import (
 
 if TYPE_CHECKING:
     from .model import Caller, Entry
-    from .store import Store
+    from .kinds.base import StoreSurface as Store
 
 log = logging.getLogger("fdboxd.net")
 

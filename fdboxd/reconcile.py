@@ -13,15 +13,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from . import gmem
 from .lifecycle import CARRY_BOX, take_carried_manifest
 from .manifest import ManifestData, lost_record
 from .model import Box, BoxState, Entry
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .kinds.base import StoreSurface as Store
 
-log = logging.getLogger("fdboxd.store")
+log = logging.getLogger("fdboxd.reconcile")
 
 
 def reconcile(store: Store, data: ManifestData) -> None:
@@ -41,10 +40,8 @@ def reconcile(store: Store, data: ManifestData) -> None:
             if hbox is not None and ename in hbox.entries:
                 entry.size = hbox.entries[ename].size
                 continue
-            if entry.extra.get("recreate"):
-                continue  # e.g. a tap to be recreated after kexec (fdboxd.net)
-            if hbox is not None and gmem.is_carried(entry) and gmem.carry_name(ename) in hbox.entries:
-                continue  # a guest_memfd carried as a copy (fdboxd.gmem): RestoreInto
+            if store.kind(entry.type).kept_elsewhere(entry, hbox):
+                continue  # a tap to recreate, a guest_memfd carried as a copy (fdboxd.kinds)
             del box.entries[ename]
             store.lost.append(lost_record(entry, "no backend held it at start-up"))
             log.warning("entry %s/%s is in the manifest but no backend holds it", name, ename)
@@ -67,7 +64,7 @@ def reconcile(store: Store, data: ManifestData) -> None:
             uids = {he.uid for he in hbox.entries.values()}
             store.owners[name] = uids.pop() if len(uids) == 1 else 0
         for ename, he in hbox.entries.items():
-            if ename not in box.entries and not gmem.is_carry_name(ename):
+            if ename not in box.entries and not store.kinds.reserved(ename):
                 box.entries[ename] = Entry(name, ename, he.type, he.size, he.uid, he.gid)
                 store.adopted.append({"box": name, "name": ename, "type": str(he.type), "uid": he.uid})
                 log.warning("adopted %s/%s (uid %d) held by the backend but not in the manifest",

@@ -34,12 +34,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import gmem, lifecycle
+from . import lifecycle
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .checksum import DEFAULT_VERIFY, Verify
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdInfo, FdType, detect
+from .kinds import Kind, Kinds
 from .lifecycle import CARRY_BOX, CARRY_ENTRY, SealItem, SealPlan, file_digest, seal_in_worker
 from .limits import Limits
 from .manifest import Manifest, ManifestData, Op, box_op, entry_op, lost_op
@@ -77,7 +78,7 @@ class Store:
     - where an entry is held: :meth:`backend_for`, :meth:`create_box_backends`;
     - changes that keep the O(1) counters right: :meth:`count_entry`, :meth:`resize`,
       :meth:`set_state`, :meth:`recount` (start-up only), :meth:`drop_entry`,
-      :meth:`drop_copy`, :meth:`claim`, :meth:`reopen`; ``sealing`` is the set of
+      :meth:`claim`, :meth:`reopen`; ``sealing`` is the set of
       boxes between seal_begin and seal_commit/abort;
     - the record: :meth:`record_or_log` (journal a done change), :meth:`box_ops`
       (ops restating whole boxes), :meth:`save_snapshot`; and :meth:`emit` for the
@@ -113,6 +114,8 @@ class Store:
         self.listeners: list[Listener] = []
         #: Which box names which uid may create (fdboxd --box-owners; see fdboxd.names).
         self.box_rules: BoxRules = box_rules or BoxRules()
+        #: Each fd type's kind (fdboxd.kinds): what put, seal, restore and remove do with it.
+        self.kinds = Kinds()
         self.sealing: set[str] = set()  # boxes between seal_begin and seal_commit/abort
         self._n_entries = 0  # kept as entries come and go: Status and limits are O(1)
         #: Per-uid usage, kept the same way (quotas and non-root Status stay O(1)): boxes
@@ -252,9 +255,9 @@ class Store:
         if box == CARRY_BOX:
             raise FdboxError("InvalidName", f"box name {box} is reserved for fdboxd", box=box)
         for it in items:
-            if isinstance(it.name, str) and gmem.is_carry_name(it.name):
-                raise FdboxError("InvalidName", f"entry names starting with {gmem.CARRY_PREFIX} are reserved for fdboxd",
-                                 box=box, name=it.name)
+            reserved = self.kinds.reserved(it.name) if isinstance(it.name, str) else None
+            if reserved:
+                raise FdboxError("InvalidName", reserved, box=box, name=it.name)
         if not items:
             raise FdboxError("InvalidRequest", "no entries to put", box=box)
         names = [check_entry_name(it.name) for it in items]
@@ -284,7 +287,7 @@ class Store:
             raise FdboxError("LimitExceeded", f"at most {self.limits.max_entries_total} entries", limit="entries")
         self._check_quota(caller, box, b is None, infos)
 
-        extras = [self._type_record(it.fd, info, caller) for it, info in zip(items, infos, strict=True)]
+        extras = [self.kind(info.type).record(it.fd, info, caller) for it, info in zip(items, infos, strict=True)]
 
         created_box = b is None
         if created_box:
@@ -423,6 +426,18 @@ class Store:
 
     # ------------------------------------------------------------------ helpers
 
+    def kind(self, fd_type: FdType) -> Kind:
+        """The kind that handles files of ``fd_type`` (:mod:`fdboxd.kinds`)."""
+        return self.kinds.of(fd_type)
+
+    def start_kinds(self) -> None:
+        """Once the store serves: each kind brings back what it recreates (taps after a kexec)."""
+        for kind in self.kinds.all():
+            try:
+                kind.start(self)
+            except Exception:
+                log.exception("start-up of %s entries failed", type(kind).__name__)
+
     def entry_count(self) -> int:
         return self._n_entries
 
@@ -499,16 +514,6 @@ class Store:
                              f"takes {', '.join(accepted)}{hint}", type=str(info.type), accepted=accepted)
         return info
 
-    def _type_record(self, fd: int, info: FdInfo, caller: Caller) -> dict[str, Any]:
-        """What a type records at put (``Entry.extra``): a tap's interface, a guest_memfd's access."""
-        if info.type == FdType.GUEST_MEMFD:
-            return gmem.record(fd, info)
-        if info.type != FdType.TAP:
-            return {}
-        from . import net
-
-        return {"net": net.record(fd, info, caller.pid)}
-
     def _check_metadata(self, metadata: object) -> None:
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
@@ -543,39 +548,14 @@ class Store:
             self.side.delete_box(box)
 
     def drop_entry(self, b: Box, name: str) -> None:
+        """The entry leaves its box: counters follow, its kind releases what holds it."""
         entry = b.entries.pop(name)
         self.count_entry(entry, -1)
-        if gmem.is_carried(entry):
-            self.drop_copy(b.name, entry)
-            if b.state == BoxState.RESTORED:
-                return  # the guest_memfd itself died with the old kernel
-        if entry.extra.get("recreate") and entry.type not in MEMORY_TYPES:
-            try:
-                self.side.remove(b.name, name)
-            except FdboxError:
-                pass  # recorded for recreation only, nothing held
-            return
-        self.backend_for(entry.type).remove(b.name, name)
+        self.kind(entry.type).release(self, b, entry)
 
     def _get_fd(self, b: Box, entry: Entry) -> int:
-        """A new fd for the file an entry holds (refusing a guest_memfd known only by its copy)."""
-        if b.state == BoxState.RESTORED and gmem.is_carried(entry):
-            raise FdboxError(
-                "InvalidRequest",
-                f"{b.name}/{entry.name} is a guest_memfd carried across the live update as a copy: create a "
-                f"new guest_memfd of {entry.size} bytes (GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED) "
-                "and call RestoreInto",
-                box=b.name, name=entry.name,
-            )
-        return self.backend_for(entry.type).get(b.name, entry.name)
-
-    def drop_copy(self, box: str, entry: Entry) -> None:
-        """Release a guest_memfd's carried copy (fdboxd.gmem); it may be gone already."""
-        gmem.set_carried(entry, False)
-        try:
-            self.backend.remove(box, gmem.carry_name(entry.name))
-        except FdboxError:
-            pass
+        """A new fd for the file an entry holds (its kind may refuse: a guest_memfd known by its copy)."""
+        return self.kind(entry.type).retrieve(self, b, entry)
 
     def claim(self, b: Box, entries: list[Entry]) -> None:
         if b.state != BoxState.RESTORED:
@@ -646,7 +626,6 @@ class Store:
     _check_box_owner = check_box_owner
     _count_entry = count_entry
     _drop = drop_entry
-    _drop_copy = drop_copy
     _emit = emit
     _record_or_log = record_or_log
     _reopen = reopen

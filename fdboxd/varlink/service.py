@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import FdboxError
+from ..kinds import guest_memfd, tap
 from ..model import Caller
 from ..store import PutItem, SealItem, Store, seal_in_worker
 from . import INTERFACE, SERVICE
@@ -224,9 +225,7 @@ class StoreService:
 
     async def do_RestoreInto(self, call: Call) -> Reply:
         """Fill the caller's new guest_memfd from a carried copy (fdboxd.gmem); copying in a worker."""
-        from .. import gmem
-
-        entry = await gmem.restore_into_in_worker(
+        entry = await guest_memfd.of(self.store).restore_into_in_worker(
             self.store, call.caller, call.str("box"), call.str("name"), call.fd(call.params.get("fd")))
         return wire_reply('{"entry":%s}' % entry.wire())
 
@@ -235,9 +234,7 @@ class StoreService:
         return Reply()
 
     def do_NetRestore(self, call: Call) -> Reply:
-        from .. import net  # pyroute2 is imported only if an interface must be recreated
-
-        results = net.restore_box(self.store, call.caller, call.str("box"))
+        results = tap.of(self.store).restore_box(self.store, call.caller, call.str("box"))
         return Reply({"entries": [r.to_dict() for r in results]})
 
     def do_Finish(self, call: Call) -> Reply:

@@ -419,6 +419,7 @@ def test_restore_into_after_a_stand_in_kexec(kvm, tmp_path):
     from test_store_liveupdate import KexecBackend
 
     from fdboxd import gmem
+    from fdboxd.kinds import guest_memfd
     from fdboxd.manifest import Manifest
     from fdboxd.model import BoxState, Caller
     from fdboxd.store import Store
@@ -443,14 +444,14 @@ def test_restore_into_after_a_stand_in_kexec(kvm, tmp_path):
     assert error_name(lambda: new.get(alice, "vm1", "ram0")) == "InvalidRequest"  # says: RestoreInto
     with kvmtest.Kvm.open() as vm2:
         target = vm2.guest_memfd(SIZE, kvmtest.SHARED)
-        assert error_name(lambda: gmem.restore_into(new, Caller(1001, 1001), "vm1", "ram0", target)) == "NotFound"
-        entry = gmem.restore_into(new, alice, "vm1", "ram0", target)
+        assert error_name(lambda: guest_memfd.restore_into(new, Caller(1001, 1001), "vm1", "ram0", target)) == "NotFound"
+        entry = guest_memfd.restore_into(new, alice, "vm1", "ram0", target)
         assert entry.claimed and entry.metadata == {"slot": "0"}
         assert kvmtest.read_gmem(target) == data[0]
         _, got = new.get(alice, "vm1", "ram0")  # now the entry *is* the new guest_memfd
         assert os.fstat(got).st_ino == os.fstat(target).st_ino
         os.close(got)
-        assert error_name(lambda: gmem.restore_into(new, alice, "vm1", "ram0", target)) == "InvalidRequest"
+        assert error_name(lambda: guest_memfd.restore_into(new, alice, "vm1", "ram0", target)) == "InvalidRequest"
         os.close(target)
     assert gmem.carry_name("ram0") not in new.backend.inventory()["vm1"].entries
     # ram1 is never restored: finish releases it and its copy without error.
@@ -467,6 +468,7 @@ def test_a_damaged_copy_is_refused_and_reported(kvm, tmp_path):
 
     from fdboxd import gmem
     from fdboxd.checksum import Verify
+    from fdboxd.kinds import guest_memfd
     from fdboxd.manifest import Manifest
     from fdboxd.model import Caller
     from fdboxd.store import Store
@@ -484,7 +486,7 @@ def test_a_damaged_copy_is_refused_and_reported(kvm, tmp_path):
     target = kvm.guest_memfd(SIZE, kvmtest.SHARED)
     kvmtest.write_gmem(target, b"untouched")
     with pytest.raises(FdboxError) as err:
-        gmem.restore_into(new, root, "vm1", "ram0", target)
+        guest_memfd.restore_into(new, root, "vm1", "ram0", target)
     assert err.value.name == "BackendUnavailable" and "checksum mismatch" in err.value.message
     assert "the target was not written" in err.value.message
     assert kvmtest.read_gmem(target, 9) == b"untouched"
@@ -512,6 +514,7 @@ def test_an_entry_finished_during_restore_into_is_not_resurrected(kvm, tmp_path)
     from test_store_liveupdate import KexecBackend
 
     from fdboxd import gmem
+    from fdboxd.kinds import guest_memfd
     from fdboxd.manifest import Manifest
     from fdboxd.model import Caller
     from fdboxd.store import Store
@@ -525,12 +528,12 @@ def test_an_entry_finished_during_restore_into_is_not_resurrected(kvm, tmp_path)
     store.seal(root, "vm1")
     new = Store(backend.kexec(), Manifest(tmp_path / "new"))
     target = kvm.guest_memfd(SIZE, kvmtest.SHARED)
-    plan = gmem.restore_begin(new, root, "vm1", "ram0", target)
-    assert error_name(lambda: gmem.restore_begin(new, root, "vm1", "ram0", target)) == "InvalidRequest"  # busy
-    problem = gmem.restore_copy(plan)  # what the worker does
+    plan = guest_memfd.restore_begin(new, root, "vm1", "ram0", target)
+    assert error_name(lambda: guest_memfd.restore_begin(new, root, "vm1", "ram0", target)) == "InvalidRequest"  # busy
+    problem = guest_memfd.restore_copy(plan)  # what the worker does
     assert problem is None and kvmtest.read_gmem(target, 3) == b"abc"
     assert new.finish(root, "vm1") == ["vm1"]  # meanwhile, on the loop
-    assert error_name(lambda: gmem.restore_commit(plan, problem)) == "NotFound"
+    assert error_name(lambda: guest_memfd.restore_commit(plan, problem)) == "NotFound"
     assert "ram0" not in new.boxes["vm1"].entries and new.side.inventory()["vm1"].entries == {}
     assert plan.target == -1  # the plan's dup is closed
     os.close(target)

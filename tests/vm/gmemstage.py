@@ -42,7 +42,8 @@ STANDIN = "standin-gmem-"
 
 def standin_detect() -> None:
     """Make fdboxd see memfds named ``standin-gmem-*`` as guest_memfd (see the module doc)."""
-    from fdboxd import fdtypes, gmem, store
+    from fdboxd import fdtypes, store
+    from fdboxd.kinds import guest_memfd
 
     real = fdtypes.detect
 
@@ -57,7 +58,7 @@ def standin_detect() -> None:
         return info
 
     store.detect = detect
-    gmem.detect = detect
+    guest_memfd.detect = detect
 
 
 def content(size: int, seed: int) -> bytes:

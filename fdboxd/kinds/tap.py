@@ -1,0 +1,89 @@
+"""tap (and macvtap) queues: held while fdboxd runs, recreated after a kexec.
+
+No kernel carries a network device across kexec, so a tap is *recorded* instead: at put
+the interface's attributes (name, queues, flags, MAC, MTU, owner, bridge port, VLANs,
+netns: ``extra["net"]``, read by :mod:`fdboxd.net`); at seal commit the entry is marked
+``recreate``; after the kexec no backend holds it, which is expected, and the daemon
+recreates the interface at start (:meth:`start`) or on ``NetRestore``, then holds the
+new queue fds as the entry. The fds themselves are held by the daemon's memory side,
+whatever the backend. :mod:`fdboxd.net` (and pyroute2 behind it) is imported only when a
+tap is put or must be recreated.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FdboxError
+from ..fdtypes import FdInfo, FdType
+from ..model import Box, Caller, Entry
+from .base import Kind, register
+
+if TYPE_CHECKING:
+    from ..backends.base import BackendBox
+    from .base import StoreSurface
+
+log = logging.getLogger("fdboxd.net")
+
+#: The keys this kind keeps in ``Entry.extra``.
+RECORD, RECREATE = "net", "recreate"
+
+
+@register
+class TapKind(Kind):
+    types = frozenset({FdType.TAP})
+    carried_by_backend = False
+
+    def record(self, fd: int, info: FdInfo, caller: Caller) -> dict[str, Any]:
+        from .. import net
+
+        return {RECORD: net.record(fd, info, caller.pid)}
+
+    def check_seal(self, store: StoreSurface, box: str, entry: Entry) -> None:
+        pass  # sealed with its box, recreated after the kexec
+
+    def seal_fd(self, store: StoreSurface, box: str, entry: Entry) -> int | None:
+        return None  # nothing to checksum
+
+    def freeze(self, entry: Entry) -> None:
+        if RECORD in entry.extra:
+            entry.extra = {**entry.extra, RECREATE: True}  # held, not carried: recreated after kexec
+
+    def kept_elsewhere(self, entry: Entry, held: BackendBox | None) -> bool:
+        return bool(entry.extra.get(RECREATE))
+
+    def start(self, store: StoreSurface) -> list[Any]:
+        from .. import net  # standard library only; pyroute2 is imported if there is work
+
+        if not net.pending(store):
+            return []
+        done = net.restore_pending(store)
+        log.info("network devices: %d recreated, %d failed",
+                 sum(r.status == "recreated" for r in done), sum(r.status == "failed" for r in done))
+        return done
+
+    def verifiable(self, entry: Entry) -> bool:
+        return False
+
+    def release(self, store: StoreSurface, b: Box, entry: Entry) -> None:
+        if entry.extra.get(RECREATE):
+            try:
+                store.side.remove(b.name, entry.name)
+            except FdboxError:
+                pass  # recorded for recreation only, nothing held
+            return
+        super().release(store, b, entry)
+
+    def restore_box(self, store: StoreSurface, caller: Caller, box: str) -> list[Any]:
+        """``NetRestore``: recreate every recorded interface of ``box`` that is gone."""
+        from .. import net
+
+        return net.restore_box(store, caller, box)
+
+
+def of(store: StoreSurface) -> TapKind:
+    """The store's instance of this kind (for the front-ends' requests that only it serves)."""
+    kind = store.kind(FdType.TAP)
+    assert isinstance(kind, TapKind)
+    return kind
