@@ -130,6 +130,16 @@ def _tun_getiff(fd: int) -> tuple[str, int] | None:
     return name, flags
 
 
+def detect_or_refuse(fd: int) -> FdInfo:
+    """:func:`detect` for an fd a caller sent: an unusable one is the caller's ``InvalidRequest``."""
+    from .errors import FdboxError
+
+    try:
+        return detect(fd)
+    except OSError as e:
+        raise FdboxError("InvalidRequest", f"not a usable file descriptor: {e.strerror}") from e
+
+
 def detect(fd: int) -> FdInfo:
     """Classify ``fd``. Raises ``OSError`` only if the fd itself is invalid."""
     st = os.fstat(fd)

@@ -50,6 +50,12 @@ class SealPlan:
         for item, kind in zip(self.items, self.kinds, strict=True):
             kind.prepare(item)
 
+    def digest(self, verify: Verify, report: Callable[[int, int], None] | None = None) -> None:
+        """Checksum every item's source, in parallel threads (slow: a worker runs it);
+        ``report(item_index, nbytes)`` after every chunk (:func:`fdboxd.checksum.digest_many`)."""
+        for item, d in zip(self.items, digest_many([i.source for i in self.items], verify, report), strict=True):
+            item.digest = d
+
     def close(self) -> None:
         for item in self.items:
             if item.fd >= 0:
@@ -70,8 +76,7 @@ def seal(store: Store, caller: Caller, box: str | None = None) -> list[str]:
     plan = seal_begin(store, caller, box)
     try:
         plan.prepare()
-        for item, d in zip(plan.items, digest_many([i.source for i in plan.items], store.verify)):
-            item.digest = d
+        plan.digest(store.verify)
     except BaseException:
         seal_abort(store, plan)
         raise
@@ -352,10 +357,7 @@ async def seal_in_worker(
             if progress is not None:
                 loop.call_soon_threadsafe(progress, plan.items[i], min(done, total), total)
 
-        digests = await loop.run_in_executor(
-            None, digest_many, [i.source for i in plan.items], store.verify, report)
-        for item, d in zip(plan.items, digests):
-            item.digest = d
+        await loop.run_in_executor(None, plan.digest, store.verify, report)
         if progress is not None and plan.items and done < total:
             progress(plan.items[-1], total, total)  # a file that shrank still ends at 100%
     except BaseException:

@@ -39,7 +39,7 @@ from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .checksum import DEFAULT_VERIFY, Verify
 from .errors import FdboxError
-from .fdtypes import MEMORY_TYPES, FdInfo, FdType, detect
+from .fdtypes import MEMORY_TYPES, FdInfo, FdType, detect, detect_or_refuse
 from .kinds import Kind, Kinds
 from .lifecycle import CARRY_BOX, CARRY_ENTRY, SealItem, SealPlan, file_digest, seal_in_worker
 from .limits import Limits
@@ -166,34 +166,21 @@ class Store:
 
     def status(self, caller: Caller | None = None) -> dict[str, Any]:
         """The whole store's counts; for a non-root ``caller``, only what is theirs."""
-        if caller is not None and not caller.is_root:
-            return self._status_of(caller)
+        if caller is None or caller.is_root:  # the O(1) counters
+            boxes, entries = len(self.boxes), self._n_entries
+            sealed, restored = self._n_state[BoxState.SEALED], self._n_state[BoxState.RESTORED]
+            lost, adopted = list(self.lost), list(self.adopted)
+        else:  # what the caller may see: O(boxes)
+            mine = [b for b in self.boxes.values() if self._visible(caller, b)]
+            boxes, entries = len(mine), sum(1 for b in mine for e in b.entries.values() if e.uid == caller.uid)
+            sealed = sum(b.state == BoxState.SEALED for b in mine)
+            restored = sum(b.state == BoxState.RESTORED for b in mine)
+            lost = [r for r in self.lost if r.get("uid") == caller.uid]
+            adopted = [r for r in self.adopted if r.get("uid") == caller.uid]
         return {
-            "backend": self.backend.name,
-            "survives_kexec": self.backend.survives_kexec,
-            "boxes": len(self.boxes),
-            "entries": self._n_entries,
-            "sealed": self._n_state[BoxState.SEALED],
-            "restored": self._n_state[BoxState.RESTORED],
-            "state": self.overall_state(),
-            "lost": list(self.lost),
-            "adopted": list(self.adopted),
-            "generation": self.generation,
-        }
-
-    def _status_of(self, caller: Caller) -> dict[str, Any]:
-        boxes = [b for b in self.boxes.values() if self._visible(caller, b)]
-        return {
-            "backend": self.backend.name,
-            "survives_kexec": self.backend.survives_kexec,
-            "boxes": len(boxes),
-            "entries": sum(1 for b in boxes for e in b.entries.values() if e.uid == caller.uid),
-            "sealed": sum(b.state == BoxState.SEALED for b in boxes),
-            "restored": sum(b.state == BoxState.RESTORED for b in boxes),
-            "state": self.overall_state(),
-            "lost": [r for r in self.lost if r.get("uid") == caller.uid],
-            "adopted": [r for r in self.adopted if r.get("uid") == caller.uid],
-            "generation": self.generation,
+            "backend": self.backend.name, "survives_kexec": self.backend.survives_kexec,
+            "boxes": boxes, "entries": entries, "sealed": sealed, "restored": restored,
+            "state": self.overall_state(), "lost": lost, "adopted": adopted, "generation": self.generation,
         }
 
     def usage(self, uid: int) -> dict[str, int]:
@@ -415,11 +402,7 @@ class Store:
         backend = self.backend_for(entry.type)
         if backend.inventory().get(box) is None:
             backend.create_box(box)
-        try:
-            backend.remove(box, entry.name)
-        except FdboxError:
-            pass  # nothing held: the usual case after kexec
-        else:
+        if backend.discard(box, entry.name):  # nothing held is the usual case after kexec
             self.emit(Event("entry-removed", box, entry=entry))
         backend.put(box, entry.name, fd, detect(fd), entry.uid, entry.gid)
         self.emit(Event("entry-added", box, entry=entry, fd=fd))
@@ -502,10 +485,7 @@ class Store:
             raise FdboxError("LimitExceeded", f"at most {lim.max_bytes_per_uid} bytes per user", limit="bytes_per_uid")
 
     def _check_fd(self, fd: int) -> FdInfo:
-        try:
-            info = detect(fd)
-        except OSError as e:
-            raise FdboxError("InvalidRequest", f"not a usable file descriptor: {e.strerror}") from e
+        info = detect_or_refuse(fd)
         if info.type not in self.allowed_types:
             accepted = sorted(str(t) for t in self.allowed_types)
             wider = sorted(str(t) for t in FdType if t not in self.allowed_types)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from ..errors import FdboxError
 from ..fdtypes import FdInfo, FdType
 from ..model import BoxState
 
@@ -89,6 +90,14 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def remove(self, box: str, name: str) -> None: ...
+
+    def discard(self, box: str, name: str) -> bool:
+        """Remove the entry if this backend holds it; whether it did (a quiet :meth:`remove`)."""
+        try:
+            self.remove(box, name)
+        except FdboxError:
+            return False
+        return True
 
     @abc.abstractmethod
     def seal(self, box: str) -> None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .. import gmem
 from ..checksum import Digest, check_fd
 from ..errors import FdboxError
-from ..fdtypes import FdInfo, FdType, detect
+from ..fdtypes import FdInfo, FdType, detect, detect_or_refuse
 from ..model import Box, BoxState, Caller, Entry, SealItem
 from .base import Kind, register
 
@@ -81,10 +81,7 @@ class GuestMemfdKind(Kind):
         if not gmem.is_carried(entry):
             return
         gmem.set_carried(entry, False)
-        try:
-            store.backend.remove(box, gmem.carry_name(entry.name))
-        except FdboxError:
-            pass
+        store.backend.discard(box, gmem.carry_name(entry.name))
 
     def kept_elsewhere(self, entry: Entry, held: BackendBox | None) -> bool:
         return held is not None and gmem.is_carried(entry) and gmem.carry_name(entry.name) in held.entries
@@ -155,10 +152,7 @@ def restore_begin(store: StoreSurface, caller: Caller, box: str, name: str, fd: 
         raise FdboxError("InvalidRequest", f"{box}/{name} was restored already: Get it", box=box, name=name)
     if (box, name) in of(store).busy:
         raise FdboxError("InvalidRequest", f"{box}/{name} is being restored by another call", box=box, name=name)
-    try:
-        info = detect(fd)
-    except OSError as e:
-        raise FdboxError("InvalidRequest", f"not a usable file descriptor: {e.strerror}") from e
+    info = detect_or_refuse(fd)
     if info.type != FdType.GUEST_MEMFD:
         raise FdboxError("UnsupportedType", f"the target is {info.type}, not a guest_memfd", type=str(info.type))
     if info.size != entry.size:

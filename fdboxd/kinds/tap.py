@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FdboxError
 from ..fdtypes import FdInfo, FdType
 from ..model import Box, Caller, Entry
 from .base import Kind, register
@@ -68,10 +67,7 @@ class TapKind(Kind):
 
     def release(self, store: StoreSurface, b: Box, entry: Entry) -> None:
         if entry.extra.get(RECREATE):
-            try:
-                store.side.remove(b.name, entry.name)
-            except FdboxError:
-                pass  # recorded for recreation only, nothing held
+            store.side.discard(b.name, entry.name)  # recorded for recreation: maybe nothing held
             return
         super().release(store, b, entry)
 

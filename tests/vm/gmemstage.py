@@ -57,6 +57,7 @@ def standin_detect() -> None:
             return fdtypes.FdInfo(fdtypes.FdType.GUEST_MEMFD, info.size)
         return info
 
+    fdtypes.detect = detect  # detect_or_refuse: what Put and RestoreInto check
     store.detect = detect
     guest_memfd.detect = detect
 
