@@ -235,10 +235,13 @@ class Daemon:
         log.info("fdboxd stopped")
 
 
+_UNLOGGED = frozenset({"List", "Status", "GetInfo", "GetInterfaceDescription"})
+
+
 def log_op(caller: Caller, method: Any, params: dict[str, Any], error: FdboxError | None) -> None:
     """One log line per state-changing call (reads are not logged)."""
-    op = str(method).rsplit(".", 1)[-1]
-    if op in ("List", "Status", "GetInfo", "GetInterfaceDescription"):
+    op = str(method).rpartition(".")[2]
+    if op in _UNLOGGED or not log.isEnabledFor(logging.INFO):
         return
     box, name = params.get("box"), params.get("name")
     where = f"{box}/{name}" if name else f"{box}" if box else "*"

@@ -162,8 +162,20 @@ def box_op(box: Box, uid: int) -> Op:
     return ["box", box.name, str(box.state), box.created, uid]
 
 
+class EncodedJSON(str):
+    """A value already in its JSON form (an entry's cached :meth:`~fdboxd.model.Entry.wire`):
+    :func:`journal_line` splices it in instead of building and encoding the dict again."""
+
+
 def entry_op(entry: Entry) -> Op:
-    return ["entry", entry.to_dict()]
+    return ["entry", EncodedJSON(entry.wire())]
+
+
+def journal_line(generation: int, ops: list[Op]) -> bytes:
+    """One journal record, the JSON of ``{"g": generation, "ops": ops}`` and a newline."""
+    parts = [f'["{op[0]}",{op[1]}]' if len(op) == 2 and isinstance(op[1], EncodedJSON)
+             else json.dumps(op, separators=(",", ":"), ensure_ascii=False) for op in ops]
+    return f'{{"g":{int(generation)},"ops":[{",".join(parts)}]}}\n'.encode()
 
 
 def apply(data: ManifestData, ops: list[Op]) -> None:
@@ -279,7 +291,7 @@ class Manifest:
         A write that fails or is cut short is truncated away, so the journal never keeps
         half a change in front of the next one.
         """
-        line = json.dumps({"g": generation, "ops": ops}, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        line = journal_line(generation, ops)
         # The snapshot must stay replaceable: a journal that could never be compacted,
         # over a snapshot that could not be read at start-up, would be accepting changes
         # the next daemon cannot load. One fstatat; the same answer a full write gave.

@@ -58,10 +58,12 @@ class Entry:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Any assignment invalidates the cached wire form. Change ``metadata`` and
+        # Any assignment invalidates the cached wire forms. Change ``metadata`` and
         # ``extra`` by assigning a new dict, never in place, or List shows stale data.
-        object.__setattr__(self, name, value)
-        object.__setattr__(self, "_wire", None)
+        # (Plain dict stores: this runs for every field of every Entry built.)
+        d = self.__dict__
+        d[name] = value
+        d["_wire"] = d["_wire_bytes"] = None
 
     def wire(self) -> str:
         """:meth:`to_dict` as compact JSON, cached until a field is assigned.
@@ -74,6 +76,14 @@ class Entry:
             w = json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
             object.__setattr__(self, "_wire", w)
         return w
+
+    def wire_bytes(self) -> bytes:
+        """:meth:`wire` encoded, cached the same way: replies splice it in as it is."""
+        b: bytes | None = self.__dict__.get("_wire_bytes")
+        if b is None:
+            b = self.wire().encode()
+            self.__dict__["_wire_bytes"] = b
+        return b
 
     def owned_by(self, caller: Caller) -> bool:
         return caller.is_root or caller.uid == self.uid

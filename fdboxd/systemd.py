@@ -445,4 +445,8 @@ def setup_logging(level: str) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("fdboxd: %(levelname)s %(message)s"))
+        # A plain line names no source file: skip the stack walk (findCaller) every
+        # record makes, as the logging docs' "Optimization" section says. The journal
+        # keeps it: CODE_FILE/CODE_LINE come from it.
+        logging._srcfile = None
     root.handlers[:] = [handler]

@@ -88,6 +88,12 @@ class Backend(abc.ABC):
     def get(self, box: str, name: str) -> int:
         """Return a new fd for the entry; the caller owns it."""
 
+    def lend(self, box: str, name: str) -> int | None:
+        """The fd this backend itself holds for the entry, borrowed: never close it, and
+        use it only before anything else runs on the loop (sent at once, as an fd holder
+        sends its own reference). None where every get makes a new fd (the kernel's)."""
+        return None
+
     @abc.abstractmethod
     def remove(self, box: str, name: str) -> None: ...
 

@@ -61,6 +61,9 @@ class MemoryBackend(Backend):
             raise FdboxError("NotFound", f"no entry {box}/{name}", box=box, name=name)
         return os.dup(held)  # os.dup returns a non-inheritable (O_CLOEXEC) fd
 
+    def lend(self, box: str, name: str) -> int | None:
+        return self._fds.get((box, name))
+
     def peek(self, box: str, name: str) -> int:
         """The held fd itself (borrowed: never close it), for the fdstore mirror."""
         return self._fds[(box, name)]

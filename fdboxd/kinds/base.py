@@ -132,6 +132,11 @@ class Kind:
         """A new fd for the entry's file (Get, GetBox)."""
         return store.backend_for(entry.type).get(b.name, entry.name)
 
+    def lend(self, store: StoreSurface, b: Box, entry: Entry) -> int | None:
+        """The backend's own fd for the entry, borrowed (Backend.lend), or None where
+        the backend makes a new one per get; refuses exactly as :meth:`retrieve` does."""
+        return store.backend_for(entry.type).lend(b.name, entry.name)
+
     def release(self, store: StoreSurface, b: Box, entry: Entry) -> None:
         """The entry left its box (Remove, Finish, a failed check): drop what holds it."""
         store.backend_for(entry.type).remove(b.name, entry.name)

@@ -90,6 +90,15 @@ class GuestMemfdKind(Kind):
         return not gmem.is_carried(entry)  # the copy is checked by RestoreInto, before it copies
 
     def retrieve(self, store: StoreSurface, b: Box, entry: Entry) -> int:
+        self._check_retrievable(b, entry)
+        return super().retrieve(store, b, entry)
+
+    def lend(self, store: StoreSurface, b: Box, entry: Entry) -> int | None:
+        self._check_retrievable(b, entry)
+        return super().lend(store, b, entry)
+
+    @staticmethod
+    def _check_retrievable(b: Box, entry: Entry) -> None:
         if b.state == BoxState.RESTORED and gmem.is_carried(entry):
             raise FdboxError(
                 "InvalidRequest",
@@ -98,7 +107,6 @@ class GuestMemfdKind(Kind):
                 "and call RestoreInto",
                 box=b.name, name=entry.name,
             )
-        return super().retrieve(store, b, entry)
 
     async def restore_into_in_worker(self, store: StoreSurface, caller: Caller, box: str, name: str,
                                      fd: int) -> Entry:

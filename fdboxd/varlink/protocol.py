@@ -128,6 +128,8 @@ class Framer:
                  fd_room: Callable[[], int] | None = None) -> None:
         self.max_size = max_size
         self.max_fds = max_fds
+        #: The ancillary room one recvmsg asks for: exactly max_fds (see recv_into).
+        self.cmsg_space = socket.CMSG_SPACE(min(max_fds, MAX_FDS_PER_MESSAGE) * _FD_SIZE)
         #: How many more fds the owner may hold now (the server's per-uid budget), or None.
         #: A message whose fds do not fit is refused at once, never waited on: pausing
         #: on a half-read message would wait for bytes that only reading brings.
@@ -147,6 +149,15 @@ class Framer:
         to the *last* message that begins in this read (or, if none begins here, to the
         message still arriving).
         """
+        if (not truncated and not self._buf and not self._skipping and self._problem is None
+                and not self._fds and data.find(b"\0") == len(data) - 1 and len(data) <= self.max_size + 1):
+            # The usual read: exactly one whole message and nothing pending. The same
+            # steps as below (fds checked against the limits, then decoded), minus the
+            # split and the bookkeeping a message spread over reads needs.
+            if fds:
+                self._take_fds(list(fds), None)
+            self._finish(data[:-1])
+            return
         fds = list(fds or [])
         problem = None
         if truncated:
@@ -196,11 +207,13 @@ class Framer:
             return
         self._fds.extend(fds)
 
-    def _finish(self) -> None:
+    def _finish(self, raw: bytes | None = None) -> None:
+        """End the message being read: its bytes are ``raw``, or what was buffered."""
         fds, self._fds = self._fds, []
         problem, self._problem = self._problem, None
-        raw = bytes(self._buf)
-        self._buf.clear()
+        if raw is None:
+            raw = bytes(self._buf)
+            self._buf.clear()
         if self._skipping:
             self._skipping = False
             problem = f"message larger than {self.max_size} bytes"
@@ -254,17 +267,21 @@ class Framer:
         self._frame_fds = 0
 
 
+# Plain ints: the socket module's are IntFlag members, whose operators run Python code.
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+
+
 def recv_into(sock: socket.socket, framer: Framer) -> bool:
     """One ``recvmsg`` into ``framer``. False on end of stream. Raises BlockingIOError."""
     # Room for exactly the framer's limit: a peer that sends more gets MSG_CTRUNC (the
     # kernel drops the excess) instead of making us install fds we will refuse anyway.
-    space = CMSG_SPACE if framer.max_fds >= MAX_FDS_PER_MESSAGE else socket.CMSG_SPACE(framer.max_fds * _FD_SIZE)
-    data, ancdata, flags, _ = sock.recvmsg(RECV_CHUNK, space, socket.MSG_CMSG_CLOEXEC)
-    fds = fds_from_ancdata(ancdata)
+    data, ancdata, flags, _ = sock.recvmsg(RECV_CHUNK, framer.cmsg_space, _MSG_CMSG_CLOEXEC)
+    fds = fds_from_ancdata(ancdata) if ancdata else []
     if not data:
         close_fds(fds)
         return False
-    framer.feed(data, fds, truncated=bool(flags & socket.MSG_CTRUNC))
+    framer.feed(data, fds, truncated=bool(flags & _MSG_CTRUNC))
     return True
 
 

@@ -44,12 +44,13 @@ from ..errors import FdboxError, describe
 from ..limits import Budget
 from ..model import Caller
 from .protocol import Frame, Framer, close_fds, encode, recv_into
-from .service import Call, StoreService, VarlinkError
+from .service import Call, Reply, StoreService, VarlinkError
 
 log = logging.getLogger("fdboxd.varlink")
 
 ERROR_PREFIX = "io.fdbox.Store."
 MAX_PENDING_OUT = 4 << 20
+_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 #: Accept errors that mean "out of a resource": pause the listener instead of spinning.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -192,7 +193,7 @@ class Connection:
         if req.more:
             call.more = lambda p: self._queue({"parameters": p, "continues": True}, [])
         result = self.server.service.dispatch(req.method, call)
-        if inspect.isawaitable(result):
+        if type(result) is not Reply and inspect.isawaitable(result):
             # Long calls (Seal) run as a task; this connection reads nothing more until
             # it is done, so replies stay in order, while other connections go on.
             self.task = asyncio.ensure_future(result)
@@ -244,11 +245,14 @@ class Connection:
         return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
     def _reply(self, req: _Request, reply: Any) -> None:
-        self.server.log_op(self.caller, req.method, req.params, None)
+        """Send the reply, then log the call: the caller never waits for a log line."""
         if req.oneway:
-            close_fds(reply.fds)
-            return
-        self._queue(reply.raw if reply.raw is not None else {"parameters": reply.params}, reply.fds)
+            if not reply.borrowed:
+                close_fds(reply.fds)
+        else:
+            self._queue(reply.raw if reply.raw is not None else {"parameters": reply.params}, reply.fds,
+                        reply.borrowed)
+        self.server.log_op(self.caller, req.method, req.params, None)
 
     def _reply_error(self, req: _Request, error: str, params: dict[str, Any]) -> None:
         if not req.oneway:
@@ -256,16 +260,44 @@ class Connection:
 
     # -------------------------------------------------------------- output
 
-    def _queue(self, message: dict[str, Any] | bytes, fds: list[int]) -> None:
-        """Queue one reply (a message, or its wire form); its fds are the queue's from now on."""
+    def _queue(self, message: dict[str, Any] | bytes, fds: list[int], borrowed: bool = False) -> None:
+        """Queue one reply (a message, or its wire form); its fds are the queue's from now on.
+
+        ``borrowed`` fds (a backend's own, see Reply) are sent at once if the socket
+        takes the reply's first byte now, else dup'ed for the queue: the queue only
+        ever holds fds of its own, so nothing it sends later can have been closed."""
         if self.state == ConnState.CLOSED:
-            close_fds(fds)
+            if not borrowed:
+                close_fds(fds)
             return
         try:
             data = message if isinstance(message, bytes) else encode(message)
         except Exception:
-            close_fds(fds)
+            if not borrowed:
+                close_fds(fds)
             raise  # _serve answers with an error instead
+        if not self.out:
+            # Nothing queued before it (the usual case): straight to the socket. What
+            # the socket does not take is queued as below; its fds went with byte one.
+            try:
+                sent = self.sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
+                                       if fds else ())
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                if not borrowed:
+                    close_fds(fds)
+                self._write_failed(e)
+                return
+            else:
+                if not borrowed:
+                    close_fds(fds)
+                self.last_active = time.monotonic()
+                if sent == len(data):
+                    return
+                data, fds, borrowed = data[sent:], [], False
+        if borrowed:
+            fds = _own_copies(fds)
         self.out.append((memoryview(data), fds))
         self.out_bytes += len(data)
         self.out_fds += len(fds)
@@ -285,15 +317,13 @@ class Connection:
         it runs inside :meth:`_process`, which must not recurse into itself."""
         while self.out:
             data, fds = self.out[0]
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+            anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
             try:
                 sent = self.sock.sendmsg([data], anc)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
-                if e.errno not in (errno.EPIPE, errno.ECONNRESET):
-                    log.warning("write to pid %d failed: %s", self.caller.pid, e)
-                self.close()
+                self._write_failed(e)
                 return False
             close_fds(fds)  # sent (with the first byte) or never to be sent
             self.out_fds -= len(fds)
@@ -314,6 +344,12 @@ class Connection:
             self._writing = False
         return True
 
+    def _write_failed(self, e: OSError) -> None:
+        """The peer is gone (or the socket broke): nothing more can be sent on it."""
+        if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+            log.warning("write to pid %d failed: %s", self.caller.pid, e)
+        self.close()
+
     def close(self) -> None:
         if self.state == ConnState.CLOSED:
             return
@@ -332,6 +368,18 @@ class Connection:
         self.out_fds = 0
         self.sock.close()
         self.server.forget(self)
+
+
+def _own_copies(fds: list[int]) -> list[int]:
+    """A dup of each borrowed fd, for a reply that must wait in the queue: all or none."""
+    out: list[int] = []
+    try:
+        for fd in fds:
+            out.append(os.dup(fd))
+    except OSError as e:
+        close_fds(out)
+        raise FdboxError("BackendUnavailable", f"cannot queue the reply's file descriptors: {e.strerror}") from e
+    return out
 
 
 class _RateLimitedLog:

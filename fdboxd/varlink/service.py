@@ -20,7 +20,7 @@ from typing import Any
 from .. import __version__
 from ..errors import FdboxError
 from ..kinds import guest_memfd, tap
-from ..model import Caller
+from ..model import Caller, Entry
 from ..store import PutItem, SealItem, Store, seal_in_worker
 from . import INTERFACE, SERVICE
 
@@ -68,6 +68,9 @@ class Reply:
     #: The whole reply message, already encoded (NUL included), when a handler built it
     #: from cached pieces; ``params`` is then ignored by the server.
     raw: bytes | None = None
+    #: ``fds`` are a backend's own (:meth:`~fdboxd.store.Store.lend_box`): the server
+    #: sends them at once or dups them to queue them, and never closes them.
+    borrowed: bool = False
 
 
 def wire_reply(parameters: str, fds: list[int] | None = None) -> Reply:
@@ -77,6 +80,17 @@ def wire_reply(parameters: str, fds: list[int] | None = None) -> Reply:
 
 
 _EMPTY = b'{"parameters":{}}\0'
+
+
+def entry_reply(entry: Entry, tail: bytes = b"}}\0", fds: list[int] | None = None) -> Reply:
+    """``{"parameters":{"entry":ENTRY`` + ``tail``: the entry's cached bytes spliced in,
+    so a Put or Get reply costs one concatenation (the entry's JSON is built once)."""
+    return Reply(fds=fds or [], raw=b'{"parameters":{"entry":' + entry.wire_bytes() + tail)
+
+
+_GET_TAIL = b',"fd":0}}\0'
+#: ``,"fd":N}`` for the indexes one message can carry (SCM_MAX_FD).
+_FD_TAILS = [b',"fd":%d}' % i for i in range(253)]
 
 Handler = Callable[["Call"], Any]  # returns a Reply, or an awaitable of one
 
@@ -140,8 +154,8 @@ class StoreService:
                 raise VarlinkError(f"{SERVICE}.InterfaceNotFound", interface=interface)
             raise VarlinkError(f"{SERVICE}.MethodNotFound", method=method)
         handler, allowed = entry
-        unknown = set(call.params) - allowed
-        if unknown:
+        if not allowed.issuperset(call.params):
+            unknown = set(call.params) - allowed
             raise FdboxError("InvalidRequest", f"unknown parameter(s) {sorted(unknown)} for {method}")
         return handler(call)
 
@@ -171,7 +185,7 @@ class StoreService:
             call.caller, call.str("box"), call.str("name"), call.fd(call.params.get("fd")),
             call.metadata(call.params.get("metadata")),
         )
-        return wire_reply('{"entry":%s}' % entry.wire())
+        return entry_reply(entry)
 
     def do_PutMany(self, call: Call) -> Reply:
         raw = call.params.get("entries")
@@ -190,13 +204,25 @@ class StoreService:
         return wire_reply('{"entries":[%s]}' % ",".join(e.wire() for e in entries))
 
     def do_Get(self, call: Call) -> Reply:
-        entry, fd = self.store.get(call.caller, call.str("box"), call.str("name"))
-        return wire_reply('{"entry":%s,"fd":0}' % entry.wire(), [fd])
+        box, name = call.str("box"), call.str("name")
+        lent = self.store.lend(call.caller, box, name)
+        if lent is not None:
+            return Reply(fds=[lent[1]], raw=b'{"parameters":{"entry":' + lent[0].wire_bytes() + _GET_TAIL, borrowed=True)
+        entry, fd = self.store.get(call.caller, box, name)
+        return entry_reply(entry, _GET_TAIL, [fd])
 
     def do_GetBox(self, call: Call) -> Reply:
-        got = self.store.get_box(call.caller, call.str("box"))
-        return wire_reply('{"entries":[%s]}' % ",".join('{"entry":%s,"fd":%d}' % (e.wire(), i) for i, (e, _) in enumerate(got)),
-                          [fd for _, fd in got])
+        box = call.str("box")
+        got = self.store.lend_box(call.caller, box)
+        borrowed = got is not None
+        if got is None:
+            got = self.store.get_box(call.caller, box)
+        pieces = [b'{"parameters":{"entries":[']
+        for i, (e, _) in enumerate(got):
+            pieces += (b'{"entry":' if i == 0 else b',{"entry":', e.wire_bytes(),
+                       _FD_TAILS[i] if i < len(_FD_TAILS) else b',"fd":%d}' % i)
+        pieces.append(b"]}}\0")
+        return Reply(fds=[fd for _, fd in got], raw=b"".join(pieces), borrowed=borrowed)
 
     def do_List(self, call: Call) -> Reply:
         box = call.opt_str("box")

@@ -137,6 +137,42 @@ def test_a_refused_oneway_call_gets_no_reply(shared_daemon, data):
     assert "Traceback" not in shared_daemon.log()
 
 
+def test_getbox_replies_queued_behind_unread_ones_keep_their_fds_after_a_delete(daemon):
+    """GetBox sends the memory backend's own fds when the socket takes the reply at once;
+    a reply that has to wait holds copies, so deleting the box meanwhile changes nothing
+    a queued reply carries (and nothing is left open once all are read)."""
+    with daemon.client() as c:
+        fds = [memfd_with(b"slot%d" % i) for i in range(4)]
+        c.put_many("qb", [(f"ram{i}", fd) for i, fd in enumerate(fds)])
+        close_all(fds)
+    base = daemon.settled_fd_count()
+    n = 400  # far more reply bytes than a socket buffer holds: most replies queue
+    with RawConnection(daemon.socket, timeout=30) as raw:
+        raw.send(_wire({"method": "io.fdbox.Store.GetBox", "parameters": {"box": "qb"}}) * n)
+        time.sleep(1.0)
+        with daemon.client() as c:
+            c.call("DeleteBox", {"box": "qb"})
+        from fdboxd.varlink.protocol import recv_into
+
+        ok = 0
+        for _ in range(n):
+            while (frame := raw.framer.take()) is None:
+                assert recv_into(raw.sock, raw.framer)
+            try:
+                if "error" in frame.message:  # read after the delete: the rest are all NotFound
+                    assert frame.message["error"] == "io.fdbox.Store.NotFound" and not frame.fds, frame.message
+                    continue
+                assert ok == _, "a GetBox answered after one that found no box"
+                assert [g["entry"]["name"] for g in frame.message["parameters"]["entries"]] == [
+                    f"ram{i}" for i in range(4)]
+                assert [os.pread(fd, 5, 0) for fd in frame.fds] == [b"slot%d" % i for i in range(4)]
+                ok += 1
+            finally:
+                close_all(frame.fds)
+    assert 50 < ok < n, ok  # many waited in the queue, past the delete
+    assert wait_for(lambda: daemon.fd_count() == base - 4), (daemon.fd_count(), base)
+
+
 def test_fds_of_a_message_that_never_ends_are_capped(daemon_factory):
     d = daemon_factory("--max-fds-per-message", "8")
     base = d.settled_fd_count()
