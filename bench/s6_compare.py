@@ -6,9 +6,13 @@ through its own library (libs6, Debian's ``libs6-dev``), fdboxd's over raw Varli
 libc only, so neither side pays for a Python client. The workloads are written once
 (``harness.h``); only the protocol differs:
 
-- single pairs: store + retrieve + delete of one entry (fdboxd: Put + Get + Remove);
+- single pairs: store + retrieve + delete of one entry (fdboxd: Put + Get + Remove),
+  and each daemon's CPU per request over that run (``/proc/PID/stat``);
 - a whole box of 64 back: s6 ``getdump`` on a daemon holding exactly those 64,
   fdboxd ``GetBox``;
+- 64 VMs each take back 4 entries at once (a resume after a kexec): 64 processes, one
+  connection each, released together; the time until the last has its fds and the p99
+  per VM (fdboxd: one ``GetBox`` each; s6, which has no boxes: 4 retrieves each);
 - with 10,000 and 100,000 entries held (in boxes of 250): one store + delete
   (Put + Remove), and a full list;
 - p50/p99 latency of single requests with 50 concurrent clients (10,000 held);
@@ -17,7 +21,8 @@ libc only, so neither side pays for a Python client. The workloads are written o
 fdboxd runs with the memory backend and its state directory on disk (``--state-dir``
 moves it), at its default log level. Every held entry is an fd in each daemon, so a level
 needs RLIMIT_NOFILE above it: a level the hard limit cannot hold is reported as
-skipped, never estimated. Numbers are printed, never asserted:
+skipped, never estimated. Numbers are printed, never asserted; the end says for each of issue 18's targets whether
+this run met it:
 
     python3 bench/s6_compare.py [--seconds 3] [--levels 10000,100000]
 """
@@ -40,6 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 CLIENTS = Path(__file__).resolve().parent / "clients"
 PER_BOX = 250
 CONCURRENT = 50
+VMS, VM_ENTRIES = 64, 4
+#: Issue 18's targets, checked by targets() against the rows.
+TARGETS = ("single pairs ≥ 0.5× s6", "a 64-entry box back ≤ 2× s6's time", "daemon CPU per request ≤ 100 µs")
 
 
 def build(out: Path) -> tuple[Path, Path]:
@@ -84,7 +92,7 @@ def start_s6(d: Path, maxfds: int) -> subprocess.Popen[bytes]:
                      ("S6_FDHOLDER_LIST", "1"), ("S6_FDHOLDER_GETDUMP", "1")):
         (env / var).write_text(val + "\n")
     sock = str(d / "s6.sock")
-    proc = subprocess.Popen(["s6-fdholder-daemon", "-c", str(CONCURRENT + 14), "-n", str(maxfds),
+    proc = subprocess.Popen(["s6-fdholder-daemon", "-c", str(max(CONCURRENT, VMS) + 14), "-n", str(maxfds),
                              "-i", str(d / "rules"), sock], stdin=subprocess.DEVNULL)
     wait_socket(sock, proc, "s6-fdholder-daemon")
     return proc
@@ -96,13 +104,19 @@ def start_fdboxd(d: Path, state_dir: Path, max_entries: int, tree: Path) -> subp
     proc = subprocess.Popen(
         [sys.executable, "-m", "fdboxd", "--user", "--socket", sock, "--state-dir", str(state_dir),
          "--backend", "memory", "--max-entries", str(max_entries),
-         "--max-boxes", str(max_entries // PER_BOX + CONCURRENT + 16)],
+         "--max-boxes", str(max_entries // PER_BOX + CONCURRENT + VMS + 16)],
         env={**os.environ, "PYTHONPATH": str(tree)}, cwd=str(tree),  # -m puts the cwd first on sys.path
         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
     )
     log.close()
     wait_socket(sock, proc, "fdboxd")
     return proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -157,8 +171,24 @@ def main() -> int:
 
         print(f"s6-fdholderd pid {s6p.pid}, fdboxd pid {fbp.pid}; RLIMIT_NOFILE {hard}", flush=True)
         both("whole box of 64 back (getdump / GetBox), median", "us", "median_us", "lower", "box64", a.repeat)
-        both("single pairs (store+retrieve+delete / Put+Get+Remove)", "pairs/s", "pairs_per_s", "higher",
-             "pairs", a.seconds)
+        cpu, pairs = [], []
+        for s in sides:
+            c0 = cpu_seconds(s.proc.pid)
+            out = s.run("pairs", a.seconds)
+            cpu.append((cpu_seconds(s.proc.pid) - c0) / (3 * out["pairs"]) * 1e6)
+            pairs.append(out["pairs_per_s"])
+        rows.append(("single pairs (store+retrieve+delete / Put+Get+Remove)", "pairs/s", pairs[0], pairs[1], "higher"))
+        rows.append(("daemon CPU per request, over the pairs", "us", cpu[0], cpu[1], "lower"))
+        print(f"  single pairs: s6 {pairs[0]:.0f}/s, fdboxd {pairs[1]:.0f}/s; "
+              f"CPU per request s6 {cpu[0]:.1f} us, fdboxd {cpu[1]:.1f} us", flush=True)
+        vms = [s.run("vms", VMS, VM_ENTRIES) for s in sides]
+        rows.append((f"{VMS} VMs each take back {VM_ENTRIES} entries at once: until all answered", "ms",
+                     vms[0]["wall_ms"], vms[1]["wall_ms"], "lower"))
+        rows.append((f"{VMS} VMs each take back {VM_ENTRIES} entries at once: p99 per VM", "ms",
+                     vms[0]["p99_ms"], vms[1]["p99_ms"], "lower"))
+        print(f"  {VMS} VMs x {VM_ENTRIES} entries: all answered s6 {vms[0]['wall_ms']:.1f} ms, "
+              f"fdboxd {vms[1]['wall_ms']:.1f} ms; p99 per VM s6 {vms[0]['p99_ms']:.1f} ms, "
+              f"fdboxd {vms[1]['p99_ms']:.1f} ms", flush=True)
         held = 0
         for level in levels:
             if level + 200 > hard - 64:
@@ -202,7 +232,23 @@ def main() -> int:
         ratio = fbv / s6v if s6v else float("inf")
         word = "(higher is better)" if better == "higher" else "(lower is better)"
         print(f"| {metric} | {s6v:.1f} {unit} | {fbv:.1f} {unit} | {ratio:.2f}× {word} |")
+    print()
+    for line in targets(rows):
+        print(line)
     return 0
+
+
+def targets(rows: list[tuple[str, str, float, float, str]]) -> list[str]:
+    """Issue 18's targets, each met or NOT met by this run's rows."""
+    by = {metric: (s6v, fbv) for metric, _, s6v, fbv, _ in rows}
+    pairs = by["single pairs (store+retrieve+delete / Put+Get+Remove)"]
+    box = by["whole box of 64 back (getdump / GetBox), median"]
+    cpu = by["daemon CPU per request, over the pairs"][1]
+    checks = [(pairs[1] / pairs[0], pairs[1] >= 0.5 * pairs[0], "×"),
+              (box[1] / box[0], box[1] <= 2 * box[0], "×"),
+              (cpu, cpu <= 100, " µs")]
+    return [f"target: {what}: {value:.2f}{unit} — {'met' if ok else 'NOT met'}"
+            for what, (value, ok, unit) in zip(TARGETS, checks, strict=True)]
 
 
 if __name__ == "__main__":

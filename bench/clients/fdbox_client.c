@@ -138,6 +138,11 @@ static void op_get_box(const char *box, int n)
 		die("GetBox returned the wrong number of fds");
 }
 
+static void op_take_box(const char *box, int n)
+{
+	op_get_box(box, n);
+}
+
 static void op_list(int expect)
 {
 	(void)expect;

@@ -24,6 +24,7 @@ static void op_retrieve(const char *box, const char *name);        /* a new fd, 
 static void op_delete(const char *box, const char *name);          /* fdbox Remove / s6 delete */
 static void op_store_many(const char *box, int n, int fd);         /* names e0..e(n-1) */
 static void op_get_box(const char *box, int n);                    /* n fds back in one go */
+static void op_take_box(const char *box, int n);                   /* e0..e(n-1) back: fdbox GetBox / s6 n retrieves */
 static void op_list(int expect);                                   /* every entry held */
 
 static void die(const char *what)
@@ -64,7 +65,7 @@ int main(int argc, char **argv)
 {
 	if (argc < 4) {
 		fprintf(stderr, "usage: %s SOCKET pairs SECONDS | box64 REPEAT | fill BOXES PER_BOX [FIRST] |"
-				" putremove N | list N EXPECT | conc CLIENTS OPS\n", argv[0]);
+				" putremove N | list N EXPECT | conc CLIENTS OPS | vms VMS ENTRIES\n", argv[0]);
 		return 2;
 	}
 	const char *path = argv[1], *mode = argv[2];
@@ -117,6 +118,64 @@ int main(int argc, char **argv)
 		return 0;
 	}
 
+	if (!strcmp(mode, "vms")) {
+		/* a VMs, each its own connection and a box of b entries, all take theirs back at
+		 * once: the time from "go" until each VM has all its fds (a resume after kexec) */
+		double *end = mmap(NULL, a * sizeof *end, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+		int go[2], ready[2];
+		if (end == MAP_FAILED || pipe(go) < 0 || pipe(ready) < 0)
+			die("setup");
+		for (long c = 0; c < a; c++) {
+			pid_t pid = fork();
+			if (pid < 0)
+				die("fork");
+			if (pid == 0) {
+				char box[32], rd;
+				snprintf(box, sizeof box, "vms%ld", c);
+				close(go[1]);
+				close(ready[0]);
+				op_connect(path);
+				op_store_many(box, (int)b, fd);
+				if (write(ready[1], "r", 1) != 1 || read(go[0], &rd, 1) < 0)
+					_exit(1);
+				op_take_box(box, (int)b);
+				end[c] = now();
+				_exit(0);
+			}
+		}
+		close(go[0]);
+		close(ready[1]);
+		char rd;
+		for (long c = 0; c < a; c++)
+			if (read(ready[0], &rd, 1) != 1)
+				die("a VM did not get ready");
+		double t0 = now();
+		close(go[1]); /* EOF: all start at once */
+		int st, bad = 0;
+		while (wait(&st) > 0)
+			bad |= !WIFEXITED(st) || WEXITSTATUS(st);
+		if (bad)
+			return 1;
+		double wall = 0;
+		for (long c = 0; c < a; c++) {
+			end[c] -= t0;
+			if (end[c] > wall)
+				wall = end[c];
+		}
+		double p50 = pct(end, a, 0.5), p99 = pct(end, a, 0.99);
+		op_connect(path); /* leave the daemon as it was */
+		for (long c = 0; c < a; c++) {
+			char box[32], name[24];
+			snprintf(box, sizeof box, "vms%ld", c);
+			for (long i = 0; i < b; i++) {
+				snprintf(name, sizeof name, "e%ld", i);
+				op_delete(box, name);
+			}
+		}
+		printf("wall_ms=%.2f p50_ms=%.2f p99_ms=%.2f\n", wall * 1e3, p50 * 1e3, p99 * 1e3);
+		return 0;
+	}
+
 	op_connect(path);
 	if (!strcmp(mode, "pairs")) {
 		long n = 0;
@@ -127,7 +186,7 @@ int main(int argc, char **argv)
 			op_delete("pairs", "e");
 			n++;
 		}
-		printf("pairs_per_s=%.0f us_per_pair=%.1f\n", n / (t - t0), (t - t0) / n * 1e6);
+		printf("pairs_per_s=%.0f us_per_pair=%.1f pairs=%ld\n", n / (t - t0), (t - t0) / n * 1e6, n);
 	} else if (!strcmp(mode, "box64")) {
 		double *v = calloc(a, sizeof *v);
 		op_store_many("box64", 64, fd);

@@ -89,6 +89,15 @@ static void op_get_box(const char *box, int n)
 	genalloc_free(s6_fdholder_fd_t, &g);
 }
 
+static void op_take_box(const char *box, int n)
+{
+	char name[16];
+	for (int i = 0; i < n; i++) { /* s6 has no boxes: one retrieve per entry */
+		snprintf(name, sizeof name, "e%d", i);
+		op_retrieve(box, name);
+	}
+}
+
 static void op_list(int expect)
 {
 	stralloc sa = STRALLOC_ZERO;
