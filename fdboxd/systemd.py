@@ -34,7 +34,6 @@ manifest (``#`` cannot occur in an entry name).
 
 from __future__ import annotations
 
-import array
 import asyncio
 import hashlib
 import logging
@@ -52,6 +51,7 @@ from .errors import FdboxError
 from .manifest import Manifest
 from .model import BoxState, Caller
 from .names import check_box_name, check_entry_name
+from .sdnotify import Notifier
 from .store import Event, Store
 
 log = logging.getLogger("fdboxd.systemd")
@@ -193,44 +193,6 @@ def adopt_store_fds(act: Activation, backend: Backend, manifest: Manifest) -> li
 
 
 # ---------------------------------------------------------------------- notify
-
-
-class Notifier:
-    """sd_notify(3) without libsystemd. A no-op when ``$NOTIFY_SOCKET`` is unset."""
-
-    def __init__(self, address: str | None = None) -> None:
-        addr = os.environ.get("NOTIFY_SOCKET") if address is None else address
-        self.address: str | None = None
-        self.sock: socket.socket | None = None
-        if addr and (addr.startswith("/") or addr.startswith("@")):
-            self.address = "\0" + addr[1:] if addr.startswith("@") else addr
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            # A datagram socket blocks when the receiver's queue is full. systemd reads
-            # promptly; if it does not, the loop waits at most this long per message.
-            self.sock.settimeout(2.0)
-
-    @property
-    def enabled(self) -> bool:
-        return self.sock is not None
-
-    def send(self, text: str, fds: list[int] | tuple[int, ...] = (), droppable: bool = False) -> bool:
-        """Send one message; ``droppable`` ones (WATCHDOG=1) never wait for queue space."""
-        if self.sock is None:
-            return False
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        try:
-            self.sock.sendmsg([text.encode()], anc, socket.MSG_DONTWAIT if droppable else 0, self.address)
-            return True
-        except BlockingIOError:
-            return False  # a full queue: the next ping will do
-        except OSError as e:
-            log.warning("sd_notify %r failed: %s", text.split("\n", 1)[0], e)
-            return False
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:

@@ -16,6 +16,11 @@ for another try. Nothing of the guest ever touches a disk. Each ``--tap`` is a t
 in the same box (``tap.IFNAME.qN``, recreated by fdboxd after a kexec) and handed to
 QEMU as ``-netdev tap,fds=…``, so the guest keeps its network too (:mod:`.taps`).
 
-Modules: :mod:`.qmp` (the QMP client), :mod:`.vm` (start/suspend/status),
-:mod:`.taps` (``--tap``), :mod:`.cli` (the ``fdbox-qemu`` command line).
+Under systemd, ``start`` forks that helper even for a boot, and it sends ``READY=1``
+once QMP says the guest runs (the template unit is ``Type=notify``). Several VMs are
+suspended side by side by one process (``suspend VM...``, ``suspend --all``).
+
+Modules: :mod:`.qmp` (the QMP client), :mod:`.vm` (one VM: start/suspend/status),
+:mod:`.taps` (``--tap``), :mod:`.fleet` (several VMs: find, suspend in parallel,
+list), :mod:`.cli` (the ``fdbox-qemu`` command line).
 """

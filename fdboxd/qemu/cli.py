@@ -3,12 +3,13 @@
 ::
 
     fdbox-qemu [--socket PATH] start VM --ram SIZE [--hugetlb 2M|1G] [--tap IFNAME[,queues=N][,bridge=BR]]... -- QEMU-ARGS...
-    fdbox-qemu [--socket PATH] suspend VM
-    fdbox-qemu [--socket PATH] status VM
+    fdbox-qemu [--socket PATH] suspend VM... | suspend --all
+    fdbox-qemu [--socket PATH] status [VM] [--json]
 
 Exit codes as fdboxctl: 0 done, 1 usage or unexpected, 2 argparse usage, and
-``fdboxd.errors.EXIT_CODES[name]`` (10 and up) for each fdbox error name. ``start``
-becomes QEMU (exec), so once QEMU runs its exit status is QEMU's.
+``fdboxd.errors.EXIT_CODES[name]`` (10 and up) for each fdbox error name; a suspend of
+several VMs exits with the code of the first VM (in the order given) that failed, after
+all were tried. ``start`` becomes QEMU (exec), so once QEMU runs its exit status is QEMU's.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from .. import __version__
 from ..errors import EXIT_CODES, FdboxError
-from . import taps, vm
+from . import fleet, taps, vm
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,11 +43,13 @@ def parser() -> argparse.ArgumentParser:
                    help="a tap held in the box as tap.IFNAME.qN (created, on bridge BR, if the box has none); "
                    "QEMU gets -netdev tap,id=IFNAME,fd(s)=…: add -device virtio-net-pci,netdev=IFNAME to QEMU-ARGS")
     s.add_argument("--qemu", default=vm.default_qemu(), help="QEMU binary (default: $FDBOX_QEMU or qemu-system-x86_64)")
-    s = sub.add_parser("suspend", help="save the device state into the box as devstate and quit QEMU")
-    s.add_argument("vm", metavar="VM")
-    s.add_argument("--json", action="store_true", help="print the phase times as JSON")
-    s = sub.add_parser("status", help="the VM's box, entries and QEMU state")
-    s.add_argument("vm", metavar="VM")
+    s = sub.add_parser("suspend", help="save each VM's device state into its box as devstate and quit its QEMU "
+                       "(several VMs: side by side)", usage="fdbox-qemu suspend VM... | suspend --all [--json]")
+    s.add_argument("vm", metavar="VM", nargs="*")
+    s.add_argument("--all", action="store_true", help="every VM whose QEMU fdbox-qemu started (none running: nothing to do)")
+    s.add_argument("--json", action="store_true", help="one JSON line per VM: the phase times, or the error")
+    s = sub.add_parser("status", help="one VM's box, entries and QEMU state; no VM: a line for every VM fdbox holds")
+    s.add_argument("vm", metavar="VM", nargs="?")
     s.add_argument("--json", action="store_true")
     return p
 
@@ -70,19 +74,20 @@ def main(argv: list[str] | None = None) -> int:
             return vm.start(a.vm, sizes, a.hugetlb, args, socket_path=a.socket, run_dir=run_dir, qemu=a.qemu,
                             taps=tap_specs)
         if a.command == "suspend":
-            r = vm.suspend(a.vm, socket_path=a.socket, run_dir=run_dir)
+            return _suspend(p, a, run_dir)
+        if a.vm is None:
+            rows = fleet.status_all(socket_path=a.socket, run_dir=run_dir)
             if a.json:
-                print(json.dumps(r, sort_keys=True))
+                print(json.dumps(rows, sort_keys=True))
             else:
-                print(f"{a.vm}: suspended ({r['was']} before); devstate {r['devstate_bytes'] >> 10} KiB; "
-                      f"stop {r['stop_ms']:.1f} ms, save {r['save_ms']:.1f} ms, put {r['put_ms']:.1f} ms, "
-                      f"quit {r['quit_ms']:.1f} ms")
+                _print_table(rows)
             return 0
         r = vm.status(a.vm, socket_path=a.socket, run_dir=run_dir)
         if a.json:
             print(json.dumps(r, sort_keys=True))
         else:
             print(f"vm:      {a.vm}")
+            print(f"state:   {r['state']}")
             print(f"qemu:    {r['qemu']}" + (f" (QEMU {r['qemu_version']})" if "qemu_version" in r else ""))
             print(f"box:     {r['box'] or '-'}")
             for e in r["entries"]:
@@ -93,6 +98,45 @@ def main(argv: list[str] | None = None) -> int:
     except FdboxError as e:
         print(f"fdbox-qemu: {e.name}: {e.message}", file=sys.stderr)
         return EXIT_CODES[e.name]
+
+
+def _suspend(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str) -> int:
+    if a.all == bool(a.vm):
+        p.error("suspend takes VM names or --all, not both and not neither")
+    if a.all:
+        outcomes = fleet.suspend_all(socket_path=a.socket, run_dir=run_dir)
+        if not outcomes and not a.json:
+            print("no VM running")
+    else:
+        outcomes = fleet.suspend_many(a.vm, socket_path=a.socket, run_dir=run_dir)
+    code = 0
+    for o in outcomes:
+        if o.error is not None:
+            print(f"fdbox-qemu: {o.error.name}: {o.error.message}", file=sys.stderr)
+            if a.json:
+                print(json.dumps({"vm": o.vm, "error": o.error.name, "message": o.error.message}, sort_keys=True))
+            code = code or EXIT_CODES[o.error.name]
+            continue
+        r = o.result or {}
+        if a.json:
+            print(json.dumps(r, sort_keys=True))
+        else:
+            print(f"{o.vm}: suspended ({r['was']} before); devstate {r['devstate_bytes'] >> 10} KiB; "
+                  f"stop {r['stop_ms']:.1f} ms, save {r['save_ms']:.1f} ms, put {r['put_ms']:.1f} ms, "
+                  f"quit {r['quit_ms']:.1f} ms")
+    sys.stdout.flush()
+    return code
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'VM':<16} {'STATE':<11} {'BOX':<9} {'RAM':<15} {'DEVSTATE':>9}  TAPS")
+    for r in rows:
+        ram = f"{r['ram_bytes'] >> 20} MiB" if r["ram_bytes"] else "-"
+        dev = f"{r['devstate_bytes'] >> 10} KiB" if r["devstate_bytes"] is not None else "-"
+        taps = ",".join(t["ifname"] + (f"x{t['queues']}" if t["queues"] > 1 else "") for t in r["taps"]) or "-"
+        kind = "/".join(t.replace("memfd-hugetlb", "hugetlb") for t in r["ram_type"])
+        ram += f" {kind}" if kind and kind != "memfd" else ""
+        print(f"{r['vm']:<16} {r['state']:<11} {r['box'] or '-':<9} {ram:<15} {dev:>9}  {taps}")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,21 @@ class QMPClient:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError as e:
-            self.sock.close()
-            raise FdboxError("NotFound", f"no QEMU listens on {path}: {e.strerror}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except BlockingIOError:
+                # EAGAIN: QEMU listens with a backlog of one and accepts one QMP client at
+                # a time, so a second client (status beside a suspend) waits its turn.
+                if time.monotonic() > deadline:
+                    self.sock.close()
+                    raise FdboxError("BackendUnavailable", f"QEMU on {path} accepts no connection (busy)") from None
+                time.sleep(0.005)
+            except OSError as e:
+                self.sock.close()
+                raise FdboxError("NotFound", f"no QEMU listens on {path}: {e.strerror}") from None
         self.buf = b""
         try:
             greeting = self._read()

@@ -16,6 +16,7 @@ from .. import paths
 from ..client import Client
 from ..errors import FdboxError
 from ..names import check_box_name
+from ..sdnotify import Notifier
 from . import taps as tapmod
 from .qmp import QMPClient
 from .taps import TapSpec
@@ -29,6 +30,8 @@ CPR_REBOOT_QEMU = (8, 2, 0)
 # Options fdbox-qemu sets itself; the same in QEMU-ARGS would fight over the RAM.
 OWN_OPTIONS = ("-m", "-mem-path", "-incoming", "-numa")
 MIGRATE_POLL = 0.002
+# How long the helper waits for QEMU to listen and load (the unit's TimeoutStartSec= is 5 min).
+START_TIMEOUT = 300.0
 
 
 @dataclass
@@ -83,14 +86,30 @@ def ensure_run_dir(run_dir: str) -> None:
 
 
 def qemu_alive(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    """Whether something listens on the QMP socket ``path`` (without waiting in its backlog)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
         s.connect(path)
         return True
+    except BlockingIOError:
+        return True  # its backlog is full: QEMU is there, busy with another client
     except OSError:
         return False
     finally:
         s.close()
+
+
+def vm_state(qemu: str | None, has_devstate: bool) -> str:
+    """``running``, ``suspended`` (no QEMU, a devstate to resume from), ``resuming`` (QEMU
+    up, the device state not loaded or not yet dropped), ``stopped`` (RAM held, nothing to
+    resume: the next start boots), or QEMU's own word (``paused``, ``prelaunch``, …)."""
+    if qemu is None or qemu == "not running":
+        return "suspended" if has_devstate else "stopped"
+    if qemu.startswith("unreachable"):
+        return "unreachable"
+    if qemu == "inmigrate" or has_devstate:
+        return "resuming"
+    return qemu
 
 
 def _box_state(c: Client, vm: str) -> str | None:
@@ -247,8 +266,10 @@ def start(vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[
         plan = plan_start(c, vm, ram, hugetlb, qemu_args, qmp, qemu, taps)
     for fd in plan.keep_fds:
         os.set_inheritable(fd, True)
-    if plan.resume_fd is not None:
-        _spawn_resumer(vm, qmp, plan, socket_path)
+    # systemd's notify socket is the helper's to use, not QEMU's (QEMU does not speak it).
+    notify = os.environ.pop("NOTIFY_SOCKET", None)
+    if plan.resume_fd is not None or notify:
+        _spawn_helper(vm, qmp, plan, socket_path, notify)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -258,8 +279,17 @@ def start(vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[
     return 127  # pragma: no cover
 
 
-def _spawn_resumer(vm: str, qmp: str, plan: Plan, socket_path: str | None) -> None:
-    """Fork (twice, so QEMU never has to reap it) the process that loads the device state."""
+def _spawn_helper(vm: str, qmp: str, plan: Plan, socket_path: str | None, notify: str | None) -> None:
+    """Fork (twice, so QEMU never has to reap it) the process that loads the device state
+    (when resuming) and then tells systemd ``READY=1`` (when ``notify`` is set).
+
+    A fork, not a new program: no interpreter starts on the resume path for it, and the
+    one process does both jobs. READY comes once the guest runs as it should (running,
+    or paused if it was suspended paused or QEMU-ARGS hold ``-S``) and, on a resume,
+    once ``devstate`` is gone from the box: a suspend that ``systemctl start`` let
+    through can then never race the helper's removal. The unit is ``Type=notify`` with
+    ``NotifyAccess=all``; the main pid stays QEMU's, as before.
+    """
     qemu_pid = os.getpid()  # exec keeps it
     pid = os.fork()
     if pid:
@@ -269,13 +299,24 @@ def _spawn_resumer(vm: str, qmp: str, plan: Plan, socket_path: str | None) -> No
     try:
         if os.fork():
             os._exit(0)
-        for fd in plan.keep_fds:  # the resumer holds no guest memory
+        for fd in plan.keep_fds:  # the helper holds no guest memory
             if fd != plan.resume_fd:
                 os.close(fd)
-        resume(vm, qmp, plan.resume_fd, plan.runstate, socket_path, qemu_pid)  # type: ignore[arg-type]
+        if plan.resume_fd is not None:
+            times = resume(vm, qmp, plan.resume_fd, plan.runstate, socket_path, qemu_pid)
+            note = f"resumed (device state loaded in {times['load_ms']:.1f} ms)"
+        else:
+            note = f"started ({wait_started(qmp, qemu_pid)})"
+        if notify:
+            n = Notifier(notify)
+            n.send(f"READY=1\nSTATUS={note}")
+            n.barrier()
+            n.close()
         code = 0
     except FdboxError as e:
-        print(f"fdbox-qemu: {vm}: resume failed: {e.message}; devstate kept in the box", file=sys.stderr)
+        what = "resume" if plan.resume_fd is not None else "start"
+        print(f"fdbox-qemu: {vm}: {what} failed: {e.message}"
+              + ("; devstate kept in the box" if plan.resume_fd is not None else ""), file=sys.stderr)
     except BaseException as e:  # noqa: BLE001 - report anything, never return into the exec path
         print(f"fdbox-qemu: {vm}: resume failed: {e!r}", file=sys.stderr)
     finally:
@@ -283,23 +324,33 @@ def _spawn_resumer(vm: str, qmp: str, plan: Plan, socket_path: str | None) -> No
         os._exit(code)
 
 
-def resume(vm: str, qmp: str, devstate_fd: int, runstate: str, socket_path: str | None, qemu_pid: int,
-           timeout: float = 60.0) -> dict[str, float]:
-    """In the resumer: wait for QEMU's QMP, load the device state, continue, drop devstate."""
-    t0 = time.monotonic()
-    deadline = t0 + timeout
+def _connect_when_up(qmp: str, qemu_pid: int, deadline: float) -> QMPClient:
+    """QEMU's QMP, as soon as the QEMU being exec'd listens on it."""
     while True:
         try:
-            q = QMPClient(qmp, timeout=timeout)
-            break
+            return QMPClient(qmp, timeout=max(1.0, deadline - time.monotonic()))
         except FdboxError:
             try:
                 os.kill(qemu_pid, 0)
             except ProcessLookupError:
                 raise FdboxError("BackendUnavailable", "QEMU exited before it listened on QMP") from None
             if time.monotonic() > deadline:
-                raise FdboxError("BackendUnavailable", f"QEMU did not open {qmp} in {timeout:.0f}s") from None
+                raise FdboxError("BackendUnavailable", f"QEMU did not open {qmp} in time") from None
             time.sleep(0.005)
+
+
+def wait_started(qmp: str, qemu_pid: int, timeout: float = START_TIMEOUT) -> str:
+    """A booting VM: QEMU's run state once QMP answers (``running``, or ``prelaunch`` with -S)."""
+    with _connect_when_up(qmp, qemu_pid, time.monotonic() + timeout) as q:
+        return str(q.execute("query-status")["status"])
+
+
+def resume(vm: str, qmp: str, devstate_fd: int, runstate: str, socket_path: str | None, qemu_pid: int,
+           timeout: float = START_TIMEOUT) -> dict[str, float]:
+    """In the helper: wait for QEMU's QMP, load the device state, continue, drop devstate."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    q = _connect_when_up(qmp, qemu_pid, deadline)
     times: dict[str, float] = {}
     with q:
         t1 = time.monotonic()
@@ -314,8 +365,12 @@ def resume(vm: str, qmp: str, devstate_fd: int, runstate: str, socket_path: str 
         if runstate == "running" and q.execute("query-status")["status"] != "running":
             q.execute("cont")
         times["load_ms"] = (time.monotonic() - t1) * 1000
-    with Client(socket_path) as c:
-        c.remove(vm, DEVSTATE)
+    try:
+        with Client(socket_path) as c:
+            c.remove(vm, DEVSTATE)
+    except FdboxError as e:  # the guest runs: say so (READY), and what is left to clean up
+        print(f"fdbox-qemu: {vm}: resumed, but devstate stays in the box ({e.message}); "
+              f"remove it before QEMU is started again (fdboxctl rm {vm} {DEVSTATE})", file=sys.stderr)
     times["total_ms"] = (time.monotonic() - t0) * 1000
     print(f"fdbox-qemu: {vm}: resumed (device state loaded in {times['load_ms']:.1f} ms)", file=sys.stderr)
     return times
@@ -431,7 +486,9 @@ def status(vm: str, *, socket_path: str | None, run_dir: str) -> dict[str, Any]:
                 out["qemu_version"] = "%d.%d.%d" % q.version
         except FdboxError as e:
             out["qemu"] = f"unreachable ({e.message})"
-    out["resumable"] = any(e["name"] == DEVSTATE for e in out["entries"]) and out["qemu"] == "not running"
+    has_devstate = any(e["name"] == DEVSTATE for e in out["entries"])
+    out["resumable"] = has_devstate and out["qemu"] == "not running"
+    out["state"] = vm_state(out["qemu"], has_devstate)
     if out["box"] is None and out["qemu"] == "not running":
         raise FdboxError("NotFound", f"no VM {vm}: no box and no QEMU", box=vm)
     return out

@@ -14,6 +14,7 @@ controls show the test can fail: a resume on fresh RAM prints no tick at all (QE
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -54,18 +55,22 @@ class VM:
             assert r.returncode == 0, (args, r.returncode, r.stdout, r.stderr)
         return r
 
-    def start(self, tag: str, *extra: str, ram: str = "32M") -> subprocess.Popen:
-        self.serial = self.tmp / f"serial-{tag}"
-        log = open(self.tmp / f"qemu-{tag}.log", "wb")
+    def start(self, tag: str, *extra: str, ram: str = "32M", env: dict[str, str] | None = None) -> subprocess.Popen:
+        self.serial = self.tmp / f"{self.name}-serial-{tag}"
+        log = open(self.tmp / f"{self.name}-qemu-{tag}.log", "wb")
         cmd = qemuguest.fdbox_qemu_cmd(self.daemon.socket, self.run_dir, "start", self.name, "--ram", ram, *extra,
                                        "--", *qemuguest.qemu_args(self.image, self.serial))
-        p = subprocess.Popen(cmd, env=qemuguest.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        p = subprocess.Popen(cmd, env=qemuguest.env() | (env or {}), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
         self.procs.append(p)
         return p
 
+    @property
+    def qmp(self) -> str:
+        return os.path.join(self.run_dir, f"{self.name}.qmp")
+
     def log(self, tag: str) -> str:
-        return (self.tmp / f"qemu-{tag}.log").read_text(errors="replace")
+        return (self.tmp / f"{self.name}-qemu-{tag}.log").read_text(errors="replace")
 
     def cleanup(self) -> None:
         for p in self.procs:
@@ -266,3 +271,164 @@ def _box_names(daemon) -> set[str]:
     with daemon.client() as c:
         return {b["name"] for b in c.list()["boxes"]}
 
+
+
+# ---------------------------------------------------------------- several VMs (issue 22 §2)
+
+
+def _fleet(daemon, image, tmp_path, *names: str) -> list[VM]:
+    vms = [VM(daemon, image, tmp_path, n) for n in names]
+    for v in vms:
+        v.start("boot")
+    for v in vms:
+        assert len(qemuguest.wait_ticks(v.serial, 3)) >= 3, v.log("boot")
+    return vms
+
+
+def _status(vm: VM) -> dict[str, dict]:
+    return {r["vm"]: r for r in json.loads(vm.cli("status", "--json").stdout)}
+
+
+def test_suspend_several_vms_side_by_side(daemon, image, tmp_path):
+    """`suspend vmb vma` with vmb's QMP held by the test (QEMU serves one QMP client at a
+    time): vma is suspended while vmb's suspend waits, which one after the other in the
+    order given could not do; then vmb follows, and both resume."""
+    from fdboxd.qemu.qmp import QMPClient
+
+    a, b = vms = _fleet(daemon, image, tmp_path, "vma", "vmb")
+    try:
+        before: dict[str, list[qemuguest.Tick]] = {}
+        cmd = qemuguest.fdbox_qemu_cmd(daemon.socket, a.run_dir, "suspend", "vmb", "vma", "--json")
+        with QMPClient(b.qmp):
+            proc = subprocess.Popen(cmd, env=qemuguest.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert wait_for(lambda: a.procs[0].poll() is not None, 30), "vma's QEMU should quit while vmb waits"
+            assert "devstate" in _box(daemon, "vma")
+            time.sleep(0.5)
+            assert proc.poll() is None and b.procs[0].poll() is None, "vmb's suspend should wait for its QMP"
+            assert "devstate" not in _box(daemon, "vmb")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert [r["vm"] for r in lines] == ["vmb", "vma"] and all(r["was"] == "running" for r in lines), lines
+        assert [v.procs[0].wait(30) for v in vms] == [0, 0]
+        rows = _status(a)
+        assert {n: r["state"] for n, r in rows.items()} == {"vma": "suspended", "vmb": "suspended"}, rows
+        for v in vms:
+            before[v.name] = qemuguest.ticks(v.serial)
+            v.start("resume")
+        for v in vms:
+            _resumed(v, before[v.name], "resume")
+    finally:
+        for v in vms:
+            v.cleanup()
+
+
+def test_suspend_all_and_status_of_every_vm(daemon, image, tmp_path):
+    """status with no VM lists each VM fdbox holds; suspend --all suspends every running one."""
+    vms = _fleet(daemon, image, tmp_path, "vmx", "vmy", "vmz")
+    x = vms[0]
+    try:
+        rows = _status(x)
+        assert sorted(rows) == ["vmx", "vmy", "vmz"], rows
+        for r in rows.values():
+            assert (r["state"], r["qemu"], r["box"], r["ram_bytes"], r["ram"], r["ram_type"], r["taps"],
+                    r["devstate_bytes"]) == ("running", "running", "open", RAM, ["ram0"], ["memfd"], [], None), r
+            assert r["pid"] == x.procs[0].pid or r["pid"] in {v.procs[0].pid for v in vms}
+        text = x.cli("status").stdout.splitlines()
+        assert text[0].split() == ["VM", "STATE", "BOX", "RAM", "DEVSTATE", "TAPS"], text
+        assert text[1].split() == ["vmx", "running", "open", "32", "MiB", "-", "-"], text
+
+        r = x.cli("suspend", "--all", "--json")
+        lines = {json.loads(line)["vm"]: json.loads(line) for line in r.stdout.splitlines()}
+        assert sorted(lines) == ["vmx", "vmy", "vmz"] and all(v["was"] == "running" for v in lines.values()), r
+        assert [v.procs[0].wait(30) for v in vms] == [0, 0, 0]
+        before = {v.name: qemuguest.ticks(v.serial) for v in vms}
+        rows = _status(x)
+        for name, row in rows.items():
+            assert row["state"] == "suspended" and row["qemu"] == "not running", row
+            assert row["devstate_bytes"] == lines[name]["devstate_bytes"] > 0, (row, lines[name])
+        assert "devstate present" in x.cli("status", "vmy").stdout
+        r = x.cli("suspend", "--all")
+        assert r.stdout.strip() == "no VM running", r.stdout
+
+        x.start("resume")
+        _resumed(x, before["vmx"], "resume")
+        assert wait_for(lambda: _status(x)["vmx"]["state"] == "running", 10), _status(x)
+        x.procs[-1].kill()  # QEMU gone without a suspend: RAM held, nothing to resume from
+        x.procs[-1].wait()
+        rows = _status(x)
+        assert {n: r["state"] for n, r in rows.items()} == {"vmx": "stopped", "vmy": "suspended", "vmz": "suspended"}
+    finally:
+        for v in vms:
+            v.cleanup()
+
+
+def test_suspend_all_refuses_a_qemu_it_cannot_reach(daemon, image, tmp_path):
+    """A QEMU whose QMP socket is gone is still found (its command line): --all fails for
+    it, naming it, instead of skipping a VM a kexec would lose; the others are suspended."""
+    p, q = vms = _fleet(daemon, image, tmp_path, "vmp", "vmq")
+    try:
+        os.unlink(q.qmp)
+        r = p.cli("suspend", "--all", check=False)
+        assert r.returncode == EXIT_CODES["NotFound"], (r.returncode, r.stderr)
+        assert f"VM vmq: its QEMU (pid {q.procs[0].pid}) runs but does not answer" in r.stderr, r.stderr
+        assert "vmp: suspended (running before)" in r.stdout, r.stdout
+        assert p.procs[0].wait(30) == 0 and "devstate" in _box(daemon, "vmp")
+        assert q.procs[0].poll() is None and set(_box(daemon, "vmq")) == {"ram0"}
+        n = len(qemuguest.ticks(q.serial))
+        assert len(qemuguest.wait_ticks(q.serial, n + 2)) >= n + 2, "vmq should run on"
+        assert _status(p)["vmq"]["state"] == "unreachable"
+    finally:
+        for v in vms:
+            v.cleanup()
+
+
+def test_suspend_many_bad_input_changes_nothing(vm, daemon):
+    p = vm.start("boot")
+    assert len(qemuguest.wait_ticks(vm.serial, 2)) >= 2, vm.log("boot")
+    r = vm.cli("suspend", "vm1", "bad/name", check=False)
+    assert r.returncode == EXIT_CODES["InvalidName"], r.stderr
+    assert vm.cli("suspend", check=False).returncode == 2  # neither names nor --all
+    assert vm.cli("suspend", "--all", "vm1", check=False).returncode == 2
+    assert p.poll() is None and set(_box(daemon)) == {"ram0"}
+
+
+def test_ready_only_once_the_guest_runs(daemon, image, tmp_path):
+    """NOTIFY_SOCKET set (Type=notify): READY=1 comes once QMP says running and, on a
+    resume, once devstate is gone. Checked while the helper still waits on its BARRIER=1,
+    so nothing of fdbox-qemu moves on between READY and the check."""
+    from test_systemd import NotifySocket
+
+    from fdboxd.qemu.qmp import QMPClient
+
+    notify = NotifySocket(tmp_path / "notify")
+    vm = VM(daemon, image, tmp_path)
+    at_ready: list[tuple[str, set[str]]] = []
+
+    def check(msg: dict[str, str]) -> None:
+        if msg.get("READY") == "1":
+            try:
+                with QMPClient(vm.qmp, timeout=10) as q:
+                    at_ready.append((q.execute("query-status")["status"], set(_box(daemon))))
+            except Exception as e:  # noqa: BLE001 - recorded, so the reader thread goes on
+                at_ready.append((repr(e), set()))
+
+    notify.on_message = check
+    try:
+        p = vm.start("boot", env={"NOTIFY_SOCKET": notify.path})
+        assert notify.wait(lambda: notify.seen("READY", "1"), 60), vm.log("boot")
+        assert at_ready == [("running", {"ram0"})], at_ready
+        assert notify.seen("STATUS")[0]["STATUS"] == "started (running)"
+        env = Path(f"/proc/{p.pid}/environ").read_bytes().split(b"\0")
+        assert not any(e.startswith(b"NOTIFY_SOCKET=") for e in env), "QEMU must not inherit NOTIFY_SOCKET"
+        before = _suspend(vm, p)
+
+        vm.start("resume", env={"NOTIFY_SOCKET": notify.path})
+        assert notify.wait(lambda: len(notify.seen("READY", "1")) == 2, 60), vm.log("resume")
+        assert at_ready[1] == ("running", {"ram0"}), at_ready
+        assert notify.seen("STATUS")[-1]["STATUS"].startswith("resumed (device state loaded in ")
+        _resumed(vm, before, "resume")
+        assert len(notify.seen("BARRIER", "1")) == 2
+    finally:
+        vm.cleanup()
+        notify.close()

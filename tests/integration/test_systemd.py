@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,9 @@ class NotifySocket:
         self.messages: list[dict[str, str]] = []
         self.store: dict[str, int] = {}  # FDNAME -> fd, maintained like systemd's fdstore
         self.lock = threading.Lock()
+        # Called in the reader thread with each message, before the next is read: a
+        # sender waiting on BARRIER=1 (sent after the message) is still waiting then.
+        self.on_message: Callable[[dict[str, str]], None] | None = None
         self.running = True
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -64,6 +68,8 @@ class NotifySocket:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.extend(array.array("i", payload[: len(payload) - len(payload) % fd_size]))
             msg = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            if self.on_message is not None:
+                self.on_message(msg)
             with self.lock:
                 self.messages.append(msg)
                 if msg.get("FDSTORE") == "1":

@@ -315,10 +315,10 @@ def test_policy_root_owns_users_call_signals_stay_private(daemon_factory, system
 
 
 def test_qemu_units_verify_clean(tmp_path):
-    """fdbox-qemu@ and fdbox-qemu-suspend@ as instances, next to the units they order against."""
+    """fdbox-qemu@ as an instance and fdbox-qemu-suspend, next to the units they order against."""
     tool = need("systemd-analyze")
     true = shutil.which("true")
-    names = ("fdboxd.service", "fdboxd.socket", "fdbox-seal.service", "fdbox-qemu@.service", "fdbox-qemu-suspend@.service")
+    names = ("fdboxd.service", "fdboxd.socket", "fdbox-seal.service", "fdbox-qemu@.service", "fdbox-qemu-suspend.service")
     for f in names:
         text = (UNITS / f).read_text()
         for prog in ("fdboxd", "fdboxctl", "fdbox-qemu"):
@@ -326,22 +326,23 @@ def test_qemu_units_verify_clean(tmp_path):
         text = text.replace("/usr/libexec/fdbox/fdbox-call ", f"{true} ")
         (tmp_path / f).write_text(text)
     (tmp_path / "fdbox-qemu@vm1.service").symlink_to("fdbox-qemu@.service")
-    (tmp_path / "fdbox-qemu-suspend@vm1.service").symlink_to("fdbox-qemu-suspend@.service")
-    out = subprocess.run([tool, "verify", "--man=no", "fdbox-qemu@vm1.service", "fdbox-qemu-suspend@vm1.service",
+    out = subprocess.run([tool, "verify", "--man=no", "fdbox-qemu@vm1.service", "fdbox-qemu-suspend.service",
                           "fdbox-seal.service"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", (out.stdout, out.stderr)
 
 
 def test_qemu_suspend_unit_blocks_kexec_and_seal():
-    vm, sus = unit("fdbox-qemu@.service"), unit("fdbox-qemu-suspend@.service")
+    vm, sus = unit("fdbox-qemu@.service"), unit("fdbox-qemu-suspend.service")
     # The VM is not stopped by shutdown.target (it runs until the suspend unit), but is by reboot/poweroff.
     assert vm["Unit"]["DefaultDependencies"] == "no" and "shutdown.target" not in vm["Unit"].get("Conflicts", "")
     assert "fdboxd.service" in vm["Unit"]["After"].split()
     assert vm["Service"]["ExecStart"].startswith("/usr/bin/fdbox-qemu start %i ")
     assert "fdbox-qemu suspend %i" in vm["Service"]["ExecStop"]
+    # Ready once the guest runs: the helper fdbox-qemu forks (not the main pid) notifies.
+    assert (vm["Service"]["Type"], vm["Service"]["NotifyAccess"]) == ("notify", "all")
     u, s = sus["Unit"], sus["Service"]
     assert s["Type"] == "oneshot" and u["DefaultDependencies"] == "no"
-    assert s["ExecStart"] == "/usr/bin/fdbox-qemu suspend %i"
+    assert s["ExecStart"] == "/usr/bin/fdbox-qemu suspend --all"  # one process for every VM
     assert "shutdown.target" in u["After"].split()
     assert {"fdbox-seal.service", "systemd-kexec.service", "umount.target"} <= set(u["Before"].split())
     # A failed suspend fails the seal's and the kexec's jobs ("dependency failed").

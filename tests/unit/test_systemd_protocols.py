@@ -67,3 +67,37 @@ def test_watchdog_interval():
     assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval({}) is None
+
+
+def test_barrier_waits_until_the_receiver_closed_the_fd():
+    """sd_notify_barrier: True once the receiver handled (closed) the pipe; False when it
+    never does, after the timeout, so a helper that exits after READY=1 waits for systemd."""
+    import threading
+
+    from fdboxd.sdnotify import Notifier as LightNotifier
+
+    assert LightNotifier is Notifier  # one definition, re-exported by fdboxd.systemd
+    name = f"fdbox-test-barrier-{os.getpid()}"
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind("\0" + name)
+    rx.settimeout(5)
+    n = Notifier("@" + name)
+    got: list[bytes] = []
+
+    def receiver() -> None:
+        data, fds, _flags, _addr = socket.recv_fds(rx, 4096, 4)
+        got.append(data)
+        for fd in fds:
+            os.close(fd)
+
+    try:
+        t = threading.Thread(target=receiver)
+        t.start()
+        assert n.barrier(timeout=5)
+        t.join()
+        assert got == [b"BARRIER=1"]
+        assert not n.barrier(timeout=0.2)  # nobody reads: the fd stays open in the queue
+    finally:
+        n.close()
+        rx.close()
+    assert not Notifier("").barrier()

@@ -1,23 +1,28 @@
-"""fdbox-qemu@.service under a real systemd (PID 1): `systemctl kexec` suspends the VM
+"""fdbox-qemu@.service under a real systemd (PID 1): `systemctl kexec` suspends the VMs
 inside the kexec transaction before fdbox-seal.service seals, and after the kexec the
-unit resumes the guest.
+units resume the guests.
 
 The test boots the test kernel with systemd 252 as PID 1 (see test_systemd_kexec.py
 for how, and for the fdboxd/seal drop-ins reused here) and installs the shipped
-fdbox-qemu@.service and fdbox-qemu-suspend@.service unchanged; drop-ins only point the
-commands at this checkout (``python3 -m fdboxd.qemu``, no console script is installed
-here) and add uptime markers on the console. The VM is the boot-sector guest of
-tests/qemu-guest/tick.S, configured in /etc/fdbox/qemu/vmq.conf as an operator would.
+fdbox-qemu@.service and fdbox-qemu-suspend.service unchanged; drop-ins only point the
+commands at this checkout (``python3 -m fdboxd.qemu`` with the units' own arguments, no
+console script is installed here) and add uptime markers on the console. The VMs are
+the boot-sector guest of tests/qemu-guest/tick.S, configured in
+/etc/fdbox/qemu/NAME.conf as an operator would: three of them (issue 22), ``vmq`` and
+``vmr`` on memfd RAM, ``vmh`` on 2 MiB hugetlb RAM, through one kexec.
 
 Order asserted from the console: shutdown.target reached, then the suspend unit ran
-and finished, then the seal, then "Rebooting with kexec."; in stage 2 the same unit
-resumes the guest (same token, counter continues, memory check OK), and `systemctl
-stop` suspends it into fdbox again.
+and finished (one ``fdbox-qemu suspend --all`` for the three), then the seal, then
+"Rebooting with kexec."; in stage 2 the same units resume the guests (same token,
+counter continues, memory check OK), `systemctl start` returns only once every guest
+runs (Type=notify: ``fdbox-qemu status`` right after it says running, devstate gone),
+and `systemctl stop` of the three suspends them into fdbox again.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -35,28 +40,38 @@ pytestmark = pytest.mark.vm
 
 REPO = vmlib.repo_root()
 PY = f"{sys.executable} -m fdboxd.qemu"
+# name -> fdbox-qemu start options: two on memfd RAM, one on hugetlb.
+VMS = {"vmq": "--ram 32M", "vmr": "--ram 32M", "vmh": "--ram 32M --hugetlb 2M"}
+UNITS_ALL = " ".join(f"fdbox-qemu@{vm}.service" for vm in VMS)
+
+
+def _checkout_exec(unit: str, key: str) -> str:
+    """The unit's ``key=`` line with /usr/bin/fdbox-qemu replaced by this checkout's."""
+    m = re.search(rf"^{key}=(.*)$", (REPO / "units" / unit).read_text(), re.MULTILINE)
+    assert m and "/usr/bin/fdbox-qemu " in m.group(1), f"units/{unit} has no {key}= running fdbox-qemu"
+    return m.group(1).replace("/usr/bin/fdbox-qemu ", f"{PY} ")
 
 
 def qemu_units() -> dict[str, str]:
     units = guest_units()
     units["fdbox-qemu@.service"] = (REPO / "units" / "fdbox-qemu@.service").read_text()
-    units["fdbox-qemu-suspend@.service"] = (REPO / "units" / "fdbox-qemu-suspend@.service").read_text()
+    units["fdbox-qemu-suspend.service"] = (REPO / "units" / "fdbox-qemu-suspend.service").read_text()
     units["fdbox-qemu@.service.d/50-vm-test-paths.conf"] = textwrap.dedent(f"""\
         # VM test: fdbox-qemu runs from this checkout (no console script installed here).
         [Service]
         Environment=PYTHONPATH={REPO}
         ExecStart=
-        ExecStart={PY} start %i $FDBOX_QEMU_OPTS -- $QEMU_ARGS
+        ExecStart={_checkout_exec("fdbox-qemu@.service", "ExecStart")}
         ExecStop=
-        ExecStop=/bin/sh -c '[ -z "$MAINPID" ] || exec {PY} suspend %i'
+        ExecStop={_checkout_exec("fdbox-qemu@.service", "ExecStop")}
         """)
-    units["fdbox-qemu-suspend@.service.d/50-vm-test-paths.conf"] = textwrap.dedent(f"""\
+    units["fdbox-qemu-suspend.service.d/50-vm-test-paths.conf"] = textwrap.dedent(f"""\
         # VM test: fdbox-qemu from this checkout; output and uptime markers on the console.
         [Service]
         Environment=PYTHONPATH={REPO}
         ExecStartPre={_uptime_marker("suspend start")}
         ExecStart=
-        ExecStart={PY} suspend %i
+        ExecStart={_checkout_exec("fdbox-qemu-suspend.service", "ExecStart")}
         ExecStartPost={_uptime_marker("suspend done")}
         StandardOutput=journal+console
         StandardError=journal+console
@@ -64,37 +79,41 @@ def qemu_units() -> dict[str, str]:
     return units
 
 
-def _conf(tag: str) -> str:
-    args = " ".join(qemuguest.qemu_args(Path("/run/tick.img"), Path(f"/out/vmq-{tag}.serial")))
-    return textwrap.dedent(f"""\
-        mkdir -p /etc/fdbox/qemu
-        [ -f /run/tick.img ] || cp /out/tick.img /run/tick.img
-        printf '%s\\n' 'FDBOX_QEMU_OPTS=--ram 32M' 'QEMU_ARGS={args}' > /etc/fdbox/qemu/vmq.conf
-        systemctl start fdbox-qemu@vmq.service
-        systemctl show -p MainPID --value fdbox-qemu@vmq.service > /run/vmq.pid
-        wait_ticks vmq {tag} {3 if tag == "1" else 4}
-        """)
+def _conf(tag: str, vms: dict[str, str]) -> str:
+    """Configure ``vms``, start their units in one systemctl call, wait for their ticks."""
+    sh = "mkdir -p /etc/fdbox/qemu\n[ -f /run/tick.img ] || cp /out/tick.img /run/tick.img\n"
+    for vm, opts in vms.items():
+        args = " ".join(qemuguest.qemu_args(Path("/run/tick.img"), Path(f"/out/{vm}-{tag}.serial")))
+        sh += f"printf '%s\\n' 'FDBOX_QEMU_OPTS={opts}' 'QEMU_ARGS={args}' > /etc/fdbox/qemu/{vm}.conf\n"
+    sh += f"systemctl start {' '.join(f'fdbox-qemu@{vm}.service' for vm in vms)}\n"
+    # Type=notify: systemctl returned once every guest runs; what fdbox-qemu says then.
+    sh += f"fq status --json > /out/status-at-ready-{tag}.json\n"
+    for vm in vms:
+        sh += f"systemctl show -p MainPID --value fdbox-qemu@{vm}.service > /run/{vm}.pid\n"
+    for vm in vms:
+        sh += f"wait_ticks {vm} {tag} {3 if tag == '1' else 4}\n"
+    return sh
 
 
 def test_systemctl_kexec_suspends_before_seal_and_resumes(vm_with_module: vmlib.Harness) -> None:
     qemuguest.build(vm_with_module.out_dir)
     lib = ". tests/vm/qemustage.sh\n"
     stage1 = SETUP + lib + START_DAEMON + textwrap.dedent("""\
-        systemctl enable fdbox-qemu-suspend@vmq.service
-        test -L /etc/systemd/system/systemd-kexec.service.requires/fdbox-qemu-suspend@vmq.service
-        test -L /etc/systemd/system/fdbox-seal.service.requires/fdbox-qemu-suspend@vmq.service
-        """) + _conf("1") + "vm-kexec\n"
+        systemctl enable fdbox-qemu-suspend.service
+        test -L /etc/systemd/system/systemd-kexec.service.requires/fdbox-qemu-suspend.service
+        test -L /etc/systemd/system/fdbox-seal.service.requires/fdbox-qemu-suspend.service
+        """) + _conf("1", VMS) + "vm-kexec\n"
     stage2 = textwrap.dedent("""\
         . tests/vm/stagelib.sh
         load_module
         install -m 0644 contrib/dbus/io.fdbox1.conf /etc/dbus-1/system.d/io.fdbox1.conf
         systemctl try-reload-or-restart dbus.service
-        """) + lib + START_DAEMON + "ctl --json status > /out/restored-status.json\n" + _conf("2") + textwrap.dedent("""\
-        ctl --json list vmq > /out/after.json
-        systemctl stop fdbox-qemu@vmq.service
-        ctl --json list vmq > /out/stopped.json
-        """)
-    run = vm_with_module.run(stage1, stage2, systemd=True, units=qemu_units(), cmdline_extra=CMDLINE, timeout=900)
+        """) + lib + START_DAEMON + "ctl --json status > /out/restored-status.json\n" + _conf("2", VMS) + \
+        "".join(f"ctl --json list {vm} > /out/{vm}-after.json\n" for vm in VMS) + \
+        f"systemctl stop {UNITS_ALL}\n" + \
+        "".join(f"ctl --json list {vm} > /out/{vm}-stopped.json\n" for vm in VMS)
+    run = vm_with_module.run(stage1, stage2, systemd=True, units=qemu_units(),
+                             cmdline_extra=(*CMDLINE, "hugepages=40"), timeout=900)
     run.check()
     out, console = run.out_dir, ANSI_RE.sub("", run.console)
     assert [s.status for s in run.stages] == ["kexec", "ok"]
@@ -102,13 +121,16 @@ def test_systemctl_kexec_suspends_before_seal_and_resumes(vm_with_module: vmlib.
     # Stage 1's kexec transaction, in console order.
     shutdown = _index(console, "Reached target shutdown.target")
     sus_start = _index(console, "fdbox-vm-test: suspend start", shutdown)
-    sus_line = _index(console, "vmq: suspended (running before)", sus_start)
-    sus_done = _index(console, "Finished fdbox-qemu-suspend@vmq.service", sus_line)
+    sus_lines = [_index(console, f"{vm}: suspended (running before)", sus_start) for vm in VMS]
+    sus_done = _index(console, "Finished fdbox-qemu-suspend.service", max(sus_lines))
     seal_start = _index(console, "fdbox-vm-test: seal start", sus_done)
-    _index(console, '{"parameters":{"sealed":["vmq"]}}', seal_start)  # fdbox-call's last reply
+    sealed = re.search(r'\{"parameters":\{"sealed":\[[^]]*\]\}\}', console[seal_start:])  # fdbox-call's last reply
+    assert sealed, console[seal_start:]
+    assert sorted(json.loads(sealed.group(0))["parameters"]["sealed"]) == sorted(VMS), sealed.group(0)
     seal_finished = _index(console, "Finished fdbox-seal.service", seal_start)
     kexec = _index(console, "Rebooting with kexec.", seal_finished)
-    assert "Stopped fdbox-qemu@vmq.service" not in console[:shutdown], "the VM was stopped before the transaction's suspend"
+    for vm in VMS:
+        assert f"Stopped fdbox-qemu@{vm}.service" not in console[:shutdown], f"{vm} was stopped before the suspend"
     # No unit failed in the transaction (systemd's own markers; a daemon's log line such
     # as journald's "Failed to send WATCHDOG=1 notification" while PID 1 hands over to
     # systemd-shutdown is not a unit failing).
@@ -116,12 +138,19 @@ def test_systemctl_kexec_suspends_before_seal_and_resumes(vm_with_module: vmlib.
         assert marker not in console[shutdown:kexec], console[shutdown:kexec]
 
     restored = json.loads((out / "restored-status.json").read_text())
-    assert restored["restored"] == 1 and not restored["lost"], restored
-    last, first = check_resumed(out, "vmq")
-    assert {e["name"] for e in json.loads((out / "after.json").read_text())["entries"]} == {"ram0"}
-    stopped = {e["name"]: e for e in json.loads((out / "stopped.json").read_text())["entries"]}
-    assert set(stopped) == {"ram0", "devstate"}, stopped  # systemctl stop = suspend into fdbox
-    print(f"\nvmq: last tick before {last.n}, first after {first.n}; wall {run.wall_seconds:.0f}s")
+    assert restored["restored"] == len(VMS) and not restored["lost"], restored
+    for tag in ("1", "2"):  # READY=1 only once each guest runs (and, resumed, devstate is gone)
+        rows = {r["vm"]: r for r in json.loads((out / f"status-at-ready-{tag}.json").read_text())}
+        assert {vm: (r["state"], r["devstate_bytes"]) for vm, r in rows.items()} == \
+            {vm: ("running", None) for vm in VMS}, rows
+        assert rows["vmh"]["ram_type"] == ["memfd-hugetlb"] and rows["vmq"]["ram_type"] == ["memfd"], rows
+    for vm in VMS:
+        last, first = check_resumed(out, vm)
+        assert {e["name"] for e in json.loads((out / f"{vm}-after.json").read_text())["entries"]} == {"ram0"}
+        stopped = {e["name"]: e for e in json.loads((out / f"{vm}-stopped.json").read_text())["entries"]}
+        assert set(stopped) == {"ram0", "devstate"}, (vm, stopped)  # systemctl stop = suspend into fdbox
+        print(f"\n{vm}: last tick before {last.n}, first after {first.n}", end="")
+    print(f"\nwall {run.wall_seconds:.0f}s")
 
 
 # A refused kexec: the test's watcher (not stopped by the shutdown transaction, as in
@@ -145,7 +174,7 @@ WATCH_SCRIPT = textwrap.dedent("""\
     rc=1
     i=0
     while [ $i -lt 480 ]; do
-        if [ "$(systemctl show -p ActiveState --value fdbox-qemu-suspend@vmq.service)" = failed ] &&
+        if [ "$(systemctl show -p ActiveState --value fdbox-qemu-suspend.service)" = failed ] &&
            [ -z "$(systemctl list-jobs --no-legend)" ]; then
             rc=0
             break
@@ -154,7 +183,7 @@ WATCH_SCRIPT = textwrap.dedent("""\
         sleep 0.5
     done
     mountpoint -q /out || mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out /out
-    for u in fdbox-qemu-suspend@vmq.service fdbox-seal.service systemd-kexec.service kexec.target \\
+    for u in fdbox-qemu-suspend.service fdbox-seal.service systemd-kexec.service kexec.target \\
              fdbox-qemu@vmq.service fdboxd.service; do
         echo "$u $(systemctl show -p ActiveState --value $u) $(systemctl show -p Result --value $u)"
     done > /out/abort-units.txt
@@ -175,12 +204,13 @@ WATCH_SCRIPT = textwrap.dedent("""\
 
 
 def test_failed_suspend_stops_kexec(vm_with_module: vmlib.Harness) -> None:
-    """The suspend cannot reach QEMU (its QMP socket is gone): no seal, no kexec, the guest runs on."""
+    """The suspend cannot reach QEMU (its QMP socket is gone; --all still finds the QEMU by
+    its command line): no seal, no kexec, the guest runs on."""
     qemuguest.build(vm_with_module.out_dir)
     (vm_with_module.out_dir / "qemu-abort-watch.sh").write_text(WATCH_SCRIPT)
     stage1 = SETUP + ". tests/vm/qemustage.sh\n" + START_DAEMON + textwrap.dedent("""\
-        systemctl enable fdbox-qemu-suspend@vmq.service
-        """) + _conf("1") + textwrap.dedent("""\
+        systemctl enable fdbox-qemu-suspend.service
+        """) + _conf("1", {"vmq": VMS["vmq"]}) + textwrap.dedent("""\
         rm /run/fdbox/qemu/vmq.qmp        # fdbox-qemu suspend can no longer reach this QEMU
         cp /out/qemu-abort-watch.sh /out/.vm/env /run/fdbox-vm/
         systemctl start fdbox-vm-qemu-abort-watch.service
@@ -192,13 +222,13 @@ def test_failed_suspend_stops_kexec(vm_with_module: vmlib.Harness) -> None:
     assert "Rebooting with kexec." not in console, run.report()
     assert len((out / ".vm" / "boots").read_text().splitlines()) == 1, "the guest booted twice: it kexec'd"
     run.check()
-    fail = _index(console, "Failed to start fdbox-qemu-suspend@vmq.service")
-    assert "NotFound" in console[:fail], "fdbox-qemu's error is not on the console"
+    fail = _index(console, "Failed to start fdbox-qemu-suspend.service")
+    assert "NotFound: VM vmq: its QEMU (pid" in console[:fail], "fdbox-qemu's error is not on the console"
     _index(console, "Dependency failed for fdbox-seal.service", fail)
     _index(console, "Dependency failed for systemd-kexec.service", fail)
     assert "fdbox-vm-test: seal start" not in console  # the seal never ran
     units = {line.split()[0]: line.split()[1:] for line in (out / "abort-units.txt").read_text().splitlines()}
-    assert units["fdbox-qemu-suspend@vmq.service"] == ["failed", "exit-code"], units
+    assert units["fdbox-qemu-suspend.service"] == ["failed", "exit-code"], units
     assert units["systemd-kexec.service"][0] == "inactive" and units["kexec.target"][0] == "inactive", units
     assert units["fdbox-seal.service"][0] == "inactive", units
     assert units["fdbox-qemu@vmq.service"][0] == "active", units  # the VM is still there
