@@ -167,9 +167,13 @@ class Client:
     def delete_box(self, box: str) -> None:
         self.call("DeleteBox", {"box": box})
 
-    def seal(self, box: str | None = None, progress: Callable[[dict[str, Any]], None] | None = None) -> list[str]:
-        """Seal one box or all. ``progress`` gets ``{box, name, done, total}`` per entry checksummed."""
-        params = {"box": box} if box else {}
+    def seal(self, box: str | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
+             preflight: bool = False) -> list[str]:
+        """Seal one box or all. ``progress`` gets ``{box, name, done, total}`` per entry checksummed;
+        ``preflight``: refuse (sealing nothing) if :meth:`preflight` finds a problem."""
+        params: dict[str, Any] = {"box": box} if box else {}
+        if preflight:
+            params["preflight"] = True
         if progress is None:
             reply, _ = self.call("Seal", params)
             return reply["sealed"]
@@ -202,6 +206,11 @@ class Client:
         """Forget your lost-entry reports (of one box, or all); returns how many."""
         reply, _ = self.call("AcknowledgeLost", {"box": box} if box else {})
         return int(reply["acknowledged"])
+
+    def preflight(self) -> dict[str, Any]:
+        """Would every entry survive a kexec now? ``{ok, backend, entries, problems, warnings}``."""
+        reply, _ = self.call("Preflight")
+        return reply
 
     def status(self) -> dict[str, Any]:
         reply, _ = self.call("Status")

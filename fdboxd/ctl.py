@@ -7,6 +7,7 @@ Human tables by default, ``--json`` for scripts. Exit codes mean something:
 - ``2`` a bad command line: argparse's errors and the ones found after parsing (a
   ``--meta`` without ``=``, an ``--fd`` that is not open, a ``--from-file`` that
   cannot be read), always before anything was sent;
+- ``3`` ``preflight`` found something that would not survive the kexec;
 - ``fdboxd.errors.EXIT_CODES[name]`` (10 and up) for each fdbox error name, so a script
   can tell ``NotFound`` from ``PermissionDenied`` without parsing text;
 - ``get … -- CMD`` and ``get-box … -- CMD`` *become* CMD (exec, like
@@ -29,6 +30,7 @@ import fcntl
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +44,7 @@ EXIT_EXEC_FAILED = 127
 
 EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
+EXIT_PREFLIGHT = 3
 DEFAULT_TIMEOUT = 60.0
 COPY_CHUNK = 1 << 20
 
@@ -286,7 +289,8 @@ def cmd_delete_box(c: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_seal(c: Client, a: argparse.Namespace) -> int:
-    sealed = c.seal(None if a.all else a.box, progress=None if a.json else _seal_progress())
+    more = {"preflight": True} if a.preflight else {}
+    sealed = c.seal(None if a.all else a.box, progress=None if a.json else _seal_progress(), **more)
     if a.json:
         _print_json({"sealed": sealed})
     else:
@@ -309,6 +313,22 @@ def _seal_progress():  # type: ignore[no-untyped-def]
             print(file=sys.stderr)
 
     return show
+
+
+def cmd_preflight(c: Client, a: argparse.Namespace) -> int:
+    """One line per problem (entry or host part, what, the fix); exit EXIT_PREFLIGHT if any."""
+    r = c.preflight()
+    if a.json:
+        _print_json(r)
+    else:
+        for kind, items in (("problem", r.get("problems") or []), ("warning", r.get("warnings") or [])):
+            for p in items:
+                where = f"{p['box']}/{p['name']}" if p.get("box") and p.get("name") else p.get("box") or p["check"]
+                print(f"{kind}: {where}: {p['message']}" + (f"; fix: {p['fix']}" if p.get("fix") else ""))
+        n = len(r.get("problems") or [])
+        print(f"preflight: {'ok' if r['ok'] else 'refused'}: backend {r['backend']}, {r['entries']} entries, "
+              f"{n} problem{'' if n == 1 else 's'}")
+    return 0 if r["ok"] else EXIT_PREFLIGHT
 
 
 def cmd_unseal(c: Client, a: argparse.Namespace) -> int:
@@ -372,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Control fdboxd: named boxes of file descriptors.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=NAMES + "\n\nexit codes: 0 ok, 1 unexpected (no reply within --timeout, protocol error), "
-        "2 bad command line (nothing was sent), "
+        "2 bad command line (nothing was sent), 3 preflight found a problem, "
         + ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items())
         + "; get/get-box -- CMD: CMD's own status (127: CMD cannot be run).",
     )
@@ -440,7 +460,23 @@ def build_parser() -> argparse.ArgumentParser:
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("box", nargs="?", metavar="BOX")
     which.add_argument("--all", action="store_true", help="every open box (root only)")
+    s.add_argument("--preflight", action="store_true",
+                   help="run the preflight first and seal nothing if it finds a problem (what fdbox-seal.service does)")
     s.set_defaults(func=cmd_seal)
+
+    s = _sub(sub, "preflight", common, "check that every entry would survive a kexec now; exit 3 and one "
+             "line per problem (the entry, what, the fix) if not",
+             "fdboxctl preflight && systemctl kexec\nfdboxctl preflight --json", names=False)
+    s.epilog = textwrap.fill(
+        "checks: the backend carries each entry (LUO for memfds with auto/liveupdate, fdbox.ko for hugetlb), "
+        "kho=on (and liveupdate=on where LUO carries) on the running and the loaded kernel's command line, "
+        "a kexec kernel loaded (/sys/kernel/kexec_loaded), each entry carriable (no private guest_memfd, no "
+        "hugetlb memfd with F_SEAL_SEAL from a memfd made without MFD_ALLOW_SEALING, no 1 GiB pages, no unknown "
+        "type, no unclaimed restored box), room (the next kernel's hugetlb pool, memory for guest_memfd copies, "
+        "the state file system), and every running fdbox-qemu@VM has its RAM in box VM. The loaded kernel's "
+        "command line is read from /run/fdbox/kexec-cmdline (write it there when you load it; the kernel does "
+        "not expose it); without it that check is a warning.", 88) + "\n\n" + s.epilog
+    s.set_defaults(func=cmd_preflight)
 
     s = _sub(sub, "unseal", common, "reopen a sealed BOX", "fdboxctl unseal vm1")
     s.add_argument("box", metavar="BOX")

@@ -24,9 +24,11 @@ from . import __version__, deps, paths
 from .backends import DEVICE_PATH, open_backend
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdType
+from .hostfacts import HostFacts
 from .manifest import Manifest
 from .model import Caller
 from .names import BoxRules
+from .preflight import Preflighter
 from .checksum import DEFAULT_VERIFY, Verify
 from .limits import Budget, Limits, add_arguments, from_args
 from .store import Store
@@ -147,6 +149,8 @@ class Daemon:
                      (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, config.verify)
         # What no kernel carries comes back now: the taps' recorded interfaces (fdboxd.kinds.tap).
         self.store.start_kinds()
+        # What Preflight checks besides the store (fdboxd.hostfacts: the files it reads).
+        self.preflighter = Preflighter(config.backend, HostFacts())
         self.stopping = asyncio.Event()
         self.varlink: VarlinkServer | None = None
         self.frontends: list[Any] = []  # objects with an async close()
@@ -182,7 +186,7 @@ class Daemon:
         else:
             sock = bind_socket(self.config.socket, 0o600 if self.config.user else 0o666)
             self._bound = (self.config.socket, socket_identity(self.config.socket))
-        service = StoreService(self.store, self.limits())
+        service = StoreService(self.store, self.limits(), self.preflighter)
         self.varlink = VarlinkServer(
             service, sock,
             max_message_size=self.config.max_message_size, max_fds=self.config.max_fds,
@@ -194,7 +198,8 @@ class Daemon:
         if self.config.bus:
             from .dbus import DBusFrontend  # dbus-fast is imported only when --bus is given
 
-            self.frontends.append(await DBusFrontend(self.store, self.limits(), log_op).start(self.config.bus))
+            self.frontends.append(await DBusFrontend(self.store, self.limits(), log_op, self.preflighter)
+                                  .start(self.config.bus))
         self.systemd.attach(self.config.state_dir)
         st = self.store.status()
         log.info("fdboxd %s ready on %s: backend %s, %d boxes, %d entries, %d lost, %d adopted",

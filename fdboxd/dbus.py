@@ -40,7 +40,9 @@ added; none is removed or retyped without a new interface name.
 on Varlink. ``PutMany(box, [(name, fd index, metadata)])`` stores all or none;
 ``GetBox(box)`` returns ``[(name, fd index)]``; ``NetRestore(box)`` returns one
 ``a{sv}`` per interface (``box``, ``name``, ``ifname``, ``status``; ``error`` and
-``error_name`` when it failed). The errors are Varlink's, named ``io.fdbox1.Error.<Name>``.
+``error_name`` when it failed). ``Preflight()`` returns ``a{sv}`` (``ok``, ``backend``,
+``entries``, and ``problems``/``warnings`` as ``aa{ss}`` with the Varlink
+``PreflightProblem`` keys). The errors are Varlink's, named ``io.fdbox1.Error.<Name>``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from . import __version__
 from .errors import FdboxError, describe
 from .kinds import guest_memfd, tap
 from .model import Caller, Entry
+from .preflight import Preflighter
 from .store import Event, PutItem, Store, seal_in_worker
 from .varlink.protocol import close_fds
 
@@ -131,11 +134,13 @@ def _u32(v: int) -> int:
 class Manager(ServiceInterface):
     """``io.fdbox1.Manager``: one method per store operation, as on Varlink."""
 
-    def __init__(self, store: Store, limits: dict[str, int], log_op: Callable[..., None] | None = None) -> None:
+    def __init__(self, store: Store, limits: dict[str, int], log_op: Callable[..., None] | None = None,
+                 preflighter: Preflighter | None = None) -> None:
         super().__init__(INTERFACE)
         self.store = store
         self.limits = limits
         self.log_op = log_op
+        self.preflighter = preflighter or Preflighter()
         self._shown: dict[str, Any] = {}
 
     @staticmethod
@@ -231,6 +236,19 @@ class Manager(ServiceInterface):
         }
 
     @dbus_method()
+    def Preflight(self) -> "a{sv}":  # noqa: F821, N802
+        """Would every entry survive a kexec now (fdboxd.preflight)? As Varlink's Preflight:
+        ``ok`` b, ``backend`` s, ``entries`` u, ``problems`` and ``warnings`` aa{ss}."""
+        r = self.preflighter.run(self.store, self.caller())
+        return {
+            "ok": Variant("b", r.ok),
+            "backend": Variant("s", r.backend),
+            "entries": Variant("u", _u32(r.entries)),
+            "problems": Variant("aa{ss}", [{k: str(v) for k, v in p.to_dict().items()} for p in r.problems]),
+            "warnings": Variant("aa{ss}", [{k: str(v) for k, v in p.to_dict().items()} for p in r.warnings]),
+        }
+
+    @dbus_method()
     def AcknowledgeLost(self, box: "s") -> "u":  # noqa: F821, N802
         """Forget the caller's lost-entry reports (root: everyone's), of one box or all when ''."""
         return _u32(self.store.acknowledge_lost(self.caller(), box or None))
@@ -293,7 +311,7 @@ def _complete_introspection() -> dict[str, tuple[str, str, Callable[..., Any]]]:
     """
     out_names = {"Get": ["fd"], "GetBox": ["entries"], "List": ["entries"], "ListBoxes": ["boxes"],
                  "PutMany": ["entries"], "NetRestore": ["entries"],
-                 "Seal": ["sealed"], "Finish": ["finished"], "Status": ["status"],
+                 "Seal": ["sealed"], "Finish": ["finished"], "Status": ["status"], "Preflight": ["report"],
                  "AcknowledgeLost": ["acknowledged"]}
     signal_names = {"EntryAdded": ["box", "name", "uid"], "EntryRemoved": ["box", "name", "uid"],
                     "StateChanged": ["box", "state"]}
@@ -320,9 +338,10 @@ _METHODS = _complete_introspection()
 class DBusFrontend:
     """Owns the bus connection, the exported :class:`Manager` and the fds in flight."""
 
-    def __init__(self, store: Store, limits: dict[str, int], log_op: Callable[..., None] | None = None) -> None:
+    def __init__(self, store: Store, limits: dict[str, int], log_op: Callable[..., None] | None = None,
+                 preflighter: Preflighter | None = None) -> None:
         self.store = store
-        self.manager = Manager(store, limits, log_op)
+        self.manager = Manager(store, limits, log_op, preflighter)
         self.log_op = log_op
         self.bus: MessageBus | None = None
         self._callers: OrderedDict[str, asyncio.Future[Caller]] = OrderedDict()

@@ -303,6 +303,10 @@ class Store:
                 self._n_state[BoxState.OPEN] -= 1
                 self._own(box, None)
             raise
+        for entry in done:
+            if "warning" in entry.extra:  # a kind's word at put (fdboxd.kinds.memfd: hugetlb)
+                log.warning("put %s/%s: it %s", box, entry.name, entry.extra["warning"],
+                            extra={"FDBOX_BOX": box, "FDBOX_ENTRY": entry.name})
         if self.listeners:
             for entry, it in zip(done, items, strict=False):
                 self.emit(Event("entry-added", box, entry=entry, fd=it.fd))

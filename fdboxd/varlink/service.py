@@ -21,6 +21,7 @@ from .. import __version__
 from ..errors import FdboxError
 from ..kinds import guest_memfd, tap
 from ..model import Caller, Entry
+from ..preflight import Preflighter
 from ..store import PutItem, SealItem, Store, seal_in_worker
 from . import INTERFACE, SERVICE
 
@@ -132,9 +133,11 @@ class Call:
 class StoreService:
     """Dispatches Varlink method calls to a :class:`Store`."""
 
-    def __init__(self, store: Store, limits: dict[str, int] | None = None) -> None:
+    def __init__(self, store: Store, limits: dict[str, int] | None = None,
+                 preflighter: Preflighter | None = None) -> None:
         self.store = store
         self.limits = limits or {}
+        self.preflighter = preflighter or Preflighter(store.backend.name)
         #: uid -> {"connections", "fds_in_flight"}: set by the server, shown in Status.
         self.connection_usage: Callable[[int], dict[str, int]] | None = None
         self.methods: dict[str, tuple[Handler, frozenset[str]]] = {}
@@ -247,7 +250,20 @@ class StoreService:
             if call.more is not None:
                 call.more({"progress": {"box": item.box, "name": item.name, "done": done, "total": total}})
 
-        return Reply({"sealed": await seal_in_worker(self.store, call.caller, call.opt_str("box"), progress)})
+        box = call.opt_str("box")
+        preflight = call.params.get("preflight")
+        if preflight is not None and not isinstance(preflight, bool):
+            raise FdboxError("InvalidRequest", "parameter 'preflight' must be a boolean")
+        if preflight:
+            # In the same loop turn as seal_begin: nothing can be put between the check
+            # and the freeze.
+            report = self.preflighter.run(self.store, call.caller)
+            if not report.ok:
+                raise report.refusal()
+        return Reply({"sealed": await seal_in_worker(self.store, call.caller, box, progress)})
+
+    def do_Preflight(self, call: Call) -> Reply:
+        return Reply(self.preflighter.run(self.store, call.caller).to_dict())
 
     async def do_RestoreInto(self, call: Call) -> Reply:
         """Fill the caller's new guest_memfd from a carried copy (fdboxd.gmem); copying in a worker."""
@@ -298,11 +314,12 @@ _SIGNATURES: dict[str, frozenset[str]] = {
     "List": frozenset({"box"}),
     "Remove": frozenset({"box", "name"}),
     "DeleteBox": frozenset({"box"}),
-    "Seal": frozenset({"box"}),
+    "Seal": frozenset({"box", "preflight"}),
     "Unseal": frozenset({"box"}),
     "RestoreInto": frozenset({"box", "name", "fd"}),
     "Finish": frozenset({"box"}),
     "NetRestore": frozenset({"box"}),
     "Status": frozenset(),
+    "Preflight": frozenset(),
     "AcknowledgeLost": frozenset({"box"}),
 }

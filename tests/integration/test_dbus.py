@@ -528,3 +528,21 @@ asyncio.run(main())
     text = mon.communicate(timeout=10)[0]
     assert text.count("member=GetConnectionCredentials") == 1, text
     assert "GetConnectionUnixUser" not in text and "GetConnectionUnixProcessID" not in text
+
+
+def test_preflight_on_the_bus_is_varlinks(dbus_daemon, bus):
+    """``Preflight()`` answers the same report as Varlink's, as a{sv} with aa{ss} problems."""
+    fd = memfd_with(b"p" * 4096)
+    try:
+        put(bus, "vm1", "ram0", fd)
+    finally:
+        os.close(fd)
+    out = busctl(bus, "--json=short", "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "Preflight")
+    assert out.returncode == 0, out.stderr
+    (report,) = json.loads(out.stdout)["data"]
+    with dbus_daemon.client() as c:
+        want = c.preflight()
+    assert report["ok"]["data"] is want["ok"] is False
+    assert report["backend"]["data"] == want["backend"] and report["entries"]["data"] == want["entries"] == 1
+    assert report["problems"]["data"] == [{k: str(v) for k, v in p.items()} for p in want["problems"]]
+    assert any(p["box"] == "vm1" and p["name"] == "ram0" for p in report["problems"]["data"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -135,7 +136,8 @@ def test_security_check_can_fail(verify_dir):
 
 def test_hardening_the_issue_asks_for():
     s = unit("fdboxd.service")["Service"]
-    assert s["ProtectProc"] == "invisible" and s["ProcSubset"] == "pid"
+    # ProcSubset=pid would hide /proc/cmdline and /proc/meminfo from the preflight.
+    assert s["ProtectProc"] == "invisible" and "ProcSubset" not in s
     assert s["MemoryDenyWriteExecute"] == "yes" and int(s["OOMScoreAdjust"]) <= -500
     seal = unit("fdbox-seal.service")["Service"]
     assert seal["CapabilityBoundingSet"] == "" and seal["PrivateNetwork"] == "yes"
@@ -186,7 +188,9 @@ def test_seal_unit_orders_before_kexec_and_blocks_it():
     u, s, i = seal["Unit"], seal["Service"], seal["Install"]
     assert s["Type"] == "oneshot" and u["DefaultDependencies"] == "no"
     # No interpreter start on the blackout path: the C client asks the running daemon.
-    assert s["ExecStart"].split() == ["/usr/libexec/fdbox/fdbox-call", "--more", "io.fdbox.Store.Seal"]
+    # ... and refuses the seal (so the kexec) when the preflight finds a problem.
+    assert shlex.split(s["ExecStart"]) == ["/usr/libexec/fdbox/fdbox-call", "--more", "io.fdbox.Store.Seal",
+                                           '{"preflight":true}']
     assert "systemd-kexec.service" in u["Before"].split()
     assert "umount.target" in u["Before"].split()
     assert "shutdown.target" in u["After"].split() and "fdboxd.service" in u["After"].split()

@@ -22,9 +22,11 @@ systemd-shutdown's "Rebooting with kexec.".
   not stopped, and only then "Rebooting with kexec."; stage 2 gets the box back
   ``restored`` and the VMM's memory verifies byte for byte.
 * ``test_failed_seal_aborts_kexec``: the state directory is a small file system that
-  fills up after the put, so fdboxd refuses the seal (it cannot write the manifest:
-  ``BackendUnavailable``, a real refusal, not a stubbed ExecStart); systemd then never
-  starts systemd-kexec.service. A watcher unit of the test (not stopped by the
+  fills up after the put, so the seal unit's preflight (``Seal(preflight: true)``)
+  refuses the seal: no room for the sealed snapshot (``BackendUnavailable``, a real
+  refusal, not a stubbed ExecStart; the console shows fdbox-call's reply with the
+  preflight's line, and nothing was sealed); systemd then never starts
+  systemd-kexec.service. A watcher unit of the test (not stopped by the
   shutdown transaction) waits for the kexec job to fail, records the units' states,
   fdboxd's status (the box still open and held) and the VMM's memory, unloads the
   kexec kernel and powers off. The run must have booted exactly once.
@@ -286,9 +288,12 @@ def test_failed_seal_aborts_kexec(vm_with_module: vmlib.Harness) -> None:
     run.check()  # rc 0 from the watcher: it saw the seal fail and the job queue settle
     _check_before(out)
 
-    # The seal was refused by fdboxd for its real reason, and systemd stopped the kexec.
+    # The seal was refused by fdboxd's preflight for its real reason (no room for the
+    # sealed snapshot), before anything was sealed, and systemd stopped the kexec.
     seal_fail = _index(console, "Failed to start fdbox-seal.service")
     assert "io.fdbox.Store.BackendUnavailable" in console[:seal_fail], "fdbox-call's error is not on the console"
+    why = _index(console, "preflight: 1 problem(s): room: the state file system (/var/lib/fdbox) has")
+    assert why < seal_fail and "the seal writes a snapshot of about" in console[why:seal_fail], console[why:seal_fail]
     _index(console, "Dependency failed for systemd-kexec.service", seal_fail)
     _index(console, "Dependency failed for kexec.target", seal_fail)
     assert "fdbox-vm-test: seal done" not in console  # ExecStartPost= runs only on success
@@ -299,7 +304,8 @@ def test_failed_seal_aborts_kexec(vm_with_module: vmlib.Harness) -> None:
     assert units["fdboxd.service"][0] == "active", units
     assert (out / "abort-kexec-loaded.txt").read_text().strip() == "1"  # loaded, never executed
     journal = run.stage(1).journal
-    assert "cannot write the manifest: No space left on device" in journal, journal[-3000:]
+    assert "preflight: room: the state file system (/var/lib/fdbox) has" in journal, journal[-3000:]
+    assert "Seal * by uid 0" in journal and "refused: BackendUnavailable: preflight:" in journal, journal[-3000:]
 
     # Nothing half-sealed: the box is open, still held, its memory intact.
     after = _json(out / "abort-status.json")

@@ -1,0 +1,405 @@
+"""Preflight: would every entry survive a kexec now? Say so before anything is lost.
+
+An operator runs ``fdboxctl preflight`` (Varlink ``Preflight``, D-Bus ``Preflight``)
+before ``systemctl kexec``; ``fdbox-seal.service`` asks for the same checks inside its
+Seal (``Seal(preflight: true)``), so a host that would lose something refuses the kexec
+instead. Every check that fails is one :class:`Problem` naming the entry (or the host
+part) and the fix; what cannot be checked is a warning, never a refusal. The checks:
+
+- **backend**: the daemon's backend carries each entry's type across a kexec (LUO for
+  plain memfds with ``auto``/``liveupdate``, fdbox.ko for hugetlb, KHO on);
+- **cmdline**: the running kernel has ``kho=on`` (and ``liveupdate=on`` where LUO
+  carries), and so does the loaded kernel's command line where it was recorded;
+- **kexec**: a kernel is loaded (``/sys/kernel/kexec_loaded``);
+- **entry**: each entry can be carried at all: not a private guest_memfd, not a hugetlb
+  memfd that fdbox.ko cannot seal (``F_SEAL_SEAL`` without the seals it needs: a memfd
+  made without ``MFD_ALLOW_SEALING``), not 1 GiB hugetlb pages, not an unknown type, a
+  tap that can be recreated, no restored box left unclaimed;
+- **room**: the next kernel's hugetlb pool for the restore copies, memory for the
+  guest_memfd copies made at seal, space on the state file system for the snapshot;
+- **vm**: every running ``fdbox-qemu@VM`` has its RAM held in box VM.
+
+What the host says is read through :mod:`fdboxd.hostfacts` (one list of paths, which a
+test can point elsewhere). Entries are opened again for fresh facts (seals can be added
+after a put); a preflight costs one ``get`` per entry, never a read of its memory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import gmem
+from .errors import FdboxError
+from .fdtypes import F_GET_SEALS, MEMORY_TYPES, FdType
+from .hostfacts import KEXEC_CMDLINE, HostFacts, cmdline_options, hugepages_reserved, option_on
+from .model import BoxState, Caller, Entry
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger("fdboxd.preflight")
+
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
+F_SEAL_FUTURE_WRITE = 0x10
+HUGE_2M, HUGE_1G = 2 << 20, 1 << 30
+#: Room left on the state file system beyond the snapshot itself (a temp file's last
+#: block, the directory entry).
+STATE_SLACK = 16 << 10
+
+_HUGETLB_FIX = ("create the memfd with MFD_ALLOW_SEALING and pass it to QEMU as memory-backend-file "
+                "(mem-path=/proc/self/fd/N, share=on), as fdbox-qemu does (memory-backend-memfd,hugetlb=on "
+                "cannot work: without seal=on it has F_SEAL_SEAL from the start, with seal=on QEMU adds it)")
+
+
+def hugetlb_problem(seals: int | None, page_size: int | None) -> tuple[str, str] | None:
+    """Why fdbox.ko cannot carry this hugetlb memfd, and the fix; None if it can.
+
+    fdbox.ko's SEAL adds F_SEAL_SEAL, F_SEAL_GROW, F_SEAL_SHRINK and a write seal to a
+    hugetlb memfd and never adds a seal to one that has F_SEAL_SEAL already (the seal
+    rules forbid it), so such a file must have them all. A memfd created without
+    MFD_ALLOW_SEALING starts with F_SEAL_SEAL alone: the usual case (QEMU's
+    memory-backend-memfd without seal=on). 1 GiB pages are refused at put by fdbox.ko.
+    """
+    if page_size is not None and page_size >= HUGE_1G:
+        return ("uses 1 GiB hugetlb pages, which fdbox.ko does not carry (the restore copies into a "
+                "second set of 1 GiB pages, rarely allocatable at run time)",
+                "use 2 MiB pages (fdbox-qemu --hugetlb 2M, MFD_HUGE_2MB)")
+    if seals is not None and seals & F_SEAL_SEAL:
+        need = F_SEAL_GROW | F_SEAL_SHRINK
+        if (seals & need) != need or not seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+            return ("is a hugetlb memfd with F_SEAL_SEAL but without F_SEAL_GROW, F_SEAL_SHRINK and a write "
+                    "seal (created without MFD_ALLOW_SEALING?): fdbox.ko cannot seal it for the kexec",
+                    _HUGETLB_FIX)
+    return None
+
+
+def put_warning(fd: int, seals: int | None) -> str | None:
+    """The warning a put of a hugetlb memfd gets when fdbox.ko could not carry it (issue 20)."""
+    try:
+        page = os.fstatvfs(fd).f_bsize
+    except OSError:
+        page = None
+    found = hugetlb_problem(seals, page)
+    if found is None:
+        return None
+    return f"{found[0]}; fix: {found[1]}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason something would not survive the kexec (or, as a warning, could not be checked)."""
+
+    #: backend, cmdline, kexec, entry, room or vm
+    check: str
+    #: the fdbox error name a preflighted Seal refuses with
+    error: str
+    message: str
+    fix: str
+    box: str | None = None
+    name: str | None = None
+
+    def where(self) -> str:
+        if self.box and self.name:
+            return f"{self.box}/{self.name}"
+        return self.box or self.check
+
+    def line(self) -> str:
+        """The one line fdboxctl prints for it: what, where, and the fix."""
+        return f"{self.where()}: {self.message}" + (f"; fix: {self.fix}" if self.fix else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Report:
+    backend: str
+    entries: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "backend": self.backend, "entries": self.entries,
+                "problems": [p.to_dict() for p in self.problems],
+                "warnings": [w.to_dict() for w in self.warnings]}
+
+    def refusal(self) -> FdboxError:
+        """The error a Seal with ``preflight`` refuses with: the first problem's name, every line."""
+        lines = "; ".join(p.line() for p in self.problems)
+        return FdboxError(self.problems[0].error, f"preflight: {len(self.problems)} problem(s): {lines}")
+
+
+@dataclass(frozen=True)
+class Preflighter:
+    """What the preflight needs besides the store: the backend asked for and the host."""
+
+    requested_backend: str = "auto"
+    facts: HostFacts = field(default_factory=HostFacts)
+
+    def run(self, store: Store, caller: Caller) -> Report:
+        report = _Checks(store, caller, self.requested_backend, self.facts).run()
+        for p in report.problems:
+            log.warning("preflight: %s", p.line(), extra={"FDBOX_PREFLIGHT": p.check, "FDBOX_BOX": p.box,
+                                                          "FDBOX_ENTRY": p.name})
+        log.info("preflight: %s (%d entries, %d problems, %d warnings)", "ok" if report.ok else "refused",
+                 report.entries, len(report.problems), len(report.warnings))
+        return report
+
+
+class _Checks:
+    def __init__(self, store: Store, caller: Caller, requested: str, facts: HostFacts) -> None:
+        self.store, self.caller, self.requested, self.facts = store, caller, requested, facts
+        self.backend = store.backend
+        self.report = Report(store.backend.name)
+        self.needs_kho = False
+        self.needs_luo = False
+        self.hugetlb_pages = 0  # 2 MiB pages the restore copies into
+        self.gmem_bytes = 0  # guest_memfd bytes copied at seal
+        self.inodes: dict[str, set[tuple[int, int]]] = {}  # box -> held memfds, for the vm check
+        self.unopened: set[str] = set()  # boxes with a memfd entry that could not be opened
+
+    def problem(self, check: str, error: str, message: str, fix: str, box: str | None = None,
+                name: str | None = None) -> None:
+        self.report.problems.append(Problem(check, error, message, fix, box, name))
+
+    def warn(self, check: str, message: str, fix: str = "") -> None:
+        self.report.warnings.append(Problem(check, "", message, fix))
+
+    def run(self) -> Report:
+        for b in sorted(self.store.boxes.values(), key=lambda b: b.name):
+            mine = [e for e in sorted(b.entries.values(), key=lambda e: e.name) if e.owned_by(self.caller)]
+            if b.state == BoxState.RESTORED:
+                self._restored(b.name, mine)
+                continue
+            for e in mine:
+                self.report.entries += 1
+                self._entry(b.name, b.state, e)
+        self._kernel()
+        self._room()
+        if self.caller.is_root:
+            self._vms()
+        return self.report
+
+    # ------------------------------------------------------------------ entries
+
+    def _restored(self, box: str, entries: list[Entry]) -> None:
+        left = [e.name for e in entries if not e.claimed]
+        if left:
+            self.report.entries += len(left)
+            self.problem("entry", "InvalidRequest",
+                         f"is restored and {len(left)} of its entries ({', '.join(left[:4])}"
+                         f"{', …' if len(left) > 4 else ''}) were never taken back: a second kexec does not carry them",
+                         f"take them back (Get/GetBox; RestoreInto for a guest_memfd) or `fdboxctl finish {box}`, "
+                         "then seal", box)
+
+    def _entry(self, box: str, state: BoxState, e: Entry) -> None:
+        t = e.type
+        if t == FdType.TAP:
+            self._tap(box, e)
+            return
+        if t not in MEMORY_TYPES:
+            self.problem("entry", "UnsupportedType", f"is of type {t}, which fdbox cannot carry across a kexec",
+                         "remove it, or recreate it after the kexec yourself", box, e.name)
+            return
+        self.needs_kho = True
+        seals, page, ino = self._fresh(box, e)
+        if ino is not None:
+            self.inodes.setdefault(box, set()).add(ino)
+        elif t != FdType.GUEST_MEMFD:
+            self.unopened.add(box)  # its VM's mappings cannot be compared
+        if t == FdType.GUEST_MEMFD:
+            refusal = gmem.seal_refusal(box, e)
+            if refusal is not None:
+                self.problem("entry", "UnsupportedType", refusal.message.removeprefix(f"{box}/{e.name} "),
+                             "create it with GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED, or stop this VM "
+                             "before the kexec (its memory cannot be carried)", box, e.name)
+                return
+            if state == BoxState.OPEN:
+                self.gmem_bytes += e.size
+        if t == FdType.MEMFD_HUGETLB:
+            found = hugetlb_problem(seals if state == BoxState.OPEN else None, page)
+            if found is not None:
+                self.problem("entry", "UnsupportedType", found[0], found[1], box, e.name)
+                return
+            self.hugetlb_pages += -(-e.size // HUGE_2M)
+        # Checked whatever the backend, so that every problem shows at once; a guest_memfd
+        # crosses as a memfd copy.
+        carrier = FdType.MEMFD if t == FdType.GUEST_MEMFD else t
+        self._carried(box, e, carrier)
+        if carrier == FdType.MEMFD and (self.backend.name in ("liveupdate", "liveupdate+kernel") or (
+                self.backend.name == "memory" and self.requested in ("auto", "liveupdate"))):
+            self.needs_luo = True
+
+    def _fresh(self, box: str, e: Entry) -> tuple[int | None, int | None, tuple[int, int] | None]:
+        """The entry's seals, page size and (dev, inode) now, from a new fd of it."""
+        try:
+            fd = self.store._backend_for(e.type).get(box, e.name)
+        except (FdboxError, OSError):
+            return e.seals, None, None
+        try:
+            st = os.fstat(fd)
+            try:
+                seals: int | None = fcntl.fcntl(fd, F_GET_SEALS)
+            except OSError:
+                seals = e.seals
+            page = os.fstatvfs(fd).f_bsize if e.type == FdType.MEMFD_HUGETLB else None
+            return seals, page, (st.st_dev, st.st_ino)
+        finally:
+            os.close(fd)
+
+    def _carried(self, box: str, e: Entry, carrier: FdType) -> bool:
+        """Whether the daemon's backend carries ``carrier`` across a kexec; a problem if not."""
+        b = self.backend
+        if not b.survives_kexec:
+            if b.name == "memory":
+                self.problem("backend", "BackendUnavailable", "is held by the memory backend, which does not "
+                             f"cross a kexec: {self._why_memory()}", self._memory_fix(), box, e.name)
+            else:
+                self.problem("backend", "BackendUnavailable", f"cannot cross: the {b.name} backend reports KHO off "
+                             "in this boot", "boot with kho=on, then restart fdboxd", box, e.name)
+            return False
+        if not b.accepts(carrier):
+            if carrier == FdType.MEMFD_HUGETLB:
+                self.problem("backend", "UnsupportedType", "is a hugetlb memfd: LUO cannot preserve hugetlb and "
+                             "fdbox.ko, which can, was not loaded when fdboxd started",
+                             "load fdbox.ko (modprobe fdbox), then restart fdboxd", box, e.name)
+            else:
+                self.problem("backend", "UnsupportedType", f"needs a memfd carried, which the {b.name} backend "
+                             "cannot do", "restart fdboxd with --backend auto", box, e.name)
+            return False
+        return True
+
+    def _why_memory(self) -> str:
+        if self.requested == "memory":
+            return "fdboxd runs with --backend memory or --user"
+        luo = "LUO is absent (no /dev/liveupdate)" if not self.facts.luo_present() else "LUO did not open"
+        ko = "fdbox.ko is not loaded" if not self.facts.module_loaded() else "/dev/fdbox did not open"
+        return f"{luo} and {ko}"
+
+    def _memory_fix(self) -> str:
+        return ("boot a kernel with LUO and kho=on liveupdate=on (plain memfds) and/or load fdbox.ko (hugetlb), "
+                "then restart fdboxd with --backend auto")
+
+    def _tap(self, box: str, e: Entry) -> None:
+        rec = e.extra.get("net")
+        if not isinstance(rec, dict):
+            self.problem("entry", "UnsupportedType", "is a tap with no interface record, so it cannot be recreated "
+                         "after the kexec", "put it again (fdboxd records the interface at put)", box, e.name)
+        elif rec.get("netns", {}).get("anonymous"):
+            self.problem("entry", "UnsupportedType", f"is tap {rec.get('ifname')} in an unnamed network namespace, "
+                         "which cannot be found again after the kexec", "create the tap in a named namespace "
+                         "(ip netns add NAME; /run/netns/NAME) or in fdboxd's own, then put it again", box, e.name)
+
+    # ------------------------------------------------------------------ the kernels
+
+    def _kernel(self) -> None:
+        f = self.facts
+        loaded = f.kexec_loaded()
+        if loaded is None:
+            self.problem("kexec", "BackendUnavailable", "cannot read /sys/kernel/kexec_loaded: this kernel cannot "
+                         "kexec", "use a kernel built with CONFIG_KEXEC_FILE")
+        elif not loaded:
+            self.problem("kexec", "BackendUnavailable", "no kexec kernel is loaded",
+                         "load one: kexec -s -l KERNEL --initrd=INITRD --command-line=\"... kho=on liveupdate=on\" "
+                         f"and record that command line in /{KEXEC_CMDLINE}")
+        need = [k for k, on in (("kho", self.needs_kho), ("liveupdate", self.needs_luo)) if on]
+        running = f.cmdline()
+        if running is None:
+            self.warn("cmdline", "cannot read /proc/cmdline: the running kernel's options are not checked")
+        else:
+            missing = [k for k in need if not option_on(cmdline_options(running), k)]
+            if missing:
+                self.problem("cmdline", "BackendUnavailable", "the running kernel was booted without "
+                             f"{' '.join(k + '=on' for k in missing)}: nothing can be handed over",
+                             f"reboot with {' '.join(k + '=on' for k in missing)} on the command line")
+        if loaded:
+            nxt = f.kexec_cmdline()
+            if nxt is None:
+                self.warn("kexec", "the loaded kernel's command line cannot be checked (the kernel does not "
+                          f"expose it, and /{KEXEC_CMDLINE} does not record it)",
+                          f"write the command line you load to /{KEXEC_CMDLINE}")
+            else:
+                missing = [k for k in need if not option_on(cmdline_options(nxt), k)]
+                if missing:
+                    self.problem("kexec", "BackendUnavailable", "the loaded kernel's command line (recorded in "
+                                 f"/{KEXEC_CMDLINE}) lacks {' '.join(k + '=on' for k in missing)}: the next "
+                                 "kernel would not take the handover",
+                                 f"load it again with {' '.join(k + '=on' for k in missing)}")
+
+    # ------------------------------------------------------------------ room
+
+    def _room(self) -> None:
+        f = self.facts
+        mem = f.meminfo()
+        if self.hugetlb_pages:
+            nxt = f.kexec_cmdline() if f.kexec_loaded() else None
+            source = f"/{KEXEC_CMDLINE}" if nxt is not None else "the running command line (assumed reused)"
+            pool = hugepages_reserved(nxt if nxt is not None else f.cmdline(), HUGE_2M)
+            if pool is None:
+                self.warn("room", f"{source} reserves no 2 MiB huge pages (hugepages=): the restore copies "
+                          f"{self.hugetlb_pages} pages of hugetlb memory into new ones",
+                          f"boot the next kernel with hugepages={self.hugetlb_pages} or more, or set "
+                          "vm.nr_hugepages before fdboxd starts")
+            elif pool < self.hugetlb_pages:
+                self.problem("room", "LimitExceeded", f"the next kernel reserves {pool} 2 MiB huge pages "
+                             f"(hugepages= in {source}) but restoring the hugetlb entries copies into "
+                             f"{self.hugetlb_pages}", f"load the next kernel with hugepages={self.hugetlb_pages} "
+                             "or more")
+        if self.gmem_bytes:
+            avail = mem.get("MemAvailable")
+            if avail is None:
+                self.warn("room", "cannot read MemAvailable in /proc/meminfo: the guest_memfd copies are not checked")
+            elif avail < self.gmem_bytes:
+                self.problem("room", "LimitExceeded", f"sealing copies {_mib(self.gmem_bytes)} of guest_memfd "
+                             f"into memfds but only {_mib(avail)} is available", "free memory (or stop a VM) "
+                             "before the kexec")
+        manifest = self.store.manifest
+        if manifest is not None and self.report.entries:
+            from .manifest import encode
+
+            need = len(encode(self.store._manifest_data())) + STATE_SLACK
+            free = f.free_bytes(manifest.dir)
+            if free is None:
+                self.warn("room", f"cannot statvfs {manifest.dir}: the snapshot's room is not checked")
+            elif free < need:
+                self.problem("room", "BackendUnavailable", f"the state file system ({manifest.dir}) has "
+                             f"{free} bytes free, and the seal writes a snapshot of about {need}",
+                             f"free space on {manifest.dir} or start fdboxd with a --state-dir that has room")
+
+    # ------------------------------------------------------------------ VMs
+
+    def _vms(self) -> None:
+        by_vm: dict[str, list[Any]] = {}
+        for proc in self.facts.vm_processes():
+            by_vm.setdefault(proc.vm, []).append(proc)
+        for vm, procs in sorted(by_vm.items()):
+            unit = f"fdbox-qemu@{vm}.service"
+            b = self.store.boxes.get(vm)
+            ram = [e for e in b.entries.values() if e.type in MEMORY_TYPES] if b is not None else []
+            if not ram:
+                self.problem("vm", "NotFound", f"VM {vm} runs ({unit}, pid {procs[0].pid}) but fdbox holds no RAM "
+                             "for it: its memory would be lost silently",
+                             f"restart it with fdbox-qemu start {vm} (RAM in box {vm}), or stop it before the "
+                             "kexec", vm)
+                continue
+            if vm in self.unopened:
+                continue
+            held = self.inodes.get(vm, set())
+            for p in procs:
+                stray = (p.memfds or frozenset()) - held
+                if stray:
+                    self.problem("vm", "NotFound", f"VM {vm} ({unit}, pid {p.pid}) maps {len(stray)} memfd(s) that "
+                                 f"fdbox does not hold in box {vm}: that memory would be lost",
+                                 "give the VM only memory fdbox-qemu put in its box", vm)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
