@@ -36,58 +36,17 @@ from . import gmem
 from .errors import FdboxError
 from .fdtypes import F_GET_SEALS, MEMORY_TYPES, FdType
 from .hostfacts import KEXEC_CMDLINE, HostFacts, cmdline_options, hugepages_reserved, option_on
+from .kinds.memfd import HUGE_2M, hugetlb_problem
+
+#: Room left on the state file system beyond the snapshot itself (a temp file's last
+#: block, the directory entry).
+STATE_SLACK = 16 << 10
 from .model import BoxState, Caller, Entry
 
 if TYPE_CHECKING:
     from .store import Store
 
 log = logging.getLogger("fdboxd.preflight")
-
-F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
-F_SEAL_FUTURE_WRITE = 0x10
-HUGE_2M, HUGE_1G = 2 << 20, 1 << 30
-#: Room left on the state file system beyond the snapshot itself (a temp file's last
-#: block, the directory entry).
-STATE_SLACK = 16 << 10
-
-_HUGETLB_FIX = ("create the memfd with MFD_ALLOW_SEALING and pass it to QEMU as memory-backend-file "
-                "(mem-path=/proc/self/fd/N, share=on), as fdbox-qemu does (memory-backend-memfd,hugetlb=on "
-                "cannot work: without seal=on it has F_SEAL_SEAL from the start, with seal=on QEMU adds it)")
-
-
-def hugetlb_problem(seals: int | None, page_size: int | None) -> tuple[str, str] | None:
-    """Why fdbox.ko cannot carry this hugetlb memfd, and the fix; None if it can.
-
-    fdbox.ko's SEAL adds F_SEAL_SEAL, F_SEAL_GROW, F_SEAL_SHRINK and a write seal to a
-    hugetlb memfd and never adds a seal to one that has F_SEAL_SEAL already (the seal
-    rules forbid it), so such a file must have them all. A memfd created without
-    MFD_ALLOW_SEALING starts with F_SEAL_SEAL alone: the usual case (QEMU's
-    memory-backend-memfd without seal=on). 1 GiB pages are refused at put by fdbox.ko.
-    """
-    if page_size is not None and page_size >= HUGE_1G:
-        return ("uses 1 GiB hugetlb pages, which fdbox.ko does not carry (the restore copies into a "
-                "second set of 1 GiB pages, rarely allocatable at run time)",
-                "use 2 MiB pages (fdbox-qemu --hugetlb 2M, MFD_HUGE_2MB)")
-    if seals is not None and seals & F_SEAL_SEAL:
-        need = F_SEAL_GROW | F_SEAL_SHRINK
-        if (seals & need) != need or not seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
-            return ("is a hugetlb memfd with F_SEAL_SEAL but without F_SEAL_GROW, F_SEAL_SHRINK and a write "
-                    "seal (created without MFD_ALLOW_SEALING?): fdbox.ko cannot seal it for the kexec",
-                    _HUGETLB_FIX)
-    return None
-
-
-def put_warning(fd: int, seals: int | None) -> str | None:
-    """The warning a put of a hugetlb memfd gets when fdbox.ko could not carry it (issue 20)."""
-    try:
-        page = os.fstatvfs(fd).f_bsize
-    except OSError:
-        page = None
-    found = hugetlb_problem(seals, page)
-    if found is None:
-        return None
-    return f"{found[0]}; fix: {found[1]}"
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -241,7 +200,7 @@ class _Checks:
     def _fresh(self, box: str, e: Entry) -> tuple[int | None, int | None, tuple[int, int] | None]:
         """The entry's seals, page size and (dev, inode) now, from a new fd of it."""
         try:
-            fd = self.store._backend_for(e.type).get(box, e.name)
+            fd = self.store.backend_for(e.type).get(box, e.name)
         except (FdboxError, OSError):
             return e.seals, None, None
         try:
@@ -363,9 +322,7 @@ class _Checks:
                              "before the kexec")
         manifest = self.store.manifest
         if manifest is not None and self.report.entries:
-            from .manifest import encode
-
-            need = len(encode(self.store._manifest_data())) + STATE_SLACK
+            need = self.store.snapshot_bytes() + STATE_SLACK
             free = f.free_bytes(manifest.dir)
             if free is None:
                 self.warn("room", f"cannot statvfs {manifest.dir}: the snapshot's room is not checked")

@@ -43,7 +43,7 @@ from .fdtypes import MEMORY_TYPES, FdInfo, FdType, detect, detect_or_refuse
 from .kinds import Kind, Kinds
 from .lifecycle import CARRY_BOX, CARRY_ENTRY, SealItem, SealPlan, file_digest, seal_in_worker
 from .limits import Limits
-from .manifest import Manifest, ManifestData, Op, box_op, entry_op, lost_op
+from .manifest import Manifest, ManifestData, Op, box_op, encode, entry_op, lost_op
 from .model import Box, BoxState, Caller, Entry, Event
 from .names import BoxRules, check_box_name, check_entry_name
 from .reconcile import reconcile
@@ -596,6 +596,10 @@ class Store:
         for e in b.entries.values():
             e.claimed = False
         self.emit(Event("state-changed", b.name, state=BoxState.OPEN))
+
+    def snapshot_bytes(self) -> int:
+        """The size of the snapshot a seal would write now (the preflight's room check)."""
+        return len(encode(self._manifest_data()))
 
     def _manifest_data(self) -> ManifestData:
         return ManifestData(boxes=self.boxes, owners=self.owners, generation=self.generation, lost=self.lost)

@@ -10,11 +10,55 @@ at once rather than at the seal before a kexec (issue 20; :mod:`fdboxd.preflight
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..fdtypes import FdInfo, FdType
 from ..model import Caller
 from .base import Kind, register
+
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
+F_SEAL_FUTURE_WRITE = 0x10
+HUGE_2M, HUGE_1G = 2 << 20, 1 << 30
+
+_HUGETLB_FIX = ("create the memfd with MFD_ALLOW_SEALING and pass it to QEMU as memory-backend-file "
+                "(mem-path=/proc/self/fd/N, share=on), as fdbox-qemu does (memory-backend-memfd,hugetlb=on "
+                "cannot work: without seal=on it has F_SEAL_SEAL from the start, with seal=on QEMU adds it)")
+
+
+def hugetlb_problem(seals: int | None, page_size: int | None) -> tuple[str, str] | None:
+    """Why fdbox.ko cannot carry this hugetlb memfd, and the fix; None if it can.
+
+    fdbox.ko's SEAL adds F_SEAL_SEAL, F_SEAL_GROW, F_SEAL_SHRINK and a write seal to a
+    hugetlb memfd and never adds a seal to one that has F_SEAL_SEAL already (the seal
+    rules forbid it: kmod/fdbox_kho.c:fdbox_kho_seals_to_add()), so such a file must
+    have them all. A memfd created without MFD_ALLOW_SEALING starts with F_SEAL_SEAL
+    alone: the usual case (QEMU's memory-backend-memfd without seal=on). 1 GiB pages
+    are refused at put by fdbox.ko.
+    """
+    if page_size is not None and page_size >= HUGE_1G:
+        return ("uses 1 GiB hugetlb pages, which fdbox.ko does not carry (the restore copies into a "
+                "second set of 1 GiB pages, rarely allocatable at run time)",
+                "use 2 MiB pages (fdbox-qemu --hugetlb 2M, MFD_HUGE_2MB)")
+    if seals is not None and seals & F_SEAL_SEAL:
+        need = F_SEAL_GROW | F_SEAL_SHRINK
+        if (seals & need) != need or not seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+            return ("is a hugetlb memfd with F_SEAL_SEAL but without F_SEAL_GROW, F_SEAL_SHRINK and a write "
+                    "seal (created without MFD_ALLOW_SEALING?): fdbox.ko cannot seal it for the kexec",
+                    _HUGETLB_FIX)
+    return None
+
+
+def put_warning(fd: int, seals: int | None) -> str | None:
+    """The warning a put of a hugetlb memfd gets when fdbox.ko could not carry it (issue 20)."""
+    try:
+        page: int | None = os.fstatvfs(fd).f_bsize
+    except OSError:
+        page = None
+    found = hugetlb_problem(seals, page)
+    if found is None:
+        return None
+    return f"{found[0]}; fix: {found[1]}"
 
 
 @register
@@ -24,7 +68,5 @@ class MemfdKind(Kind):
     def record(self, fd: int, info: FdInfo, caller: Caller) -> dict[str, Any]:
         if info.type != FdType.MEMFD_HUGETLB:
             return {}
-        from ..preflight import put_warning  # only for hugetlb puts
-
         warning = put_warning(fd, info.seals)
         return {"warning": warning} if warning else {}

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from fdboxd.hostfacts import HostFacts, cmdline_options, hugepages_reserved, option_on, unescape_unit
-from fdboxd.preflight import (F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_WRITE,
-                              hugetlb_problem)
+from fdboxd.kinds.memfd import (F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_WRITE,
+                                hugetlb_problem)
 
 M2, G1 = 2 << 20, 1 << 30
 
