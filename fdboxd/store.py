@@ -335,14 +335,18 @@ class Store:
         no fd made and none to close. None, with nothing done, where a backend makes a
         new fd per get; the caller then asks :meth:`get_box`. The same checks, the same claim."""
         b, mine = self._box_for_get(caller, box)
-        out: list[tuple[Entry, int]] = []
-        for e in mine:
-            fd = self.kind(e.type).lend(self, b, e)
-            if fd is None:
-                return None
-            out.append((e, fd))
+        if not mine:
+            return []
+        first = mine[0].type
+        if all(e.type is first for e in mine):  # the usual box: one kind, one backend call
+            fds = self.kind(first).lend_many(self, b, mine)
+        else:
+            each = [self.kind(e.type).lend(self, b, e) for e in mine]
+            fds = None if None in each else each  # type: ignore[assignment]
+        if fds is None:
+            return None
         self.claim(b, mine)
-        return out
+        return list(zip(mine, fds, strict=True))
 
     def _box_for_get(self, caller: Caller, box: str) -> tuple[Box, list[Entry]]:
         """The box and the caller's entries in it by name, for GetBox (PermissionDenied

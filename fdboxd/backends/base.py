@@ -94,6 +94,11 @@ class Backend(abc.ABC):
         sends its own reference). None where every get makes a new fd (the kernel's)."""
         return None
 
+    def lend_many(self, box: str, names: list[str]) -> list[int] | None:
+        """:meth:`lend` for several entries: all, or None."""
+        fds = [self.lend(box, n) for n in names]
+        return None if None in fds else fds  # type: ignore[return-value]
+
     @abc.abstractmethod
     def remove(self, box: str, name: str) -> None: ...
 

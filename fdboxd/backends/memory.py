@@ -64,6 +64,11 @@ class MemoryBackend(Backend):
     def lend(self, box: str, name: str) -> int | None:
         return self._fds.get((box, name))
 
+    def lend_many(self, box: str, names: list[str]) -> list[int] | None:
+        held = self._fds
+        fds = [held.get((box, n)) for n in names]
+        return None if None in fds else fds  # type: ignore[return-value]
+
     def peek(self, box: str, name: str) -> int:
         """The held fd itself (borrowed: never close it), for the fdstore mirror."""
         return self._fds[(box, name)]

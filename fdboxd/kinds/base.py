@@ -137,6 +137,10 @@ class Kind:
         the backend makes a new one per get; refuses exactly as :meth:`retrieve` does."""
         return store.backend_for(entry.type).lend(b.name, entry.name)
 
+    def lend_many(self, store: StoreSurface, b: Box, entries: list[Entry]) -> list[int] | None:
+        """:meth:`lend` for entries of this kind's one type, in one backend call."""
+        return store.backend_for(entries[0].type).lend_many(b.name, [e.name for e in entries])
+
     def release(self, store: StoreSurface, b: Box, entry: Entry) -> None:
         """The entry left its box (Remove, Finish, a failed check): drop what holds it."""
         store.backend_for(entry.type).remove(b.name, entry.name)

@@ -97,6 +97,11 @@ class GuestMemfdKind(Kind):
         self._check_retrievable(b, entry)
         return super().lend(store, b, entry)
 
+    def lend_many(self, store: StoreSurface, b: Box, entries: list[Entry]) -> list[int] | None:
+        for e in entries:
+            self._check_retrievable(b, e)
+        return super().lend_many(store, b, entries)
+
     @staticmethod
     def _check_retrievable(b: Box, entry: Entry) -> None:
         if b.state == BoxState.RESTORED and gmem.is_carried(entry):

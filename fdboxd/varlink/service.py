@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 from collections.abc import Callable
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,8 +91,15 @@ def entry_reply(entry: Entry, tail: bytes = b"}}\0", fds: list[int] | None = Non
 
 
 _GET_TAIL = b',"fd":0}}\0'
-#: ``,"fd":N}`` for the indexes one message can carry (SCM_MAX_FD).
-_FD_TAILS = [b',"fd":%d}' % i for i in range(253)]
+
+
+def _got_entry_pieces(n: int) -> tuple[list[bytes], list[bytes]]:
+    """What goes before and after each entry of a GetBox reply: ``{"entry":`` (``,`` from
+    the second on) and ``,"fd":N}``; kept for the fds one message can carry (SCM_MAX_FD)."""
+    return [b'{"entry":'] + [b',{"entry":'] * (n - 1), [b',"fd":%d}' % i for i in range(n)]
+
+
+_ENTRY_OPENS, _FD_TAILS = _got_entry_pieces(253)
 
 Handler = Callable[["Call"], Any]  # returns a Reply, or an awaitable of one
 
@@ -220,12 +228,11 @@ class StoreService:
         borrowed = got is not None
         if got is None:
             got = self.store.get_box(call.caller, box)
-        pieces = [b'{"parameters":{"entries":[']
-        for i, (e, _) in enumerate(got):
-            pieces += (b'{"entry":' if i == 0 else b',{"entry":', e.wire_bytes(),
-                       _FD_TAILS[i] if i < len(_FD_TAILS) else b',"fd":%d}' % i)
-        pieces.append(b"]}}\0")
-        return Reply(fds=[fd for _, fd in got], raw=b"".join(pieces), borrowed=borrowed)
+        wires = [e.wire_bytes() for e, _ in got]
+        opens, tails = (_ENTRY_OPENS, _FD_TAILS) if len(got) <= len(_FD_TAILS) else _got_entry_pieces(len(got))
+        body = b"".join(chain.from_iterable(zip(opens, wires, tails)))
+        return Reply(fds=[fd for _, fd in got], raw=b'{"parameters":{"entries":[' + body + b"]}}\0",
+                     borrowed=borrowed)
 
     def do_List(self, call: Call) -> Reply:
         box = call.opt_str("box")
