@@ -108,6 +108,8 @@ def cmd_status(c: Client, a: argparse.Namespace) -> int:
             print(f"{what}:    " + ", ".join(f"{i['box']}/{i['name']} ({i['type']})" for i in items))
     if st.get("lost"):
         print("          (fdboxctl ack-lost [BOX] once dealt with)")
+    for problem in st.get("problems") or []:
+        print(f"problem:  {problem}")
     usage = st.get("usage") or {}
     if usage:
         print("usage:    " + ", ".join(f"{k} {v}" for k, v in usage.items()))

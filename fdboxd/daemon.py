@@ -22,6 +22,7 @@ from typing import Any
 
 from . import __version__, deps, paths
 from .backends import DEVICE_PATH, open_backend
+from .backends.liveupdate import OPEN_RETRY_S
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdType
 from .hostfacts import HostFacts
@@ -45,6 +46,7 @@ class Config:
     state_dir: str
     backend: str = "auto"
     device: str = DEVICE_PATH
+    luo_wait: float | None = None  # --liveupdate-wait (None: the backend's default)
     allowed_types: frozenset[FdType] = MEMORY_TYPES
     limits: Limits = field(default_factory=Limits)
     budget: Budget = field(default_factory=Budget)
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel: fdbox.ko (/dev/fdbox); liveupdate: LUO (/dev/liveupdate, plain memfds); "
                         "auto: plain memfds on LUO if it works, the rest on fdbox.ko if loaded, else memory")
     p.add_argument("--device", default=DEVICE_PATH, help=argparse.SUPPRESS)
+    p.add_argument("--liveupdate-wait", type=float, default=OPEN_RETRY_S, metavar="SECONDS",
+                   help="while another process (luod, systemd) holds /dev/liveupdate, retry opening it "
+                        "this long before a seal (or start-up) fails with the holder named; default: %(default)g")
     p.add_argument("--verify", choices=[v.value for v in Verify], default=DEFAULT_VERIFY.value,
                    help="checksums at seal and restore: full (SHA-256 of every byte), sample "
                         "(whole SHA-256 up to 4 MiB, fixed-cost sample above), none (size only); "
@@ -95,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p = build_parser()
     a = p.parse_args(argv)
     user = a.user if a.user is not None else os.geteuid() != 0
+    if a.liveupdate_wait < 0:
+        p.error("--liveupdate-wait must be >= 0")
     if not 1 <= a.max_fds_per_message <= MAX_FDS_PER_MESSAGE:
         p.error(f"--max-fds-per-message must be 1..{MAX_FDS_PER_MESSAGE}")
     try:
@@ -107,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         state_dir=a.state_dir or paths.default_state_dir(user),
         backend=a.backend,
         device=a.device,
+        luo_wait=a.liveupdate_wait,
         allowed_types=MEMORY_TYPES | {FdType(t) for t in a.allow_type},
         limits=limits,
         budget=budget,
@@ -130,7 +138,7 @@ class Daemon:
         # the fds are adopted before the store is built so that it reconciles them.
         self.activation = sd.Activation.from_environ()
         t0 = time.perf_counter()
-        self.backend = open_backend(config.backend, config.device)
+        self.backend = open_backend(config.backend, config.device, luo_wait=config.luo_wait)
         t1 = time.perf_counter()
         refused = sd.adopt_store_fds(self.activation, self.backend, Manifest(config.state_dir))
         self.store = Store(self.backend, Manifest(config.state_dir), limits=config.limits,

@@ -231,6 +231,7 @@ class Manager(ServiceInterface):
             "restored": Variant("u", _u32(st["restored"])),
             "lost": triples(st["lost"]),
             "adopted": triples(st["adopted"]),
+            "problems": Variant("as", [str(x) for x in st["problems"]]),
             "limits": Variant("a{st}", {k: int(v) for k, v in self.limits.items()}),
             "usage": Variant("a{st}", {k: int(v) for k, v in self.store.usage(caller.uid).items()}),
         }

@@ -181,6 +181,7 @@ class Store:
             "backend": self.backend.name, "survives_kexec": self.backend.survives_kexec,
             "boxes": boxes, "entries": entries, "sealed": sealed, "restored": restored,
             "state": self.overall_state(), "lost": lost, "adopted": adopted, "generation": self.generation,
+            "problems": self.backend.problems(),
         }
 
     def usage(self, uid: int) -> dict[str, int]:

@@ -125,5 +125,14 @@ class Backend(abc.ABC):
     def inventory(self) -> dict[str, BackendBox]:
         """What the backend really holds, by box name."""
 
+    #: One-line reasons the backend is not what was asked for, found when it was opened
+    #: (``auto`` without LUO because another process held /dev/liveupdate, ...).
+    startup_problems: tuple[str, ...] = ()
+
+    def problems(self) -> list[str]:
+        """One line per thing that does not work as configured right now (Status shows
+        them): never silent, and never more than a line each."""
+        return list(self.startup_problems)
+
     def close(self) -> None:
         """Release the backend's handle (not its entries, for the kernel backend)."""

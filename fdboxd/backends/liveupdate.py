@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -55,7 +56,7 @@ INDEX_SESSION = "fdboxd:index"
 INDEX_TOKEN = 0
 #: Box names that are other agents' session names (systemd >= 261 uses "systemd").
 RESERVED_SESSIONS = frozenset({"systemd"})
-OPEN_RETRY_S = 10.0  # how long to wait for another agent to release /dev/liveupdate
+OPEN_RETRY_S = 10.0  # default of --liveupdate-wait: how long to wait for another agent to release the device
 
 
 def _json_memfd(doc: dict[str, Any]) -> int:
@@ -73,17 +74,98 @@ def _luo_error(e: uapi_luo.LuoOSError, what: str, **details: Any) -> FdboxError:
     return FdboxError(e.error_name, f"{what}: {e.strerror}", errno=e.errno, **details)
 
 
-def open_device(path: str = uapi_luo.DEVICE_PATH, wait: float = OPEN_RETRY_S) -> uapi_luo.LuoDevice:
-    """Open /dev/liveupdate, waiting up to ``wait`` seconds while another agent holds it."""
-    deadline = time.monotonic() + wait
+def device_holders(path: str = uapi_luo.DEVICE_PATH) -> list[str]:
+    """``pid N (comm)`` of every other process that has ``path`` open, as far as /proc
+    shows them (fdboxd.service's ProtectProc=invisible hides processes it may not trace).
+
+    Only asked when an open got EBUSY: the kernel lets one process at a time hold
+    /dev/liveupdate (luod keeps it open; systemd >= 261 opens it at shutdown), and an
+    operator needs to know which one, not just that the device was busy.
+    """
+    try:
+        rdev = os.stat(path).st_rdev
+    except OSError:
+        return []
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev:
+                try:
+                    with open(f"/proc/{pid}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                found.append(f"pid {pid} ({comm})")
+                break
+    return found
+
+
+def busy_reason(path: str = uapi_luo.DEVICE_PATH) -> str:
+    """The one line that says who holds ``path`` (what Status, the log and errors show)."""
+    who = device_holders(path)
+    if who:
+        return f"{path} is held by {', '.join(who)}"
+    return f"{path} is held by another process (not visible to fdboxd: luod, or systemd at shutdown?)"
+
+
+class DeviceBusy:
+    """What the last open of /dev/liveupdate met: ``reason`` is set while it was busy.
+
+    Status reports it until an open succeeds again, so a seal that failed because luod
+    held the device says so in ``fdboxctl status`` as well as in its error and the log.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def problems(self) -> list[str]:
+        return [self.reason] if self.reason else []
+
+
+def open_device(path: str = uapi_luo.DEVICE_PATH, wait: float = OPEN_RETRY_S,
+                busy: DeviceBusy | None = None) -> uapi_luo.LuoDevice:
+    """Open /dev/liveupdate, retrying for up to ``wait`` seconds while another process
+    holds it (EBUSY), then failing with one line naming the holder.
+
+    Bounded, not forever: a seal is on the way to a kexec, and systemd's timeout of the
+    seal unit would otherwise be the first to say anything. The first EBUSY is logged
+    with the holder, and so is the outcome (free after N s, or given up).
+    """
+    start = time.monotonic()
+    reason: str | None = None
     while True:
         try:
-            return uapi_luo.LuoDevice(path)
+            dev = uapi_luo.LuoDevice(path)
         except uapi_luo.LuoOSError as e:
-            if e.errno == errno.EBUSY and time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
+            now = time.monotonic()
+            if e.errno == errno.EBUSY:
+                if reason is None:
+                    reason = busy_reason(path)
+                    log.warning("%s; retrying for up to %g s", reason, wait)
+                if now - start < wait:
+                    time.sleep(0.05)
+                    continue
+                message = f"{reason}: gave up after {now - start:.1f} s"
+                log.error("%s", message)
+                if busy is not None:
+                    busy.reason = f"{message} ({time.strftime('%Y-%m-%d %H:%M:%S')})"
+                raise FdboxError(e.error_name, message, errno=e.errno) from None
             raise FdboxError(e.error_name, f"cannot open {path}: {e.meaning}", errno=e.errno) from None
+        if reason is not None:
+            log.info("%s became free after %.1f s", path, time.monotonic() - start)
+        if busy is not None:
+            busy.reason = None
+        return dev
 
 
 class Holder:
@@ -163,10 +245,14 @@ class LiveupdateBackend(MemoryBackend):
     name = "liveupdate"
     survives_kexec = True
 
-    def __init__(self, device: str = uapi_luo.DEVICE_PATH, fdbox_device: str | None = None) -> None:
+    def __init__(self, device: str = uapi_luo.DEVICE_PATH, fdbox_device: str | None = None,
+                 wait: float = OPEN_RETRY_S) -> None:
         super().__init__()
         self.device = device
         self.fdbox_device = fdbox_device
+        #: How long an open retries while another process holds the device (EBUSY).
+        self.wait = wait
+        self.busy = DeviceBusy()
         self._holder: Holder | None = None
         self._sealed: set[str] = set()  # boxes whose session the holder keeps
         self._held_index = False
@@ -177,7 +263,7 @@ class LiveupdateBackend(MemoryBackend):
         self.restore_timing: dict[str, float] = {}
         # Prove the device works now (and take back what the last kernel carried),
         # rather than failing the first seal hours later.
-        dev = open_device(device)
+        dev = open_device(device, wait, self.busy)
         try:
             self._restore(dev)
         finally:
@@ -195,6 +281,9 @@ class LiveupdateBackend(MemoryBackend):
 
     def accepts(self, fd_type: FdType) -> bool:
         return fd_type == FdType.MEMFD
+
+    def problems(self) -> list[str]:
+        return super().problems() + self.busy.problems()
 
     def seal(self, box: str) -> None:
         b = self._box(box)
@@ -214,7 +303,7 @@ class LiveupdateBackend(MemoryBackend):
             e = b.entries[name]
             entries[name] = {"token": token, "type": str(e.type), "size": os.fstat(fds[name]).st_size,
                              "uid": e.uid, "gid": e.gid}
-        dev = open_device(self.device)
+        dev = open_device(self.device, self.wait, self.busy)
         try:
             session = self._create_session(dev, box)
             try:
@@ -249,7 +338,7 @@ class LiveupdateBackend(MemoryBackend):
             self._sealed.discard(box)
             dev = None
             try:
-                dev = open_device(self.device)
+                dev = open_device(self.device, self.wait, self.busy)
                 self._write_index(dev)
             except FdboxError:
                 log.exception("index session not rewritten after unsealing %s (its entry is stale, harmless)", box)

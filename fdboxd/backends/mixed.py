@@ -28,6 +28,9 @@ class MixedBackend(Backend):
         self.luo = luo
         self.kernel = kernel
 
+    def problems(self) -> list[str]:
+        return super().problems() + self.luo.problems() + self.kernel.problems()
+
     def _sides(self) -> tuple[Backend, Backend]:
         return (self.luo, self.kernel)
 

@@ -305,6 +305,7 @@ class StoreService:
             "restored": st["restored"],
             "lost": st["lost"],
             "adopted": st["adopted"],
+            "problems": st["problems"],
             "limits": self.limits,
             "usage": usage,
         })

@@ -12,7 +12,10 @@ One run, three boots (the VM budget is a few minutes, so the checks share boots)
    hugetlb through the module; ``vm9`` is left restored and unclaimed; kexec with
    nothing sealed.
 3. ``--backend liveupdate`` without the module: the daemon starts clean — ``vm9`` did not
-   cross the second kexec, no LUO session is left over, the device is free.
+   cross the second kexec, no LUO session is left over, the device is free. Then a
+   second process holds /dev/liveupdate (as luod does): a seal retries for
+   ``--liveupdate-wait`` (3 s), fails naming the holder's pid, in the log and Status
+   too; a holder that lets go within the wait does not fail the seal (adds ~10 s).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ stop_fdboxd
 vm-kexec --reuse-cmdline
 """
     stage3 = STAGE_LIB + f"""
-start_fdboxd --backend liveupdate
+start_fdboxd --backend liveupdate --liveupdate-wait 3
 {STEP} 3
 stop_fdboxd
 """
@@ -98,3 +101,19 @@ stop_fdboxd
     assert (st["boxes"], st["entries"], st["restored"]) == (0, 0, 0), st
     assert st["lost"] == [] and st["adopted"] == [], st
     assert s3["agent"] == "" and s3["leftover"] == [], s3
+
+    # stage 3, another process holds /dev/liveupdate: bounded retry, then one line
+    # naming the holder in the error, Status and the log; never silent, never stuck
+    pid = s3["busy_pid"]
+    name, message = s3["busy_error"]
+    assert name == "BackendUnavailable" and f"pid {pid} (" in message and "gave up after" in message, message
+    assert "\n" not in message
+    assert 3 <= s3["busy_seconds"] < 15, s3["busy_seconds"]
+    assert s3["busy_state"] == 0  # nothing half-sealed
+    assert len(s3["busy_problems"]) == 1 and f"pid {pid} (" in s3["busy_problems"][0], s3["busy_problems"]
+    log = (out / "fdboxd-stage3.log").read_text()
+    assert f"/dev/liveupdate is held by pid {pid} (" in log and "retrying for up to 3 s" in log, log
+    assert "gave up after" in log and "became free after" in log, log
+    # released within the wait: the seal went through, and Status has nothing to say
+    assert s3["released"] == ["busy"] and s3["released_seconds"] >= 0.5, s3
+    assert s3["released_problems"] == [], s3

@@ -15,7 +15,9 @@ import hashlib
 import json
 import mmap
 import os
+import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.getcwd())
 
@@ -183,7 +185,52 @@ def stage3(c: Client) -> dict:
                 leftover.append(name)
             except OSError:
                 pass
-    return {"status": c.status(), "leftover": leftover, "agent": second_agent()}
+    res = {"status": c.status(), "leftover": leftover}
+    res.update(busy_device(c))
+    res["agent"] = second_agent()
+    return res
+
+
+#: A second agent (luod, systemd at shutdown): holds /dev/liveupdate for argv[1] seconds.
+HOLD = ("import sys, time\nfrom fdboxd import uapi_luo\nd = uapi_luo.LuoDevice()\n"
+        "print('held', flush=True)\ntime.sleep(float(sys.argv[1]))\n")
+
+
+def _hold_device(seconds: float) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(seconds)], stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert p.stdout is not None and p.stdout.readline() == "held\n"
+    return p
+
+
+def busy_device(c: Client) -> dict:
+    """Another process holds /dev/liveupdate (fdboxd runs with --liveupdate-wait 3): a
+    seal retries, then fails naming the holder, and Status says so; a holder that lets
+    go during the wait does not fail the seal, and the problem is gone from Status."""
+    res: dict = {}
+    put_box(c, "busy", [("m", 1, False)], "busy")
+    holder = _hold_device(120)
+    res["busy_pid"] = holder.pid
+    t0 = time.monotonic()
+    try:
+        c.seal("busy")
+        res["busy_error"] = ["ok", ""]
+    except FdboxError as e:
+        res["busy_error"] = [e.name, e.message]
+    res["busy_seconds"] = time.monotonic() - t0
+    res["busy_problems"] = c.status()["problems"]
+    res["busy_state"] = c.status()["sealed"]
+    holder.kill()
+    holder.wait()
+    holder = _hold_device(1)  # lets go after 1 s, inside the 3 s the seal retries
+    t0 = time.monotonic()
+    res["released"] = c.seal("busy")
+    res["released_seconds"] = time.monotonic() - t0
+    holder.wait()
+    res["released_problems"] = c.status()["problems"]
+    c.unseal("busy")
+    c.delete_box("busy")
+    return res
 
 
 STEPS = {"1": stage1, "1-stopped": stage1_after_stop, "2": stage2, "3": stage3}
