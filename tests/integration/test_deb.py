@@ -142,6 +142,7 @@ def test_fdbox_ships_everything_install_host_does_and_the_docs(built):
     assert {"/usr/lib/systemd/user/fdboxd.service", "/usr/lib/tmpfiles.d/fdbox.conf",
             "/usr/share/dbus-1/system.d/io.fdbox1.conf", "/usr/share/dbus-1/system-services/io.fdbox1.service",
             "/usr/share/doc/fdbox/README.md",  # uncompressed: the units' Documentation= names it
+            *(f"/usr/share/doc/fdbox/docs/{d.name}" for d in (REPO / "docs").glob("*.md")),  # README's links
             "/usr/lib/python3/dist-packages/fdboxd/varlink/io.fdbox.Store.varlink"} <= files
     assert "/usr/libexec/fdbox/fdbox-call" in contents(deb(built, "fdbox-call"))
 
