@@ -394,6 +394,24 @@ def encode_journal_fields(fields: dict[str, str]) -> bytes:
     return bytes(out)
 
 
+LINE_FORMAT = "fdboxd: %(levelname)s %(message)s"
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """:data:`LINE_FORMAT` lines on stderr. A plain record (no exception, no stack) is
+    written without the Formatter's generic steps: every state-changing call logs one."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.stack_info:
+            super().emit(record)
+            return
+        try:
+            self.stream.write(f"fdboxd: {record.levelname} {record.getMessage()}\n")
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
 def setup_logging(level: str) -> None:
     """Journal fields when stderr is journald's stream, plain lines on stderr otherwise."""
     root = logging.getLogger()
@@ -405,8 +423,8 @@ def setup_logging(level: str) -> None:
         handler: logging.Handler = JournalHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("fdboxd: %(levelname)s %(message)s"))
+        handler = LineHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LINE_FORMAT))
         # A plain line names no source file: skip the stack walk (findCaller) every
         # record makes, as the logging docs' "Optimization" section says. The journal
         # keeps it: CODE_FILE/CODE_LINE come from it.
