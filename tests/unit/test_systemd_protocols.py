@@ -101,3 +101,42 @@ def test_barrier_waits_until_the_receiver_closed_the_fd():
         n.close()
         rx.close()
     assert not Notifier("").barrier()
+
+
+def test_call_lines_are_written_together_in_order_and_soon():
+    """LineHandler: a call's line (FDBOX_OP) waits at most LINE_BATCH_SECONDS on the loop;
+    any other record writes what is held first, so the order is the order logged."""
+    import asyncio
+    import io
+    import logging
+
+    from fdboxd.systemd import LINE_BATCH_SECONDS, LineHandler
+
+    stream = io.StringIO()
+    handler = LineHandler(stream)
+    log = logging.getLogger("fdboxd.test-lines")
+    log.propagate = False
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+    async def main() -> list[str]:
+        seen = []
+        log.info("Put vm/a", extra={"FDBOX_OP": "Put"})
+        log.info("Get vm/a", extra={"FDBOX_OP": "Get"})
+        seen.append(stream.getvalue())  # held
+        log.warning("a warning")  # writes the held lines first
+        seen.append(stream.getvalue())
+        log.info("Remove vm/a", extra={"FDBOX_OP": "Remove"})
+        await asyncio.sleep(LINE_BATCH_SECONDS * 3)
+        seen.append(stream.getvalue())  # the timer wrote it
+        return seen
+
+    try:
+        held, after_warning, later = asyncio.run(main())
+        log.info("Put off the loop", extra={"FDBOX_OP": "Put"})  # no loop: written at once
+    finally:
+        log.removeHandler(handler)
+    assert held == ""
+    assert after_warning == "fdboxd: INFO Put vm/a\nfdboxd: INFO Get vm/a\nfdboxd: WARNING a warning\n"
+    assert later == after_warning + "fdboxd: INFO Remove vm/a\n"
+    assert stream.getvalue() == later + "fdboxd: INFO Put off the loop\n"
