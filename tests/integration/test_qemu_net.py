@@ -16,6 +16,7 @@ link-local addresses, only inside the test's namespace.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
@@ -195,6 +196,8 @@ def test_two_queue_tap_survives_restart_control_other_tap(netvm):
     assert link_json(vm.netns, "net0")["linkinfo"]["info_data"]["multi_queue"] is True
     before = vm.suspend(p)
     assert {n for n in vm.box() if n.startswith("tap.")} == {"tap.net0.q0", "tap.net0.q1"}
+    row = json.loads(vm.cli("status", "--json").stdout)[0]  # the VM listing names the tap once, with its queues
+    assert (row["vm"], row["state"], row["taps"]) == ("vm1", "suspended", [{"ifname": "net0", "queues": 2}]), row
     p = vm.start("resume", "net0,queues=2,bridge=br0", queues=2)
     assert_continues(vm.server, before)
     assert len(linuxguest.tap_fds(p.pid, "net0")) == 2, vm.log("resume")
