@@ -258,6 +258,11 @@ def log_op(caller: Caller, method: Any, params: dict[str, Any], error: FdboxErro
         return
     box, name = params.get("box"), params.get("name")
     where = f"{box}/{name}" if name else f"{box}" if box else "*"
+    from .systemd import hold_call_line  # loaded by setup_logging already: a dict lookup
+
+    refused = "" if error is None else f" refused: {error}"
+    if hold_call_line(f"fdboxd: INFO {op} {where} by uid {caller.uid} pid {caller.pid}{refused}\n"):
+        return  # the same line the handler below writes, without a LogRecord
     fields = {"FDBOX_OP": op, "FDBOX_BOX": box, "FDBOX_ENTRY": name}  # journal fields (fdboxd.systemd)
     if error is None:
         log.info("%s %s by uid %d pid %d", op, where, caller.uid, caller.pid, extra=fields)

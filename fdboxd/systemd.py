@@ -432,6 +432,19 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:  # noqa: BLE001 - logging must not raise
             self.handleError(record)
 
+    def take_call_line(self, line: str) -> None:
+        """A call's line, whole (``LINE_FORMAT`` and a newline), as if logged at INFO."""
+        self.acquire()
+        try:
+            if not self._hold(line):
+                self._held.append(line)
+                self._write_held()
+                self.stream.flush()
+        except Exception:  # noqa: BLE001 - logging must not raise
+            pass
+        finally:
+            self.release()
+
     def _hold(self, line: str) -> bool:
         """Hold a call's line if this runs on the event loop (the first one held sets
         the timer that writes them); False elsewhere, where it is written now."""
@@ -460,6 +473,17 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         finally:
             self.release()
         super().flush()
+
+
+def hold_call_line(line: str) -> bool:
+    """Give a call's INFO line straight to the stderr :class:`LineHandler` when it is the
+    one handler logging has (as :func:`setup_logging` leaves it): True if taken. The
+    journal, or any other set-up, gets a record instead (False: log it)."""
+    handlers = logging.root.handlers
+    if len(handlers) != 1 or type(handlers[0]) is not LineHandler or handlers[0].filters:
+        return False
+    handlers[0].take_call_line(line)
+    return True
 
 
 def setup_logging(level: str) -> None:
