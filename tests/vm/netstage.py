@@ -16,11 +16,17 @@ Stage scripts (and the live-update test) call it as ``python3 tests/vm/netstage.
     After the kexec (fdboxd recreated the tap at start): the interface matches ``F``
     attribute for attribute, the VMM gets both queues back, and frames pass both ways.
     Prints ``OK net vmtap0`` on success; anything else raises.
+``qemu-taps --ifname IF --daemon-pid P --out F``
+    From the host side of a QEMU that ``fdbox-qemu --tap IF`` started: which process
+    holds queues of tap ``IF`` besides fdboxd (it must be exactly one QEMU), how many,
+    whether each is the very file fdboxd holds (``kcmp(KCMP_FILE)``), and the interface
+    as ``ip -d -j`` sees it; written to ``F`` as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import json
 import os
@@ -93,9 +99,50 @@ def cmd_verify(a: argparse.Namespace) -> None:
     print(f"OK net {IFNAME} {json.dumps(now, sort_keys=True)}")
 
 
+SYS_KCMP, KCMP_FILE = 312, 0  # x86_64
+
+
+def _tap_fds(pid: int, ifname: str) -> list[int]:
+    out = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    for fd in fds:
+        try:
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        if f"\niff:\t{ifname}\n" in info:
+            out.append(int(fd))
+    return sorted(out)
+
+
+def cmd_qemu_taps(a: argparse.Namespace) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    daemon = _tap_fds(a.daemon_pid, a.ifname)
+    holders = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        if pid != a.daemon_pid and (fds := _tap_fds(pid, a.ifname)):
+            holders[pid] = fds
+    qemus = {pid: fds for pid, fds in holders.items() if os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu")}
+    same = {}
+    for pid, fds in qemus.items():
+        same[pid] = [any(libc.syscall(SYS_KCMP, pid, a.daemon_pid, KCMP_FILE, fd, d) == 0 for d in daemon) for fd in fds]
+    report = {"daemon_fds": len(daemon), "holders": len(holders), "qemu": [
+        {"pid": pid, "fds": len(fds), "same_file_as_fdboxd": same[pid]} for pid, fds in qemus.items()],
+        "observed": observed(None, a.ifname)}
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    print(f"qemu-taps {a.ifname}: {report}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="netstage", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("qemu-taps")
+    s.add_argument("--ifname", required=True)
+    s.add_argument("--daemon-pid", type=int, required=True)
+    s.add_argument("--out", required=True)
     for name in ("network", "put", "verify"):
         s = sub.add_parser(name)
         s.add_argument("--netns", default=None, help="named namespace (default: this one)")
@@ -107,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "verify":
             s.add_argument("--before", required=True)
     a = p.parse_args(argv)
-    {"network": cmd_network, "put": cmd_put, "verify": cmd_verify}[a.cmd](a)
+    {"network": cmd_network, "put": cmd_put, "verify": cmd_verify, "qemu-taps": cmd_qemu_taps}[a.cmd](a)
     return 0
 
 

@@ -7,6 +7,13 @@ guest of tests/qemu-guest/tick.S twice at once: ``vma`` on plain memfd RAM, ``vm
 starts fdboxd, and ``fdbox-qemu start`` resumes both: the guest's own check of the
 512 KiB region it filled before the kexec passes (``sum=OK``), the token is the one it
 drew at boot, and the counter continues; no guest boots again.
+
+``vma`` also has a network: ``--tap vmanet0,queues=2,bridge=br0`` (bridge br0 comes up
+before fdboxd in each stage, as the host's network config would). The boot-sector guest
+cannot use it, so the check is from the host side of the test VM's kernel
+(``netstage.py qemu-taps``): before and after the kexec, exactly one QEMU holds the
+tap's two queues, each the very file fdboxd holds (kcmp), and after the kexec the tap
+fdboxd recreated has the MAC, MTU, bridge port and queue count it had before.
 """
 
 from __future__ import annotations
@@ -25,15 +32,20 @@ import qemuguest  # noqa: E402
 pytestmark = pytest.mark.vm
 
 STAGE_LIB = ". tests/vm/stagelib.sh\n. tests/vm/qemustage.sh\n"
-VMS = {"vma": "--ram 32M", "vmb": "--ram 32M --hugetlb 2M"}
+TAP = "vmanet0"
+VMS = {"vma": f"--ram 32M --tap {TAP},queues=2,bridge=br0 -- -device virtio-net-pci,netdev={TAP},mq=on,vectors=6",
+       "vmb": "--ram 32M --hugetlb 2M"}
+NET = "python3 tests/vm/netstage.py"
+TAPS = f'{NET} qemu-taps --ifname {TAP} --daemon-pid "$(cat /run/fdboxd.pid)"'
 
 
 def _stage1(vms: dict[str, str]) -> str:
-    s = STAGE_LIB + "load_module\nstart_fdboxd\n"
+    s = STAGE_LIB + f"load_module\n{NET} network\nstart_fdboxd --allow-type tap\n"
     for vm, opts in vms.items():
         s += f"qemu_start {vm} 1 {opts}\n"
     for vm in vms:
         s += f"wait_ticks {vm} 1 3\n"
+    s += f"{TAPS} --out /out/taps-1.json\n"
     for vm in vms:
         s += f"fq suspend {vm} --json > /out/{vm}-suspend.json\n"
     s += "ctl --json list > /out/before.json\nctl seal --all\nstop_fdboxd\nvm-kexec --reuse-cmdline\n"
@@ -41,11 +53,12 @@ def _stage1(vms: dict[str, str]) -> str:
 
 
 def _stage2(vms: dict[str, str]) -> str:
-    s = STAGE_LIB + "load_module\nstart_fdboxd\nctl --json status > /out/restored.json\n"
+    s = STAGE_LIB + f"load_module\n{NET} network\nstart_fdboxd --allow-type tap\nctl --json status > /out/restored.json\n"
     for vm, opts in vms.items():
         s += f"qemu_start {vm} 2 {opts}\n"
     for vm in vms:
         s += f"wait_ticks {vm} 2 4\n"
+    s += f"{TAPS} --out /out/taps-2.json\n"
     s += "ctl --json list > /out/after.json\n"
     for vm in vms:
         s += f'kill "$(cat /run/{vm}.pid)"\n'
@@ -74,7 +87,7 @@ def test_qemu_guest_survives_kexec_memfd_and_hugetlb(vm_with_module: vmlib.Harne
     out = run.out_dir
     before = {(e["box"], e["name"]): e for e in json.loads((out / "before.json").read_text())["entries"]}
     assert before[("vma", "ram0")]["type"] == "memfd" and before[("vmb", "ram0")]["type"] == "memfd-hugetlb"
-    assert {n for b, n in before if b == "vma"} == {"ram0", "devstate"}
+    assert {n for b, n in before if b == "vma"} == {"ram0", "devstate", f"tap.{TAP}.q0", f"tap.{TAP}.q1"}
     restored = json.loads((out / "restored.json").read_text())
     assert restored["backend"] == "kernel" and restored["restored"] == 2 and not restored["lost"], restored
     after = {(e["box"], e["name"]) for e in json.loads((out / "after.json").read_text())["entries"]}
@@ -84,4 +97,20 @@ def test_qemu_guest_survives_kexec_memfd_and_hugetlb(vm_with_module: vmlib.Harne
         s = json.loads((out / f"{vm}-suspend.json").read_text())
         print(f"\n{vm}: suspend {s['total_ms']:.0f} ms (save {s['save_ms']:.0f}, put {s['put_ms']:.0f}), "
               f"devstate {s['devstate_bytes'] >> 10} KiB (nested TCG)")
+    check_taps(out)
     print(f"run {run.wall_seconds:.0f}s wall")
+
+
+def check_taps(out: Path) -> None:
+    """QEMU holds the tap fdboxd holds, before the kexec and (recreated) after it."""
+    taps = [json.loads((out / f"taps-{n}.json").read_text()) for n in (1, 2)]
+    for t in taps:
+        assert t["daemon_fds"] == 2 and t["holders"] == 1 and len(t["qemu"]) == 1, t
+        assert t["qemu"][0]["fds"] == 2 and t["qemu"][0]["same_file_as_fdboxd"] == [True, True], t
+    before, after = (t["observed"] for t in taps)
+    # numqueues counts attached queues: QEMU detaches the second while no driver enabled it.
+    assert after["master"] == "br0" and after["multi_queue"], after
+    for key in ("mac", "mtu", "master", "up", "pi", "vnet_hdr", "multi_queue", "numqueues"):
+        assert after[key] == before[key], (key, before, after)
+    log = (out / "fdboxd-stage2.log").read_text()
+    assert f"recreated {TAP} (2 queue(s))" in log, log
