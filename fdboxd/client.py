@@ -216,6 +216,11 @@ class Client:
         reply, _ = self.call("Status")
         return reply
 
+    def last_live_update(self) -> list[dict[str, Any]]:
+        """Each visible box's last live update: phases with times and durations (fdboxd.timeline)."""
+        reply, _ = self.call("LastLiveUpdate")
+        return list(reply["boxes"])
+
 
 def check_server(sock: socket.socket, path: str) -> None:
     """Refuse a server that is neither root nor ourselves, before a single fd is sent.

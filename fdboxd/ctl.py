@@ -347,6 +347,31 @@ def cmd_ack_lost(c: Client, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(c: Client, a: argparse.Namespace) -> int:
+    boxes = c.last_live_update()
+    if a.json:
+        _print_json({"boxes": boxes})
+        return 0
+    if not boxes:
+        print("no live update recorded")
+        return 0
+    rows = []
+    for b in boxes:
+        for p in b["phases"]:
+            d = p.get("duration_usec")
+            rows.append([b["box"], p["phase"], _when(p["time"])[:-1] + f".{int(p['time'] * 1000) % 1000:03d}Z",
+                         "" if d is None else f"{d / 1e3:.1f} ms"])
+    _table(["BOX", "PHASE", "TIME", "TOOK"], rows)
+    for b in boxes:
+        parts = [f"{b['box']}: {'complete' if b['complete'] else 'in progress'}"]
+        if "sealed_to_restored_usec" in b:
+            parts.append(f"sealed → restored {b['sealed_to_restored_usec'] / 1e6:.3f} s")
+        if "put_to_first_get_usec" in b:
+            parts.append(f"last put → first get {b['put_to_first_get_usec'] / 1e6:.3f} s")
+        print(", ".join(parts))
+    return 0
+
+
 def cmd_finish(c: Client, a: argparse.Namespace) -> int:
     done = c.finish(a.box)
     if a.json:
@@ -488,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
              "fdboxctl ack-lost vm1")
     s.add_argument("box", nargs="?", metavar="BOX")
     s.set_defaults(func=cmd_ack_lost)
+
+    s = _sub(sub, "report", common, "the last live update of every box: each phase, when, how long",
+             "fdboxctl report\nfdboxctl report --json", names=False)
+    s.set_defaults(func=cmd_report)
 
     s = _sub(sub, "finish", common, "end the restore phase of BOX (or all)", "fdboxctl finish vm1")
     s.add_argument("box", nargs="?", metavar="BOX")

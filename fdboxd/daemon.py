@@ -155,6 +155,10 @@ class Daemon:
             # One line per phase of the blackout's restore side (bench/liveupdate.py reads it).
             log.info("restore timing: backend_ms=%.1f store_ms=%.1f verify_ms=%.1f verify=%s",
                      (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, config.verify)
+            from . import timeline
+
+            self.store.mark_restored(kernel_up=timeline.kernel_boot_time(),
+                                     restore_begin=timeline.process_start_time())
         # What no kernel carries comes back now: the taps' recorded interfaces (fdboxd.kinds.tap).
         self.store.start_kinds()
         # What Preflight checks besides the store (fdboxd.hostfacts: the files it reads).

@@ -250,6 +250,20 @@ class Manager(ServiceInterface):
         }
 
     @dbus_method()
+    def LastLiveUpdate(self) -> "aa{sv}":  # noqa: F821, N802
+        """Each visible box's last live update: box, state, complete, phases (a{sd}: time), durations (a{st}: µs)."""
+        out = []
+        for r in self.store.last_live_update(self.caller()):
+            out.append({
+                "box": Variant("s", r["box"]), "state": Variant("s", r["state"]),
+                "complete": Variant("b", r["complete"]),
+                "phases": Variant("a{sd}", {p["phase"]: float(p["time"]) for p in r["phases"]}),
+                "durations": Variant("a{st}", {p["phase"]: int(p["duration_usec"]) for p in r["phases"]
+                                               if "duration_usec" in p}),
+            })
+        return out
+
+    @dbus_method()
     def AcknowledgeLost(self, box: "s") -> "u":  # noqa: F821, N802
         """Forget the caller's lost-entry reports (root: everyone's), of one box or all when ''."""
         return _u32(self.store.acknowledge_lost(self.caller(), box or None))
@@ -313,7 +327,7 @@ def _complete_introspection() -> dict[str, tuple[str, str, Callable[..., Any]]]:
     out_names = {"Get": ["fd"], "GetBox": ["entries"], "List": ["entries"], "ListBoxes": ["boxes"],
                  "PutMany": ["entries"], "NetRestore": ["entries"],
                  "Seal": ["sealed"], "Finish": ["finished"], "Status": ["status"], "Preflight": ["report"],
-                 "AcknowledgeLost": ["acknowledged"]}
+                 "AcknowledgeLost": ["acknowledged"], "LastLiveUpdate": ["boxes"]}
     signal_names = {"EntryAdded": ["box", "name", "uid"], "EntryRemoved": ["box", "name", "uid"],
                     "StateChanged": ["box", "state"]}
     probe = Manager(None, {})  # type: ignore[arg-type]

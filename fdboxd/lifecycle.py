@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import timeline
 from .checksum import Digest, Verify, check_many, digest_many, planned_bytes, sha256_fd
 from .errors import FdboxError
 from .fdtypes import detect
@@ -119,6 +120,8 @@ def seal_begin(store: Store, caller: Caller, box: str | None = None) -> SealPlan
         plan.close()
         raise
     store.sealing.update(plan.boxes)
+    for b in targets:
+        timeline.mark(b, "seal_begin")
     return plan
 
 
@@ -148,6 +151,8 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
                 store.backend.seal(name)
                 store.set_state(store.boxes[name], BoxState.SEALED)
                 sealed.append(name)
+            for name in plan.boxes:  # before the snapshot: the times cross the kexec with it
+                timeline.mark(store.boxes[name], "seal_end")
             # A seal writes the whole snapshot (temp, fsync, rename), not a journal line:
             # a kexec follows, and a state directory that cannot take the sealed manifest
             # must refuse the seal (and so the kexec) rather than half-record it. A line
@@ -182,6 +187,7 @@ def unseal(store: Store, caller: Caller, box: str) -> None:
         raise FdboxError("NotSealed", f"box {box} is {b.state}", box=box, state=str(b.state))
     store.backend.unseal(box)
     store.set_state(b, BoxState.OPEN)
+    timeline.mark(b, "unsealed")
     for e in b.entries.values():
         store.kind(e.type).unfreeze(store, box, e)
     store.record_or_log(store.box_ops([box]))

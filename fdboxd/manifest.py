@@ -12,12 +12,17 @@ Format (``schema`` is bumped on any incompatible change; readers refuse newer on
       "written": 1764250000.0,
       "boxes": {
         "vm1": {"state": "open", "created": 1764250000.0, "uid": 1000,
-                "entries": {"ram0": {<Entry.to_dict()>}, ...}},
+                "entries": {"ram0": {<Entry.to_dict()>}, ...},
+                "timeline": {"seal_begin": 1764250001.0, ...}},    # optional, fdboxd.timeline
         ...
       },
       "lost": [{"box": "vm1", "name": "ram1", "type": "memfd", "uid": 1000,   # schema 2
                 "size": 4096, "reason": "...", "time": 1764250000.0}, ...]
     }
+
+The box op of the journal carries the same ``timeline`` as an optional sixth element
+(``["box", "vm1", "sealed", 1764250000.0, 1000, {"seal_begin": ...}]``); both are
+absent while a box has none, so a manifest without live updates reads as before.
 
 Schema 2 added ``lost``: entries that did not survive, kept until their owner
 acknowledges them (``AcknowledgeLost``). A schema-1 reader would silently forget them,
@@ -70,6 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import timeline
 from .errors import FdboxError
 from .model import Box, BoxState, Entry
 
@@ -108,6 +114,7 @@ def encode(data: ManifestData) -> bytes:
                 "created": box.created,
                 "uid": data.owners.get(name, 0),
                 "entries": {e.name: e.to_dict() for e in box.entries.values()},
+                **({"timeline": box.timeline} if box.timeline else {}),
             }
             for name, box in sorted(data.boxes.items())
         },
@@ -125,7 +132,8 @@ def decode(raw: bytes) -> ManifestData:
             raise FdboxError("InvalidRequest", f"manifest schema {schema!r} not supported (max {SCHEMA})")
         data = ManifestData(generation=int(doc.get("generation", 0)))
         for name, b in doc["boxes"].items():
-            box = Box(name=name, state=BoxState(b["state"]), created=float(b.get("created", 0)))
+            box = Box(name=name, state=BoxState(b["state"]), created=float(b.get("created", 0)),
+                      timeline=timeline.decode(b.get("timeline")))
             for ename, e in b["entries"].items():
                 entry = Entry.from_dict(e)
                 if entry.box != name or entry.name != ename:
@@ -159,7 +167,8 @@ def lost_op(lost: list[dict[str, Any]]) -> Op:
 
 
 def box_op(box: Box, uid: int) -> Op:
-    return ["box", box.name, str(box.state), box.created, uid]
+    op: Op = ["box", box.name, str(box.state), box.created, uid]
+    return op + [box.timeline] if box.timeline else op
 
 
 class EncodedJSON(str):
@@ -183,11 +192,12 @@ def apply(data: ManifestData, ops: list[Op]) -> None:
     for op in ops:
         kind = op[0]
         if kind == "box":
-            _, name, state, created, uid = op
+            _, name, state, created, uid, *rest = op  # rest: the timeline, since issue 18 (optional)
             box = data.boxes.get(name)
             if box is None:
                 box = data.boxes[name] = Box(name=name)
             box.state, box.created = BoxState(state), float(created)
+            box.timeline = timeline.decode(rest[0]) if rest else {}
             data.owners[name] = int(uid)
         elif kind == "entry":
             entry = Entry.from_dict(op[1])

@@ -133,6 +133,8 @@ class Box:
     state: BoxState = BoxState.OPEN
     entries: dict[str, Entry] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    #: Phase → wall-clock time of the box's current or last live update (fdboxd.timeline).
+    timeline: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {

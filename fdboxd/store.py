@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import lifecycle
+from . import lifecycle, timeline
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .checksum import DEFAULT_VERIFY, Verify
@@ -295,6 +295,7 @@ class Store:
                 done.append(entry)
             ops: list[Op] = [box_op(b, caller.uid)] if created_box else []
             self._record(ops + [entry_op(e) for e in done])
+            timeline.mark(b, "put", log_it=False)  # in memory; the seal's snapshot records it
         except BaseException:
             for entry in done:
                 self.drop_entry(b, entry.name)
@@ -587,17 +588,39 @@ class Store:
     def claim(self, b: Box, entries: list[Entry]) -> None:
         if b.state != BoxState.RESTORED:
             return
+        first = "first_get" not in b.timeline
+        if first:
+            timeline.mark(b, "first_get")
         for e in entries:
             e.claimed = True
         if all(e.claimed for e in b.entries.values()):
             self.reopen(b)
             self.record_or_log(self.box_ops([b.name]))
         else:
-            self.record_or_log([entry_op(e) for e in entries])
+            ops = [box_op(b, self.owners.get(b.name, 0))] if first else []
+            self.record_or_log(ops + [entry_op(e) for e in entries])
+
+    def mark_restored(self, kernel_up: float, restore_begin: float) -> None:
+        """After a kexec, once every restored box is checked: the restore side of their timelines."""
+        names = []
+        for b in self.boxes.values():
+            if b.state == BoxState.RESTORED and "restore_end" not in b.timeline:
+                timeline.mark(b, "kernel_up", kernel_up)
+                timeline.mark(b, "restore_begin", restore_begin)
+                timeline.mark(b, "restore_end")
+                names.append(b.name)
+        if names:
+            self.record_or_log(self.box_ops(names))
+
+    def last_live_update(self, caller: Caller) -> list[dict[str, Any]]:
+        """Each visible box's last live update (:func:`fdboxd.timeline.report`), boxes by name."""
+        return [timeline.report(b) for _, b in sorted(self.boxes.items())
+                if b.timeline and self._visible(caller, b)]
 
     def reopen(self, b: Box) -> None:
         self.backend.finish(b.name)
         self.set_state(b, BoxState.OPEN)
+        timeline.mark(b, "reopened")
         for e in b.entries.values():
             e.claimed = False
         self.emit(Event("state-changed", b.name, state=BoxState.OPEN))

@@ -313,6 +313,9 @@ class StoreService:
     def do_AcknowledgeLost(self, call: Call) -> Reply:
         return Reply({"acknowledged": self.store.acknowledge_lost(call.caller, call.opt_str("box"))})
 
+    def do_LastLiveUpdate(self, call: Call) -> Reply:
+        return Reply({"boxes": self.store.last_live_update(call.caller)})
+
 
 _SIGNATURES: dict[str, frozenset[str]] = {
     "Put": frozenset({"box", "name", "fd", "metadata"}),
@@ -330,4 +333,5 @@ _SIGNATURES: dict[str, frozenset[str]] = {
     "Status": frozenset(),
     "Preflight": frozenset(),
     "AcknowledgeLost": frozenset({"box"}),
+    "LastLiveUpdate": frozenset(),
 }

@@ -173,6 +173,8 @@ def test_seal_runs_before_kexec(vm_with_module: vmlib.Harness) -> None:
         ctl --json list vm1 > /out/restored-list.json
         vmm verify --box vm1 {REGIONS} --seed {SEED} | tee /out/verify.txt
         ctl --json status > /out/final-status.json
+        ctl --json report > /out/report.json
+        journalctl -o export FDBOX_PHASE=restore_end > /out/phase-restore-end.txt
         """)
     run = vm_with_module.run(stage1, stage2, systemd=True, units=guest_units(), cmdline_extra=CMDLINE, timeout=600)
     run.check()
@@ -204,11 +206,25 @@ def test_seal_runs_before_kexec(vm_with_module: vmlib.Harness) -> None:
     assert _json(out / "final-status.json")["state"] == "open"
     assert "KHO: exec from" in run.stage(2).dmesg
 
+    # The timeline of that live update (fdboxctl report): every phase, in order, the
+    # seal's half carried across the kexec in the sealed manifest.
+    [report] = _json(out / "report.json")["boxes"]
+    phases = {p["phase"]: p for p in report["phases"]}
+    assert list(phases) == ["put", "seal_begin", "seal_end", "kernel_up", "restore_begin", "restore_end",
+                            "first_get", "reopened"], report
+    assert report["box"] == "vm1" and report["complete"] and report["sealed_to_restored_usec"] > 0
+    times = [p["time"] for p in report["phases"][3:]]  # one clock from kernel_up on: the new kernel's
+    assert times == sorted(times), report
+    journal = (out / "phase-restore-end.txt").read_text()
+    assert "FDBOX_BOX=vm1" in journal and "FDBOX_DURATION_USEC=" in journal, journal
+    took = {p: phases[p].get("duration_usec", 0) / 1e6 for p in phases}
+
     t0, t1 = _marker_uptime(console, "seal start"), _marker_uptime(console, "seal done")
     s1, s2 = run.stage(1), run.stage(2)
     print(f"\nseal: started at uptime {t0:.2f}s, done at {t1:.2f}s ({t1 - t0:.2f}s for 32 MiB);"
           f" stage 1 script started at {s1.boot_seconds}s, ran {s1.script_seconds}s;"
           f" stage 2 script started at {s2.boot_seconds}s; wall {run.wall_seconds:.1f}s")
+    print("report: " + ", ".join(f"{p} {t:.3f}s" for p, t in took.items() if t))
 
 
 # The test's watcher for a refused kexec. DefaultDependencies=no and no Conflicts=, so
