@@ -157,8 +157,11 @@ class Daemon:
                      (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, config.verify)
             from . import timeline
 
-            self.store.mark_restored(kernel_up=timeline.kernel_boot_time(),
-                                     restore_begin=timeline.process_start_time())
+            try:
+                self.store.mark_restored(kernel_up=timeline.kernel_boot_time(),
+                                         restore_begin=timeline.process_start_time())
+            except OSError as e:  # a record of the live update must never hold up the restore
+                log.warning("live update timeline: cannot read the start times: %s", e)
         # What no kernel carries comes back now: the taps' recorded interfaces (fdboxd.kinds.tap).
         self.store.start_kinds()
         # What Preflight checks besides the store (fdboxd.hostfacts: the files it reads).

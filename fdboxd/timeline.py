@@ -11,7 +11,7 @@ phase          when                                              duration report
 ``seal_begin`` Seal froze the box                                since ``put``
 ``seal_end``   the box is sealed (checksums taken, carried)      the seal
 ``kernel_up``  the next kernel started (boot time from           the reboot: shutdown after
-               ``/proc/uptime``, read by the daemon there)       the seal, kexec, boot
+               ``CLOCK_BOOTTIME``, read by the daemon there)     the seal, kexec, boot
 ``restore_begin``  that kernel's fdboxd was exec'd               kernel up → daemon exec
 ``restore_end``    the box restored and checked, ready to Get    the restore
 ``first_get``  the first Get / GetBox / RestoreInto after it     since ``restore_end``
@@ -57,10 +57,11 @@ ENDS = ("reopened", "unsealed")
 
 
 def kernel_boot_time() -> float:
-    """When the running kernel started, in ``time.time()`` seconds (now − uptime)."""
-    with open("/proc/uptime") as f:
-        uptime = float(f.read().split()[0])
-    return time.time() - uptime
+    """When the running kernel started, in ``time.time()`` seconds (now − CLOCK_BOOTTIME).
+
+    Not ``/proc/uptime``: the unit's ``ProcSubset=pid`` hides it.
+    """
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def process_start_time(pid: str = "self") -> float:
