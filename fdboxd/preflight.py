@@ -103,8 +103,9 @@ class Preflighter:
     requested_backend: str = "auto"
     facts: HostFacts = field(default_factory=HostFacts)
 
-    def run(self, store: Store, caller: Caller) -> Report:
-        report = _Checks(store, caller, self.requested_backend, self.facts).run()
+    def run(self, store: Store, caller: Caller, box: str | None = None) -> Report:
+        """Every check; with ``box`` (a preflighted Seal of one box), only its entries and VM."""
+        report = _Checks(store, caller, self.requested_backend, self.facts, box).run()
         for p in report.problems:
             log.warning("preflight: %s", p.line(), extra={"FDBOX_PREFLIGHT": p.check, "FDBOX_BOX": p.box,
                                                           "FDBOX_ENTRY": p.name})
@@ -114,8 +115,10 @@ class Preflighter:
 
 
 class _Checks:
-    def __init__(self, store: Store, caller: Caller, requested: str, facts: HostFacts) -> None:
+    def __init__(self, store: Store, caller: Caller, requested: str, facts: HostFacts,
+                 only: str | None = None) -> None:
         self.store, self.caller, self.requested, self.facts = store, caller, requested, facts
+        self.only = only
         self.backend = store.backend
         self.report = Report(store.backend.name)
         self.needs_kho = False
@@ -134,6 +137,8 @@ class _Checks:
 
     def run(self) -> Report:
         for b in sorted(self.store.boxes.values(), key=lambda b: b.name):
+            if self.only is not None and b.name != self.only:
+                continue
             mine = [e for e in sorted(b.entries.values(), key=lambda e: e.name) if e.owned_by(self.caller)]
             if b.state == BoxState.RESTORED:
                 self._restored(b.name, mine)
@@ -338,6 +343,8 @@ class _Checks:
         for proc in self.facts.vm_processes():
             by_vm.setdefault(proc.vm, []).append(proc)
         for vm, procs in sorted(by_vm.items()):
+            if self.only is not None and vm != self.only:
+                continue
             unit = f"fdbox-qemu@{vm}.service"
             b = self.store.boxes.get(vm)
             ram = [e for e in b.entries.values() if e.type in MEMORY_TYPES] if b is not None else []

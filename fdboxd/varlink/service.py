@@ -264,7 +264,7 @@ class StoreService:
         if preflight:
             # In the same loop turn as seal_begin: nothing can be put between the check
             # and the freeze.
-            report = self.preflighter.run(self.store, call.caller)
+            report = self.preflighter.run(self.store, call.caller, box)
             if not report.ok:
                 raise report.refusal()
         return Reply({"sealed": await seal_in_worker(self.store, call.caller, box, progress)})

@@ -114,6 +114,21 @@ def test_an_entry_the_backend_cannot_carry_is_named_with_its_fix(start):
     assert "preflight: vm1/ram0: is held by the memory backend" in d.log()
 
 
+def test_a_preflighted_seal_of_one_box_checks_that_box(start):
+    d = start()
+    put_memfd(d, "vm1", "ram0", os.MFD_HUGETLB, 2 << 20)  # F_SEAL_SEAL: refused wherever it goes
+    put_memfd(d, "vm2", "notes")
+    with d.client() as c:
+        with pytest.raises(FdboxError) as ei:
+            c.seal("vm2", preflight=True)
+        assert "vm1" not in ei.value.message and "vm2/notes" in ei.value.message  # only its own problem
+        with pytest.raises(FdboxError) as ei:
+            c.seal("vm1", preflight=True)
+        # Its first problem names the error: the entry's own (a memfd fdbox.ko cannot seal).
+        assert ei.value.name == "UnsupportedType" and "vm1/ram0: is a hugetlb memfd" in ei.value.message
+        assert {b["name"]: b["state"] for b in c.list()["boxes"]} == {"vm1": "open", "vm2": "open"}
+
+
 def test_no_kexec_kernel_loaded(start):
     d = start(kexec_loaded="0")
     r = preflight(d)
