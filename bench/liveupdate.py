@@ -27,7 +27,9 @@ pass``, ``python3 -c 'import asyncio'``, fdboxd's exec to first reply with nothi
 restore, and one socket round trip (a Status call on an open connection). The targets
 of issue 18, printed met or not for each path and size: seal <= 1.2 x raw LUO preserve
 + one round trip; ready <= 1.2 x raw LUO retrieve + one ``import asyncio``.
-Prints a table and the ratios to raw LUO; asserts nothing.
+Prints a table and the ratios to raw LUO, then fdboxd's own timeline of each live update
+(``LastLiveUpdate``, as ``fdboxctl report`` shows it), so the bench and an operator read
+the same phases; asserts nothing.
 
 Run inside the guest (by the stages below) as ``bench/liveupdate.py --guest STEP``.
 """
@@ -160,10 +162,13 @@ def guest_fdbox_restore(kind: str, mib: int) -> None:
         for _e, fd in got:
             assert os.fstat(fd).st_size == mib * MiB
             os.close(fd)
+        # fdboxd's own timeline of this live update (fdboxctl report): what an operator sees.
+        report = {b["box"]: b for b in c.last_live_update()}.get(f"b{mib}", {})
         c.delete_box(f"b{mib}")  # frees the memory for the next size
+    took = {p["phase"]: p.get("duration_usec", 0) / 1e6 for p in report.get("phases", [])}
     _record(f"{kind}-restore-{mib}", {"restore_s": (backend_ms + store_ms + verify_ms) / 1e3,
                                       "start_s": start_ms / 1e3, "verify_s": verify_ms / 1e3,
-                                      "claim_s": t1 - t0, "ready_s": ready})
+                                      "claim_s": t1 - t0, "ready_s": ready, "report": took})
 
 
 def _ready_s(kind: str) -> float | None:
@@ -314,6 +319,15 @@ def main() -> int:
     print("targets (seal <= 1.2 x raw preserve + one round trip; ready <= 1.2 x raw retrieve + import asyncio):")
     for v in verdicts:
         print("  " + v)
+    print("fdboxd's own timeline of each (fdboxctl report: seal = seal_begin->seal_end, "
+          "exec->restored = restore_begin->restore_end, boot->exec = kernel_up->restore_begin):")
+    for mib in sizes:
+        for kind in ("luo", "ko"):
+            t = rec(f"{kind}-restore-{mib}").get("report") or {}
+            if t:
+                print(f"  {mib:>5}M {kind:<5} seal {t.get('seal_end', 0):.3f}  exec->restored "
+                      f"{t.get('restore_end', 0):.3f}  boot->exec {t.get('restore_begin', 0):.3f}  "
+                      f"restored->first get {t.get('first_get', 0):.3f}")
     print(f"(raw data: {out})")
     return 0
 
