@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, deps, paths
-from .backends import DEVICE_PATH, open_backend
+from .backends import DEVICE_PATH, LUO_DEVICE_PATH, open_backend
 from .backends.liveupdate import OPEN_RETRY_S
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdType
@@ -138,7 +138,14 @@ class Daemon:
         # the fds are adopted before the store is built so that it reconciles them.
         self.activation = sd.Activation.from_environ()
         t0 = time.perf_counter()
-        self.backend = open_backend(config.backend, config.device, luo_wait=config.luo_wait)
+        # systemd's fd store keeps sealed LUO sessions where the manager carries it across
+        # kexec (systemd >= 261), the holder process elsewhere (fdboxd.backends.liveupdate).
+        uses_luo = config.backend in ("auto", "liveupdate") and os.path.exists(LUO_DEVICE_PATH)
+        fdstore = sd.FdStoreKeeper.from_environ() if uses_luo else None
+        luo_sessions = [fd for _name, fd in self.activation.luo_sessions]
+        self.activation.luo_sessions = []
+        self.backend = open_backend(config.backend, config.device, luo_wait=config.luo_wait,
+                                    luo_sessions=luo_sessions, fdstore=fdstore)
         t1 = time.perf_counter()
         refused = sd.adopt_store_fds(self.activation, self.backend, Manifest(config.state_dir))
         self.store = Store(self.backend, Manifest(config.state_dir), limits=config.limits,

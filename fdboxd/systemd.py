@@ -30,18 +30,29 @@ unambiguous; socket fds (``FileDescriptorName=varlink``) have no ``/``. If the p
 longer than 255 characters (a 63-character box and a long entry), the name is
 ``<box>/#<sha256 of the entry name>`` and the entry is found again through the
 manifest (``#`` cannot occur in an entry name).
+
+**LUO sessions in the fd store** (systemd >= 261, :class:`FdStoreKeeper`): a sealed
+box's LUO session fd is pushed as ``FDNAME=luo#<session>`` (``:`` of
+``fdboxd:index`` written ``#``; no ``/``, so it is never taken for an entry), and comes
+back in ``LISTEN_FDS`` (:attr:`Activation.luo_sessions`). Which keeper holds the
+sessions is decided by :func:`choose_luo_keeper`; the reasons are in
+:mod:`fdboxd.backends.liveupdate`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
+import re
+import select
 import socket
 import stat
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +98,14 @@ def parse_fdname(fdname: str) -> tuple[str, str] | None:
     return box, rest
 
 
+LUO_FDNAME_PREFIX = "luo#"
+
+
+def luo_fdname(session: str) -> str:
+    """The FDNAME of LUO session ``session`` in the fd store (``:`` is not allowed there)."""
+    return LUO_FDNAME_PREFIX + session.replace(":", "#")
+
+
 # ---------------------------------------------------------------------- activation
 
 
@@ -96,6 +115,8 @@ class Activation:
 
     listener: socket.socket | None = None
     store_fds: list[tuple[str, int]] = field(default_factory=list)  # (fdname, fd)
+    #: LUO session fds the fd store gave back (``luo#…``): for the liveupdate backend.
+    luo_sessions: list[tuple[str, int]] = field(default_factory=list)  # (fdname, fd)
     #: FDNAMEs adopted into the backend, so they need not be pushed again.
     adopted: set[str] = field(default_factory=set)
 
@@ -124,7 +145,9 @@ class Activation:
             except OSError:
                 log.warning("LISTEN_FDS names fd %d (%s) but it is not open", fd, name)
                 continue
-            if parse_fdname(name) is not None:
+            if name.startswith(LUO_FDNAME_PREFIX):
+                act.luo_sessions.append((name, fd))
+            elif parse_fdname(name) is not None:
                 act.store_fds.append((name, fd))
             elif act.listener is None and stat.S_ISSOCK(st.st_mode) and _is_listening_stream(fd):
                 act.listener = socket.socket(fileno=fd)
@@ -322,6 +345,149 @@ class SystemdIntegration:
 
 
 _ROOT = Caller(uid=0, gid=0, pid=0)
+
+
+# ---------------------------------------------------------------------- LUO keeper
+
+#: The first systemd whose PID 1 carries fd-store LUO sessions across kexec (NEWS, v261).
+FDSTORE_LUO_VERSION = 261
+#: PID 1's own Varlink socket (io.systemd.Manager; Describe gives runtime.Version).
+MANAGER_VARLINK = "/run/systemd/io.systemd.Manager"
+#: Set by units/optional/fdboxd.service.d/10-fdstore-preserve.conf beside
+#: FileDescriptorStorePreserve=yes: systemd passes no variable that says so itself.
+PRESERVE_ENV = "FDBOX_FDSTORE_PRESERVE"
+
+
+def parse_manager_version(text: object) -> int | None:
+    """The major version of a systemd version string: ``"261.2-1"``, ``"v262~rc1"`` -> 261, 262."""
+    m = re.match(r"v?(\d+)", text) if isinstance(text, str) else None
+    return int(m.group(1)) if m else None
+
+
+def manager_version(address: str = MANAGER_VARLINK, timeout: float = 1.0) -> int | None:
+    """The running manager's version from ``io.systemd.Manager.Describe``; None if it cannot say.
+
+    Asked of PID 1 itself, not of ``systemctl --version``: after a package upgrade the
+    binary on disk is newer than the manager that will serialize the fd store at the
+    kexec. No socket (systemd < 257, or no systemd) means an older manager.
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        s.connect(address)
+        s.sendall(json.dumps({"method": "io.systemd.Manager.Describe"}).encode() + b"\0")
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while b"\0" not in buf and len(buf) < (1 << 20) and time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        reply = json.loads(buf.partition(b"\0")[0])
+        return parse_manager_version(reply["parameters"]["runtime"]["Version"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.debug("no manager version from %s: %s", address, e)
+        return None
+    finally:
+        s.close()
+
+
+@dataclass(frozen=True)
+class KeeperChoice:
+    """Who keeps sealed LUO sessions open until the kexec, and why (one log line)."""
+
+    fdstore: bool
+    reason: str
+
+
+def choose_luo_keeper(version: int | None, notify: bool, fdstore_max: int, preserve: bool) -> KeeperChoice:
+    """systemd's fd store when the manager carries it across kexec, else the holder process.
+
+    All four must hold: the manager is systemd >= 261 (``version``), fdboxd is its
+    service with a notify socket (``notify``) and an fd store (``fdstore_max``, systemd's
+    ``$FDSTORE``), and the unit sets FileDescriptorStorePreserve=yes (``preserve``): PID 1
+    serializes only such units' stores at the kexec.
+    """
+    if version is None:
+        return KeeperChoice(False, "the manager's version is unknown (no io.systemd.Manager)")
+    if version < FDSTORE_LUO_VERSION:
+        return KeeperChoice(False, f"systemd {version} < {FDSTORE_LUO_VERSION} does not carry the fd store across kexec")
+    if not notify:
+        return KeeperChoice(False, f"systemd {version}, but fdboxd is not its service (no $NOTIFY_SOCKET)")
+    if fdstore_max <= 0:
+        return KeeperChoice(False, f"systemd {version}, but the unit has no fd store (FileDescriptorStoreMax=)")
+    if not preserve:
+        return KeeperChoice(False, f"systemd {version}, but the unit does not set FileDescriptorStorePreserve=yes "
+                                   f"(${PRESERVE_ENV})")
+    return KeeperChoice(True, f"systemd {version} carries the fd store across kexec (FileDescriptorStorePreserve=yes)")
+
+
+class FdStoreKeeper:
+    """Sealed LUO sessions in the service's own fd store, the holder's job on systemd >= 261.
+
+    ``hold`` pushes the session (``FDSTORE=1``, ``FDPOLL=0``: a session fd has no poll
+    of its own) and ``drop`` removes it (``FDSTOREREMOVE=1``; systemd closes its copy,
+    the last one, and the kernel unpreserves). Both end with ``BARRIER=1`` and wait for
+    systemd to close the barrier pipe, i.e. to have processed the message: a ``drop``
+    is followed at once by a new session of the same name (EEXIST while the old one
+    lives), and a seal must not report success before PID 1 holds the session.
+    ``keeps_sessions`` is the choice (:func:`choose_luo_keeper`); with False the keeper
+    still removes sessions that came back from the store and are done with.
+    """
+
+    def __init__(self, notifier: Notifier, keeps_sessions: bool = True, barrier_timeout: float = 5.0) -> None:
+        self.notifier = notifier
+        self.keeps_sessions = keeps_sessions
+        self.barrier_timeout = barrier_timeout
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None,
+                     manager: str = MANAGER_VARLINK) -> FdStoreKeeper | None:
+        """The keeper of this service's fd store (None without one), the choice logged."""
+        env = os.environ if environ is None else environ
+        notifier = Notifier(env.get("NOTIFY_SOCKET", ""))
+        try:
+            fdstore_max = int(env.get("FDSTORE", "0"))
+        except ValueError:
+            fdstore_max = 0
+        if not notifier.enabled:
+            return None
+        choice = choose_luo_keeper(manager_version(manager), True, fdstore_max, env.get(PRESERVE_ENV) == "yes")
+        log.info("LUO sessions are kept by %s: %s",
+                 "systemd's fd store" if choice.fdstore else "the holder process", choice.reason)
+        return cls(notifier, choice.fdstore)
+
+    def _send(self, text: str, fds: list[int] | None = None) -> None:
+        if not self.notifier.send(text, fds or []):
+            raise FdboxError("BackendUnavailable", f"systemd fd store: {text.splitlines()[0]} not sent")
+        self.barrier()
+
+    def hold(self, name: str, fd: int) -> None:
+        self._send(f"FDSTORE=1\nFDNAME={luo_fdname(name)}\nFDPOLL=0", [fd])
+
+    def drop(self, name: str) -> None:
+        self._send(f"FDSTOREREMOVE=1\nFDNAME={luo_fdname(name)}")
+
+    def barrier(self) -> None:
+        """sd_notify_barrier(3): wait until systemd processed everything sent before."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            sent = self.notifier.send("BARRIER=1", [w])
+            os.close(w)
+            w = -1
+            p = select.poll()
+            p.register(r, select.POLLHUP)
+            if not sent or not p.poll(self.barrier_timeout * 1000):
+                raise FdboxError("BackendUnavailable", "systemd did not confirm the fd store change "
+                                 f"within {self.barrier_timeout:g} s (BARRIER=1)")
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+
+    def close(self) -> None:
+        """Leave: the fd store keeps what it holds (until a new fdboxd takes it, or the kexec)."""
+        self.notifier.close()
 
 
 # ---------------------------------------------------------------------- journal

@@ -15,13 +15,34 @@ Design (the uAPI is :mod:`fdboxd.uapi_luo`):
   rewrite the index session :data:`INDEX_SESSION` (not a valid box name) listing the
   sealed boxes; close the device. Sessions outlive the device fd, so the device is held
   for milliseconds and other agents (systemd >= 261, luod) can open it in between.
-- Who keeps a session open until the kexec: not fdboxd, which systemd-shutdown kills
-  first, but the holder process (:mod:`fdboxd.backends.luo_holder`, ``argv[0]`` starting
-  with ``@`` so systemd-shutdown spares it). fdboxd hands it every sealed session and
-  closes its own copy; ``unseal`` asks it to drop the session, which unpreserves.
+- Who keeps a session open until the kexec (the kernel unpreserves a session whose
+  last fd closes): not fdboxd, which systemd-shutdown kills first, but a *keeper*,
+  handed every sealed session while fdboxd closes its own copy; ``unseal`` asks the
+  keeper to drop the session, which unpreserves. Two keepers, chosen at start-up by
+  :func:`fdboxd.systemd.choose_luo_keeper` from what the running manager supports:
+
+  - systemd >= 261 with FileDescriptorStorePreserve=yes on the unit: fdboxd's own fd
+    store (:class:`fdboxd.systemd.FdStoreKeeper`). What v261 does with it
+    (src/core/luo.c, src/shared/luo-util.c): at the kexec PID 1 serializes the fd
+    store of every unit with FileDescriptorStorePreserve=yes for systemd-shutdown,
+    which puts memfds into one LUO session named ``systemd`` (token 0: a JSON map of
+    unit, FDNAME, token). A session fd cannot go into another session (the kernel has
+    no handler that can preserve a session file), so an fd that is itself a session
+    (``anon_inode:[luo_session] NAME``) is only named in that map and kept open by
+    systemd-shutdown until the kexec syscall. After the kexec PID 1 retrieves each by
+    name and puts it back in the unit's fd store under its FDNAME; fdboxd gets it in
+    ``LISTEN_FDS`` (``carried``). A session is retrieved once (a second
+    RETRIEVE_SESSION is EINVAL), so those must be taken from ``LISTEN_FDS``, not by
+    name; and since the store keeps them, a restarted fdboxd gets its still-preserved
+    sessions back the same way.
+  - anything older (Debian 12's 252), or a unit without that setting: the holder
+    process (:mod:`fdboxd.backends.luo_holder`, ``argv[0]`` starting with ``@`` so
+    systemd-shutdown spares it), as before.
 - After the kexec, opening the backend retrieves the index, every session and every
-  file, FINISHes each session and closes the device: LUO is done with them before any
-  client connects, and the boxes are reported ``restored`` holding ordinary memfds.
+  file — a session the fd store gave back is used as it is, any other is retrieved by
+  name — FINISHes each session and closes the device (and removes the fd store's copy):
+  LUO is done with them before any client connects, and the boxes are reported
+  ``restored`` holding ordinary memfds.
 - Never twice: a file already preserved (in another session, by fdbox.ko, or named
   twice in fdbox) is refused at seal with ``AlreadyExists``. When ``/dev/fdbox`` is
   available the module is asked too (:meth:`LiveupdateBackend._module_holds`).
@@ -39,7 +60,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .. import uapi_luo
 from ..errors import FdboxError
@@ -168,6 +189,20 @@ def open_device(path: str = uapi_luo.DEVICE_PATH, wait: float = OPEN_RETRY_S,
         return dev
 
 
+class SessionKeeper(Protocol):
+    """Keeps sealed session fds open until the kexec: :class:`Holder` or the fd store."""
+
+    def hold(self, name: str, fd: int) -> None: ...
+    def drop(self, name: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class FdStore(SessionKeeper, Protocol):
+    """The service's fd store (:class:`fdboxd.systemd.FdStoreKeeper`)."""
+
+    keeps_sessions: bool
+
+
 class Holder:
     """fdboxd's end of the holder process: hold/drop/take session fds by name."""
 
@@ -246,14 +281,17 @@ class LiveupdateBackend(MemoryBackend):
     survives_kexec = True
 
     def __init__(self, device: str = uapi_luo.DEVICE_PATH, fdbox_device: str | None = None,
-                 wait: float = OPEN_RETRY_S) -> None:
+                 wait: float = OPEN_RETRY_S, carried: list[int] | None = None,
+                 fdstore: FdStore | None = None) -> None:
+        """``carried``: session fds from ``LISTEN_FDS``; ``fdstore``: the service's fd store."""
         super().__init__()
         self.device = device
         self.fdbox_device = fdbox_device
         #: How long an open retries while another process holds the device (EBUSY).
         self.wait = wait
         self.busy = DeviceBusy()
-        self._holder: Holder | None = None
+        self._fdstore = fdstore
+        self._keeper: SessionKeeper | None = fdstore if fdstore is not None and fdstore.keeps_sessions else None
         self._sealed: set[str] = set()  # boxes whose session the holder keeps
         self._held_index = False
         #: Sessions reclaimed from an earlier fdboxd's holder, not yet matched to a box
@@ -261,21 +299,34 @@ class LiveupdateBackend(MemoryBackend):
         self._orphans: set[str] = set()
         #: Timings of the last restore (seconds), for the bench and the log.
         self.restore_timing: dict[str, float] = {}
+        self._carried: dict[str, uapi_luo.LuoSession] = {}  # retrieved by PID 1, by name
+        outgoing = self._sort_carried(carried or [])
         # Prove the device works now (and take back what the last kernel carried),
         # rather than failing the first seal hours later.
-        dev = open_device(device, wait, self.busy)
+        try:
+            dev = open_device(device, wait, self.busy)
+        except BaseException:
+            # Not restored: close our copies only; the fd store keeps its own for a retry.
+            for session in [*self._carried.values(), *outgoing.values()]:
+                session.close()
+            raise
         try:
             self._restore(dev)
         finally:
             dev.close()
+        for name, session in self._carried.items():
+            log.warning("LUO session %s from the fd store is not in the index: released", name)
+            self._done_with_carried(name, session)
+        self._carried.clear()
+        self._take_outgoing(outgoing)
         self._reclaim()
         # The holder is started now, not at the first seal: the seal is on the blackout
         # path, and the holder's interpreter start (measured: ~1.5 s of a 2.2 s seal in a
         # TCG guest, bench/liveupdate.py) would be waited for there. Starting it costs
         # the daemon a fork+exec; an idle holder costs one small process, and exits when
         # fdboxd goes away with nothing held.
-        if self._holder is None:
-            self._holder = Holder.spawn()
+        if self._keeper is None:
+            self._keeper = Holder.spawn()
 
     # ------------------------------------------------------------------ contract
 
@@ -325,7 +376,7 @@ class LiveupdateBackend(MemoryBackend):
                 self._write_index(dev)
             except BaseException:
                 self._sealed.discard(box)
-                self._holder_drop(box)
+                self._keeper_drop(box)
                 raise
         finally:
             dev.close()
@@ -334,7 +385,7 @@ class LiveupdateBackend(MemoryBackend):
     def unseal(self, box: str) -> None:
         b = self._box(box)
         if box in self._sealed:
-            self._holder_drop(box)  # the last fd of the session: the kernel unpreserves
+            self._keeper_drop(box)  # the last fd of the session: the kernel unpreserves
             self._sealed.discard(box)
             dev = None
             try:
@@ -353,9 +404,9 @@ class LiveupdateBackend(MemoryBackend):
         super().delete_box(box)
 
     def close(self) -> None:
-        if self._holder is not None:
-            self._holder.close()
-            self._holder = None
+        for keeper in {id(k): k for k in (self._keeper, self._fdstore) if k is not None}.values():
+            keeper.close()
+        self._keeper = self._fdstore = None
         super().close()
 
     # ------------------------------------------------------------------ seal helpers
@@ -434,18 +485,18 @@ class LiveupdateBackend(MemoryBackend):
             dev.close()
 
     def _hold(self, name: str, fd: int) -> None:
-        if self._holder is None:
-            self._holder = Holder.spawn()
-        self._holder.hold(name, fd)
+        if self._keeper is None:
+            self._keeper = Holder.spawn()
+        self._keeper.hold(name, fd)
 
-    def _holder_drop(self, name: str) -> None:
-        if self._holder is not None:
-            self._holder.drop(name)
+    def _keeper_drop(self, name: str) -> None:
+        if self._keeper is not None:
+            self._keeper.drop(name)
 
     def _write_index(self, dev: uapi_luo.LuoDevice) -> None:
         """Replace the index session with one listing :attr:`_sealed` (none if empty)."""
         if self._held_index:
-            self._holder_drop(INDEX_SESSION)
+            self._keeper_drop(INDEX_SESSION)
             self._held_index = False
         if not self._sealed:
             return
@@ -469,7 +520,7 @@ class LiveupdateBackend(MemoryBackend):
         """Retrieve what the previous kernel carried: every file, then FINISH each session."""
         t0 = time.perf_counter()
         try:
-            idx = dev.retrieve_session(INDEX_SESSION)
+            idx = self._retrieve(dev, INDEX_SESSION)
         except uapi_luo.LuoOSError as e:
             if e.errno in (errno.ENOENT, errno.EINVAL):
                 return  # nothing carried (first boot, or a kexec with nothing sealed)
@@ -478,7 +529,7 @@ class LiveupdateBackend(MemoryBackend):
             boxes = self._read_token(idx, INDEX_TOKEN).get("boxes", [])
             self._finish(idx, INDEX_SESSION)
         finally:
-            idx.close()
+            self._release(INDEX_SESSION, idx)
         t1 = time.perf_counter()
         for box in boxes:
             tb = time.perf_counter()
@@ -493,8 +544,70 @@ class LiveupdateBackend(MemoryBackend):
         log.info("LUO restore: index %.1f ms, all sessions %.1f ms", (t1 - t0) * 1e3,
                  self.restore_timing["retrieve_s"] * 1e3)
 
+    def _retrieve(self, dev: uapi_luo.LuoDevice, name: str) -> uapi_luo.LuoSession:
+        """The incoming session ``name``: the fd store's (PID 1 retrieved it), else by name."""
+        return self._carried.get(name) or dev.retrieve_session(name)
+
+    def _release(self, name: str, session: uapi_luo.LuoSession) -> None:
+        if self._carried.pop(name, None) is session:
+            self._done_with_carried(name, session)
+        else:
+            session.close()
+
+    def _done_with_carried(self, name: str, session: uapi_luo.LuoSession) -> None:
+        """Close a carried session, and the fd store's copy: both must go for the kernel."""
+        session.close()
+        if self._fdstore is not None:
+            try:
+                self._fdstore.drop(name)
+            except FdboxError as e:
+                log.warning("LUO session %s stays in the fd store: %s", name, e.message)
+
+    def _sort_carried(self, fds: list[int]) -> dict[str, uapi_luo.LuoSession]:
+        """Sort the fd store's sessions: incoming ones (PID 1 retrieved them after a kexec)
+        into :attr:`_carried` for :meth:`_restore`; outgoing ones (a restarted fdboxd,
+        no kexec: still preserved) are returned. The kernel tells them apart: RETRIEVE_FD
+        on an outgoing session is EINVAL, on an incoming one it gives the file."""
+        outgoing: dict[str, uapi_luo.LuoSession] = {}
+        for fd in fds:
+            session = uapi_luo.LuoSession(fd)
+            try:
+                name = session.get_name()
+            except uapi_luo.LuoOSError as e:
+                log.warning("fd %d from the fd store is not a LUO session (%s): closed", fd, e)
+                session.close()
+                continue
+            try:
+                os.close(session.retrieve_fd(INDEX_TOKEN))
+                self._carried[name] = session
+            except uapi_luo.LuoOSError as e:
+                if e.errno == errno.EINVAL:
+                    outgoing[name] = session
+                else:
+                    self._carried[name] = session  # incoming, but broken: _restore logs it
+        return outgoing
+
+    def _take_outgoing(self, outgoing: dict[str, uapi_luo.LuoSession]) -> None:
+        """Sessions the fd store kept through a daemon restart: sealed boxes again (their
+        entries come back through the manifest and the fdstore mirror, as after a reclaim)."""
+        for name, session in outgoing.items():
+            try:
+                if self._keeper is not self._fdstore:  # the holder keeps them now
+                    self._hold(name, session.fd)
+                    if self._fdstore is not None:
+                        self._fdstore.drop(name)
+            finally:
+                session.close()  # the keeper has its own copy
+            if name == INDEX_SESSION:
+                self._held_index = True
+            else:
+                self._orphans.add(name)
+                self._sealed.add(name)
+        if outgoing:
+            log.info("took back %d sealed LUO sessions from the fd store", len(outgoing))
+
     def _restore_box(self, dev: uapi_luo.LuoDevice, box: str) -> None:
-        session = dev.retrieve_session(box)
+        session = self._retrieve(dev, box)
         try:
             desc = self._read_token(session, INDEX_TOKEN)
             b = BackendBox(box, BoxState.RESTORED)
@@ -510,7 +623,7 @@ class LiveupdateBackend(MemoryBackend):
                                                int(rec.get("gid", 0)))
             self._finish(session, box)
         finally:
-            session.close()
+            self._release(box, session)
         self._boxes[box] = b
 
     @staticmethod

@@ -12,6 +12,7 @@ journald's.
 from __future__ import annotations
 
 import array
+import json
 import os
 import shutil
 import signal
@@ -27,7 +28,16 @@ import pytest
 from fdboxtest import REPO, DaemonProcess, memfd_with, pattern, run_as_user, wait_for
 
 from fdboxd.client import Client, read_all
-from fdboxd.systemd import FDNAME_MAX, fdname_for, fdname_is_valid, parse_fdname
+from fdboxd.errors import FdboxError
+from fdboxd.systemd import (
+    FDNAME_MAX,
+    FdStoreKeeper,
+    Notifier,
+    fdname_for,
+    fdname_is_valid,
+    manager_version,
+    parse_fdname,
+)
 
 OTHER_UID = 65534
 
@@ -320,3 +330,175 @@ def test_core_runs_without_optional_dependencies(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO),
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------- LUO sessions, systemd >= 261
+#
+# What can be tested with systemd 252: the choice (from a real io.systemd.Manager
+# socket answering Describe as 261 would), fdboxd's end of the fd store (FDSTORE=1,
+# FDSTOREREMOVE=1, BARRIER=1 against a real notify socket) and the sessions coming back
+# in LISTEN_FDS. Memfds stand in for session fds (the store never looks inside, as in
+# tests/unit/test_luo_holder.py); real sessions need /dev/liveupdate (tests/vm). PID 1
+# carrying them across a kexec needs systemd 261 itself, which these machines do not have.
+
+
+class ManagerVarlink:
+    """PID 1's /run/systemd/io.systemd.Manager: answers Describe with ``reply``."""
+
+    def __init__(self, path: Path, reply: dict) -> None:
+        self.path = str(path)
+        self.reply = reply
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(4)
+        self.calls: list[dict] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                buf = b""
+                while b"\0" not in buf:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+                self.calls.append(json.loads(buf.partition(b"\0")[0]))
+                conn.sendall(json.dumps(self.reply).encode() + b"\0")
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)
+
+
+def describe(version: str) -> dict:
+    return {"parameters": {"context": {"ShowStatus": False}, "runtime": {"Version": version, "Architecture": "x86-64"}}}
+
+
+def test_manager_version_is_asked_of_pid1_over_varlink(tmp_path):
+    assert manager_version(str(tmp_path / "absent")) is None  # systemd < 257: no such socket
+    for i, (version, major) in enumerate([("252.39-1~deb12u1", 252), ("261.1-1", 261), ("262~rc1", 262)]):
+        m = ManagerVarlink(tmp_path / f"m{i}", describe(version))
+        try:
+            assert manager_version(m.path) == major
+            assert m.calls == [{"method": "io.systemd.Manager.Describe"}]
+        finally:
+            m.close()
+    m = ManagerVarlink(tmp_path / "err", {"error": "org.varlink.service.MethodNotFound", "parameters": {}})
+    try:
+        assert manager_version(m.path) is None
+    finally:
+        m.close()
+
+
+def test_keeper_choice_from_the_service_environment(tmp_path, notify):
+    unit = {"NOTIFY_SOCKET": notify.path, "FDSTORE": "16384", "FDBOX_FDSTORE_PRESERVE": "yes"}
+    for version, keeps in [("252.39-1~deb12u1", False), ("260.1", False), ("261.1-1", True), ("262", True)]:
+        m = ManagerVarlink(tmp_path / f"m-{version}", describe(version))
+        try:
+            keeper = FdStoreKeeper.from_environ(unit, manager=m.path)
+            assert keeper is not None and keeper.keeps_sessions is keeps, version
+            keeper.close()
+            without = FdStoreKeeper.from_environ(dict(unit, FDBOX_FDSTORE_PRESERVE=""), manager=m.path)
+            assert without is not None and not without.keeps_sessions  # the drop-in is missing
+            without.close()
+        finally:
+            m.close()
+    assert FdStoreKeeper.from_environ({"FDSTORE": "16384"}, manager=str(tmp_path / "x")) is None  # no systemd
+
+
+def test_fdstore_keeper_holds_and_drops_sessions(notify):
+    """hold/drop return only once systemd processed them (BARRIER=1): no waiting here."""
+    keeper = FdStoreKeeper(Notifier(notify.path))
+    box, index = memfd_with(b"session vm1"), memfd_with(b"index session")
+    st = os.fstat(box)
+    try:
+        keeper.hold("vm1", box)
+        keeper.hold("fdboxd:index", index)
+    finally:
+        os.close(box)  # fdboxd keeps no copy: the store's is the one that keeps it preserved
+        os.close(index)
+    with notify.lock:
+        assert set(notify.store) == {"luo#vm1", "luo#fdboxd#index"}, notify.store
+        held = os.fstat(notify.store["luo#vm1"])
+    assert (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
+    pushed = notify.seen("FDSTORE", "1")
+    assert [m["FDNAME"] for m in pushed] == ["luo#vm1", "luo#fdboxd#index"]
+    assert all(m["FDPOLL"] == "0" for m in pushed)  # a session fd has no poll of its own
+    assert len(notify.seen("BARRIER", "1")) == 2
+    keeper.drop("vm1")  # unseal: systemd closes the last copy, the kernel unpreserves
+    with notify.lock:
+        assert set(notify.store) == {"luo#fdboxd#index"}
+    keeper.close()
+
+
+def test_fdstore_keeper_fails_when_systemd_does_not_answer(tmp_path):
+    """A manager that never reads: the seal fails in bounded time instead of trusting it."""
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf.bind(str(tmp_path / "deaf"))
+    keeper = FdStoreKeeper(Notifier(str(tmp_path / "deaf")), barrier_timeout=0.3)
+    fd = memfd_with(b"x")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(FdboxError) as e:
+            keeper.hold("vm1", fd)
+        assert e.value.name == "BackendUnavailable" and "BARRIER" in e.value.message
+        assert time.monotonic() - t0 < 3
+    finally:
+        os.close(fd)
+        keeper.close()
+        deaf.close()
+
+
+ACTIVATION_PROBE = """
+import json, os
+from fdboxd.systemd import Activation
+a = Activation.from_environ()
+st = {n: os.fstat(fd).st_ino for n, fd in a.luo_sessions}
+print(json.dumps({"luo": [n for n, _ in a.luo_sessions], "entries": [n for n, _ in a.store_fds],
+                  "listener": a.listener is not None, "ino": st}))
+"""
+
+
+def test_sessions_come_back_in_listen_fds(notify, tmp_path):
+    """After a restart (or, on 261, after PID 1 retrieved them behind a kexec) the
+    sessions come back beside the entries and the Varlink socket, and are told apart."""
+    keeper = FdStoreKeeper(Notifier(notify.path))
+    session = memfd_with(b"session vm1")
+    ino = os.fstat(session).st_ino
+    keeper.hold("vm1", session)
+    os.close(session)
+    entry = memfd_with(b"ram")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "varlink"))
+    listener.listen(1)
+    with notify.lock:
+        passed = [("varlink", listener.fileno()), ("luo#vm1", notify.store["luo#vm1"]), ("vm1/ram0", entry)]
+    src = [os.dup(fd) for _, fd in passed]
+    while any(fd < 3 + len(src) for fd in src):
+        src = [os.dup(fd) if fd < 3 + len(src) else fd for fd in src]
+
+    def place() -> None:
+        for i, fd in enumerate(src):
+            os.dup2(fd, 3 + i)
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), LISTEN_FDS=str(len(passed)),
+               LISTEN_FDNAMES=":".join(n for n, _ in passed))
+    try:
+        out = subprocess.run(["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", sys.executable, "-c", ACTIVATION_PROBE],
+                             env=env, pass_fds=list(range(3, 3 + len(src))), preexec_fn=place,
+                             capture_output=True, text=True, timeout=60, check=True)
+    finally:
+        for fd in src:
+            os.close(fd)
+        os.close(entry)
+        listener.close()
+        keeper.close()
+    got = json.loads(out.stdout)
+    assert got == {"luo": ["luo#vm1"], "entries": ["vm1/ram0"], "listener": True, "ino": {"luo#vm1": ino}}, got
