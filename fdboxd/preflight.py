@@ -147,6 +147,7 @@ class _Checks:
                 self.report.entries += 1
                 self._entry(b.name, b.state, e)
         self._kernel()
+        self._device()
         self._room()
         if self.caller.is_root:
             self._vms()
@@ -241,7 +242,7 @@ class _Checks:
             return False
         return True
 
-    def _why_memory(self) -> str:
+    def _why_memory_facts(self) -> str:
         if self.requested == "memory":
             return "fdboxd runs with --backend memory or --user"
         luo = "LUO is absent (no /dev/liveupdate)" if not self.facts.luo_present() else "LUO did not open"
@@ -297,6 +298,24 @@ class _Checks:
                                  f"/{KEXEC_CMDLINE}) lacks {' '.join(k + '=on' for k in missing)}: the next "
                                  "kernel would not take the handover",
                                  f"load it again with {' '.join(k + '=on' for k in missing)}")
+
+    def _device(self) -> None:
+        """Another process holding /dev/liveupdate (luod, a tool) now would make the seal
+        wait and then fail: say who, before the kexec is asked for."""
+        if not self.needs_luo:
+            return
+        luo = getattr(self.backend, "luo", self.backend)  # MixedBackend's LUO side, or the backend
+        probe = getattr(luo, "device_busy", None)
+        reason = probe() if probe is not None else None
+        if reason is not None:
+            self.problem("backend", "BackendUnavailable", f"{reason}: a seal retries for --liveupdate-wait "
+                         f"({getattr(luo, 'wait', 0):g} s), then fails",
+                         "stop the process holding /dev/liveupdate (or let it finish) before systemctl kexec")
+
+    def _why_memory(self) -> str:
+        """Why auto ended on the memory backend: the backend's own problem lines say it best."""
+        lines = [p for p in self.backend.problems() if p.startswith("LUO not used")]
+        return "; ".join(lines) if lines else self._why_memory_facts()
 
     # ------------------------------------------------------------------ room
 

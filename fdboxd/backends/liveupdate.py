@@ -336,6 +336,15 @@ class LiveupdateBackend(MemoryBackend):
     def problems(self) -> list[str]:
         return super().problems() + self.busy.problems()
 
+    def device_busy(self) -> str | None:
+        """Whether another process holds the device right now (preflight asks): the
+        one-line reason, or None when it opens. Never waits."""
+        try:
+            uapi_luo.LuoDevice(self.device).close()
+        except uapi_luo.LuoOSError as e:
+            return busy_reason(self.device) if e.errno == errno.EBUSY else f"cannot open {self.device}: {e.meaning}"
+        return None
+
     def seal(self, box: str) -> None:
         b = self._box(box)
         if box in self._sealed and box not in self._orphans and b.state == BoxState.SEALED:

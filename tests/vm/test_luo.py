@@ -15,7 +15,8 @@ One run, three boots (the VM budget is a few minutes, so the checks share boots)
    cross the second kexec, no LUO session is left over, the device is free. Then a
    second process holds /dev/liveupdate (as luod does): a seal retries for
    ``--liveupdate-wait`` (3 s), fails naming the holder's pid, in the log and Status
-   too; a holder that lets go within the wait does not fail the seal (adds ~10 s).
+   too, and preflight names it while it holds; a holder that lets go within the wait
+   does not fail the seal (adds ~10 s).
 """
 
 from __future__ import annotations
@@ -117,3 +118,6 @@ stop_fdboxd
     # released within the wait: the seal went through, and Status has nothing to say
     assert s3["released"] == ["busy"] and s3["released_seconds"] >= 0.5, s3
     assert s3["released_problems"] == [], s3
+    # preflight names the holder while it holds the device, and is quiet once it is free
+    assert any(f"pid {pid} (" in m for m in s3["busy_preflight"]), s3["busy_preflight"]
+    assert s3["released_preflight"] == [], s3["released_preflight"]

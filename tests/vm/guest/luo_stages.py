@@ -218,6 +218,7 @@ def busy_device(c: Client) -> dict:
     except FdboxError as e:
         res["busy_error"] = [e.name, e.message]
     res["busy_seconds"] = time.monotonic() - t0
+    res["busy_preflight"] = [p["message"] for p in c.preflight()["problems"] if p["check"] == "backend"]
     res["busy_problems"] = c.status()["problems"]
     res["busy_state"] = c.status()["sealed"]
     holder.kill()
@@ -228,6 +229,7 @@ def busy_device(c: Client) -> dict:
     res["released_seconds"] = time.monotonic() - t0
     holder.wait()
     res["released_problems"] = c.status()["problems"]
+    res["released_preflight"] = [p["message"] for p in c.preflight()["problems"] if p["check"] == "backend"]
     c.unseal("busy")
     c.delete_box("busy")
     return res
