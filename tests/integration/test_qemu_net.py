@@ -9,9 +9,14 @@ and the server sees the same connection go on: one connection, the counter witho
 gap. With ``queues=2`` too (the guest, one vCPU, uses one queue pair, so QEMU detached
 the second queue: the restart must attach it again).
 
-Controls, each asserted to fail the same check: a resume on a tap that is not the held
-one (its entries removed, a fresh tap off the bridge), and a resume on fresh RAM. Only
-link-local addresses, only inside the test's namespace.
+Controls, each asserted to fail the same check: a resume on fresh RAM, and a resume
+with the very same arguments on a tap that is not the held one (its entries removed,
+so ``start`` creates a new ``net0`` on br0). That one loses the connection although it
+sits on the same bridge: a bridge without a MAC of its own takes the lowest of its
+ports', so the new tap's random MAC becomes br0's, and the guest's ARP entry for the
+server now names a MAC nobody answers to. The held tap keeps its MAC (and after a
+kexec fdboxd recreates it with that MAC), so br0 keeps its own. Only link-local
+addresses, only inside the test's namespace.
 """
 
 from __future__ import annotations
@@ -155,6 +160,7 @@ def test_tcp_connection_survives_restart_on_held_tap_control_fresh_ram(netvm):
     p = _boot(vm, "boot", "net0,bridge=br0")
     seen = link_json(vm.netns, "net0")
     assert seen.get("master") == "br0" and "UP" in seen["flags"], seen
+    bridge_mac = link_json(vm.netns, "br0")["address"]
     before = vm.suspend(p)
     box = vm.box()
     assert set(box) == {"ram0", "devstate", "tap.net0.q0"}, box
@@ -175,6 +181,7 @@ def test_tcp_connection_survives_restart_on_held_tap_control_fresh_ram(netvm):
     assert wait_for(lambda: "devstate" not in vm.box(), 10), vm.log("resume")
     assert linuxguest.tap_fds(p.pid, "net0"), "QEMU should hold the tap's queue"
     assert link_json(vm.netns, "net0")["ifindex"] == seen["ifindex"], "the same tap, not a new one"
+    assert link_json(vm.netns, "br0")["address"] == bridge_mac
 
     # Control: the same device state on fresh RAM loses the connection.
     before = vm.suspend(p)
@@ -202,16 +209,19 @@ def test_two_queue_tap_survives_restart_control_other_tap(netvm):
     assert_continues(vm.server, before)
     assert len(linuxguest.tap_fds(p.pid, "net0")) == 2, vm.log("resume")
 
-    # Control: not the held tap (its entries removed, so it is gone; a fresh one off the bridge).
+    # Control: the same arguments, but not the held tap (its entries removed, so it is
+    # gone; start creates a new one on the same bridge, whose MAC br0 then takes).
+    bridge_mac = link_json(vm.netns, "br0")["address"]
     before = vm.suspend(p)
     with vm.daemon.client() as c:
         for q in ("tap.net0.q0", "tap.net0.q1"):
             c.remove("vm1", q)
     assert wait_for(lambda: ip("-n", vm.netns, "link", "show", "net0", check=False).returncode != 0, 5)
-    p = vm.start("other", "net0,queues=2", queues=2)
+    p = vm.start("other", "net0,queues=2,bridge=br0", queues=2)
     with pytest.raises(AssertionError, match="did not go on"):
         assert_continues(vm.server, before, timeout=8)
-    assert link_json(vm.netns, "net0").get("master") is None
+    assert link_json(vm.netns, "net0").get("master") == "br0"
+    assert link_json(vm.netns, "br0")["address"] != bridge_mac
 
 
 def test_bad_taps_are_refused_and_change_nothing(netvm):
