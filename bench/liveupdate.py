@@ -47,6 +47,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import floors  # noqa: E402
 MiB = 1 << 20
 OUT = Path("/out")
 
@@ -102,22 +104,6 @@ def guest_raw_restore(mib: int) -> None:
     assert os.fstat(fd).st_size == mib * MiB
     _record(f"raw-restore-{mib}", {"restore_s": t1 - t0})
     os.close(fd)
-
-
-def guest_floors() -> None:
-    """The interpreter's own start in this guest, the floor of every Python step."""
-    import subprocess
-
-    def best_of_3(code: str) -> float:
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True)
-            runs.append(time.perf_counter() - t0)
-        return min(runs)
-
-    _record(f"floors-{os.environ.get('FDBOX_VM_STAGE', '')}",
-            {"python_pass_s": best_of_3("pass"), "python_asyncio_s": best_of_3("import asyncio")})
 
 
 def guest_fdbox_seal(kind: str, mib: int, verify: str) -> None:
@@ -191,7 +177,7 @@ def guest(argv: list[str]) -> None:
     elif step == "restore":
         guest_fdbox_restore(args[0], int(args[1]))
     elif step == "floors":
-        guest_floors()
+        floors.measure()
     else:
         raise SystemExit(f"unknown step {step}")
 
@@ -201,13 +187,10 @@ def guest(argv: list[str]) -> None:
 STAGE_LIB = r"""
 . tests/vm/stagelib.sh
 B="python3 bench/liveupdate.py --guest"
+""" + floors.SHELL + r"""
 daemon() {  # daemon KIND BACKEND: fdboxd on /run/fdbox/KIND.sock; exec to first answer timed
-    mkdir -p /run/fdbox /var/lib/fdbox-$1
-    t0=$(date +%s.%N)
-    python3 -m fdboxd --backend $2 --socket /run/fdbox/$1.sock --state-dir /var/lib/fdbox-$1 \
-        --verify $VERIFY > /out/fdboxd-$1-$FDBOX_VM_STAGE.log 2>&1 &
-    until $CALL --quiet --socket /run/fdbox/$1.sock io.fdbox.Store.Status 2> /dev/null; do sleep 0.01; done
-    echo $t0 $(date +%s.%N) > /out/ready-$1-$FDBOX_VM_STAGE.t
+    fdboxd_timed /run/fdbox/$1.sock /var/lib/fdbox-$1 /out/fdboxd-$1-$FDBOX_VM_STAGE.log \
+        /out/ready-$1-$FDBOX_VM_STAGE.t --backend $2 --verify $VERIFY
 }
 raw_seal() {
     $B raw-seal $1 &
@@ -282,15 +265,9 @@ def main() -> int:
         f = out / f"bench-{name}.json"
         return json.loads(f.read_text()) if f.exists() else {}
 
-    floors = [rec(f"floors-{i}") for i in range(1, len(stages) + 1)]
-    floors = [f for f in floors if f]
-    py_pass = min((f["python_pass_s"] for f in floors), default=float("nan"))
-    py_asyncio = min((f["python_asyncio_s"] for f in floors), default=float("nan"))
-    fresh = [json.loads("[" + (out / f"ready-{k}-1.t").read_text().replace(" ", ",") + "]")
-             for k in ("luo", "ko") if (out / f"ready-{k}-1.t").exists()]
-    fresh_s = min((t1 - t0 for t0, t1 in fresh), default=float("nan"))
-    print(f"floors in this guest (best of 3, every kernel of the run): python3 -c pass {py_pass:.3f} s, "
-          f"import asyncio {py_asyncio:.3f} s, fdboxd exec to first reply (nothing to restore) {fresh_s:.3f} s")
+    fl = floors.read(out, len(stages), [out / f"ready-{k}-1.t" for k in ("luo", "ko")])
+    py_asyncio = fl.python_asyncio_s
+    print(fl.line())
     print(f"live update in the VM (TCG), --verify={a.verify}; seconds; ratio = x / raw LUO")
     print(f"{'size':>6} {'path':<5} {'seal':>8} {'restore':>8} {'ready':>8} {'claim':>8} {'sum':>8} {'rtt':>8} "
           f"{'seal/raw':>9} {'rest/raw':>9}")
