@@ -29,7 +29,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import net
 from ..errors import FdboxError
 
 #: An interface name that is also a valid entry-name part and a QEMU netdev id
@@ -38,7 +37,6 @@ IFNAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,14}")
 BRIDGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,14}")
 ENTRY_RE = re.compile(r"tap\.([A-Za-z][A-Za-z0-9._-]{0,14})\.q(\d+)")
 MAX_QUEUES = 256  # MAX_TAP_QUEUES in the kernel
-TAP_FLAGS = net.IFF_TAP | net.IFF_NO_PI | net.IFF_VNET_HDR
 TUNSETQUEUE = 0x400454D9  # _IOW('T', 217, int)
 IFF_ATTACH_QUEUE = 0x0200
 
@@ -123,7 +121,12 @@ def create(spec: TapSpec) -> list[int]:
     Refused when an interface of that name exists (fdbox does not adopt a tap it did not
     create) or the bridge is missing or not a bridge; a failure leaves no interface.
     """
-    flags = TAP_FLAGS | (net.IFF_MULTI_QUEUE if spec.queues > 1 else 0)
+    # Imported here, not at the top: every fdbox-qemu start and suspend imports this
+    # module, and only a start that creates a tap needs fdboxd.net (issue 18: each
+    # import is on the blackout path, ~0.5 s of a TCG guest's fdbox-qemu).
+    from .. import net
+
+    flags = net.IFF_TAP | net.IFF_NO_PI | net.IFF_VNET_HDR | (net.IFF_MULTI_QUEUE if spec.queues > 1 else 0)
     rec: dict[str, Any] = {
         "ifname": spec.ifname, "kind": "tap", "mac": None, "mtu": None, "up": True,
         "master": spec.bridge, "master_kind": "bridge" if spec.bridge else None,

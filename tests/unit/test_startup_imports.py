@@ -31,6 +31,17 @@ def test_importing_the_daemon_loads_no_optional_dependency():
     assert not bad, f"imported at start: {bad}"
 
 
+def test_fdbox_qemu_loads_neither_the_store_nor_net():
+    """fdbox-qemu suspend/start run on the blackout path: the client and QMP only (taps
+    load fdboxd.net when a start creates one)."""
+    baseline = _modules_after("pass")
+    loaded = _modules_after("import fdboxd.qemu.cli") - baseline
+    assert "fdboxd.qemu.fleet" in loaded
+    bad = sorted(m for m in loaded if m in ("fdboxd.net", "fdboxd.store", "fdboxd.daemon", "asyncio")
+                 or m.split(".")[0] in NOT_AT_START)
+    assert not bad, f"fdbox-qemu imports: {bad}"
+
+
 def test_the_version_check_still_reads_metadata_when_asked():
     from fdboxd import deps
     # dbus-fast is a test dependency here, so its version is read for real.
