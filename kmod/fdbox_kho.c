@@ -56,7 +56,7 @@
  * Restore
  * =======
  *
- * At module load after a KHO kexec (before /dev/fdbox exists), the "fdbox"
+ * At module load after a KHO kexec (before /dev/fdbox opens), the "fdbox"
  * subtree is looked up. No handover memory is read or claimed before it was
  * checked: every address must be page aligned, RAM, and carry KHO's mark of
  * a preserved folio of the expected order (fdbox_kho_preserved()), so a
@@ -1224,7 +1224,7 @@ static bool fdbox_kho_consumed(phys_addr_t phys)
 /**
  * fdbox_kho_init - take the boxes the previous kernel handed over.
  *
- * Context: Module init, before /dev/fdbox is registered.
+ * Context: Module init, after /dev/fdbox is registered, before it opens.
  *
  * Return: 0 (also when there was nothing to take), or the error of the
  * first part of the handover that was refused (-EINVAL: damaged; -EIO:

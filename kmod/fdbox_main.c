@@ -1129,9 +1129,25 @@ static long fdbox_ioctl(struct file *filp, unsigned int cmd,
 	return op->execute(&ucmd);
 }
 
+/*
+ * Set once the previous kernel's boxes are restored. /dev/fdbox is
+ * registered before the restore (so a failing misc_register() leaves the
+ * handover untouched for a later load) but opens only after it: the first
+ * open already lists every restored box, and nobody can take a restored
+ * box's name first.
+ */
+static bool fdbox_ready;
+
+static int fdbox_open(struct inode *inode, struct file *filp)
+{
+	if (!smp_load_acquire(&fdbox_ready))
+		return -EAGAIN;
+	return nonseekable_open(inode, filp);
+}
+
 static const struct file_operations fdbox_fops = {
 	.owner		= THIS_MODULE,
-	.open		= nonseekable_open,
+	.open		= fdbox_open,
 	.unlocked_ioctl	= fdbox_ioctl,
 	.compat_ioctl	= compat_ptr_ioctl,
 };
@@ -1143,26 +1159,6 @@ static struct miscdevice fdbox_miscdev = {
 	.mode	= 0600,
 };
 
-/* Undo the restore of a module load that fails: drop every box. */
-static void fdbox_drop_restored(void)
-{
-	struct fdbox_box *box, *tmp;
-
-	list_for_each_entry_safe(box, tmp, &fdbox_boxes, node) {
-		struct fdbox_entry *entry, *etmp;
-
-		pr_err("box %s: dropped, the module failed to load\n", box->name);
-		scoped_guard(mutex, &box->mutex)
-			list_for_each_entry_safe(entry, etmp, &box->entries, node)
-				WARN_ON_ONCE(fdbox_unlink_entry(box, entry));
-		list_del_init(&box->node);
-		fdbox_nr_boxes--;
-		atomic64_dec(&fdbox_counters.boxes);
-		fdbox_box_put(box);
-		module_put(THIS_MODULE);
-	}
-}
-
 static int __init fdbox_init(void)
 {
 	int err;
@@ -1171,20 +1167,21 @@ static int __init fdbox_init(void)
 	if (err)
 		return err;
 	/*
-	 * Boxes handed over by the previous kernel, if any, are published
-	 * before /dev/fdbox exists: a daemon that opens the device finds them
-	 * all, and nobody can create a box with a restored box's name first.
+	 * The device first: nothing of the handover is claimed until the load
+	 * can no longer fail, so a failed load leaves it for the next one.
+	 * Opens wait for fdbox_ready (see fdbox_open()).
 	 */
+	err = misc_register(&fdbox_miscdev);
+	if (err) {
+		fdbox_kho_unregister();
+		return err;
+	}
 	fdbox_restore_status = fdbox_kho_init();
 	if (fdbox_restore_status)
 		pr_err("previous kernel's boxes refused: %pe\n",
 		       ERR_PTR(fdbox_restore_status));
-	err = misc_register(&fdbox_miscdev);
-	if (err) {
-		fdbox_drop_restored();
-		fdbox_kho_unregister();
-	}
-	return err;
+	smp_store_release(&fdbox_ready, true);
+	return 0;
 }
 
 static void __exit fdbox_exit(void)
