@@ -131,6 +131,18 @@ def test_installed_console_scripts_run(installed):
     assert (site / "fdboxd/varlink/io.fdbox.Store.varlink").is_file()
 
 
+def test_completions_and_man_pages_installed(installed):
+    root, _ = installed
+    share = root / PREFIX.lstrip("/") / "share"
+    assert sorted(p.name for p in (share / "bash-completion/completions").iterdir()) == \
+        ["fdbox-qemu", "fdboxctl", "fdboxd"]
+    if shutil.which("scdoc") is None:
+        pytest.skip("scdoc not installed: no man pages")
+    for page in (REPO / "man").glob("*.scd"):
+        section = page.stem.rsplit(".", 1)[1]
+        assert (share / f"man/man{section}/{page.stem}").is_file(), page.name
+
+
 def test_dbus_tmpfiles_and_dkms_where_their_tools_look(installed):
     root, _ = installed
     assert (root / "etc/dbus-1/system.d/io.fdbox1.conf").is_file()  # dbus reads no policy under /usr/local
