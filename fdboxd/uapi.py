@@ -42,6 +42,7 @@ FDBOX_FEATURE_KHO = 1 << 0
 FDBOX_FEATURE_KHO_ON = 1 << 1
 FDBOX_FEATURE_KHO_BOOT = 1 << 2
 FDBOX_FEATURE_RESTORED = 1 << 3
+FDBOX_FEATURE_SHMEM_LUO = 1 << 4  # SEAL refuses shmem memfds: LUO carries them
 
 FDBOX_ENTRY_PRESERVED = 1 << 0
 FDBOX_ENTRY_RESTORE_PENDING = 1 << 1
@@ -243,7 +244,7 @@ ERRNO_MEANINGS: dict[int, tuple[str, str]] = {
     errno.EINVAL: ("malformed argument: size, flags, reserved or name", "InvalidRequest"),
     errno.EFAULT: ("bad user pointer", "InvalidRequest"),
     errno.EBADF: ("fd is not open", "InvalidRequest"),
-    errno.EOPNOTSUPP: ("file type not held by fdbox, or (SEAL) its seals cannot be held", "UnsupportedType"),
+    errno.EOPNOTSUPP: ("file type not held by fdbox, or (SEAL) its seals cannot be held or LUO carries its kind", "UnsupportedType"),
     errno.ENOENT: ("no such box or entry", "NotFound"),
     errno.EEXIST: ("name taken, or file already held (in a box, or preserved by LUO)", "AlreadyExists"),
     errno.EBUSY: ("box is sealed or restored; needs an open box", "Sealed"),

@@ -9,6 +9,11 @@
  * Seal
  * ====
  *
+ * Where LUO's memfd handler is built in (CONFIG_LIVEUPDATE_MEMFD), a box
+ * with a shmem memfd is refused (EOPNOTSUPP, one log line naming LUO): LUO
+ * carries those in place, and the two must never preserve one file both
+ * (see fdbox_shmem_is_luos()). The module's job there is hugetlb.
+ *
  * Sealing a box, for each entry (all or nothing), under the file's inode
  * lock:
  *
@@ -145,6 +150,10 @@ static int test_corrupt_handover;
 module_param(test_corrupt_handover, int, 0);
 MODULE_PARM_DESC(test_corrupt_handover,
 		 "testing only, bits: 1 every box descriptor, 2 root version, 4 the descriptor of boxes named bad-desc*, 8 a folio pfn of bad-pfn*, 16 the root's pointer to bad-ptr*, 32 a CRC-valid huge nr_folios in bad-nr*, 64 a CRC-valid pfn listed twice in bad-dup*, 128 a CRC-valid index near 2^64 in bad-idx*");
+static bool test_shmem_beside_luo;
+module_param(test_shmem_beside_luo, bool, 0);
+MODULE_PARM_DESC(test_shmem_beside_luo,
+		 "testing only: SEAL shmem memfds although LUO's memfd handler is built in (the path of KHO kernels without it)");
 static unsigned int test_seal_delay_ms;
 module_param(test_seal_delay_ms, uint, 0);
 MODULE_PARM_DESC(test_seal_delay_ms,
@@ -200,6 +209,24 @@ static u32 fdbox_crc(const void *buf, size_t len)
 	return crc32_le(~0U, buf, len) ^ ~0U;
 }
 
+/*
+ * Where LUO's memfd handler is built in, shmem memfds are LUO's to carry: it
+ * preserves them in place (no copy), in tree, and it cannot tell a file fdbox
+ * preserved (memfd_luo_preserve() does not check the frozen mapping, KHO's
+ * preservation is idempotent, and either side's unpreserve would thaw the
+ * other's file). The module then carries only what LUO cannot: hugetlb.
+ * liveupdate_enabled() is not exported, so a liveupdate=off boot of such a
+ * kernel counts the same; kernels without the handler keep shmem SEAL.
+ */
+static bool fdbox_shmem_is_luos(void)
+{
+#ifdef FDBOX_TEST
+	if (test_shmem_beside_luo)
+		return false;
+#endif
+	return IS_ENABLED(CONFIG_LIVEUPDATE_MEMFD);
+}
+
 u32 fdbox_kho_features(void)
 {
 	u32 features = FDBOX_FEATURE_KHO;
@@ -210,6 +237,8 @@ u32 fdbox_kho_features(void)
 		features |= FDBOX_FEATURE_KHO_BOOT;
 	if (READ_ONCE(fdbox_kho_restored))
 		features |= FDBOX_FEATURE_RESTORED;
+	if (fdbox_shmem_is_luos())
+		features |= FDBOX_FEATURE_SHMEM_LUO;
 	return features;
 }
 
@@ -553,8 +582,8 @@ static int fdbox_kho_begin(void)
  * The caller holds @box->mutex.
  *
  * Return: 0, or an error with nothing changed: -ENODEV (KHO off),
- * -ESHUTDOWN (reboot started), -EOPNOTSUPP (seals that cannot be carried or
- * held), -EPERM (seals to add to a file not open for writing), -EEXIST (LUO
+ * -ESHUTDOWN (reboot started), -EOPNOTSUPP (a shmem memfd where LUO carries
+ * those, or seals that cannot be carried or held), -EPERM (seals to add to a file not open for writing), -EEXIST (LUO
  * preserves a file), -EFBIG, -ENOMEM, or what pinning or KHO returned.
  */
 int fdbox_kho_seal(struct fdbox_box *box)
@@ -565,6 +594,13 @@ int fdbox_kho_seal(struct fdbox_box *box)
 	lockdep_assert_held(&box->mutex);
 	if (!kho_is_enabled())
 		return -ENODEV;
+	list_for_each_entry(entry, &box->entries, node) {
+		if (entry->type == FDBOX_TYPE_MEMFD && fdbox_shmem_is_luos()) {
+			pr_info_ratelimited("box %s: %s is a shmem memfd, which LUO (/dev/liveupdate) preserves on this kernel; SEAL refused\n",
+					    box->name, entry->name);
+			return -EOPNOTSUPP;
+		}
+	}
 	err = fdbox_kho_begin();
 	if (err)
 		return err;

@@ -68,6 +68,9 @@ class KernelBackend(Backend):
         self.version = version
         #: Sealed boxes cross kexec only when the module can use KHO in this boot.
         self.survives_kexec = bool(version.features & uapi.FDBOX_FEATURE_KHO_ON)
+        #: This kernel has LUO's memfd handler: the module seals hugetlb memfds only and
+        #: leaves shmem memfds to LUO (``--backend auto`` sends them there).
+        self.shmem_is_luos = bool(version.features & uapi.FDBOX_FEATURE_SHMEM_LUO)
 
     # ------------------------------------------------------------------ Backend
 
@@ -112,7 +115,23 @@ class KernelBackend(Backend):
         try:
             self.dev.seal(box)
         except uapi.FdboxOSError as e:
+            if e.errno == errno.EOPNOTSUPP and self._holds_shmem(box):
+                raise FdboxError(
+                    "UnsupportedType",
+                    f"box {box} holds a plain (shmem) memfd: on this kernel LUO carries those across kexec and "
+                    "fdbox.ko only hugetlb ones; run fdboxd with --backend auto",
+                    box=box,
+                ) from None
             raise _error(e, box) from None
+
+    def _holds_shmem(self, box: str) -> bool:
+        """Was SEAL refused because LUO carries this box's plain memfds (not for its seals)?"""
+        if not self.shmem_is_luos:
+            return False
+        try:
+            return any(e.type == uapi.EntryType.MEMFD for e in self.dev.list_entries(box))
+        except uapi.FdboxOSError:
+            return False
 
     def unseal(self, box: str) -> None:
         try:

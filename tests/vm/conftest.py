@@ -13,6 +13,8 @@ test through ``vm.pytest([...])``.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +82,22 @@ def vm_module(vm_kbuild: Path) -> Path:
         return vmlib.build_module(src, vm_kbuild)
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def vm_test_module(vm_kbuild: Path) -> Path:
+    """fdbox.ko built with FDBOX_TEST=1 (the hooks that damage the handover, slow SEAL
+    down, or let it seal shmem beside LUO), once per session; never a production build."""
+    src = vmlib.cache_dir() / "kmod-test-src"  # in the checkout: the guest sees it
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(vmlib.repo_root() / "kmod", src, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd"))
+    p = subprocess.run(["make", "-C", str(src), f"KDIR={vm_kbuild}", "FDBOX_TEST=1"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        pytest.fail(f"FDBOX_TEST=1 build failed:\n{p.stdout}", pytrace=False)
+    ko = src / "fdbox.ko"
+    assert b"test_corrupt_handover" in ko.read_bytes()
+    return ko
 
 
 @pytest.fixture

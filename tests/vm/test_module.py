@@ -25,12 +25,16 @@ def _summary(res: vmlib.GuestPytestRun) -> str:
     return ", ".join(f"{n} {k}" for k, n in sorted(by.items()))
 
 
-def test_module_in_guest(vm_with_module: vmlib.Harness) -> None:
-    # Production build: the test hooks are not in it (issue 11, item 16).
+def test_module_in_guest(vm_with_module: vmlib.Harness, vm_test_module: Path) -> None:
+    # Production build: the test hooks are not in it (issue 11, item 16). The test build
+    # is there for the shmem SEAL tests only (loaded with test_shmem_beside_luo=1: the
+    # shmem path of KHO kernels without LUO's memfd handler, which the tier has no kernel
+    # for); every other test runs the production module.
     ko = Path(vm_with_module.module or "")
     assert b"test_corrupt_handover" not in ko.read_bytes(), "test hooks in a production build"
     res = vm_with_module.pytest(
         [GUEST / "test_kernel_backend.py", GUEST / "test_module.py"],
+        env={"FDBOX_VM_TEST_MODULE": str(vm_test_module)},
         # 2 MiB pages for the hugetlb tests; the 1 GiB hstate (no pages) so a 1 GiB hugetlb
         # memfd can be created and refused (pdpe1gb: the CPU must offer 1 GiB pages).
         cmdline_extra=["hugepages=64", "hugepagesz=1G", "hugepages=0"],

@@ -27,7 +27,7 @@ def test_bridged_tap_recreated_after_kexec(vm_with_module: vmlib.Harness) -> Non
     stage1 = STAGE_LIB + f"""
 load_module
 {NET} network
-start_fdboxd --allow-type tap
+start_fdboxd --backend auto --allow-type tap
 vmm store --box vm1 --mem ram0=16M --seed net-1
 {NET} put --box vm1 --out /out/net-before.json
 ctl --json list vm1 > /out/before.json
@@ -38,7 +38,7 @@ vm-kexec --reuse-cmdline
     stage2 = STAGE_LIB + f"""
 load_module
 {NET} network
-start_fdboxd --allow-type tap
+start_fdboxd --backend auto --allow-type tap
 ctl --json list vm1 > /out/after.json
 {NET} verify --box vm1 --before /out/net-before.json > /out/net-verify.txt
 vmm verify --box vm1 --mem ram0=16M --seed net-1 > /out/verify.txt

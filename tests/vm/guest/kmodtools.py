@@ -7,10 +7,12 @@ a dependency here), so modules are loaded with ``finit_module(2)`` and removed w
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from fdboxd import uapi
@@ -87,6 +89,30 @@ def empty(dev: uapi.FdboxDevice) -> None:
         elif b.state == uapi.BoxState.RESTORED:
             dev.finish(b.name)
         dev.delete_box(b.name)
+
+
+@contextlib.contextmanager
+def shmem_beside_luo() -> Iterator[None]:
+    """The test build loaded with ``test_shmem_beside_luo=1`` instead of the production one.
+
+    Where LUO's memfd handler is built in (the test kernel), the module refuses to SEAL
+    shmem memfds (issue 20, scope). Its shmem path is still the production path on KHO
+    kernels without LUO's handler, which the VM tier has no kernel for; this hook keeps
+    that code tested. Enter it with /dev/fdbox closed and no box left; it empties the
+    module before putting the production build back.
+    """
+    path = os.environ.get("FDBOX_VM_TEST_MODULE")
+    if not path:
+        raise RuntimeError("FDBOX_VM_TEST_MODULE is not set: run through tests/vm/test_module.py")
+    unload()
+    load(path, "test_shmem_beside_luo=1")
+    try:
+        yield
+    finally:
+        with uapi.FdboxDevice() as d:
+            empty(d)
+        unload()
+        load()
 
 
 def cmdline() -> str:

@@ -61,6 +61,14 @@ def dev() -> Iterator[uapi.FdboxDevice]:
         d.close()
 
 
+@pytest.fixture
+def shmem_seal() -> Iterator[None]:
+    """The shmem SEAL path (see :func:`kmodtools.shmem_beside_luo`). Named before ``dev``
+    in a test's arguments: the device is not open while the modules are swapped."""
+    with km.shmem_beside_luo():
+        yield
+
+
 def memfd(data: bytes = b"", size: int | None = None, flags: int = os.MFD_ALLOW_SEALING, name: str = "t") -> int:
     fd = os.memfd_create(name, flags | os.MFD_CLOEXEC)
     if data:
@@ -655,7 +663,7 @@ def test_seal_without_kho_is_enodev(dev: uapi.FdboxDevice) -> None:
 
 
 @needs_kho
-def test_seal_freezes_and_unseal_restores(dev: uapi.FdboxDevice) -> None:
+def test_seal_freezes_and_unseal_restores(shmem_seal: None, dev: uapi.FdboxDevice) -> None:
     dev.create_box("b")
     data = os.urandom(3 * 4096 + 100)
     fd = memfd(data)
@@ -698,7 +706,7 @@ def test_seal_freezes_and_unseal_restores(dev: uapi.FdboxDevice) -> None:
 
 
 @needs_kho
-def test_seal_is_all_or_nothing(dev: uapi.FdboxDevice) -> None:
+def test_seal_is_all_or_nothing(shmem_seal: None, dev: uapi.FdboxDevice) -> None:
     """An entry that cannot be preserved leaves every entry unpinned and the box open."""
     if hugepages_free() < 1:
         pytest.fail("no free huge pages")
@@ -720,7 +728,7 @@ def test_seal_is_all_or_nothing(dev: uapi.FdboxDevice) -> None:
 
 
 @needs_kho
-def test_seal_hugetlb_and_empty(dev: uapi.FdboxDevice) -> None:
+def test_seal_hugetlb_and_empty(shmem_seal: None, dev: uapi.FdboxDevice) -> None:
     if hugepages_free() < 4:
         pytest.fail("no free huge pages")
     dev.create_box("b")
@@ -738,7 +746,7 @@ def test_seal_hugetlb_and_empty(dev: uapi.FdboxDevice) -> None:
 
 
 @needs_kho
-def test_seal_unseal_cycles_keep_data(dev: uapi.FdboxDevice) -> None:
+def test_seal_unseal_cycles_keep_data(shmem_seal: None, dev: uapi.FdboxDevice) -> None:
     dev.create_box("a")
     dev.create_box("b")
     blobs = {}
@@ -764,7 +772,7 @@ def test_seal_unseal_cycles_keep_data(dev: uapi.FdboxDevice) -> None:
 
 
 @needs_kho
-def test_restore_and_finish_refused_outside_restored_state(dev: uapi.FdboxDevice) -> None:
+def test_restore_and_finish_refused_outside_restored_state(shmem_seal: None, dev: uapi.FdboxDevice) -> None:
     dev.create_box("b")
     fd = memfd(b"x")
     dev.put_fd("b", "m", fd)
@@ -926,7 +934,7 @@ def expect_oserror(err: int, fn, *args) -> None:  # type: ignore[no-untyped-def]
 
 
 @needs_kho
-def test_sealed_memfd_cannot_drop_pages(dev: uapi.FdboxDevice) -> None:
+def test_sealed_memfd_cannot_drop_pages(shmem_seal: None, dev: uapi.FdboxDevice) -> None:
     """Item 1: a hole punch or MADV_REMOVE after SEAL would split the file from the pinned
     folios that cross the kexec; the frozen mapping refuses both (and size changes), while
     writes inside the file still land in the preserved pages."""
@@ -982,7 +990,7 @@ def test_sealed_hugetlb_memfd_cannot_drop_pages(dev: uapi.FdboxDevice) -> None:
 
 
 @needs_kho
-def test_seal_follows_the_seal_rules(dev: uapi.FdboxDevice) -> None:
+def test_seal_follows_the_seal_rules(shmem_seal: None, dev: uapi.FdboxDevice) -> None:
     """Item 2: SEAL never adds a seal to a file that has F_SEAL_SEAL (a hugetlb memfd that
     would need one is refused, EOPNOTSUPP, nothing changed), nobody can add seals while
     sealed, and UNSEAL leaves exactly the seals that were there before SEAL."""
@@ -1028,7 +1036,7 @@ def test_one_gib_huge_pages_are_refused(dev: uapi.FdboxDevice) -> None:
 
 
 @needs_kho
-def test_one_tib_sparse_memfd_seal_is_efbig(dev: uapi.FdboxDevice) -> None:
+def test_one_tib_sparse_memfd_seal_is_efbig(shmem_seal: None, dev: uapi.FdboxDevice) -> None:
     """Item 11: SEAL pins (allocates) every page, so a 1 TiB sparse memfd can never be
     sealed: EFBIG up front, nothing pinned, no kvmalloc size WARN (the host fails the run
     on any WARNING)."""
@@ -1084,7 +1092,7 @@ def test_user_triggered_errors_are_ratelimited(dev: uapi.FdboxDevice) -> None:
 
 
 @needs_kho
-def test_memfd_preserved_by_luo_is_refused(dev: uapi.FdboxDevice) -> None:
+def test_memfd_preserved_by_luo_is_refused(shmem_seal: None, dev: uapi.FdboxDevice) -> None:
     """Item 9: a memfd the Live Update Orchestrator preserves (its mapping frozen) is never
     preserved a second time: PUT_FD answers EEXIST, and so does SEAL when LUO took the
     memfd after it was put. Closing the LUO session unpreserves it: then both work."""
@@ -1223,3 +1231,34 @@ def test_struct_larger_than_a_page_is_e2big(dev: uapi.FdboxDevice) -> None:
     assert km.raw_ioctl(dev, uapi.FDBOX_IOC_VERSION, big)[0] == errno.E2BIG
     huge = km.struct_bytes(uapi.Version(), 0xFFFFFFFF)  # the rest unmapped: refused before any read
     assert km.raw_ioctl(dev, uapi.FDBOX_IOC_VERSION, huge)[0] == errno.E2BIG
+
+
+@needs_kho
+def test_shmem_seal_is_luos(dev: uapi.FdboxDevice) -> None:
+    """Issue 20, scope (item 4): with LUO's memfd handler in the kernel, shmem memfds are
+    LUO's to carry. The module still holds them (PUT, GET) but SEAL answers EOPNOTSUPP with
+    one log line naming LUO, and VERSION says so (FDBOX_FEATURE_SHMEM_LUO); hugetlb seals.
+    So no memfd is preserved by both, whichever side starts first."""
+    assert dev.version().features & uapi.FDBOX_FEATURE_SHMEM_LUO
+    dev.create_box("b")
+    fd = memfd(b"x" * 4096)
+    dev.put_fd("b", "plain", fd)
+    before = _kmsg_count("which LUO (/dev/liveupdate) preserves")
+    e = expect_errno(errno.EOPNOTSUPP, dev.seal, "b")
+    assert e.error_name == "UnsupportedType"
+    assert _kmsg_count("which LUO (/dev/liveupdate) preserves") == before + 1
+    assert dev.list_boxes()[0].state == uapi.BoxState.OPEN
+    assert km.stats(dev)["pinned_folios"] == 0
+    assert fcntl.fcntl(fd, F_GET_SEALS) == 0
+    os.ftruncate(fd, 8192)  # not frozen
+    g = dev.get_fd("b", "plain")
+    os.close(g)
+    if hugepages_free() < 1:
+        pytest.fail("no free huge pages")
+    dev.remove_entry("b", "plain")
+    h = memfd(flags=os.MFD_HUGETLB | os.MFD_ALLOW_SEALING, size=HUGE)
+    dev.put_fd("b", "huge", h)
+    dev.seal("b")
+    dev.unseal("b")
+    for x in (fd, h):
+        os.close(x)

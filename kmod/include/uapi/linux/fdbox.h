@@ -141,6 +141,8 @@ enum fdbox_box_state {
 #define FDBOX_FEATURE_KHO_ON	(1U << 1) /* KHO enabled (kho=on): SEAL works */
 #define FDBOX_FEATURE_KHO_BOOT	(1U << 2) /* booted by a KHO kexec */
 #define FDBOX_FEATURE_RESTORED	(1U << 3) /* boxes came from the previous kernel */
+/* LUO's memfd handler is in this kernel: SEAL refuses shmem memfds (EOPNOTSUPP) */
+#define FDBOX_FEATURE_SHMEM_LUO	(1U << 4)
 
 /**
  * struct fdbox_version - ioctl(FDBOX_IOC_VERSION)
