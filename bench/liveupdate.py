@@ -10,7 +10,11 @@ VM and across the same kexecs:
 - ``raw``: a plain script on /dev/liveupdate (create session, preserve, and after the
   kexec retrieve session + fd, finish) — the floor fdbox is measured against;
 - ``luo``: fdboxd ``--backend liveupdate`` (``fdboxctl``-equivalent client calls);
-- ``ko``: fdboxd ``--backend kernel`` (fdbox.ko: KHO preservation, restore by copy).
+- ``ko``: fdbox.ko (KHO preservation, restore by copy) on a 2 MiB hugetlb memfd: beside
+  LUO's memfd handler the module seals hugetlb only (issue 20), and fdboxd's own sealed
+  manifest is a plain memfd, so this path runs ``--backend auto`` (hugetlb to the
+  module, the manifest to LUO) in kexec cycles of its own: two daemons on LUO at once
+  would share /dev/liveupdate and the session holder.
 
 Phases: ``seal`` (the Seal call: checksums + preservation), ``restore`` (in the new
 kernel: for raw the ioctls; for fdboxd the daemon's own restore phases from its log —
@@ -56,11 +60,11 @@ OUT = Path("/out")
 # ---------------------------------------------------------------------------- guest
 
 
-def _fill(mib: int, tag: str) -> int:
+def _fill(mib: int, tag: str, hugetlb: bool = False) -> int:
     import hashlib
     import mmap
 
-    fd = os.memfd_create(tag, os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(tag, os.MFD_ALLOW_SEALING | (os.MFD_HUGETLB if hugetlb else 0))
     os.ftruncate(fd, mib * MiB)
     with mmap.mmap(fd, mib * MiB) as m:
         for i in range(mib):
@@ -110,7 +114,7 @@ def guest_fdbox_seal(kind: str, mib: int, verify: str) -> None:
     from fdboxd import checksum
     from fdboxd.client import Client
 
-    fd = _fill(mib, f"{kind}{mib}")
+    fd = _fill(mib, f"{kind}{mib}", hugetlb=kind == "ko")
     t = time.perf_counter()
     checksum.digest_fd(fd, checksum.Verify(verify))
     sum_s = time.perf_counter() - t
@@ -200,27 +204,39 @@ raw_seal() {
 
 
 def stage_scripts(sizes: list[int], verify: str, call: Path) -> list[str]:
-    """One size per kexec cycle; sizes too big to be carried side by side (two 2 GiB
-    memfds plus KHO's scratch ran a 5.5 GiB guest out of memory) get one path per cycle."""
+    """One size per kexec cycle, ``ko`` in cycles of its own (see the module doc); sizes
+    too big to be carried side by side (two 2 GiB memfds plus KHO's scratch ran a 5.5 GiB
+    guest out of memory) get one path per cycle. In a stage the ``ko`` daemon (restore,
+    then seal) runs and stops before anything else touches LUO."""
     head = STAGE_LIB + f"VERIFY={verify}\nCALL={call}\n"
     stages = []
     prev: list[tuple[str, int]] = []
     plan: list[list[tuple[str, int]]] = []
     for mib in sizes:
-        if mib * 3 <= 1536:
-            plan.append([("raw", mib), ("luo", mib), ("ko", mib)])
+        if mib * 2 <= 1536:
+            plan += [[("raw", mib), ("luo", mib)], [("ko", mib)]]
         else:
             plan += [[("raw", mib)], [("luo", mib)], [("ko", mib)]]
     for cycle in plan + [[]]:
         s = head + "load_module\n$B floors\n"
-        kinds = {k for k, _ in prev} | {k for k, _ in cycle}
-        for kind in ("luo", "ko"):
-            if kind in kinds:
-                s += f"daemon {kind} {'liveupdate' if kind == 'luo' else 'kernel'}\n"
-        for kind, mib in prev:
-            s += f"$B {'raw-restore' if kind == 'raw' else 'restore ' + kind} {mib}\n"
-        for kind, mib in cycle:
-            s += f"raw_seal {mib}\n" if kind == "raw" else f"$B seal {kind} {mib} $VERIFY\n"
+        running = ""  # the daemon kind started in this stage, if any
+        # restores first (before any daemon on LUO could take the incoming sessions of
+        # another path), then seals; each group is ko alone or raw/luo alone
+        for group, what in ((prev, "restore"), (cycle, "seal")):
+            need = "ko" if any(k == "ko" for k, _ in group) else "luo" if any(k == "luo" for k, _ in group) else ""
+            if running and (need != running or any(k == "raw" for k, _ in group)):
+                pid = f"/var/lib/fdbox-{running}.pid"  # fdboxd_timed's
+                s += f'kill "$(cat {pid})"\n'
+                s += f'while kill -0 "$(cat {pid})" 2>/dev/null; do sleep 0.1; done\n'
+                running = ""
+            if need and need != running:
+                s += f"daemon {need} {'auto' if need == 'ko' else 'liveupdate'}\n"
+                running = need
+            for kind, mib in group:
+                if what == "restore":
+                    s += f"$B {'raw-restore' if kind == 'raw' else 'restore ' + kind} {mib}\n"
+                else:
+                    s += f"raw_seal {mib}\n" if kind == "raw" else f"$B seal {kind} {mib} $VERIFY\n"
         if cycle:
             s += "vm-kexec --reuse-cmdline\n"
         stages.append(s)
@@ -234,6 +250,9 @@ def main() -> int:
     p.add_argument("--sizes", default="512,2048", help="memfd sizes in MiB (default: 512,2048)")
     p.add_argument("--verify", default="sample", choices=["full", "sample", "none"])
     p.add_argument("--memory-mb", type=int, default=5632)
+    p.add_argument("--hugepages", type=int, default=0,
+                   help="2 MiB pages to reserve in each kernel (default: the largest size's worth: the ko "
+                        "path seals from the pool, and the next kernel's pool takes the restore copy)")
     p.add_argument("--timeout", type=float, default=3600)
     a = p.parse_args()
     if a.guest:
@@ -254,9 +273,11 @@ def main() -> int:
     module = vmlib.build_module()
     out = Path(tempfile.mkdtemp(prefix="fdbox-bench-luo-"))
     stages = stage_scripts(sizes, a.verify, build_libexec("fdbox-call"))
+    hugepages = a.hugepages or max(sizes) // 2
     run = vmlib.run_guest(stages[0], stages=stages, out_dir=out, kernel=kernel,
                           initramfs=vmlib.build_initramfs(), module=module,
-                          memory_mb=a.memory_mb, timeout=a.timeout)
+                          memory_mb=a.memory_mb, timeout=a.timeout,
+                          cmdline_extra=[f"hugepages={hugepages}"])
     if not run.ok:
         print(run.report(), file=sys.stderr)
         return 1
