@@ -140,13 +140,11 @@ def stage1(c: Client) -> dict:
     os.ftruncate(fd, MiB)
     with uapi.FdboxDevice() as dev:
         dev.create_box("ko")
-        dev.put_fd("ko", "m", fd)
-        dev.seal("ko")
+        dev.put_fd("ko", "m", fd)  # held, not sealed: beside LUO the module seals no shmem (issue 20)
         c.put("dup-ko", "m", fd)
         res["module_held"] = _error_name(lambda: c.seal("dup-ko"))
         res["module_held_sealed"] = c.status()["sealed"]
         c.delete_box("dup-ko")
-        dev.unseal("ko")
         dev.remove_entry("ko", "m")
         dev.delete_box("ko")
     c.put("dup-twice", "a", fd)
