@@ -670,26 +670,3 @@ class Store:
             raise FdboxError("BackendUnavailable", f"cannot write the manifest: {e.strerror}") from e
         self.generation = data.generation
         self._unrecorded = []  # the snapshot holds every change, the unjournalled ones too
-
-    # Old private names, for branches written before issue 19's public surface; only
-    # this module may use them (the layering test fails on a use from another module).
-    _backend_for = backend_for
-    _box = find_box
-    _entry = find_entry
-    _box_ops = box_ops
-    _check_box_owner = check_box_owner
-    _count_entry = count_entry
-    _drop = drop_entry
-    _emit = emit
-    _record_or_log = record_or_log
-    _reopen = reopen
-    _resize = resize
-    _save = save_snapshot
-    _set_state = set_state
-    _claim = claim
-    _create_box_backends = create_box_backends
-    _recount = recount
-
-    @property
-    def _sealing(self) -> set[str]:
-        return self.sealing

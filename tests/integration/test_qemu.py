@@ -92,6 +92,9 @@ def _box(daemon, name: str = "vm1") -> dict[str, dict]:
 
 
 def _suspend(vm: VM, proc: subprocess.Popen) -> list[qemuguest.Tick]:
+    # READY=1 means QEMU runs the guest, not that the guest has printed yet: on a loaded
+    # host a suspend before its first tick would resume a guest that prints its boot line.
+    assert len(qemuguest.wait_ticks(vm.serial, 2, timeout=60)) >= 2, "the guest never ticked before the suspend"
     r = vm.cli("suspend", vm.name)
     assert "suspended (running before)" in r.stdout, r.stdout
     assert proc.wait(30) == 0, "QEMU should quit cleanly after the suspend"
