@@ -14,7 +14,10 @@ The package is laid out one concept a module:
 - :mod:`fdboxd.gmem` / :mod:`fdboxd.net` the mechanics behind two kinds: copying a
   guest_memfd without touching it, recording and recreating a tap
 - :mod:`fdboxd.manifest` the on-disk record of names, owners and types (snapshot + journal)
-- :mod:`fdboxd.backends` where the file references actually live (memory, kernel)
+- :mod:`fdboxd.backends` where the file references actually live (memory, kernel, LUO)
+- :mod:`fdboxd.uapi` / :mod:`fdboxd.uapi_luo` the ioctl tables of ``/dev/fdbox`` and
+  ``/dev/liveupdate`` (mirrors of the C headers, checked against them);
+  :mod:`fdboxd.ownedfd` the one-fd lifetime their wrappers share
 - :mod:`fdboxd.varlink`  the socket protocol (framing) and server
 - :mod:`fdboxd.client`   the client library used by fdboxctl and integrators
 """

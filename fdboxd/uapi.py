@@ -18,6 +18,8 @@ import fcntl
 import os
 from dataclasses import dataclass
 
+from .ownedfd import OwnedFd
+
 # --- numbers -------------------------------------------------------------------------
 
 FDBOX_IOCTL_TYPE = 0xB8
@@ -308,29 +310,14 @@ def _name(value: str, limit: int) -> bytes:
     return raw
 
 
-class FdboxDevice:
+class FdboxDevice(OwnedFd):
     """An open ``/dev/fdbox``: one method per ioctl. Use as a context manager."""
+
+    close_on_gc = True  # a forgotten device fd would keep fdbox.ko from unloading
 
     def __init__(self, path: str = "/dev/fdbox") -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self) -> None:
-        # A forgotten device fd would keep fdbox.ko from unloading.
-        if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> FdboxDevice:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(os.open(path, os.O_RDWR | os.O_CLOEXEC))
 
     def ioctl(self, op: str, number: int, arg: ctypes.Structure | ctypes.Array) -> None:  # type: ignore[type-arg]
         """Issue one ioctl with a struct (or raw buffer), raising :class:`FdboxOSError`."""

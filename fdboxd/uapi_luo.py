@@ -22,6 +22,8 @@ import errno
 import fcntl
 import os
 
+from .ownedfd import OwnedFd
+
 # --- numbers -------------------------------------------------------------------------
 
 LIVEUPDATE_IOCTL_TYPE = 0xBA
@@ -166,24 +168,10 @@ def session_name(name: str) -> bytes:
 DEVICE_PATH = "/dev/liveupdate"
 
 
-class LuoSession:
+class LuoSession(OwnedFd):
     """A session fd: preserve/retrieve files by token, finish. Closing an unfinished
     session before kexec drops its preservations; closing one after boot leaves its
     unretrieved files to be reset at the next live update."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> LuoSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def preserve_fd(self, fd: int, token: int) -> None:
         _ioctl(self.fd, "preserve_fd", LIVEUPDATE_SESSION_PRESERVE_FD, PreserveFd(fd=fd, token=token))
@@ -203,9 +191,11 @@ class LuoSession:
         return bytes(req.name).split(b"\0", 1)[0].decode(errors="replace")
 
 
-class LuoDevice:
+class LuoDevice(OwnedFd):
     """An open ``/dev/liveupdate`` (exclusive: a second open gets EBUSY). Hold it only
     as long as needed; sessions created through it outlive closing it."""
+
+    close_on_gc = True
 
     def __init__(self, path: str = DEVICE_PATH) -> None:
         self.path = path
@@ -215,22 +205,6 @@ class LuoDevice:
             if e.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
                 raise LuoOSError(e.errno, "open", f"no {path} (kernel without LUO)", "BackendUnavailable") from None
             raise LuoOSError(e.errno or errno.EIO, "open") from None
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> LuoDevice:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def create_session(self, name: str) -> LuoSession:
         req = CreateSession(name=session_name(name))
