@@ -278,9 +278,8 @@ def carry_manifest(store: Store) -> None:
         return
     raw = encode(ManifestData(boxes=sealed, owners={n: store.owners.get(n, 0) for n in sealed},
                               generation=store.generation))
-    fd = os.memfd_create("fdboxd-manifest", os.MFD_CLOEXEC)
+    fd = store.backend.manifest_memfd(raw)
     try:
-        os.write(fd, raw)
         store.backend.create_box(CARRY_BOX)
         store.backend.put(CARRY_BOX, CARRY_ENTRY, fd, detect(fd))
         store.backend.seal(CARRY_BOX)
@@ -307,7 +306,7 @@ def take_carried_manifest(store: Store, data: ManifestData, held: dict[str, Any]
     try:
         fd = store.backend.get(CARRY_BOX, CARRY_ENTRY)
         try:
-            carried = decode(_read_fd(fd))
+            carried = decode(_read_fd(fd).rstrip(b"\0"))  # a hugetlb carrier's padding
         finally:
             os.close(fd)
     except (FdboxError, OSError) as e:

@@ -37,6 +37,7 @@ from .errors import FdboxError
 from .fdtypes import F_GET_SEALS, MEMORY_TYPES, FdType
 from .hostfacts import KEXEC_CMDLINE, HostFacts, cmdline_options, hugepages_reserved, option_on
 from .kinds.memfd import HUGE_2M, hugetlb_problem
+from .lifecycle import CARRY_BOX
 
 #: Room left on the state file system beyond the snapshot itself (a temp file's last
 #: block, the directory entry).
@@ -240,6 +241,12 @@ class _Checks:
                 self.problem("backend", "UnsupportedType", f"needs a memfd carried, which the {b.name} backend "
                              "cannot do", "restart fdboxd with --backend auto", box, e.name)
             return False
+        why = b.seal_refusal(carrier)  # the kernel backend beside LUO and a plain memfd
+        if why is not None:
+            what, _, fix = why.partition("; fix: ")
+            self.problem("backend", "UnsupportedType", f"is {'carried as ' if carrier != e.type else ''}{what}",
+                         fix, box, e.name)
+            return False
         return True
 
     def _why_memory_facts(self) -> str:
@@ -322,6 +329,13 @@ class _Checks:
     def _room(self) -> None:
         f = self.facts
         mem = f.meminfo()
+        if self.report.entries and self.backend.manifest_carrier == FdType.MEMFD_HUGETLB:
+            self.hugetlb_pages += 1  # the manifest carried in the sealed set (fdboxd.lifecycle)
+            free = mem.get("HugePages_Free")
+            if free is not None and free < 1 and CARRY_BOX not in self.backend.inventory():  # else reused
+                self.problem("room", "LimitExceeded", "no free 2 MiB huge page for the manifest fdboxd carries "
+                             "in the sealed set (with --backend kernel beside LUO it crosses in a hugetlb memfd)",
+                             "reserve one more (sysctl vm.nr_hugepages), or restart fdboxd with --backend auto")
         if self.hugetlb_pages:
             nxt = f.kexec_cmdline() if f.kexec_loaded() else None
             source = f"/{KEXEC_CMDLINE}" if nxt is not None else "the running command line (assumed reused)"

@@ -32,12 +32,17 @@ Live update (backends with ``survives_kexec``):
   are gone from the inventory afterwards) and reopens the box.
 - The store uses one reserved box, ``fdboxd.manifest`` (see ``fdboxd.store.CARRY_BOX``),
   through these same calls — create_box, put, seal, unseal, get, finish, delete_box —
-  to carry its manifest across the kexec inside the sealed set.
+  to carry its manifest across the kexec inside the sealed set, in a memfd of the type
+  :attr:`Backend.manifest_carrier` names (a hugetlb one where the backend seals no
+  plain memfd: fdbox.ko beside LUO).
+- :meth:`Backend.seal_refusal` says, before anything changes, why a type the backend
+  holds cannot be sealed (``seal`` would refuse it only half-way through a seal).
 """
 
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
 
 from ..errors import FdboxError
@@ -109,6 +114,24 @@ class Backend(abc.ABC):
         except FdboxError:
             return False
         return True
+
+    #: The memfd type the store carries its manifest in (see the module docstring).
+    manifest_carrier: FdType = FdType.MEMFD
+
+    def manifest_memfd(self, raw: bytes) -> int:
+        """A new memfd of type :attr:`manifest_carrier` holding ``raw`` (the caller owns it)."""
+        fd = os.memfd_create("fdboxd-manifest", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, raw)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def seal_refusal(self, fd_type: FdType) -> str | None:
+        """Why entries of ``fd_type``, which :meth:`accepts` holds, cannot be sealed here,
+        with the fix (one line); None when they can. Asked before any change."""
+        return None
 
     @abc.abstractmethod
     def seal(self, box: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 
 from .. import uapi
@@ -36,6 +37,10 @@ _STATES: dict[uapi.BoxState, BoxState] = {
     uapi.BoxState.SEALED: BoxState.SEALED,
     uapi.BoxState.RESTORED: BoxState.RESTORED,
 }
+#: Why ``--backend kernel`` does not seal a plain memfd on a kernel with LUO, and the fix.
+SHMEM_BESIDE_LUO = ("a plain (shmem) memfd: on this kernel LUO carries those across kexec and fdbox.ko only "
+                    "hugetlb ones, so --backend kernel cannot seal it; fix: restart fdboxd with --backend auto "
+                    "(plain memfds to LUO, hugetlb to fdbox.ko)")
 MFD_HUGE_SHIFT = 26
 MFD_NOEXEC_SEAL = 0x0008  # <linux/memfd.h>; not in os before Python 3.13
 F_SEAL_EXEC = 0x0020  # <linux/fcntl.h>
@@ -71,6 +76,9 @@ class KernelBackend(Backend):
         #: This kernel has LUO's memfd handler: the module seals hugetlb memfds only and
         #: leaves shmem memfds to LUO (``--backend auto`` sends them there).
         self.shmem_is_luos = bool(version.features & uapi.FDBOX_FEATURE_SHMEM_LUO)
+        if self.shmem_is_luos:
+            # So the manifest carried in the sealed set is one the module seals.
+            self.manifest_carrier = FdType.MEMFD_HUGETLB
 
     # ------------------------------------------------------------------ Backend
 
@@ -111,17 +119,44 @@ class KernelBackend(Backend):
         except uapi.FdboxOSError as e:
             raise _error(e, box, name) from None
 
+    def manifest_memfd(self, raw: bytes) -> int:
+        """Beside LUO a hugetlb memfd (the module seals no plain one): whole huge pages,
+        written through a mapping (hugetlbfs has no write(2)) and padded with NULs, which
+        :func:`fdboxd.lifecycle.take_carried_manifest` strips (JSON has none). Without a
+        free huge page the seal fails here, naming the fix, before anything was sealed."""
+        if not self.shmem_is_luos:
+            return super().manifest_memfd(raw)
+        try:
+            fd = os.memfd_create("fdboxd-manifest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+        except OSError as e:
+            raise FdboxError("BackendUnavailable", f"cannot create a hugetlb memfd for the carried manifest: "
+                             f"{e.strerror}") from None
+        page = size = 0
+        try:
+            page = os.fstatvfs(fd).f_bsize
+            size = -(-max(len(raw), 1) // page) * page
+            os.ftruncate(fd, size)
+            with mmap.mmap(fd, size) as m:  # reserves the pages: ENOMEM here when none is free
+                m[:len(raw)] = raw
+        except OSError as e:
+            os.close(fd)
+            raise FdboxError("LimitExceeded", f"no {size // page if page else 1} free huge page(s) for the manifest "
+                             f"fdboxd carries in the sealed set ({e.strerror}): with --backend kernel beside LUO it "
+                             "crosses in a hugetlb memfd; fix: reserve more (sysctl vm.nr_hugepages), or restart "
+                             "fdboxd with --backend auto") from None
+        return fd
+
+    def seal_refusal(self, fd_type: FdType) -> str | None:
+        if fd_type == FdType.MEMFD and self.shmem_is_luos:
+            return SHMEM_BESIDE_LUO
+        return None
+
     def seal(self, box: str) -> None:
         try:
             self.dev.seal(box)
         except uapi.FdboxOSError as e:
-            if e.errno == errno.EOPNOTSUPP and self._holds_shmem(box):
-                raise FdboxError(
-                    "UnsupportedType",
-                    f"box {box} holds a plain (shmem) memfd: on this kernel LUO carries those across kexec and "
-                    "fdbox.ko only hugetlb ones; run fdboxd with --backend auto",
-                    box=box,
-                ) from None
+            if e.errno == errno.EOPNOTSUPP and self._holds_shmem(box):  # the store asks seal_refusal first
+                raise FdboxError("UnsupportedType", f"box {box}: {SHMEM_BESIDE_LUO}", box=box) from None
             raise _error(e, box) from None
 
     def _holds_shmem(self, box: str) -> bool:

@@ -65,6 +65,15 @@ class StoreSurface(Protocol):
     def emit(self, event: Event) -> None: ...
 
 
+def check_sealable(store: StoreSurface, box: str, entry: Entry, carrier: FdType) -> None:
+    """Raise if the backend holds ``carrier`` (what crosses for ``entry``) but cannot seal it
+    (:meth:`~fdboxd.backends.base.Backend.seal_refusal`: fdbox.ko beside LUO and a plain memfd)."""
+    why = store.backend.seal_refusal(carrier)
+    if why is not None:
+        raise FdboxError("UnsupportedType", f"{box}/{entry.name} is {why}" if carrier == entry.type else
+                         f"{box}/{entry.name} is carried as {why}", box=box, name=entry.name, type=str(entry.type))
+
+
 class KindError(Exception):
     """A registration refused, with the errno LUO would return."""
 
@@ -96,6 +105,7 @@ class Kind:
         if not store.backend.accepts(entry.type):
             raise FdboxError("UnsupportedType", f"the {store.backend.name} backend cannot carry {entry.type}",
                              box=box, name=entry.name, type=str(entry.type))
+        check_sealable(store, box, entry, entry.type)
 
     def seal_fd(self, store: StoreSurface, box: str, entry: Entry) -> int | None:
         """An fd of the entry's file for the seal's checksum (owned by the plan), or None."""

@@ -32,7 +32,7 @@ from ..checksum import Digest, check_fd
 from ..errors import FdboxError
 from ..fdtypes import FdInfo, FdType, detect, detect_or_refuse
 from ..model import Box, BoxState, Caller, Entry, SealItem
-from .base import Kind, register
+from .base import Kind, check_sealable, register
 
 if TYPE_CHECKING:
     from ..backends.base import BackendBox
@@ -64,6 +64,7 @@ class GuestMemfdKind(Kind):
         if not store.backend.accepts(FdType.MEMFD):
             raise FdboxError("UnsupportedType", f"the {store.backend.name} backend cannot carry memfd, "
                              "which a guest_memfd is carried as", box=box, name=entry.name, type=str(entry.type))
+        check_sealable(store, box, entry, FdType.MEMFD)
 
     def prepare(self, item: SealItem) -> None:
         if item.copy < 0:
