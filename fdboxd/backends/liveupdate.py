@@ -64,7 +64,7 @@ from typing import Any, Protocol
 
 from .. import uapi_luo
 from ..errors import FdboxError
-from ..fdtypes import FdType, detect
+from ..fdtypes import FdInfo, FdType, detect
 from ..model import BoxState
 from . import luo_holder
 from .base import BackendBox, BackendEntry
@@ -89,6 +89,16 @@ def _json_memfd(doc: dict[str, Any]) -> int:
 def _read_json(fd: int) -> dict[str, Any]:
     size = os.fstat(fd).st_size
     return json.loads(os.pread(fd, size, 0) if size else b"{}")
+
+
+def _restored_type(rec: dict[str, Any], detected: FdType) -> FdType:
+    """A retrieved file's type: the one its seal recorded. LUO's memfd handler makes the
+    new memfd with an empty name (mm/memfd_luo.c: memfd_alloc_file("", ...)), which
+    :func:`~fdboxd.fdtypes.detect` cannot tell from any tmpfs file: typed ``other``, a
+    box restored, claimed and sealed again would preserve none of it."""
+    if detected == FdType.OTHER and rec.get("type") == str(FdType.MEMFD):
+        return FdType.MEMFD
+    return detected
 
 
 def _luo_error(e: uapi_luo.LuoOSError, what: str, **details: Any) -> FdboxError:
@@ -297,6 +307,9 @@ class LiveupdateBackend(MemoryBackend):
         #: Sessions reclaimed from an earlier fdboxd's holder, not yet matched to a box
         #: (the fdstore gives the entries back and seals the box again: see seal()).
         self._orphans: set[str] = set()
+        #: Boxes holding only files the fd store gave back (:meth:`adopt`), unchanged
+        #: since: the very files an orphan session of that name preserves.
+        self._from_store: set[str] = set()
         #: Timings of the last restore (seconds), for the bench and the log.
         self.restore_timing: dict[str, float] = {}
         self._carried: dict[str, uapi_luo.LuoSession] = {}  # retrieved by PID 1, by name
@@ -349,10 +362,15 @@ class LiveupdateBackend(MemoryBackend):
         b = self._box(box)
         if box in self._sealed and box not in self._orphans and b.state == BoxState.SEALED:
             return  # already (systemd's fdstore adoption seals once per entry)
-        if box in self._orphans:  # still preserved in the session we reclaimed
-            self._orphans.discard(box)
-            b.state = BoxState.SEALED
-            return
+        if box in self._orphans:
+            if box in self._from_store:  # the files the session we reclaimed still preserves
+                self._orphans.discard(box)
+                b.state = BoxState.SEALED
+                return
+            # Not what that session holds (the carried manifest rewritten, a box put into
+            # again after its files were lost): the old session goes, or it would cross
+            # instead of what is sealed now.
+            self._drop_orphan(box)
         if box in RESERVED_SESSIONS:
             raise FdboxError("InvalidName", f"box {box}: the LUO session name {box!r} belongs to another agent",
                              box=box)
@@ -391,6 +409,27 @@ class LiveupdateBackend(MemoryBackend):
             dev.close()
         b.state = BoxState.SEALED
 
+    def adopt(self, box: str, name: str, fd: int) -> None:
+        fresh = box not in self._boxes or box in self._from_store
+        super().adopt(box, name, fd)
+        if fresh:
+            self._from_store.add(box)
+
+    def put(self, box: str, name: str, fd: int, info: FdInfo, uid: int = 0, gid: int = 0) -> None:
+        super().put(box, name, fd, info, uid, gid)
+        self._from_store.discard(box)
+
+    def remove(self, box: str, name: str) -> None:
+        super().remove(box, name)
+        self._from_store.discard(box)
+
+    def _drop_orphan(self, box: str) -> None:
+        """Release a reclaimed session that no box of ours matches (the kernel unpreserves it)."""
+        self._keeper_drop(box)
+        self._orphans.discard(box)
+        self._sealed.discard(box)
+        log.info("LUO session %s left by the previous fdboxd released: box %s changed since", box, box)
+
     def unseal(self, box: str) -> None:
         b = self._box(box)
         if box in self._sealed:
@@ -410,6 +449,7 @@ class LiveupdateBackend(MemoryBackend):
     def delete_box(self, box: str) -> None:
         if box in self._sealed:
             self.unseal(box)
+        self._from_store.discard(box)
         super().delete_box(box)
 
     def close(self) -> None:
@@ -628,8 +668,8 @@ class LiveupdateBackend(MemoryBackend):
                     continue
                 info = detect(fd)
                 self._fds[(box, name)] = fd
-                b.entries[name] = BackendEntry(name, info.type, info.size, int(rec.get("uid", 0)),
-                                               int(rec.get("gid", 0)))
+                b.entries[name] = BackendEntry(name, _restored_type(rec, info.type), info.size,
+                                               int(rec.get("uid", 0)), int(rec.get("gid", 0)))
             self._finish(session, box)
         finally:
             self._release(box, session)
@@ -656,13 +696,15 @@ class LiveupdateBackend(MemoryBackend):
         if not got:
             return
         for name, fd in got:
-            if name == INDEX_SESSION:
-                os.close(fd)  # rewritten at the next seal/unseal
-                continue
             try:
                 self._hold(name, fd)
             finally:
                 os.close(fd)
+            if name == INDEX_SESSION:
+                # Kept, not closed: it lists the reclaimed sessions, and a kexec before the
+                # next seal or unseal rewrites it finds nothing carried without it.
+                self._held_index = True
+                continue
             self._orphans.add(name)
             self._sealed.add(name)
         log.info("reclaimed %d LUO sessions from the previous fdboxd's holder", len(self._orphans))
