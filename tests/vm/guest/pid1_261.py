@@ -42,7 +42,11 @@ BOXES = {"vm1": [("ram0", 4), ("ram1", 2)], "vm2": [("ram0", 3)]}
 
 
 class Pid1:
-    def __init__(self) -> None:
+    def __init__(self, version: str = "261.1-1", preserve: bool = True) -> None:
+        """``version``: what Describe says; ``preserve``: the unit has FileDescriptorStorePreserve=yes
+        (both for tests/vm/guest/carry_stages.py, which plays 252: the holder keeps the sessions)."""
+        self.version = version
+        self.preserve = preserve
         os.makedirs("/run/pid1", exist_ok=True)
         os.makedirs("/run/systemd", exist_ok=True)
         self.store: dict[str, int] = {}
@@ -62,7 +66,7 @@ class Pid1:
             conn, _ = self.varlink.accept()
             with conn:
                 conn.recv(65536)
-                reply = {"parameters": {"context": {}, "runtime": {"Version": "261.1-1"}}}
+                reply = {"parameters": {"context": {}, "runtime": {"Version": self.version}}}
                 conn.sendall(json.dumps(reply).encode() + b"\0")
 
     def _notify(self) -> None:
@@ -107,8 +111,10 @@ class Pid1:
             for i, fd in enumerate(src):
                 os.dup2(fd, 3 + i)
 
-        env = dict(os.environ, NOTIFY_SOCKET=NOTIFY, FDSTORE="16384", FDBOX_FDSTORE_PRESERVE="yes",
+        env = dict(os.environ, NOTIFY_SOCKET=NOTIFY, FDSTORE="16384",
                    LISTEN_FDS=str(len(passed)), LISTEN_FDNAMES=":".join(n for n, _ in passed))
+        if self.preserve:
+            env["FDBOX_FDSTORE_PRESERVE"] = "yes"
         since = len(self.messages)
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
