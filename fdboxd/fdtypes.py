@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
+#: hugetlb page sizes fdbox tells apart (fdbox.ko carries 2 MiB pages, not 1 GiB)
+HUGE_2M, HUGE_1G = 2 << 20, 1 << 30
 GUEST_MEMFD_MAGIC = 0x474D454D  # "GMEM", kvm's guest_memfd pseudo fs (7.2 has it; 6.18 still
 # makes guest_memfd on the anon inode fs, 0x09041934, where only the fd link tells)
 

@@ -14,7 +14,9 @@ part) and the fix; what cannot be checked is a warning, never a refusal. The che
 - **entry**: each entry can be carried at all: not a private guest_memfd, not a hugetlb
   memfd that fdbox.ko cannot seal (``F_SEAL_SEAL`` without the seals it needs: a memfd
   made without ``MFD_ALLOW_SEALING``), not 1 GiB hugetlb pages, not an unknown type, a
-  tap that can be recreated, no restored box left unclaimed;
+  tap that can be recreated, no restored box left unclaimed. Each of these is the
+  entry's kind's to say (:meth:`fdboxd.kinds.Kind.preflight`: problems, what crosses,
+  the room it needs); this module loops over entries and names no kind;
 - **room**: the next kernel's hugetlb pool for the restore copies, memory for the
   guest_memfd copies made at seal, space on the state file system for the snapshot;
 - **vm**: every running ``fdbox-qemu@VM`` has its RAM held in box VM.
@@ -32,22 +34,21 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import gmem
 from .errors import FdboxError
-from .fdtypes import F_GET_SEALS, MEMORY_TYPES, FdType
+from .fdtypes import F_GET_SEALS, HUGE_2M
 from .hostfacts import KEXEC_CMDLINE, HostFacts, cmdline_options, hugepages_reserved, option_on
-from .kinds.memfd import HUGE_2M, hugetlb_problem
+from .kinds import Preflight
 from .lifecycle import CARRY_BOX
-
-#: Room left on the state file system beyond the snapshot itself (a temp file's last
-#: block, the directory entry).
-STATE_SLACK = 16 << 10
 from .model import BoxState, Caller, Entry
 
 if TYPE_CHECKING:
     from .store import Store
 
 log = logging.getLogger("fdboxd.preflight")
+
+#: Room left on the state file system beyond the snapshot itself (a temp file's last
+#: block, the directory entry).
+STATE_SLACK = 16 << 10
 
 @dataclass(frozen=True)
 class Problem:
@@ -167,40 +168,25 @@ class _Checks:
                          "then seal", box)
 
     def _entry(self, box: str, state: BoxState, e: Entry) -> None:
-        t = e.type
-        if t == FdType.TAP:
-            self._tap(box, e)
+        kind = self.store.kind(e.type)
+        seals = page = None
+        if kind.carried_by_backend:  # its memory crosses the kexec: a new fd of it for fresh facts
+            self.needs_kho = True
+            seals, page, ino = self._fresh(box, e)
+            if ino is not None:
+                self.inodes.setdefault(box, set()).add(ino)
+            elif kind.mapped_by_vmm:
+                self.unopened.add(box)  # its VM's mappings cannot be compared
+        verdict = kind.preflight(box, e, state, seals, page)
+        for error, message, fix in verdict.problems:
+            self.problem("entry", error, message, fix, box, e.name)
+        if verdict.problems or verdict.carrier is None:
             return
-        if t not in MEMORY_TYPES:
-            self.problem("entry", "UnsupportedType", f"is of type {t}, which fdbox cannot carry across a kexec",
-                         "remove it, or recreate it after the kexec yourself", box, e.name)
-            return
-        self.needs_kho = True
-        seals, page, ino = self._fresh(box, e)
-        if ino is not None:
-            self.inodes.setdefault(box, set()).add(ino)
-        elif t != FdType.GUEST_MEMFD:
-            self.unopened.add(box)  # its VM's mappings cannot be compared
-        if t == FdType.GUEST_MEMFD:
-            refusal = gmem.seal_refusal(box, e)
-            if refusal is not None:
-                self.problem("entry", "UnsupportedType", refusal.message.removeprefix(f"{box}/{e.name} "),
-                             "create it with GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED, or stop this VM "
-                             "before the kexec (its memory cannot be carried)", box, e.name)
-                return
-            if state == BoxState.OPEN:
-                self.gmem_bytes += e.size
-        if t == FdType.MEMFD_HUGETLB:
-            found = hugetlb_problem(seals if state == BoxState.OPEN else None, page)
-            if found is not None:
-                self.problem("entry", "UnsupportedType", found[0], found[1], box, e.name)
-                return
-            self.hugetlb_pages += -(-e.size // HUGE_2M)
-        # Checked whatever the backend, so that every problem shows at once; a guest_memfd
-        # crosses as a memfd copy.
-        carrier = FdType.MEMFD if t == FdType.GUEST_MEMFD else t
-        self._carried(box, e, carrier)
-        if carrier == FdType.MEMFD and (self.backend.name in ("liveupdate", "liveupdate+kernel") or (
+        self.hugetlb_pages += verdict.hugetlb_pages
+        self.gmem_bytes += verdict.copy_bytes
+        # Checked whatever the backend, so that every problem shows at once.
+        self._carried(box, e, verdict)
+        if verdict.via_luo and (self.backend.name in ("liveupdate", "liveupdate+kernel") or (
                 self.backend.name == "memory" and self.requested in ("auto", "liveupdate"))):
             self.needs_luo = True
 
@@ -216,13 +202,13 @@ class _Checks:
                 seals: int | None = fcntl.fcntl(fd, F_GET_SEALS)
             except OSError:
                 seals = e.seals
-            page = os.fstatvfs(fd).f_bsize if e.type == FdType.MEMFD_HUGETLB else None
+            page = os.fstatvfs(fd).f_bsize
             return seals, page, (st.st_dev, st.st_ino)
         finally:
             os.close(fd)
 
-    def _carried(self, box: str, e: Entry, carrier: FdType) -> bool:
-        """Whether the daemon's backend carries ``carrier`` across a kexec; a problem if not."""
+    def _carried(self, box: str, e: Entry, verdict: Preflight) -> bool:
+        """Whether the daemon's backend carries the verdict's carrier across a kexec; a problem if not."""
         b = self.backend
         if not b.survives_kexec:
             if b.name == "memory":
@@ -232,20 +218,15 @@ class _Checks:
                 self.problem("backend", "BackendUnavailable", f"cannot cross: the {b.name} backend reports KHO off "
                              "in this boot", "boot with kho=on, then restart fdboxd", box, e.name)
             return False
-        if not b.accepts(carrier):
-            if carrier == FdType.MEMFD_HUGETLB:
-                self.problem("backend", "UnsupportedType", "is a hugetlb memfd: LUO cannot preserve hugetlb and "
-                             "fdbox.ko, which can, was not loaded when fdboxd started",
-                             "load fdbox.ko (modprobe fdbox), then restart fdboxd", box, e.name)
-            else:
-                self.problem("backend", "UnsupportedType", f"needs a memfd carried, which the {b.name} backend "
-                             "cannot do", "restart fdboxd with --backend auto", box, e.name)
+        if verdict.carrier is None or not b.accepts(verdict.carrier):
+            what, fix = verdict.unaccepted
+            self.problem("backend", "UnsupportedType", what.format(backend=b.name), fix, box, e.name)
             return False
-        why = b.seal_refusal(carrier)  # the kernel backend beside LUO and a plain memfd
+        why = b.seal_refusal(verdict.carrier)  # the kernel backend beside LUO and a plain memfd
         if why is not None:
             what, _, fix = why.partition("; fix: ")
-            self.problem("backend", "UnsupportedType", f"is {'carried as ' if carrier != e.type else ''}{what}",
-                         fix, box, e.name)
+            self.problem("backend", "UnsupportedType",
+                         f"is {'carried as ' if verdict.carrier != e.type else ''}{what}", fix, box, e.name)
             return False
         return True
 
@@ -259,16 +240,6 @@ class _Checks:
     def _memory_fix(self) -> str:
         return ("boot a kernel with LUO and kho=on liveupdate=on (plain memfds) and/or load fdbox.ko (hugetlb), "
                 "then restart fdboxd with --backend auto")
-
-    def _tap(self, box: str, e: Entry) -> None:
-        rec = e.extra.get("net")
-        if not isinstance(rec, dict):
-            self.problem("entry", "UnsupportedType", "is a tap with no interface record, so it cannot be recreated "
-                         "after the kexec", "put it again (fdboxd records the interface at put)", box, e.name)
-        elif rec.get("netns", {}).get("anonymous"):
-            self.problem("entry", "UnsupportedType", f"is tap {rec.get('ifname')} in an unnamed network namespace, "
-                         "which cannot be found again after the kexec", "create the tap in a named namespace "
-                         "(ip netns add NAME; /run/netns/NAME) or in fdboxd's own, then put it again", box, e.name)
 
     # ------------------------------------------------------------------ the kernels
 
@@ -329,10 +300,11 @@ class _Checks:
     def _room(self) -> None:
         f = self.facts
         mem = f.meminfo()
-        if self.report.entries and self.backend.manifest_carrier == FdType.MEMFD_HUGETLB:
-            self.hugetlb_pages += 1  # the manifest carried in the sealed set (fdboxd.lifecycle)
+        if self.report.entries and self.backend.manifest_huge_pages:
+            # the manifest carried in the sealed set (fdboxd.lifecycle)
+            self.hugetlb_pages += self.backend.manifest_huge_pages
             free = mem.get("HugePages_Free")
-            if free is not None and free < 1 and CARRY_BOX not in self.backend.inventory():  # else reused
+            if free is not None and free < self.backend.manifest_huge_pages and CARRY_BOX not in self.backend.inventory():  # else reused
                 self.problem("room", "LimitExceeded", "no free 2 MiB huge page for the manifest fdboxd carries "
                              "in the sealed set (with --backend kernel beside LUO it crosses in a hugetlb memfd)",
                              "reserve one more (sysctl vm.nr_hugepages), or restart fdboxd with --backend auto")
@@ -380,7 +352,7 @@ class _Checks:
                 continue
             unit = f"fdbox-qemu@{vm}.service"
             b = self.store.boxes.get(vm)
-            ram = [e for e in b.entries.values() if e.type in MEMORY_TYPES] if b is not None else []
+            ram = [e for e in b.entries.values() if self.store.kind(e.type).carried_by_backend] if b is not None else []
             if not ram:
                 self.problem("vm", "NotFound", f"VM {vm} runs ({unit}, pid {procs[0].pid}) but fdbox holds no RAM "
                              "for it: its memory would be lost silently",

@@ -117,6 +117,8 @@ class Backend(abc.ABC):
 
     #: The memfd type the store carries its manifest in (see the module docstring).
     manifest_carrier: FdType = FdType.MEMFD
+    #: 2 MiB huge pages that manifest takes (a hugetlb carrier: one; preflight counts it).
+    manifest_huge_pages = 0
 
     def manifest_memfd(self, raw: bytes) -> int:
         """A new memfd of type :attr:`manifest_carrier` holding ``raw`` (the caller owns it)."""

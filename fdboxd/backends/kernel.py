@@ -79,6 +79,7 @@ class KernelBackend(Backend):
         if self.shmem_is_luos:
             # So the manifest carried in the sealed set is one the module seals.
             self.manifest_carrier = FdType.MEMFD_HUGETLB
+            self.manifest_huge_pages = 1
 
     # ------------------------------------------------------------------ Backend
 

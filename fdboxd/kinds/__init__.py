@@ -3,14 +3,16 @@
 Modelled on LUO's file handlers (``kernel/liveupdate/luo_file.c``, ``mm/memfd_luo.c``):
 a handler per kind of file, registered once, called by code that loops over entries and
 never names a kind. Here the loops are :mod:`fdboxd.store` (put, get, remove),
-:mod:`fdboxd.lifecycle` (seal, unseal, finish, verify) and :mod:`fdboxd.reconcile`
-(start-up); each asks ``store.kind(entry.type)`` and calls one of the operations below.
+:mod:`fdboxd.lifecycle` (seal, unseal, finish, verify), :mod:`fdboxd.reconcile`
+(start-up) and :mod:`fdboxd.preflight` (before a kexec); each asks ``store.kind(entry.type)`` and calls one of the operations below.
 
 ============================  =====================================  ==========================
 step                          operation                              memfd (the defaults)
 ============================  =====================================  ==========================
 Put                           :meth:`Kind.record` → ``Entry.extra``  nothing recorded
 Put (names)                   :meth:`Kind.reserves`                  no reserved names
+Preflight (changes nothing)   :meth:`Kind.preflight` → problems,     carried as is (by LUO
+                              what crosses, room it needs            where the backend is LUO)
 Seal, before any change       :meth:`Kind.check_seal` (raises)       the backend must carry it
 Seal, freeze                  :meth:`Kind.seal_fd`                   an fd to checksum
 Seal, worker thread           :meth:`Kind.prepare`                   nothing
@@ -34,7 +36,7 @@ store as a :class:`~fdboxd.kinds.base.StoreSurface`. The contract is :mod:`fdbox
 from __future__ import annotations
 
 from . import guest_memfd, memfd, tap  # each registers itself
-from .base import HELD_ONLY, HeldOnly, Kind, KindError, Kinds, StoreSurface, register, registered
+from .base import HELD_ONLY, HeldOnly, Kind, KindError, Kinds, Preflight, StoreSurface, register, registered
 
-__all__ = ["HELD_ONLY", "HeldOnly", "Kind", "KindError", "Kinds", "StoreSurface", "guest_memfd", "memfd",
+__all__ = ["HELD_ONLY", "HeldOnly", "Kind", "KindError", "Kinds", "Preflight", "StoreSurface", "guest_memfd", "memfd",
            "register", "registered", "tap"]

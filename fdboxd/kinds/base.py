@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from ..backends.base import Backend, BackendBox
@@ -74,6 +75,29 @@ def check_sealable(store: StoreSurface, box: str, entry: Entry, carrier: FdType)
                          f"{box}/{entry.name} is carried as {why}", box=box, name=entry.name, type=str(entry.type))
 
 
+@dataclass
+class Preflight:
+    """What a kind says of one entry before a kexec (:meth:`Kind.preflight`).
+
+    :mod:`fdboxd.preflight` adds up the room, asks the backend whether it carries
+    :attr:`carrier` and turns every problem into one line naming the entry.
+    """
+
+    #: (error name, what is wrong, the fix): the entry cannot cross at all
+    problems: list[tuple[str, str, str]] = field(default_factory=list)
+    #: the fd type the backend must carry across the kexec (None: nothing, e.g. recreated)
+    carrier: FdType | None = None
+    #: carried by LUO's memfd handler where the backend is LUO (so ``liveupdate=on`` counts)
+    via_luo: bool = False
+    #: (what, fix) when the backend does not accept :attr:`carrier`; ``{backend}`` is its name
+    unaccepted: tuple[str, str] = ("needs a memfd carried, which the {backend} backend cannot do",
+                                   "restart fdboxd with --backend auto")
+    #: 2 MiB pages the next kernel's pool needs for the restore copy
+    hugetlb_pages: int = 0
+    #: memory the seal's copies of this entry take
+    copy_bytes: int = 0
+
+
 class KindError(Exception):
     """A registration refused, with the errno LUO would return."""
 
@@ -89,6 +113,9 @@ class Kind:
     types: ClassVar[frozenset[FdType]] = frozenset()
     #: Whether a kexec-capable backend carries the file itself (memory) or not.
     carried_by_backend: ClassVar[bool] = True
+    #: Whether a VMM maps the file (so a preflight that cannot open it cannot compare the
+    #: VM's mappings with what fdbox holds).
+    mapped_by_vmm: ClassVar[bool] = True
 
     # -- Put
     def reserves(self, name: str) -> str | None:
@@ -123,6 +150,13 @@ class Kind:
 
     def unfreeze(self, store: StoreSurface, box: str, entry: Entry) -> None:
         """Undo :meth:`carry` (a seal that failed late, or Unseal)."""
+
+    # -- Before the kexec (fdboxctl preflight)
+    def preflight(self, box: str, entry: Entry, state: BoxState, seals: int | None,
+                  page_size: int | None) -> Preflight:
+        """Whether ``entry`` would cross a kexec, from fresh facts (``seals``, ``page_size``
+        of a new fd of it, or None when it could not be opened); never changes anything."""
+        return Preflight(carrier=entry.type, via_luo=True)
 
     # -- Start-up
     def kept_elsewhere(self, entry: Entry, held: BackendBox | None) -> bool:
@@ -160,9 +194,15 @@ class HeldOnly(Kind):
     """Files of type ``other`` (``--allow-type other``): held while fdboxd runs, never carried."""
 
     carried_by_backend = False
+    mapped_by_vmm = False
 
     def check_seal(self, store: StoreSurface, box: str, entry: Entry) -> None:
         pass  # sealed with its box; the kexec does not carry it
+
+    def preflight(self, box: str, entry: Entry, state: BoxState, seals: int | None,
+                  page_size: int | None) -> Preflight:
+        return Preflight(problems=[("UnsupportedType", f"is of type {entry.type}, which fdbox cannot carry "
+                                    "across a kexec", "remove it, or recreate it after the kexec yourself")])
 
     def seal_fd(self, store: StoreSurface, box: str, entry: Entry) -> int | None:
         return None

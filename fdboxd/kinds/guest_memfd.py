@@ -32,7 +32,7 @@ from ..checksum import Digest, check_fd
 from ..errors import FdboxError
 from ..fdtypes import FdInfo, FdType, detect, detect_or_refuse
 from ..model import Box, BoxState, Caller, Entry, SealItem
-from .base import Kind, check_sealable, register
+from .base import Kind, Preflight, check_sealable, register
 
 if TYPE_CHECKING:
     from ..backends.base import BackendBox
@@ -44,6 +44,7 @@ log = logging.getLogger("fdboxd.gmem")
 @register
 class GuestMemfdKind(Kind):
     types = frozenset({FdType.GUEST_MEMFD})
+    mapped_by_vmm = False  # KVM maps it, not the VMM's address space
 
     def __init__(self) -> None:
         #: (box, name) of the entries a RestoreInto is filling (one at a time each).
@@ -65,6 +66,16 @@ class GuestMemfdKind(Kind):
             raise FdboxError("UnsupportedType", f"the {store.backend.name} backend cannot carry memfd, "
                              "which a guest_memfd is carried as", box=box, name=entry.name, type=str(entry.type))
         check_sealable(store, box, entry, FdType.MEMFD)
+
+    def preflight(self, box: str, entry: Entry, state: BoxState, seals: int | None,
+                  page_size: int | None) -> Preflight:
+        refusal = gmem.seal_refusal(box, entry)
+        if refusal is not None:
+            return Preflight(problems=[("UnsupportedType", refusal.message.removeprefix(f"{box}/{entry.name} "),
+                                        "create it with GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED, "
+                                        "or stop this VM before the kexec (its memory cannot be carried)")])
+        # carried as a memfd copy, made at seal (so it takes memory only while the box is open)
+        return Preflight(carrier=FdType.MEMFD, via_luo=True, copy_bytes=entry.size if state == BoxState.OPEN else 0)
 
     def prepare(self, item: SealItem) -> None:
         if item.copy < 0:

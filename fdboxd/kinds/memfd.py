@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..fdtypes import FdInfo, FdType
-from ..model import Caller
-from .base import Kind, register
+from ..fdtypes import HUGE_1G, HUGE_2M, FdInfo, FdType
+from ..model import BoxState, Caller, Entry
+from .base import Kind, Preflight, register
 
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 F_SEAL_FUTURE_WRITE = 0x10
-HUGE_2M, HUGE_1G = 2 << 20, 1 << 30
 
 _HUGETLB_FIX = ("create the memfd with MFD_ALLOW_SEALING and pass it to QEMU as memory-backend-file "
                 "(mem-path=/proc/self/fd/N, share=on), as fdbox-qemu does (memory-backend-memfd,hugetlb=on "
@@ -70,3 +69,15 @@ class MemfdKind(Kind):
             return {}
         warning = put_warning(fd, info.seals)
         return {"warning": warning} if warning else {}
+
+    def preflight(self, box: str, entry: Entry, state: BoxState, seals: int | None,
+                  page_size: int | None) -> Preflight:
+        if entry.type != FdType.MEMFD_HUGETLB:
+            return super().preflight(box, entry, state, seals, page_size)
+        # the seals count only while the box is open: a sealed box's are fdbox.ko's own
+        found = hugetlb_problem(seals if state == BoxState.OPEN else None, page_size)
+        if found is not None:
+            return Preflight(problems=[("UnsupportedType", *found)])
+        return Preflight(carrier=entry.type, hugetlb_pages=-(-entry.size // HUGE_2M), unaccepted=(
+            "is a hugetlb memfd: LUO cannot preserve hugetlb and fdbox.ko, which can, was not loaded when "
+            "fdboxd started", "load fdbox.ko (modprobe fdbox), then restart fdboxd"))

@@ -16,8 +16,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..fdtypes import FdInfo, FdType
-from ..model import Box, Caller, Entry
-from .base import Kind, register
+from ..model import Box, BoxState, Caller, Entry
+from .base import Kind, Preflight, register
 
 if TYPE_CHECKING:
     from ..backends.base import BackendBox
@@ -33,6 +33,7 @@ RECORD, RECREATE = "net", "recreate"
 class TapKind(Kind):
     types = frozenset({FdType.TAP})
     carried_by_backend = False
+    mapped_by_vmm = False
 
     def record(self, fd: int, info: FdInfo, caller: Caller) -> dict[str, Any]:
         from .. import net
@@ -44,6 +45,20 @@ class TapKind(Kind):
 
     def seal_fd(self, store: StoreSurface, box: str, entry: Entry) -> int | None:
         return None  # nothing to checksum
+
+    def preflight(self, box: str, entry: Entry, state: BoxState, seals: int | None,
+                  page_size: int | None) -> Preflight:
+        rec = entry.extra.get(RECORD)
+        if not isinstance(rec, dict):
+            return Preflight(problems=[("UnsupportedType", "is a tap with no interface record, so it cannot be "
+                                        "recreated after the kexec", "put it again (fdboxd records the interface "
+                                        "at put)")])
+        if rec.get("netns", {}).get("anonymous"):
+            return Preflight(problems=[("UnsupportedType", f"is tap {rec.get('ifname')} in an unnamed network "
+                                        "namespace, which cannot be found again after the kexec", "create the tap "
+                                        "in a named namespace (ip netns add NAME; /run/netns/NAME) or in fdboxd's "
+                                        "own, then put it again")])
+        return Preflight()  # recreated from its record: nothing for the backend to carry
 
     def freeze(self, entry: Entry) -> None:
         if RECORD in entry.extra:

@@ -25,7 +25,7 @@ ALLOWED_CIRCLES: set[frozenset[str]] = set()
 """Import circles (strongly connected components of more than one module): none since
 issue 19 (store, lifecycle, reconcile, gmem and net were one)."""
 
-GENERIC_CORE = ("fdboxd.store", "fdboxd.lifecycle", "fdboxd.reconcile")
+GENERIC_CORE = ("fdboxd.store", "fdboxd.lifecycle", "fdboxd.reconcile", "fdboxd.preflight")
 """Modules that loop over entries and call their kind (:mod:`fdboxd.kinds`), never naming one."""
 
 KIND_MODULES = ("fdboxd.gmem", "fdboxd.net", "fdboxd.kinds.memfd", "fdboxd.kinds.guest_memfd", "fdboxd.kinds.tap")
