@@ -26,6 +26,8 @@ import struct
 from typing import Any
 from dataclasses import dataclass
 
+from .errors import FdboxError
+
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
 #: hugetlb page sizes fdbox tells apart (fdbox.ko carries 2 MiB pages, not 1 GiB)
@@ -82,7 +84,7 @@ def _fd_link(fd: int) -> str:
         return ""
 
 
-_STATFS: Any = None  # (fstatfs, create_string_buffer), looked up once
+_STATFS: Any = None  # (fstatfs, the buffer type), looked up once
 
 
 def _fs_magic(fd: int) -> int | None:
@@ -91,9 +93,9 @@ def _fs_magic(fd: int) -> int | None:
     if _STATFS is None:
         import ctypes
 
-        _STATFS = (libc().fstatfs, ctypes.create_string_buffer)
+        _STATFS = (libc().fstatfs, ctypes.c_char * 120)  # a type: made in C, not create_string_buffer's Python
     fstatfs, make_buffer = _STATFS
-    buf = make_buffer(120)  # struct statfs is 120 bytes on x86_64; one per call: thread-safe
+    buf = make_buffer()  # struct statfs is 120 bytes on x86_64; one per call: thread-safe
     if fstatfs(fd, buf) != 0:
         return None
     return struct.unpack_from("l", buf, 0)[0] & 0xFFFFFFFF
@@ -134,8 +136,6 @@ def _tun_getiff(fd: int) -> tuple[str, int] | None:
 
 def detect_or_refuse(fd: int) -> FdInfo:
     """:func:`detect` for an fd a caller sent: an unusable one is the caller's ``InvalidRequest``."""
-    from .errors import FdboxError
-
     try:
         return detect(fd)
     except OSError as e:

@@ -77,7 +77,7 @@ from typing import Any
 
 from . import timeline
 from .errors import FdboxError
-from .model import Box, BoxState, Entry
+from .model import Box, BoxState, Entry, compact_json
 
 log = logging.getLogger("fdboxd.manifest")
 
@@ -183,7 +183,7 @@ def entry_op(entry: Entry) -> Op:
 def journal_line(generation: int, ops: list[Op]) -> bytes:
     """One journal record, the JSON of ``{"g": generation, "ops": ops}`` and a newline."""
     parts = [f'["{op[0]}",{op[1]}]' if len(op) == 2 and isinstance(op[1], EncodedJSON)
-             else json.dumps(op, separators=(",", ":"), ensure_ascii=False) for op in ops]
+             else compact_json(op) for op in ops]
     return f'{{"g":{int(generation)},"ops":[{",".join(parts)}]}}\n'.encode()
 
 

@@ -20,6 +20,11 @@ from typing import Any
 
 from .fdtypes import FdType
 
+#: Compact JSON, non-ASCII kept: the same text as ``json.dumps(value, separators=(",", ":"),
+#: ensure_ascii=False)``, from one encoder built once (``json.dumps`` with options builds a
+#: new ``JSONEncoder`` per call, a fifth of what encoding an entry costs).
+compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
 
 class BoxState(enum.StrEnum):
     OPEN = "open"
@@ -73,7 +78,7 @@ class Entry:
         """
         w: str | None = self.__dict__.get("_wire")
         if w is None:
-            w = json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+            w = compact_json(self.to_dict())
             object.__setattr__(self, "_wire", w)
         return w
 

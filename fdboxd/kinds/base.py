@@ -241,16 +241,17 @@ class Kinds:
         self._of: dict[FdType, Kind] = {}
         for t, cls in registered().items():
             self._of[t] = by_class.setdefault(cls, cls())
+        self._all = list(by_class.values())  # each kind once, in registration order
 
     def of(self, fd_type: FdType) -> Kind:
         return self._of.get(fd_type, HELD_ONLY)
 
     def all(self) -> list[Kind]:
-        return list(dict.fromkeys(self._of.values()))
+        return list(self._all)
 
     def reserved(self, name: str) -> str | None:
         """Why an entry name is reserved by any kind, or None."""
-        for k in self.all():
+        for k in self._all:  # every Put asks: no copy
             why = k.reserves(name)
             if why:
                 return why

@@ -55,9 +55,23 @@ class Frame:
     oneway: bool = False
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # built once, not per message
+_DECODE = json.JSONDecoder().decode
+
+
+def _loads(raw: bytes) -> Any:
+    """``json.loads(raw)``, minus its encoding sniffing for the usual message: one that
+    starts with ``{`` and holds no NUL (the framer split on them) is UTF-8 to
+    ``json.detect_encoding`` too, so it is decoded the way ``json.loads`` would
+    (``surrogatepass``) and parsed by the same decoder, the same errors included."""
+    if raw[:1] == b"{":
+        return _DECODE(raw.decode("utf-8", "surrogatepass"))
+    return json.loads(raw)
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """One message on the wire. ASCII-only JSON: a string the peer sent cannot make it fail."""
-    return json.dumps(message, separators=(",", ":")).encode() + b"\0"
+    return _ENCODE(message).encode() + b"\0"
 
 
 def check_document(raw: bytes, doc: Any) -> str | None:
@@ -231,7 +245,7 @@ class Framer:
         (the caller closes ``fds``). Only a parsed object can ask: in bytes that are not
         JSON, nothing can be believed, ``"oneway"`` included, so they get their answer."""
         try:
-            message = json.loads(raw)
+            message = _loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return f"not a JSON message: {e}", False
         except RecursionError:

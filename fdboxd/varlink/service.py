@@ -12,7 +12,6 @@ server after the handler returns, whatever happened: backends took their own ref
 from __future__ import annotations
 
 import importlib.resources
-import json
 from collections.abc import Callable
 from itertools import chain
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 from .. import __version__
 from ..errors import FdboxError
 from ..kinds import guest_memfd, tap
-from ..model import Caller, Entry
+from ..model import Caller, Entry, compact_json
 from ..preflight import Preflighter
 from ..store import PutItem, SealItem, Store, seal_in_worker
 from . import INTERFACE, SERVICE
@@ -240,7 +239,7 @@ class StoreService:
         boxes = [b for b in self.store.list_boxes(call.caller) if box is None or b["name"] == box]
         # The entries' cached wire forms, joined: O(n) but a string join, not n encodes.
         return wire_reply('{"entries":[%s],"boxes":%s}' % (
-            ",".join(e.wire() for e in entries), json.dumps(boxes, separators=(",", ":"), ensure_ascii=False)))
+            ",".join(e.wire() for e in entries), compact_json(boxes)))
 
     def do_Remove(self, call: Call) -> Reply:
         self.store.remove(call.caller, call.str("box"), call.str("name"))
