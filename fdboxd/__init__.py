@@ -11,6 +11,9 @@ The package is laid out one concept a module:
   :mod:`fdboxd.kinds.base` the contract and the store surface the layers above may use
 - :mod:`fdboxd.lifecycle` seal, carry across kexec, verify, unseal, finish: loops over entries
 - :mod:`fdboxd.reconcile` start-up: the backends say what exists, the manifest who owns it
+- :mod:`fdboxd.preflight` before a kexec: would every entry cross? Loops over entries and asks
+  each kind (:meth:`fdboxd.kinds.Kind.preflight`), then sums the room they need (no fd kind named);
+  :mod:`fdboxd.hostfacts` the host facts it reads
 - :mod:`fdboxd.gmem` / :mod:`fdboxd.net` the mechanics behind two kinds: copying a
   guest_memfd without touching it, recording and recreating a tap
 - :mod:`fdboxd.manifest` the on-disk record of names, owners and types (snapshot + journal)
