@@ -21,7 +21,11 @@ from typing import Any
 
 from .. import __version__
 from ..errors import EXIT_CODES, FdboxError
-from . import fleet, taps, vm
+from . import taps, vm
+
+# `start` is on the resume blackout path, once per VM: it imports only what it needs
+# before it execs QEMU. fleet (threads, the suspend/status of many VMs) is imported by
+# the commands that use it; the QMP client and sd_notify by the helper after its fork.
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "suspend":
             return _suspend(p, a, run_dir)
         if a.vm is None:
+            from . import fleet
+
             rows = fleet.status_all(socket_path=a.socket, run_dir=run_dir)
             if a.json:
                 print(json.dumps(rows, sort_keys=True))
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 def _suspend(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str) -> int:
     if a.all == bool(a.vm):
         p.error("suspend takes VM names or --all, not both and not neither")
+    from . import fleet
+
     if a.all:
         outcomes = fleet.suspend_all(socket_path=a.socket, run_dir=run_dir)
         if not outcomes and not a.json:

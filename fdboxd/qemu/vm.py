@@ -10,16 +10,17 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import paths
 from ..client import Client
 from ..errors import FdboxError
 from ..names import check_box_name
-from ..sdnotify import Notifier
 from . import taps as tapmod
-from .qmp import QMPClient
 from .taps import TapSpec
+
+if TYPE_CHECKING:
+    from .qmp import QMPClient
 
 DEVSTATE = "devstate"
 RAM_RE = re.compile(r"ram(\d+)")
@@ -299,6 +300,8 @@ def _spawn_helper(vm: str, qmp: str, plan: Plan, socket_path: str | None, notify
     try:
         if os.fork():
             os._exit(0)
+        # Imported here, after the fork: QEMU's exec (the parent) does not wait for them.
+        from ..sdnotify import Notifier
         for fd in plan.keep_fds:  # the helper holds no guest memory
             if fd != plan.resume_fd:
                 os.close(fd)
@@ -326,6 +329,8 @@ def _spawn_helper(vm: str, qmp: str, plan: Plan, socket_path: str | None, notify
 
 def _connect_when_up(qmp: str, qemu_pid: int, deadline: float) -> QMPClient:
     """QEMU's QMP, as soon as the QEMU being exec'd listens on it."""
+    from .qmp import QMPClient
+
     while True:
         try:
             return QMPClient(qmp, timeout=max(1.0, deadline - time.monotonic()))
@@ -412,6 +417,8 @@ def suspend(vm: str, *, socket_path: str | None, run_dir: str, timeout: float = 
         raise FdboxError("NotFound", f"VM {vm} is not running (no QEMU on {qmp})", box=vm)
     t0 = time.monotonic()
     deadline = t0 + timeout
+    from .qmp import QMPClient
+
     with QMPClient(qmp) as q, Client(socket_path) as c:
         status = q.execute("query-status")["status"]
         if status in ("inmigrate", "postmigrate", "finish-migrate"):
@@ -481,6 +488,8 @@ def status(vm: str, *, socket_path: str | None, run_dir: str) -> dict[str, Any]:
                               for e in c.list(vm).get("entries", [])]
     if qemu_alive(qmp):
         try:
+            from .qmp import QMPClient
+
             with QMPClient(qmp, timeout=5.0) as q:
                 out["qemu"] = q.execute("query-status")["status"]
                 out["qemu_version"] = "%d.%d.%d" % q.version

@@ -35,11 +35,23 @@ def test_fdbox_qemu_loads_neither_the_store_nor_net():
     """fdbox-qemu suspend/start run on the blackout path: the client and QMP only (taps
     load fdboxd.net when a start creates one)."""
     baseline = _modules_after("pass")
-    loaded = _modules_after("import fdboxd.qemu.cli") - baseline
-    assert "fdboxd.qemu.fleet" in loaded
+    loaded = _modules_after("import fdboxd.qemu.cli, fdboxd.qemu.fleet") - baseline
+    assert {"fdboxd.qemu.fleet", "fdboxd.qemu.qmp", "fdboxd.client"} <= loaded
     bad = sorted(m for m in loaded if m in ("fdboxd.net", "fdboxd.store", "fdboxd.daemon", "asyncio")
                  or m.split(".")[0] in NOT_AT_START)
     assert not bad, f"fdbox-qemu imports: {bad}"
+
+
+def test_fdbox_qemu_start_imports_only_what_comes_before_the_exec():
+    """`start` runs once per VM on the resume path and then execs QEMU: before the exec it
+    needs the client, not fleet's threads (suspend/status of many VMs), nor the QMP client
+    and sd_notify (the helper imports those after its fork, while QEMU starts)."""
+    baseline = _modules_after("pass")
+    loaded = _modules_after("import fdboxd.qemu.cli") - baseline
+    assert {"fdboxd.qemu.vm", "fdboxd.client"} <= loaded
+    late = sorted(m for m in loaded if m in ("fdboxd.qemu.fleet", "fdboxd.qemu.qmp", "fdboxd.sdnotify")
+                  or m.startswith("concurrent"))
+    assert not late, f"imported before QEMU's exec: {late}"
 
 
 def test_the_version_check_still_reads_metadata_when_asked():
