@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, deps, paths
-from .backends import DEVICE_PATH, LUO_DEVICE_PATH, open_backend
-from .backends.liveupdate import OPEN_RETRY_S
+from .backends import DEVICE_PATH, LUO_DEVICE_PATH, OPEN_RETRY_S, open_backend
 from .errors import FdboxError
 from .fdtypes import MEMORY_TYPES, FdType
 from .hostfacts import HostFacts

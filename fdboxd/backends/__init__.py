@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FdboxError
-from .base import Backend, BackendBox, BackendEntry
+from .base import OPEN_RETRY_S, Backend, BackendBox, BackendEntry
 
 if TYPE_CHECKING:
     from .liveupdate import FdStore
@@ -27,7 +27,7 @@ def open_backend(name: str = "auto", device: str = DEVICE_PATH, luo_device: str 
     everything on kernels without LUO) on fdbox.ko when ``/dev/fdbox`` exists, the
     memory backend when neither does. The README's backend table says the same.
     ``luo_wait``: how long an open of /dev/liveupdate retries while another process
-    holds it (default :data:`fdboxd.backends.liveupdate.OPEN_RETRY_S`). ``luo_sessions``
+    holds it (default :data:`OPEN_RETRY_S`). ``luo_sessions``
     (LUO session fds the fd store gave back; the LUO side owns them) and ``fdstore`` (the
     service's fd store) are for the LUO side too: see :mod:`fdboxd.backends.liveupdate`.
     """
@@ -59,7 +59,7 @@ def _unused_sessions(fds: list[int] | None) -> None:
 
 
 def _liveupdate(luo_device: str, device: str, luo_wait: float | None, luo: dict[str, Any]) -> Backend:
-    from .liveupdate import OPEN_RETRY_S, LiveupdateBackend
+    from .liveupdate import LiveupdateBackend
 
     return LiveupdateBackend(luo_device, fdbox_device=device, wait=OPEN_RETRY_S if luo_wait is None else luo_wait,
                              **luo)

@@ -49,6 +49,11 @@ from ..errors import FdboxError
 from ..fdtypes import FdInfo, FdType
 from ..model import BoxState
 
+#: Default of --liveupdate-wait: how long the LUO backend waits for another agent to release
+#: /dev/liveupdate. Here, not in .liveupdate, so the daemon's argument parser does not
+#: import that backend (and ctypes behind it) on every start.
+OPEN_RETRY_S = 10.0
+
 
 @dataclass
 class BackendEntry:

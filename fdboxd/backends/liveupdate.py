@@ -67,7 +67,7 @@ from ..errors import FdboxError
 from ..fdtypes import FdInfo, FdType, detect
 from ..model import BoxState
 from . import luo_holder
-from .base import BackendBox, BackendEntry
+from .base import OPEN_RETRY_S, BackendBox, BackendEntry
 from .memory import MemoryBackend
 
 log = logging.getLogger("fdboxd.liveupdate")
@@ -77,7 +77,6 @@ INDEX_SESSION = "fdboxd:index"
 INDEX_TOKEN = 0
 #: Box names that are other agents' session names (systemd >= 261 uses "systemd").
 RESERVED_SESSIONS = frozenset({"systemd"})
-OPEN_RETRY_S = 10.0  # default of --liveupdate-wait: how long to wait for another agent to release the device
 
 
 def _json_memfd(doc: dict[str, Any]) -> int:

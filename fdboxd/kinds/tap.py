@@ -68,6 +68,9 @@ class TapKind(Kind):
         return bool(entry.extra.get(RECREATE))
 
     def start(self, store: StoreSurface) -> list[Any]:
+        if not any(e.type == FdType.TAP and e.extra.get(RECREATE) for b in store.boxes.values()
+                   for e in b.entries.values()):
+            return []  # no interface recorded for recreation: every start without taps skips net
         from .. import net  # standard library only; pyroute2 is imported if there is work
 
         if not net.pending(store):

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from fdboxd.client import Client
+from fdboxd.errors import FdboxError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,3 +62,44 @@ def test_the_version_check_still_reads_metadata_when_asked():
     from fdboxd import deps
     # dbus-fast is a test dependency here, so its version is read for real.
     assert deps.DBUS.problem() is None
+
+
+BACKENDS_NOT_CHOSEN = ("fdboxd.backends.liveupdate", "fdboxd.backends.luo_holder", "fdboxd.backends.kernel",
+                       "fdboxd.uapi", "fdboxd.uapi_luo", "ctypes", "fdboxd.dbus", "fdboxd.net")
+"""What a daemon on the memory backend without --bus or taps never needs: the other
+backends (with ctypes behind their uAPI mirrors) and the optional front-ends."""
+
+_RECORD_AT_EXIT = """
+import atexit, runpy, sys
+record = sys.argv.pop(1)
+atexit.register(lambda: open(record, "w").write("\\n".join(sorted(sys.modules))))
+sys.argv[0] = "fdboxd"
+runpy.run_module("fdboxd", run_name="__main__")
+"""
+
+
+def test_a_daemon_on_the_memory_backend_loads_no_other_backend(tmp_path):
+    """A real start, through the first answer and SIGTERM, not just the import: what
+    main() imports on the way (backend choice, front-ends) is on the restore path too."""
+    sock, record = tmp_path / "fdboxd.sock", tmp_path / "modules"
+    proc = subprocess.Popen([sys.executable, "-c", _RECORD_AT_EXIT, str(record), "--backend", "memory",
+                             "--socket", str(sock), "--state-dir", str(tmp_path / "state")],
+                            cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with Client(str(sock)) as c:
+                    c.call("io.fdbox.Store.Status")
+                break
+            except FdboxError:  # not listening yet
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.02)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    loaded = set(record.read_text().split()) - _modules_after("import runpy")
+    assert "fdboxd.backends.memory" in loaded, err
+    bad = sorted(m for m in loaded if m in BACKENDS_NOT_CHOSEN or m.split(".")[0] in NOT_AT_START)
+    assert not bad, f"a memory-backend daemon imported: {bad}"
