@@ -485,7 +485,7 @@ def compile_checkout() -> None:
 
     The guest sees the host root read-only under a tmpfs overlay, so a ``.pyc`` it writes
     is gone at the next boot or kexec: without this every fdboxd start in a stage compiled
-    the whole package from source, about 6 s of the daemon's 9.6 s start under TCG
+    the whole package from source under TCG, and the bench's start floors measured that
     (issue 18, Restore). ``py3compile`` does the same for the Debian package.
     """
     import compileall
