@@ -620,23 +620,11 @@ def restore_box(store: Store, caller: Caller, box: str) -> list[Result]:
     return restore_entries(store, box, mine)
 
 
-def pending(store: Store) -> dict[str, list[Entry]]:
-    """Tap entries marked for recreation that no backend holds (after kexec/restart)."""
-    held = store.side.inventory()
-    out: dict[str, list[Entry]] = {}
-    for name, b in store.boxes.items():
-        hb = held.get(name)
-        for e in b.entries.values():
-            if e.type == FdType.TAP and e.extra.get("recreate") and "net" in e.extra:
-                if hb is None or e.name not in hb.entries:
-                    out.setdefault(name, []).append(e)
-    return out
-
-
-def restore_pending(store: Store) -> list[Result]:
-    """At daemon start: recreate what a kexec (or a lost fd) took away. Never raises."""
+def restore_pending(store: Store, pending: dict[str, list[Entry]]) -> list[Result]:
+    """At daemon start: recreate what a kexec (or a lost fd) took away (``pending``: the
+    tap kind's :func:`fdboxd.kinds.tap.pending`). Never raises."""
     results: list[Result] = []
-    for box, entries in sorted(pending(store).items()):
+    for box, entries in sorted(pending.items()):
         try:
             results += restore_entries(store, box, entries)
         except Exception:

@@ -68,14 +68,12 @@ class TapKind(Kind):
         return bool(entry.extra.get(RECREATE))
 
     def start(self, store: StoreSurface) -> list[Any]:
-        if not any(e.type == FdType.TAP and e.extra.get(RECREATE) for b in store.boxes.values()
-                   for e in b.entries.values()):
-            return []  # no interface recorded for recreation: every start without taps skips net
+        waiting = pending(store)
+        if not waiting:
+            return []  # nothing to recreate: a start without taps never imports net
         from .. import net  # standard library only; pyroute2 is imported if there is work
 
-        if not net.pending(store):
-            return []
-        done = net.restore_pending(store)
+        done = net.restore_pending(store, waiting)
         log.info("network devices: %d recreated, %d failed",
                  sum(r.status == "recreated" for r in done), sum(r.status == "failed" for r in done))
         return done
@@ -94,6 +92,21 @@ class TapKind(Kind):
         from .. import net
 
         return net.restore_box(store, caller, box)
+
+
+def pending(store: StoreSurface) -> dict[str, list[Entry]]:
+    """Tap entries marked for recreation that no backend holds (after a kexec or restart)."""
+    marked = [(box, e) for box, b in store.boxes.items() for e in b.entries.values()
+              if e.type == FdType.TAP and e.extra.get(RECREATE) and RECORD in e.extra]
+    if not marked:
+        return {}  # the usual start: no inventory of the side backend asked for
+    held = store.side.inventory()
+    out: dict[str, list[Entry]] = {}
+    for box, e in marked:
+        hb = held.get(box)
+        if hb is None or e.name not in hb.entries:
+            out.setdefault(box, []).append(e)
+    return out
 
 
 def of(store: StoreSurface) -> TapKind:
