@@ -23,6 +23,7 @@ The package is laid out one concept a module:
   :mod:`fdboxd.ownedfd` the one-fd lifetime their wrappers share
 - :mod:`fdboxd.varlink`  the socket protocol (framing) and server
 - :mod:`fdboxd.client`   the client library used by fdboxctl and integrators
+- :mod:`fdboxd.failpoints` named failpoints (``FDBOX_FAILPOINTS``), the one list the crash matrix walks
 """
 
 __version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""Named failpoints: make one step of fdboxd or fdbox-qemu fail, die or stall on purpose.
+
+Why: fdbox's promise is about the unhappy paths (a restart mid-seal, ENOMEM while
+restoring, a kill between two steps). Those paths are proven by making them happen, one
+step at a time, with the real daemon and real files — not by fakes that share the code's
+assumptions (tests/integration/test_crash_matrix.py walks every failpoint listed here).
+
+Set them with one environment variable, read once when this module is imported::
+
+    FDBOX_FAILPOINTS=NAME=ACTION[,NAME=ACTION...]
+
+    ACTION := [COUNT*]error(ERRNO)   raise OSError(ERRNO), e.g. error(ENOMEM) or error(12)
+            | [COUNT*]kill           SIGKILL this process at once (no cleanup runs)
+            | [COUNT*]delay(MS)      sleep MS milliseconds, then go on
+            | off                    nothing (the same as leaving NAME out)
+
+``COUNT*`` fires on the first COUNT hits only (``1*error(ENOMEM)``: a transient error
+that a retry gets past); without it every hit fires. An unknown NAME or a malformed
+ACTION is a :class:`ValueError` at import, so a typo never passes silently as "no
+fault".
+
+Cost when unset: :func:`hit` is one dictionary lookup on an empty dict.
+
+Every failpoint is declared in :data:`FAILPOINTS` (name → the step it marks), the one list
+a test enumerates; ``tests/unit/test_failpoints.py`` checks that each declared name is hit
+somewhere in the code and that the code hits no undeclared one. Names are
+``MODULE.STEP`` (``seal.after_preserve``): the module of the unhappy path, then where in
+it.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+
+ENV = "FDBOX_FAILPOINTS"
+
+#: Every failpoint: name → the step it marks (what has happened when it fires). Sorted by
+#: name; add yours here, then call :func:`hit` at that step.
+FAILPOINTS: dict[str, str] = {
+    "failpoints.selftest": "tests/unit/test_failpoints.py's own point (fires only where the test calls it)",
+}
+
+
+@dataclass
+class _Action:
+    kind: str  # "error" | "kill" | "delay"
+    arg: int = 0  # errno or milliseconds
+    left: int = -1  # hits that still fire; -1: every hit
+
+    def fire(self, name: str) -> None:
+        if self.left == 0:
+            return
+        if self.left > 0:
+            self.left -= 1
+        if self.kind == "error":
+            raise OSError(self.arg, f"{os.strerror(self.arg)} (failpoint {name})")
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.kind == "delay":
+            time.sleep(self.arg / 1000)
+
+
+_active: dict[str, _Action] = {}
+
+_ACTION_RE = re.compile(r"^(?:(\d+)\*)?(error|kill|delay|off)(?:\(([A-Za-z0-9]+)\))?$")
+
+
+def _parse_action(name: str, text: str) -> _Action | None:
+    m = _ACTION_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"{ENV}: {name}: bad action {text!r} (error(ERRNO), kill, delay(MS) or off)")
+    count, kind, arg = m.groups()
+    if kind == "off":
+        return None
+    left = int(count) if count is not None else -1
+    if kind == "kill":
+        if arg is not None:
+            raise ValueError(f"{ENV}: {name}: kill takes no argument")
+        return _Action("kill", 0, left)
+    if arg is None:
+        raise ValueError(f"{ENV}: {name}: {kind} needs an argument")
+    if kind == "delay":
+        if not arg.isdigit():
+            raise ValueError(f"{ENV}: {name}: delay wants milliseconds, not {arg!r}")
+        return _Action("delay", int(arg), left)
+    if arg.isdigit():
+        num = int(arg)
+    else:
+        num = getattr(_errno, arg, -1)
+        if not isinstance(num, int) or num <= 0 or not arg.startswith("E"):
+            raise ValueError(f"{ENV}: {name}: unknown errno {arg!r}")
+    return _Action("error", num, left)
+
+
+def parse(spec: str) -> dict[str, _Action]:
+    """The failpoints ``spec`` (the variable's syntax) sets; :class:`ValueError` if malformed."""
+    out: dict[str, _Action] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, action = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ValueError(f"{ENV}: {item!r} is not NAME=ACTION")
+        if name not in FAILPOINTS:
+            raise ValueError(f"{ENV}: unknown failpoint {name!r} (fdboxd.failpoints.FAILPOINTS lists them)")
+        a = _parse_action(name, action)
+        if a is not None:
+            out[name] = a
+    return out
+
+
+def configure(spec: str | None) -> None:
+    """Replace the active set (``None`` or ``""``: none). For in-process tests; a daemon
+    reads :data:`ENV` at import."""
+    global _active
+    _active = parse(spec) if spec else {}
+
+
+def active() -> dict[str, str]:
+    """The failpoints that are set, name → their action (for the start-up log line)."""
+    return {n: (f"{a.left}*" if a.left >= 0 else "") + a.kind + (f"({a.arg})" if a.kind != "kill" else "")
+            for n, a in _active.items()}
+
+
+def hit(name: str) -> None:
+    """The step ``name`` is reached: do what its failpoint says, if it is set."""
+    a = _active.get(name)
+    if a is not None:
+        a.fire(name)
+
+
+configure(os.environ.get(ENV))
