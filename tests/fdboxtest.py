@@ -22,7 +22,9 @@ if str(REPO) not in sys.path:
 
 from fdboxd.client import Client  # noqa: E402
 
-READY_TIMEOUT = 15.0
+READY_TIMEOUT = float(os.environ.get("FDBOX_TEST_READY_TIMEOUT", "15"))
+"""How long a test daemon may take to answer (more where a slow kernel runs it: the VM
+tier's debug kernel sets ``FDBOX_TEST_READY_TIMEOUT``)."""
 
 
 def build_libexec(name: str = "fdbox-call") -> Path:

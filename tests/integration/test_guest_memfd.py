@@ -3,8 +3,9 @@
 guest_memfds come from ``/dev/kvm`` (tests/kvmtest.py: ``KVM_CREATE_VM`` +
 ``KVM_CREATE_GUEST_MEMFD``, no vCPU). Shared ones (``MMAP | INIT_SHARED``) are filled
 with a position-dependent pattern through a mapping; private ones (flags 0) cannot be
-mapped at all. Skipped where ``/dev/kvm`` or the capability is missing; under ``$CI`` on
-a machine with ``/dev/kvm`` such a test fails instead.
+mapped at all. Skipped where ``/dev/kvm`` or the capability is missing on the host; then
+tests/vm/test_guest_memfd_vm.py runs this file inside the debug test kernel, whose KVM has
+guest_memfd, and there a missing capability fails (tests/kvmtest.py:require).
 
 The carry path (fdboxd.gmem) is tested here without kexec: Seal copies the shared
 guest_memfd into a memfd in the sealed set; ``RestoreInto`` fills a *new* guest_memfd

@@ -100,6 +100,24 @@ def vm_test_module(vm_kbuild: Path) -> Path:
     return ko
 
 
+@pytest.fixture(scope="session")
+def vm_debug_kernel(vm_kernel: vmlib.TestKernel) -> vmlib.TestKernel:
+    """The debug test kernel (KASAN, lockdep, KVM with guest_memfd); skips (fails in CI)
+    when its directory is missing."""
+    kernel = vmlib.find_debug_kernel()
+    if kernel is None:
+        _cannot_run(f"no debug test kernel at {vmlib.debug_kernel_dir()} (set FDBOX_TEST_KERNEL_DEBUG_DIR)")
+    assert kernel is not None
+    return kernel
+
+
+@pytest.fixture
+def vm_debug(vm_debug_kernel: vmlib.TestKernel, vm_initramfs: Path, tmp_path: Path) -> vmlib.Harness:
+    """Like ``vm``, on the debug kernel: pass ``cmdline_extra=vmlib.DEBUG_CMDLINE`` (and
+    ``qemu_extra=vmlib.DEBUG_QEMU`` for KVM) to its runs."""
+    return vmlib.Harness(kernel=vm_debug_kernel, initramfs=vm_initramfs, out_dir=tmp_path / "out")
+
+
 @pytest.fixture
 def vm(vm_kernel: vmlib.TestKernel, vm_initramfs: Path, tmp_path: Path) -> Iterator[vmlib.Harness]:
     """A :class:`vmlib.Harness` writing to ``tmp_path/out`` (no module; see ``vm_with_module``)."""

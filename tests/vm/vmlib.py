@@ -147,6 +147,34 @@ def find_test_kernel() -> TestKernel | None:
     )
 
 
+def debug_kernel_dir() -> Path:
+    """``$FDBOX_TEST_KERNEL_DEBUG_DIR``, else ``../shared/testkernel-debug`` (the same kernel
+    with KASAN, lockdep, fault injection and KVM with guest_memfd; see its README)."""
+    if os.environ.get("FDBOX_TEST_KERNEL_DEBUG_DIR"):
+        return Path(os.environ["FDBOX_TEST_KERNEL_DEBUG_DIR"]).resolve()
+    return (repo_root().parent / "shared" / "testkernel-debug").resolve()
+
+
+def find_debug_kernel() -> TestKernel | None:
+    """The debug test kernel if its directory has a bzImage, else None."""
+    d = debug_kernel_dir()
+    if not (d / "bzImage").is_file():
+        return None
+    rel = d / "kernel.release"
+    return TestKernel(dir=d, bzimage=d / "bzImage", build_tarball=d / "linux-build.tar.xz",
+                      release=rel.read_text().strip() if rel.is_file() else "unknown")
+
+
+DEBUG_CMDLINE = ("pci=noacpi", "kho_scratch=50%")
+"""What the debug kernel needs on its command line (its README: without ``pci=noacpi``
+ACPI's PCI routing runs past its loop limit under KASAN; KHO's default scratch cannot be
+reserved beside KASAN's shadow)."""
+
+DEBUG_QEMU = ("-cpu", "max")
+"""TCG emulates AMD's SVM with ``-cpu max``, so the debug kernel's kvm_amd loads and
+``/dev/kvm`` gives guest_memfd inside the guest."""
+
+
 def missing_tools() -> list[str]:
     """Host programs the tier needs that are not installed (empty list: all there)."""
     missing = [t for t in ("qemu-system-x86_64", "kexec") if not _which(t)]
