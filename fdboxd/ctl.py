@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import fcntl
 import json
 import os
+import stat
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from . import __version__, paths
@@ -166,22 +168,83 @@ def _put_source(a: argparse.Namespace) -> int:
 
 
 def _memfd_copy(path: str) -> int:
-    """A sealable memfd holding a copy of ``path`` (``put --from-file``: try fdbox by hand)."""
+    """A sealable memfd holding a copy of ``path`` (``put --from-file``: try fdbox by hand).
+
+    A regular file is copied by its data extents (``SEEK_DATA``/``SEEK_HOLE``), so its
+    holes stay holes in the memfd and a sparse image does not become resident RAM. Any
+    other file (a pipe or FIFO, ``/dev/stdin``, a character device) is read to its end:
+    its ``st_size`` says nothing about what it holds. Chunks of zeros are not written
+    either way (the memfd reads zeros there). Written with ``pwrite``: the memfd's
+    offset, which every fd the daemon hands out for the entry shares, stays at 0, so a
+    program given it as fd 3 reads from the start (``cat <&3``).
+    """
     try:
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise UsageError(f"--from-file {path}: {e.strerror}") from None
     mem = os.memfd_create(os.path.basename(path) or "fdbox", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        size = os.fstat(src).st_size
-        os.ftruncate(mem, size)
-        _copy(src, mem, size)
+        st = os.fstat(src)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if stat.S_ISREG(st.st_mode):
+            os.ftruncate(mem, st.st_size)
+            for start, end in _data_extents(src, st.st_size):
+                _pcopy(src, mem, start, end)
+        else:
+            os.ftruncate(mem, _pcopy(src, mem, 0, None))
         return mem
-    except OSError as e:
+    except BaseException as e:
         os.close(mem)
-        raise UsageError(f"--from-file {path}: {e.strerror}") from None
+        if isinstance(e, OSError):
+            raise UsageError(f"--from-file {path}: {e.strerror}") from None
+        raise
     finally:
         os.close(src)
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of data in the first ``size`` bytes of ``fd``; the
+    whole range where the file system cannot tell data from holes."""
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # a hole from off to the end
+                return
+            if e.errno != errno.EINVAL:
+                raise
+            yield off, size  # no SEEK_DATA here: copy it all (zero chunks are still skipped)
+            return
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        off = end
+
+
+_ZEROS = bytes(COPY_CHUNK)
+
+
+def _pcopy(src: int, dst: int, start: int, end: int | None) -> int:
+    """Copy ``src`` to ``dst`` at the same offsets from ``start`` to ``end`` (None: read
+    ``src`` to its end, from where it stands); return the end reached. ``pwrite`` only:
+    ``dst``'s offset does not move. Chunks of zeros are skipped (holes in ``dst``)."""
+    off = start
+    while end is None or off < end:
+        n = COPY_CHUNK if end is None else min(COPY_CHUNK, end - off)
+        chunk = os.read(src, n) if end is None else os.pread(src, n, off)
+        if not chunk:
+            break
+        if chunk != (_ZEROS if len(chunk) == COPY_CHUNK else bytes(len(chunk))):
+            view = memoryview(chunk)
+            at = off
+            while view:
+                k = os.pwrite(dst, view, at)
+                view, at = view[k:], at + k
+        off += len(chunk)
+    return off
 
 
 def _copy(src: int, dst: int, size: int | None) -> None:

@@ -3,6 +3,7 @@ streamed out, errors that say what is accepted, timeouts, help that explains its
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -220,3 +221,80 @@ def test_socket_file_of_someone_else_is_left_alone(daemon_factory):
     finally:
         other.close()
         os.unlink(d.socket)
+
+
+# ---------------------------------------------------------------- put --from-file (issue 25 §17, §18)
+
+
+def _fd3(daemon, box: str, name: str, script: str) -> str:  # type: ignore[no-untyped-def]
+    """What ``get BOX NAME -- python3 -c SCRIPT`` prints: the program sees the entry as fd 3."""
+    out = ctl(daemon, "get", box, name, "--", sys.executable, "-c", script)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_put_from_file_hands_fd_3_over_at_offset_0(daemon, tmp_path):
+    """The README's own `get … -- sh -c 'cat <&3'`: the copy left the memfd's shared offset
+    at its end, so a reader of fd 3 saw nothing."""
+    src = tmp_path / "notes"
+    src.write_bytes(b"first line\nsecond line\n")
+    assert ctl(daemon, "put", "vm1", "notes", "--from-file", str(src)).returncode == 0
+    out = ctl(daemon, "get", "vm1", "notes", "--", "sh", "-c", "cat <&3")
+    assert out.returncode == 0 and out.stdout == "first line\nsecond line\n", out
+
+
+def test_put_from_file_of_a_pipe_reads_to_its_end(daemon):
+    """A pipe's st_size is 0: the copy trusted it and stored nothing, with exit 0."""
+    data = os.urandom(3 * (1 << 20) + 5)  # more than a pipe's buffer and a copy chunk
+    out = subprocess.run(ctl_cmd("--socket", daemon.socket, "--json", "put", "vm1", "piped", "--from-file",
+                                 "/dev/stdin"), input=data, capture_output=True, env=env(), timeout=60)
+    assert out.returncode == 0, out.stderr
+    with daemon.client() as c:
+        assert c.list("vm1")["entries"][0]["size"] == len(data)
+    got = subprocess.run(ctl_cmd("--socket", daemon.socket, "get", "vm1", "piped", "--out", "-"),
+                         capture_output=True, env=env(), timeout=60)
+    assert got.returncode == 0 and got.stdout == data
+
+
+def test_put_from_file_of_a_fifo_reads_to_its_end(daemon, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    data = b"through a fifo\n" * 10000
+    proc = subprocess.Popen(ctl_cmd("--socket", daemon.socket, "put", "vm1", "fifo", "--from-file", str(fifo)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    with open(fifo, "wb") as w:  # opens once fdboxctl has opened its end
+        w.write(data)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert f"vm1/fifo: memfd, {len(data) / 1024:.1f}KiB" in stdout
+    assert _fd3(daemon, "vm1", "fifo", "import os; print(os.fstat(3).st_size)").strip() == str(len(data))
+
+
+def test_put_from_file_keeps_a_sparse_files_holes(daemon, tmp_path):
+    """A 256 MiB file with 8 KiB of data: its copy in the memfd holds 8 KiB of pages, not 256 MiB."""
+    size = 256 << 20
+    src = tmp_path / "sparse"
+    with open(src, "wb") as f:
+        f.truncate(size)
+        f.write(b"head" * 1024)
+        f.seek(size - 4096)
+        f.write(b"tail" * 1024)
+    assert os.stat(src).st_blocks * 512 < 1 << 20  # the file system made it sparse
+    assert ctl(daemon, "put", "vm1", "sparse", "--from-file", str(src)).returncode == 0
+    script = ("import hashlib, os; st = os.fstat(3); h = hashlib.sha256()\n"
+              "for off in range(0, st.st_size, 1 << 20): h.update(os.pread(3, 1 << 20, off))\n"
+              "print(st.st_size, st.st_blocks * 512, h.hexdigest())")
+    size_s, resident, digest = _fd3(daemon, "vm1", "sparse", script).split()
+    want = hashlib.sha256()
+    with open(src, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            want.update(chunk)
+    assert int(size_s) == size and digest == want.hexdigest()
+    assert int(resident) <= 64 << 10, f"{int(resident) >> 10} KiB resident for 8 KiB of data"
+
+
+def test_put_from_file_of_a_directory_is_refused(daemon, tmp_path):
+    out = ctl(daemon, "put", "vm1", "x", "--from-file", str(tmp_path))
+    assert out.returncode == 2 and "Is a directory" in out.stderr, out
+    with daemon.client() as c:
+        assert c.list()["entries"] == []
