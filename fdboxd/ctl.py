@@ -276,6 +276,9 @@ def cmd_put(c: Client, a: argparse.Namespace) -> int:
         _print_json(entry)
     else:
         print(f"{entry['box']}/{entry['name']}: {entry['type']}, {_human_size(int(entry['size']))}")
+    warning = (entry.get("extra") or {}).get("warning")
+    if warning:  # held all the same; the daemon logs it too (fdboxd.kinds.memfd)
+        print(f"fdboxctl: warning: {entry['box']}/{entry['name']} {warning}", file=sys.stderr)
     return 0
 
 
@@ -510,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _sub(sub, "put", common, "store a file as BOX/NAME",
              "fdboxctl put vm1 notes --from-file /etc/hostname      # a copy in a new memfd\n"
-             "fdboxctl put vm1 ram0 --fd 3 3</proc/$QEMU_PID/fd/17    # an fd passed to fdboxctl\n"
+             "fdboxctl put vm1 ram0 --fd 3 3<>/proc/$QEMU_PID/fd/17   # an fd passed to fdboxctl (read-write)\n"
              "fdboxctl put vm1 ram0 --file /proc/$QEMU_PID/fd/17 --meta slot=0")
     s.add_argument("box", metavar="BOX")
     s.add_argument("name", metavar="NAME")

@@ -4,6 +4,7 @@ streamed out, errors that say what is accepted, timeouts, help that explains its
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -298,3 +299,68 @@ def test_put_from_file_of_a_directory_is_refused(daemon, tmp_path):
     assert out.returncode == 2 and "Is a directory" in out.stderr, out
     with daemon.client() as c:
         assert c.list()["entries"] == []
+
+
+# ---------------------------------------------------------------- read-only fds at put (issue 25 §22)
+
+
+def _put_help_example(line_start: str) -> str:
+    """The line of ``fdboxctl put --help``'s examples that starts with ``line_start``."""
+    out = subprocess.run(ctl_cmd("put", "--help"), capture_output=True, text=True, env=env(), timeout=30)
+    (line,) = [ln.strip() for ln in out.stdout.splitlines() if ln.strip().startswith(line_start)]
+    return line.split("  #")[0].strip()
+
+
+WRITABLE = ("import fcntl, os, mmap; flags = fcntl.fcntl(3, fcntl.F_GETFL) & os.O_ACCMODE\n"
+            "m = mmap.mmap(3, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) if flags == os.O_RDWR else None\n"
+            "print('rw' if m is not None else 'ro')")
+
+
+def test_put_help_example_stores_a_writable_fd(daemon):
+    """`put --help`'s `--fd 3 3<…/proc/PID/fd/N` as written: a VMM given the entry back must
+    be able to map it writable (a shell's `3<` opens read-only)."""
+    example = _put_help_example("fdboxctl put vm1 ram0 --fd 3 ")
+    mem = memfd_with(b"\0" * 8192, flags=0)
+    try:
+        cmd = (example.replace("fdboxctl", f"{sys.executable} -m fdboxd.ctl --socket {daemon.socket}", 1)
+               .replace("$QEMU_PID", str(os.getpid())).replace("/fd/17", f"/fd/{mem}"))
+        out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env(), timeout=60,
+                             pass_fds=(mem,))
+    finally:
+        os.close(mem)
+    assert out.returncode == 0, out
+    assert "warning" not in out.stderr, out.stderr
+    assert _fd3(daemon, "vm1", "ram0", WRITABLE).strip() == "rw"
+
+
+def test_put_of_a_read_only_memfd_warns(daemon):
+    """Held all the same (it is the caller's file), but said at once: in the entry's
+    extra.warning and on fdboxctl's stderr."""
+    mem = memfd_with(b"\0" * 8192, flags=0)
+    ro = os.open(f"/proc/self/fd/{mem}", os.O_RDONLY)
+    try:
+        out = ctl(daemon, "put", "vm1", "ram0", "--fd", str(ro), pass_fds=(ro,))
+        out_json = ctl(daemon, "--json", "put", "vm1", "ram1", "--fd", str(ro), pass_fds=(ro,))
+    finally:
+        os.close(ro)
+        os.close(mem)
+    assert out.returncode == 0 and out.stdout.startswith("vm1/ram0: memfd"), out
+    assert out.stderr.startswith("fdboxctl: warning: vm1/ram0 is a read-only file description"), out.stderr
+    assert "3<>" in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out_json.returncode == 0 and "read-only" in json.loads(out_json.stdout)["extra"]["warning"]
+    with daemon.client() as c:
+        entries = {e["name"]: e for e in c.list("vm1")["entries"]}
+    assert "read-only" in entries["ram0"]["extra"]["warning"]
+    assert _fd3(daemon, "vm1", "ram0", WRITABLE).strip() == "ro"  # what the warning is about
+    assert "put vm1/ram0: it is a read-only file description" in daemon.log()
+
+
+def test_documented_fd_redirections_open_read_write():
+    """The docs and man pages pass fds as `3<>`, never `3<` (read-only: a VMM cannot map it)."""
+    sources = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "man").glob("*.scd")]
+    help_text = subprocess.run(ctl_cmd("put", "--help"), capture_output=True, text=True, env=env(),
+                               timeout=30).stdout
+    bad = [f"{src.name}: {line.strip()}" for src in sources for line in src.read_text().splitlines()
+           if re.search(r"\b\d<(?![>&(])\S*/proc/", line)]
+    bad += [f"put --help: {line.strip()}" for line in help_text.splitlines() if re.search(r"\b\d<(?![>&(])", line)]
+    assert not bad, bad
