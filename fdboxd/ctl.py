@@ -8,6 +8,8 @@ Human tables by default, ``--json`` for scripts. Exit codes mean something:
   ``--meta`` without ``=``, an ``--fd`` that is not open, a ``--from-file`` that
   cannot be read), always before anything was sent;
 - ``3`` ``preflight`` found something that would not survive the kexec;
+- ``130`` interrupted (SIGINT, Ctrl-C): one line, and ``get --out FILE`` leaves FILE
+  as it was (it writes a temporary file beside it and renames it at the end);
 - ``fdboxd.errors.EXIT_CODES[name]`` (10 and up) for each fdbox error name, so a script
   can tell ``NotFound`` from ``PermissionDenied`` without parsing text;
 - ``get … -- CMD`` and ``get-box … -- CMD`` *become* CMD (exec, like
@@ -47,6 +49,7 @@ EXIT_EXEC_FAILED = 127
 EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
 EXIT_PREFLIGHT = 3
+EXIT_INTERRUPTED = 128 + 2  # SIGINT, as a shell reports it
 DEFAULT_TIMEOUT = 60.0
 COPY_CHUNK = 1 << 20
 
@@ -308,15 +311,47 @@ def _exec_with_fds(c: Client, fds: list[int], names: list[str], argv: list[str])
 
 
 def _copy_out(fd: int, out: str) -> None:
-    """The entry's bytes to ``out`` ('-': stdout), streamed."""
+    """The entry's bytes to ``out`` ('-': stdout), streamed.
+
+    A file is written under a temporary name beside it (mode 0600, or the mode of the
+    file it replaces), flushed, and renamed over ``out`` only once complete: a copy cut
+    short (Ctrl-C, a full disk) removes its temporary file and leaves ``out`` as it was.
+    A path that exists and is not a regular file (a FIFO, ``/dev/null``) is written in
+    place: a rename would replace it.
+    """
     size = os.fstat(fd).st_size
     if out == "-":
         sys.stdout.flush()
         _copy(fd, sys.stdout.fileno(), size)
         return
-    dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    target = os.path.realpath(out)
     try:
+        mode: int | None = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        dst = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            _copy(fd, dst, size)
+        finally:
+            os.close(dst)
+        return
+    import tempfile  # only here: every other command starts without it
+
+    dst, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".part",
+                                dir=os.path.dirname(target))
+    try:
+        if mode is not None:
+            os.fchmod(dst, stat.S_IMODE(mode))
         _copy(fd, dst, size)
+        os.fsync(dst)
+        os.rename(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     finally:
         os.close(dst)
 
@@ -487,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=NAMES + "\n\nexit codes: 0 ok, 1 unexpected (no reply within --timeout, protocol error), "
         "2 bad command line (nothing was sent), 3 preflight found a problem, "
         + ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items())
-        + "; get/get-box -- CMD: CMD's own status (127: CMD cannot be run).",
+        + "; 130 interrupted (Ctrl-C); get/get-box -- CMD: CMD's own status (127: CMD cannot be run).",
     )
     p.add_argument("--socket", default=None, help="fdboxd socket (default: $FDBOX_SOCKET, "
                    f"{paths.SYSTEM_SOCKET} if present, else the user socket)")
@@ -529,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
              "fdboxctl get vm1 notes --out -                   # its bytes to stdout")
     s.add_argument("box", metavar="BOX")
     s.add_argument("name", metavar="NAME")
-    s.add_argument("--out", metavar="FILE", help="copy the file's contents to FILE ('-': stdout) instead")
+    s.add_argument("--out", metavar="FILE", help="copy the file's contents to FILE ('-': stdout) instead; written "
+                   "beside FILE and renamed at the end, so Ctrl-C leaves FILE as it was")
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
     s.set_defaults(func=cmd_get)
 
@@ -648,6 +684,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNEXPECTED
     except BrokenPipeError:
         return EXIT_UNEXPECTED
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; a get --out left FILE as it was
+        out = getattr(a, "out", None)
+        print("fdboxctl: interrupted" + (f"; {out} left as it was" if out and out != "-" else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except OSError as e:
         print(f"fdboxctl: {e}", file=sys.stderr)
         return EXIT_UNEXPECTED

@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -364,3 +366,70 @@ def test_documented_fd_redirections_open_read_write():
            if re.search(r"\b\d<(?![>&(])\S*/proc/", line)]
     bad += [f"put --help: {line.strip()}" for line in help_text.splitlines() if re.search(r"\b\d<(?![>&(])", line)]
     assert not bad, bad
+
+
+# ---------------------------------------------------------------- get --out and Ctrl-C (issue 25 §20)
+
+
+def test_ctrl_c_during_get_out_leaves_the_file_as_it_was(daemon, tmp_path):
+    """A real SIGINT while fdboxctl writes a 1 GiB entry out: FILE keeps its old contents,
+    no partial file is left beside it, one line on stderr, exit 130 (no traceback)."""
+    size = 1 << 30  # holes: the daemon's memfd costs no RAM, the copy still writes 1 GiB
+    fd = memfd_with(b"head", flags=0)
+    os.ftruncate(fd, size)
+    try:
+        with daemon.client() as c:
+            c.put("big", "ram0", fd)
+    finally:
+        os.close(fd)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = out_dir / "copy"
+    dst.write_bytes(b"old contents\n")
+    proc = subprocess.Popen(ctl_cmd("--socket", daemon.socket, "get", "big", "ram0", "--out", str(dst)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        def writing() -> bool:
+            return proc.poll() is not None or any(
+                p.name != "copy" and p.stat().st_size > 0 for p in out_dir.iterdir())
+
+        assert wait_for(writing, 60)
+        others = [p.name for p in out_dir.iterdir() if p.name != "copy"]
+        assert proc.poll() is None and others, f"no temporary file beside {dst} while writing: {others}"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, stderr)
+    assert stderr.startswith("fdboxctl: interrupted") and len(stderr.splitlines()) == 1, stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["copy"]
+    assert dst.read_bytes() == b"old contents\n"
+
+
+def test_get_out_replaces_a_file_whole_and_writes_into_a_fifo(daemon, tmp_path):
+    """The temporary file is renamed over FILE (keeping its mode); a FILE that is not a
+    regular file (a FIFO, /dev/null) is written in place, never replaced."""
+    fd = memfd_with(b"entry bytes\n", flags=0)
+    try:
+        with daemon.client() as c:
+            c.put("vm1", "notes", fd)
+    finally:
+        os.close(fd)
+    dst = tmp_path / "existing"
+    dst.write_bytes(b"a longer old content that must not survive\n")
+    dst.chmod(0o640)
+    assert ctl(daemon, "get", "vm1", "notes", "--out", str(dst)).returncode == 0
+    assert dst.read_bytes() == b"entry bytes\n" and dst.stat().st_mode & 0o777 == 0o640
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    out = ctl(daemon, "get", "vm1", "notes", "--out", str(fifo))
+    reader.join(30)
+    assert out.returncode == 0, out
+    assert got == [b"entry bytes\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "fifo"]
