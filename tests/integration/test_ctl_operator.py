@@ -433,3 +433,49 @@ def test_get_out_replaces_a_file_whole_and_writes_into_a_fifo(daemon, tmp_path):
     assert out.returncode == 0, out
     assert got == [b"entry bytes\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "fifo"]
+
+
+# ---------------------------------------------------------------- stopping a memory daemon (issue 25 §21)
+
+
+def test_stopping_a_memory_daemon_says_what_it_drops(daemon_factory, tmp_path):
+    """`--backend memory` outside systemd holds entries in the process only: its stop
+    drops them, and says so (boxes, entries, sizes, why, what would keep them), not just
+    "stopped"."""
+    d = daemon_factory("--backend", "memory")
+    for box, name, size in (("vm1", "ram0", 2 << 20), ("vm1", "notes", 10), ("vm2", "disk", 4096)):
+        src = tmp_path / f"{box}-{name}"
+        src.write_bytes(b"x" * size)
+        assert ctl(d, "put", box, name, "--from-file", str(src)).returncode == 0
+    assert d.stop() == 0
+    lines = [ln for ln in d.log().splitlines() if "WARNING" in ln and "stopping" in ln]
+    summary = [ln for ln in lines if "3 entries in 2 boxes" in ln]
+    assert len(summary) == 1, lines
+    assert "dropped" in summary[0] and "--backend memory" in summary[0], summary
+    assert "fd store" in summary[0] and "--backend kernel" in summary[0], summary
+    vm1 = [ln for ln in lines if "vm1:" in ln]
+    assert len(vm1) == 1 and "2 entries, 2.0MiB" in vm1[0] and "notes (10B)" in vm1[0] and "ram0 (2.0MiB)" in vm1[0], lines
+    assert any("vm2: 1 entry, 4.0KiB" in ln for ln in lines), lines
+
+
+def test_stopping_says_nothing_is_dropped_when_nothing_is_held_or_systemd_keeps_it(daemon_factory, tmp_path):
+    from test_systemd import NotifySocket
+
+    d = daemon_factory("--backend", "memory")
+    assert d.stop() == 0
+    assert "stopping" not in d.log() or "WARNING" not in d.log(), d.log()
+    notify = NotifySocket(tmp_path / "notify")
+    try:
+        d = daemon_factory("--backend", "memory", env={"NOTIFY_SOCKET": notify.path})
+        fd = memfd_with(b"x" * 100, flags=0)
+        try:
+            with d.client() as c:
+                c.put("vm1", "ram0", fd)
+        finally:
+            os.close(fd)
+        assert notify.wait(lambda: "vm1/ram0" in notify.store)
+        assert d.stop() == 0
+    finally:
+        notify.close()
+    assert not [ln for ln in d.log().splitlines() if "WARNING" in ln], d.log()
+    assert "1 entry in 1 box stays in systemd's fd store" in d.log(), d.log()
