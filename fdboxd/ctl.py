@@ -175,8 +175,9 @@ def _memfd_copy(path: str) -> int:
 
     A regular file is copied by its data extents (``SEEK_DATA``/``SEEK_HOLE``), so its
     holes stay holes in the memfd and a sparse image does not become resident RAM. Any
-    other file (a pipe or FIFO, ``/dev/stdin``, a character device) is read to its end:
-    its ``st_size`` says nothing about what it holds. Chunks of zeros are not written
+    other file (a pipe or FIFO, ``/dev/stdin``, a character device), or one whose size
+    is 0 (``/proc/version``), is read to its end: its ``st_size`` says nothing about
+    what it holds. Chunks of zeros are not written
     either way (the memfd reads zeros there). Written with ``pwrite``: the memfd's
     offset, which every fd the daemon hands out for the entry shares, stays at 0, so a
     program given it as fd 3 reads from the start (``cat <&3``).
@@ -190,11 +191,14 @@ def _memfd_copy(path: str) -> int:
         st = os.fstat(src)
         if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if stat.S_ISREG(st.st_mode):
+        if stat.S_ISREG(st.st_mode) and st.st_size:
             os.ftruncate(mem, st.st_size)
             for start, end in _data_extents(src, st.st_size):
-                _pcopy(src, mem, start, end)
-        else:
+                reached = _pcopy(src, mem, start, end)
+                if reached < end:  # shorter than st_size said (sysfs says 4096): what it holds
+                    os.ftruncate(mem, reached)
+                    break
+        else:  # st_size says nothing (0 also for /proc's regular files): read to the end
             os.ftruncate(mem, _pcopy(src, mem, 0, None))
         return mem
     except BaseException as e:

@@ -273,6 +273,16 @@ def test_put_from_file_of_a_fifo_reads_to_its_end(daemon, tmp_path):
     assert _fd3(daemon, "vm1", "fifo", "import os; print(os.fstat(3).st_size)").strip() == str(len(data))
 
 
+def test_put_from_file_of_a_proc_file_reads_what_it_holds(daemon):
+    """/proc's files are regular with st_size 0; sysfs's say 4096 whatever they hold."""
+    for name, path in (("version", "/proc/version"), ("lo-address", "/sys/class/net/lo/address")):
+        want = open(path, "rb").read()
+        assert ctl(daemon, "put", "host", name, "--from-file", path).returncode == 0
+        got = subprocess.run(ctl_cmd("--socket", daemon.socket, "get", "host", name, "--out", "-"),
+                             capture_output=True, env=env(), timeout=60)
+        assert got.returncode == 0 and got.stdout == want, (path, got.stdout[:200])
+
+
 def test_put_from_file_keeps_a_sparse_files_holes(daemon, tmp_path):
     """A 64 MiB file with 8 KiB of data: its copy in the memfd holds 8 KiB of pages, not 64 MiB."""
     size = 64 << 20
