@@ -551,15 +551,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_list)
 
     s = _sub(sub, "put", common, "store a file as BOX/NAME",
-             "fdboxctl put vm1 notes --from-file /etc/hostname      # a copy in a new memfd\n"
-             "fdboxctl put vm1 ram0 --fd 3 3<>/proc/$QEMU_PID/fd/17   # an fd passed to fdboxctl (read-write)\n"
+             "fdboxctl put vm1 notes --from-file /etc/hostname        # a copy in a new memfd\n"
+             "fdboxctl put vm1 ram0 --fd 3 3<>/proc/$QEMU_PID/fd/17   # an fd passed to fdboxctl, read-write\n"
              "fdboxctl put vm1 ram0 --file /proc/$QEMU_PID/fd/17 --meta slot=0")
     s.add_argument("box", metavar="BOX")
     s.add_argument("name", metavar="NAME")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--fd", type=int, help="an fd this process inherited (checked before connecting)")
     src.add_argument("--file", help="open this path and store it (e.g. /proc/PID/fd/N of a memfd)")
-    src.add_argument("--from-file", metavar="PATH", help="copy PATH into a new memfd and store that")
+    src.add_argument("--from-file", metavar="PATH", help="copy PATH into a new memfd and store that (a file's "
+                     "holes stay holes; a pipe, FIFO or /dev/stdin is read to its end)")
     s.add_argument("--meta", action="append", default=[], metavar="K=V", help="user metadata (repeatable)")
     s.set_defaults(func=cmd_put)
 
