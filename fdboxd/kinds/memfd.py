@@ -62,12 +62,14 @@ def put_warning(fd: int, seals: int | None) -> str | None:
     return f"{found[0]}; fix: {found[1]}"
 
 
-def read_only_warning(fd: int) -> str | None:
+def read_only_warning(fd: int, hugetlb: bool = False) -> str | None:
     """The warning a put of a read-only file description gets (issue 25 §22).
 
     What is held is the caller's open file itself, access mode included, and Get hands
     that back: a VMM given an ``O_RDONLY`` one cannot write the guest's RAM or map it
-    shared and writable. Held all the same (it is the caller's file to pass), but said.
+    shared and writable; and fdbox.ko's SEAL adds seals to a hugetlb memfd only through
+    a writable reference (EPERM otherwise). Held all the same (it is the caller's file
+    to pass), but said.
     """
     try:
         mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
@@ -76,7 +78,8 @@ def read_only_warning(fd: int) -> str | None:
     if mode != os.O_RDONLY:
         return None
     return ("is a read-only file description (opened O_RDONLY, as a shell's `3<` does): whoever gets it back "
-            "cannot write it or map it writable; fix: pass it opened read-write (`3<>`, O_RDWR)")
+            "cannot write it or map it writable" + (", nor can fdbox.ko seal it for a kexec" if hugetlb else "")
+            + "; fix: pass it opened read-write (`3<>`, O_RDWR)")
 
 
 @register
@@ -84,7 +87,8 @@ class MemfdKind(Kind):
     types = frozenset({FdType.MEMFD, FdType.MEMFD_HUGETLB})
 
     def record(self, fd: int, info: FdInfo, caller: Caller) -> dict[str, Any]:
-        warnings = [read_only_warning(fd), put_warning(fd, info.seals) if info.type == FdType.MEMFD_HUGETLB else None]
+        hugetlb = info.type == FdType.MEMFD_HUGETLB
+        warnings = [read_only_warning(fd, hugetlb), put_warning(fd, info.seals) if hugetlb else None]
         warning = "; and it ".join(w for w in warnings if w)
         return {"warning": warning} if warning else {}
 
