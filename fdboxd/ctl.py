@@ -8,6 +8,8 @@ Human tables by default, ``--json`` for scripts. Exit codes mean something:
   ``--meta`` without ``=``, an ``--fd`` that is not open, a ``--from-file`` that
   cannot be read), always before anything was sent;
 - ``3`` ``preflight`` found something that would not survive the kexec;
+- ``130`` interrupted (SIGINT, Ctrl-C): one line, and ``get --out FILE`` leaves FILE
+  as it was (it writes a temporary file beside it and renames it at the end);
 - ``fdboxd.errors.EXIT_CODES[name]`` (10 and up) for each fdbox error name, so a script
   can tell ``NotFound`` from ``PermissionDenied`` without parsing text;
 - ``get … -- CMD`` and ``get-box … -- CMD`` *become* CMD (exec, like
@@ -26,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import fcntl
 import json
 import os
+import stat
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from . import __version__, paths
@@ -45,6 +49,7 @@ EXIT_EXEC_FAILED = 127
 EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
 EXIT_PREFLIGHT = 3
+EXIT_INTERRUPTED = 128 + 2  # SIGINT, as a shell reports it
 DEFAULT_TIMEOUT = 60.0
 COPY_CHUNK = 1 << 20
 
@@ -166,22 +171,87 @@ def _put_source(a: argparse.Namespace) -> int:
 
 
 def _memfd_copy(path: str) -> int:
-    """A sealable memfd holding a copy of ``path`` (``put --from-file``: try fdbox by hand)."""
+    """A sealable memfd holding a copy of ``path`` (``put --from-file``: try fdbox by hand).
+
+    A regular file is copied by its data extents (``SEEK_DATA``/``SEEK_HOLE``), so its
+    holes stay holes in the memfd and a sparse image does not become resident RAM. Any
+    other file (a pipe or FIFO, ``/dev/stdin``, a character device), or one whose size
+    is 0 (``/proc/version``), is read to its end: its ``st_size`` says nothing about
+    what it holds. Chunks of zeros are not written
+    either way (the memfd reads zeros there). Written with ``pwrite``: the memfd's
+    offset, which every fd the daemon hands out for the entry shares, stays at 0, so a
+    program given it as fd 3 reads from the start (``cat <&3``).
+    """
     try:
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise UsageError(f"--from-file {path}: {e.strerror}") from None
     mem = os.memfd_create(os.path.basename(path) or "fdbox", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        size = os.fstat(src).st_size
-        os.ftruncate(mem, size)
-        _copy(src, mem, size)
+        st = os.fstat(src)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if stat.S_ISREG(st.st_mode) and st.st_size:
+            os.ftruncate(mem, st.st_size)
+            for start, end in _data_extents(src, st.st_size):
+                reached = _pcopy(src, mem, start, end)
+                if reached < end:  # shorter than st_size said (sysfs says 4096): what it holds
+                    os.ftruncate(mem, reached)
+                    break
+        else:  # st_size says nothing (0 also for /proc's regular files): read to the end
+            os.ftruncate(mem, _pcopy(src, mem, 0, None))
         return mem
-    except OSError as e:
+    except BaseException as e:
         os.close(mem)
-        raise UsageError(f"--from-file {path}: {e.strerror}") from None
+        if isinstance(e, OSError):
+            raise UsageError(f"--from-file {path}: {e.strerror}") from None
+        raise
     finally:
         os.close(src)
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of data in the first ``size`` bytes of ``fd``; the
+    whole range where the file system cannot tell data from holes."""
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # a hole from off to the end
+                return
+            if e.errno != errno.EINVAL:
+                raise
+            yield off, size  # no SEEK_DATA here: copy it all (zero chunks are still skipped)
+            return
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        off = end
+
+
+_ZEROS = bytes(COPY_CHUNK)
+
+
+def _pcopy(src: int, dst: int, start: int, end: int | None) -> int:
+    """Copy ``src`` to ``dst`` at the same offsets from ``start`` to ``end`` (None: read
+    ``src`` to its end, from where it stands); return the end reached. ``pwrite`` only:
+    ``dst``'s offset does not move. Chunks of zeros are skipped (holes in ``dst``)."""
+    off = start
+    while end is None or off < end:
+        n = COPY_CHUNK if end is None else min(COPY_CHUNK, end - off)
+        chunk = os.read(src, n) if end is None else os.pread(src, n, off)
+        if not chunk:
+            break
+        if chunk != (_ZEROS if len(chunk) == COPY_CHUNK else bytes(len(chunk))):
+            view = memoryview(chunk)
+            at = off
+            while view:
+                k = os.pwrite(dst, view, at)
+                view, at = view[k:], at + k
+        off += len(chunk)
+    return off
 
 
 def _copy(src: int, dst: int, size: int | None) -> None:
@@ -213,6 +283,9 @@ def cmd_put(c: Client, a: argparse.Namespace) -> int:
         _print_json(entry)
     else:
         print(f"{entry['box']}/{entry['name']}: {entry['type']}, {_human_size(int(entry['size']))}")
+    warning = (entry.get("extra") or {}).get("warning")
+    if warning:  # held all the same; the daemon logs it too (fdboxd.kinds.memfd)
+        print(f"fdboxctl: warning: {entry['box']}/{entry['name']} {warning}", file=sys.stderr)
     return 0
 
 
@@ -242,15 +315,47 @@ def _exec_with_fds(c: Client, fds: list[int], names: list[str], argv: list[str])
 
 
 def _copy_out(fd: int, out: str) -> None:
-    """The entry's bytes to ``out`` ('-': stdout), streamed."""
+    """The entry's bytes to ``out`` ('-': stdout), streamed.
+
+    A file is written under a temporary name beside it (mode 0600, or the mode of the
+    file it replaces), flushed, and renamed over ``out`` only once complete: a copy cut
+    short (Ctrl-C, a full disk) removes its temporary file and leaves ``out`` as it was.
+    A path that exists and is not a regular file (a FIFO, ``/dev/null``) is written in
+    place: a rename would replace it.
+    """
     size = os.fstat(fd).st_size
     if out == "-":
         sys.stdout.flush()
         _copy(fd, sys.stdout.fileno(), size)
         return
-    dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    target = os.path.realpath(out)
     try:
+        mode: int | None = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        dst = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            _copy(fd, dst, size)
+        finally:
+            os.close(dst)
+        return
+    import tempfile  # only here: every other command starts without it
+
+    dst, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".part",
+                                dir=os.path.dirname(target))
+    try:
+        if mode is not None:
+            os.fchmod(dst, stat.S_IMODE(mode))
         _copy(fd, dst, size)
+        os.fsync(dst)
+        os.rename(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     finally:
         os.close(dst)
 
@@ -421,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=NAMES + "\n\nexit codes: 0 ok, 1 unexpected (no reply within --timeout, protocol error), "
         "2 bad command line (nothing was sent), 3 preflight found a problem, "
         + ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items())
-        + "; get/get-box -- CMD: CMD's own status (127: CMD cannot be run).",
+        + "; 130 interrupted (Ctrl-C); get/get-box -- CMD: CMD's own status (127: CMD cannot be run).",
     )
     p.add_argument("--socket", default=None, help="fdboxd socket (default: $FDBOX_SOCKET, "
                    f"{paths.SYSTEM_SOCKET} if present, else the user socket)")
@@ -446,15 +551,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_list)
 
     s = _sub(sub, "put", common, "store a file as BOX/NAME",
-             "fdboxctl put vm1 notes --from-file /etc/hostname      # a copy in a new memfd\n"
-             "fdboxctl put vm1 ram0 --fd 3 3</proc/$QEMU_PID/fd/17    # an fd passed to fdboxctl\n"
+             "fdboxctl put vm1 notes --from-file /etc/hostname        # a copy in a new memfd\n"
+             "fdboxctl put vm1 ram0 --fd 3 3<>/proc/$QEMU_PID/fd/17   # an fd passed to fdboxctl, read-write\n"
              "fdboxctl put vm1 ram0 --file /proc/$QEMU_PID/fd/17 --meta slot=0")
     s.add_argument("box", metavar="BOX")
     s.add_argument("name", metavar="NAME")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--fd", type=int, help="an fd this process inherited (checked before connecting)")
     src.add_argument("--file", help="open this path and store it (e.g. /proc/PID/fd/N of a memfd)")
-    src.add_argument("--from-file", metavar="PATH", help="copy PATH into a new memfd and store that")
+    src.add_argument("--from-file", metavar="PATH", help="copy PATH into a new memfd and store that (a file's "
+                     "holes stay holes; a pipe, FIFO or /dev/stdin is read to its end)")
     s.add_argument("--meta", action="append", default=[], metavar="K=V", help="user metadata (repeatable)")
     s.set_defaults(func=cmd_put)
 
@@ -463,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
              "fdboxctl get vm1 notes --out -                   # its bytes to stdout")
     s.add_argument("box", metavar="BOX")
     s.add_argument("name", metavar="NAME")
-    s.add_argument("--out", metavar="FILE", help="copy the file's contents to FILE ('-': stdout) instead")
+    s.add_argument("--out", metavar="FILE", help="copy the file's contents to FILE ('-': stdout) instead; written "
+                   "beside FILE and renamed at the end, so Ctrl-C leaves FILE as it was")
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
     s.set_defaults(func=cmd_get)
 
@@ -582,6 +689,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNEXPECTED
     except BrokenPipeError:
         return EXIT_UNEXPECTED
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; a get --out left FILE as it was
+        out = getattr(a, "out", None)
+        print("fdboxctl: interrupted" + (f"; {out} left as it was" if out and out != "-" else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except OSError as e:
         print(f"fdboxctl: {e}", file=sys.stderr)
         return EXIT_UNEXPECTED

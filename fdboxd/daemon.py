@@ -254,11 +254,58 @@ class Daemon:
             unlink_socket(*self._bound)  # a socket file left behind would only mislead
             self._bound = None
         # Only the memory backend's references die with the process; the kernel keeps its own.
+        log_what_stop_drops(self.backend, in_fd_store=self.systemd.mirror)
         self.backend.close()
         if self.store.manifest is not None:
             self.store.manifest.close()  # the journal, and a compaction still running
         self.systemd.close()
         log.info("fdboxd stopped")
+
+
+def log_what_stop_drops(backend: Any, in_fd_store: bool, shown: int = 8) -> None:
+    """Say at stop what the memory backend's process-held entries become (issue 25 §21).
+
+    ``--backend memory`` holds each entry as an fd of this process and nothing else: when
+    the process exits they are gone. Outside systemd's fd store that is a loss, logged
+    as warnings: one line naming the count, the size, why and what would keep them, and
+    one line per box with its entries and sizes (the first ``shown``). Under the unit's
+    fd store (``in_fd_store``, fdboxd.systemd's mirror) they stay there: one info line.
+    Other backends' references outlive the process; nothing is said for them here.
+    """
+    if backend.name != "memory":
+        return
+    boxes = {name: b for name, b in sorted(backend.inventory().items()) if b.entries}
+    n = sum(len(b.entries) for b in boxes.values())
+    if not n:
+        return
+
+    def size(v: int) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if v < 1024 or unit == "GiB":
+                return f"{v}{unit}" if unit == "B" else f"{v:.1f}{unit}"
+            v /= 1024  # type: ignore[assignment]
+        return str(v)  # pragma: no cover
+
+    def count(k: int, one: str, many: str) -> str:
+        return f"{k} {one if k == 1 else many}"
+
+    what = f"{count(n, 'entry', 'entries')} in {count(len(boxes), 'box', 'boxes')}"
+    if in_fd_store:
+        log.info("stopping: %s %s in systemd's fd store (a restart of the unit gets %s back; a stop without "
+                 "FileDescriptorStorePreserve=yes drops %s)", what, "stays" if n == 1 else "stay",
+                 "it" if n == 1 else "them", "it" if n == 1 else "them")
+        return
+    total = sum(e.size for b in boxes.values() for e in b.entries.values())
+    log.warning("stopping: %s (%s) %s dropped: --backend memory holds %s in this process only, and it is "
+                "exiting; what keeps entries across a daemon restart: systemd's fd store (run fdboxd as "
+                "fdboxd.service) or --backend kernel, liveupdate or auto", what, size(total),
+                "is" if n == 1 else "are", "it" if n == 1 else "them")
+    for name, b in boxes.items():
+        entries = sorted(b.entries.values(), key=lambda e: e.name)
+        listed = ", ".join(f"{e.name} ({size(e.size)})" for e in entries[:shown])
+        more = f", and {len(entries) - shown} more" if len(entries) > shown else ""
+        log.warning("stopping: dropped %s: %s, %s: %s%s", name, count(len(entries), "entry", "entries"),
+                    size(sum(e.size for e in entries)), listed, more, extra={"FDBOX_BOX": name})
 
 
 _UNLOGGED = frozenset({"List", "Status", "GetInfo", "GetInterfaceDescription"})

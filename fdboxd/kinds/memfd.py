@@ -5,11 +5,13 @@ handler, or fdbox.ko with KHO); the seal checksums it, the restore checks it, Ge
 returns it. Nothing to recreate; at put, a hugetlb memfd fdbox.ko could not seal
 (``F_SEAL_SEAL`` without the seals it needs: made without ``MFD_ALLOW_SEALING``; or
 1 GiB pages) is held all the same but gets ``extra.warning`` saying why and the fix,
-at once rather than at the seal before a kexec (issue 20; :mod:`fdboxd.preflight`).
+at once rather than at the seal before a kexec (issue 20; :mod:`fdboxd.preflight`); so
+does a read-only file description (issue 25 §22: Get would hand a VMM RAM it cannot write).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from typing import Any
 
@@ -60,14 +62,34 @@ def put_warning(fd: int, seals: int | None) -> str | None:
     return f"{found[0]}; fix: {found[1]}"
 
 
+def read_only_warning(fd: int, hugetlb: bool = False) -> str | None:
+    """The warning a put of a read-only file description gets (issue 25 §22).
+
+    What is held is the caller's open file itself, access mode included, and Get hands
+    that back: a VMM given an ``O_RDONLY`` one cannot write the guest's RAM or map it
+    shared and writable; and fdbox.ko's SEAL adds seals to a hugetlb memfd only through
+    a writable reference (EPERM otherwise). Held all the same (it is the caller's file
+    to pass), but said.
+    """
+    try:
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError:
+        return None
+    if mode != os.O_RDONLY:
+        return None
+    return ("is a read-only file description (opened O_RDONLY, as a shell's `3<` does): whoever gets it back "
+            "cannot write it or map it writable" + (", nor can fdbox.ko seal it for a kexec" if hugetlb else "")
+            + "; fix: pass it opened read-write (`3<>`, O_RDWR)")
+
+
 @register
 class MemfdKind(Kind):
     types = frozenset({FdType.MEMFD, FdType.MEMFD_HUGETLB})
 
     def record(self, fd: int, info: FdInfo, caller: Caller) -> dict[str, Any]:
-        if info.type != FdType.MEMFD_HUGETLB:
-            return {}
-        warning = put_warning(fd, info.seals)
+        hugetlb = info.type == FdType.MEMFD_HUGETLB
+        warnings = [read_only_warning(fd, hugetlb), put_warning(fd, info.seals) if hugetlb else None]
+        warning = "; and it ".join(w for w in warnings if w)
         return {"warning": warning} if warning else {}
 
     def preflight(self, box: str, entry: Entry, state: BoxState, seals: int | None,

@@ -95,8 +95,8 @@ def test_some_block_is_tested():
     assert _tested_blocks(), "no ```sh tested block: the docs' first steps are never run"
 
 
-@pytest.mark.parametrize("where,body", _tested_blocks(), ids=[w for w, _ in _tested_blocks()])
-def test_tested_block_runs(where: str, body: str, tmp_path: Path):
+def _run_block(body: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run a ``sh tested`` block as a reader would; (the bash run, its runtime directory)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, module in (("fdboxd", "fdboxd"), ("fdboxctl", "fdboxd.ctl"), ("fdbox-qemu", "fdboxd.qemu")):
@@ -113,5 +113,24 @@ def test_tested_block_runs(where: str, body: str, tmp_path: Path):
     }
     script = "set -e\n" + body + "\nwait\n"  # the block's own `kill %1` ends its daemon; wait reaps it
     p = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return p, run_dir
+
+
+@pytest.mark.parametrize("where,body", _tested_blocks(), ids=[w for w, _ in _tested_blocks()])
+def test_tested_block_runs(where: str, body: str, tmp_path: Path):
+    p, run_dir = _run_block(body, tmp_path)
     assert p.returncode == 0, f"{where} failed ({p.returncode}):\n{textwrap.indent(p.stdout + p.stderr, '  ')}"
     assert not (run_dir / "fdbox" / "fdboxd.sock").exists(), "the daemon's socket outlived the block"
+
+
+def test_the_readmes_first_steps_print_what_they_say(tmp_path: Path):
+    """Not only the exit code: the README's `get vm1 notes -- sh -c '…; cat <&3'` prints
+    the copy of /etc/hostname it put (issue 25 §18: fd 3 came at offset EOF, cat printed
+    nothing and the block still passed), and `get … --out -` does too."""
+    (body,) = [b for w, b in _tested_blocks() if w.startswith("README.md:") and "cat <&3" in b]
+    assert "--from-file /etc/hostname" in body and "fdboxctl get vm1 notes --out -" in body
+    hostname = Path("/etc/hostname").read_text()
+    p, _ = _run_block(body, tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"fd 3 is notes\n{hostname}" in p.stdout, p.stdout
+    assert p.stdout.count(hostname) >= 2, p.stdout  # --out - and cat <&3
