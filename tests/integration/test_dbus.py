@@ -14,10 +14,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -277,22 +277,61 @@ def test_second_uid_is_identified_by_the_bus(dbus_daemon, bus):
     os.close(mine)
 
 
+class Monitor:
+    """``dbus-monitor`` on a match rule, its output read line by line by a thread.
+
+    Started, it has registered: the bus sends a monitor ``NameLost`` for its own unique
+    name inside ``BecomeMonitor``, once the monitor's match rules are in place, and
+    ``dbus-monitor`` prints it (it flushes after every message). No fixed sleep: under
+    load the registration can take seconds. Stopped with SIGTERM, not SIGINT: a test
+    run started from a non-interactive shell's background job inherits SIGINT ignored,
+    and ``dbus-monitor`` keeps the disposition it inherits (it then never exits).
+    """
+
+    def __init__(self, address: str, *rules: str, timeout: float = 60.0) -> None:
+        self.proc = subprocess.Popen(["dbus-monitor", "--address", address, *rules], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not wait_for(lambda: "member=NameLost" in self.text(), timeout):
+            self.stop()
+            raise AssertionError(f"dbus-monitor did not register as a monitor in {timeout} s: {self.text()!r}")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(list(self.lines))
+
+    def members(self) -> list[str]:
+        return re.findall(r"member=(\w+)", self.text())
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self._reader.join(30)
+        return self.text()
+
+
 def test_signals_and_properties_changed(dbus_daemon, bus):
-    mon = subprocess.Popen(["dbus-monitor", "--address", bus, "type='signal',sender='io.fdbox1'"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    mon = Monitor(bus, "type='signal',sender='io.fdbox1'")
     try:
-        time.sleep(0.5)  # the monitor's match is in place
         fd = memfd_with(b"abc")
         put(bus, "vm2", "disk", fd)
         os.close(fd)
         assert gdbus(bus, "Seal", "vm2").returncode == 0
         gdbus(bus, "Unseal", "vm2")
         gdbus(bus, "Remove", "vm2", "disk")
-        time.sleep(0.5)
+        # The last of them: EntryRemoved, then PropertiesChanged with EntryCount back to 0.
+        last = re.compile(r'member=EntryRemoved.*member=PropertiesChanged.*string "EntryCount"\s+variant\s+uint32 0',
+                          re.DOTALL)
+        assert wait_for(lambda: last.search(mon.text()), 30), mon.text()
     finally:
-        mon.send_signal(signal.SIGINT)
-        text = mon.communicate(timeout=10)[0]
-    members = re.findall(r"member=(\w+)", text)
+        text = mon.stop()
+    members = [m for m in re.findall(r"member=(\w+)", text) if m not in ("NameAcquired", "NameLost")]
     assert members.count("EntryAdded") == 1 and members.count("EntryRemoved") == 1, text
     assert members.count("StateChanged") == 2, text
     assert 'string "sealed"' in text and 'string "open"' in text
@@ -505,9 +544,10 @@ def test_seal_empty_string_means_every_box(dbus_daemon, bus):
 
 def test_caller_identity_costs_one_bus_call_per_connection(dbus_daemon, bus):
     """GetConnectionCredentials once per unique name (cached), not per call."""
-    mon = subprocess.Popen(["dbus-monitor", "--address", bus, "type='method_call',interface='org.freedesktop.DBus'"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    time.sleep(0.5)
+    # The Lists too: the bus routes in order, so once the fifth List is seen, every
+    # GetConnectionCredentials fdboxd sent before answering them has been seen.
+    mon = Monitor(bus, "type='method_call',interface='org.freedesktop.DBus'",
+                  "type='method_call',interface='io.fdbox1.Manager',member='List'")
     script = f"""
 import asyncio
 from dbus_fast import Message
@@ -523,9 +563,8 @@ asyncio.run(main())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    time.sleep(0.5)
-    mon.terminate()
-    text = mon.communicate(timeout=10)[0]
+    assert wait_for(lambda: mon.text().count("member=List") == 5, 30), mon.text()
+    text = mon.stop()
     assert text.count("member=GetConnectionCredentials") == 1, text
     assert "GetConnectionUnixUser" not in text and "GetConnectionUnixProcessID" not in text
 
