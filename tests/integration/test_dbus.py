@@ -25,7 +25,7 @@ import pytest
 from fdboxtest import memfd_with, pattern, wait_for
 
 from fdboxd.client import read_all
-from fdboxd.errors import ERROR_NAMES
+from fdboxd.errors import ERROR_NAMES, FdboxError
 
 pytest.importorskip("dbus_fast")
 for _tool in ("dbus-daemon", "gdbus", "busctl", "dbus-monitor"):
@@ -187,6 +187,7 @@ def test_introspection_is_complete(dbus_daemon, bus):
     assert rows["GetBox"] == ("method", "s", "a(sh)")
     assert rows["PutMany"] == ("method", "sa(sha{ss})", "aa{sv}")
     assert rows["NetRestore"] == ("method", "s", "aa{sv}")
+    assert rows["SealWithOptions"] == ("method", "sa{sv}", "as")
     for m, sig in {"Remove": "ss", "DeleteBox": "s", "Seal": "s", "Unseal": "s", "Status": "-", "Finish": "s"}.items():
         assert rows[m][:2] == ("method", sig), m
     for p, sig in {"State": "s", "Backend": "s", "Version": "s", "EntryCount": "u"}.items():
@@ -585,3 +586,170 @@ def test_preflight_on_the_bus_is_varlinks(dbus_daemon, bus):
     assert report["backend"]["data"] == want["backend"] and report["entries"]["data"] == want["entries"] == 1
     assert report["problems"]["data"] == [{k: str(v) for k, v in p.items()} for p in want["problems"]]
     assert any(p["box"] == "vm1" and p["name"] == "ram0" for p in report["problems"]["data"])
+
+
+# ------------------------------------------------------------------ one service, two front-ends
+# Varlink and D-Bus call one fdboxd.service.Service: the same call on either front-end
+# follows the same rules. Each test runs once per front-end and compares with the other.
+
+FRONT_ENDS = ("varlink", "dbus")
+
+
+async def _dbus_raw(address: str, member: str, signature: str = "", body: list | None = None):  # type: ignore[no-untyped-def,type-arg]
+    """One io.fdbox1.Manager call with dbus-fast: (error name or None, body, fds received)."""
+    from dbus_fast import Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    bus = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+    try:
+        reply = await bus.call(Message(destination="io.fdbox1", path="/io/fdbox1", interface="io.fdbox1.Manager",
+                                       member=member, signature=signature, body=body or []))
+        fds = list(reply.unix_fds or [])
+        if reply.message_type == MessageType.ERROR:
+            return reply.error_name.removeprefix("io.fdbox1.Error."), reply.body, fds
+        return None, reply.body, fds
+    finally:
+        bus.disconnect()
+
+
+def front_get(front: str, daemon, bus: str, box: str, name: str) -> tuple[str | None, int | None]:  # type: ignore[no-untyped-def]
+    """Get on one front-end: (error name, None) or (None, fd)."""
+    if front == "varlink":
+        try:
+            with daemon.client() as c:
+                return None, c.get(box, name)[1]
+        except FdboxError as e:
+            return e.name, None
+    err, body, fds = asyncio.run(_dbus_raw(bus, "Get", "ss", [box, name]))
+    if err:
+        return err, None
+    assert len(fds) == 1 and body == [0], (body, fds)
+    return None, fds[0]
+
+
+def front_get_box(front: str, daemon, bus: str, box: str) -> tuple[str | None, dict[str, int]]:  # type: ignore[no-untyped-def]
+    if front == "varlink":
+        try:
+            with daemon.client() as c:
+                return None, {e["name"]: fd for e, fd in c.get_box(box)}
+        except FdboxError as e:
+            return e.name, {}
+    err, body, fds = asyncio.run(_dbus_raw(bus, "GetBox", "s", [box]))
+    return err, ({name: fds[i] for name, i in body[0]} if not err else {})
+
+
+def front_seal(front: str, daemon, bus: str, box: str, **options: object) -> tuple[str | None, list[str]]:  # type: ignore[no-untyped-def]
+    """Seal with options (Varlink's Seal parameters; D-Bus SealWithOptions' a{sv})."""
+    if front == "varlink":
+        try:
+            with daemon.client() as c:
+                return None, c.call("Seal", {"box": box, **options})[0]["sealed"]
+        except FdboxError as e:
+            return e.name, []
+    from dbus_fast import Variant
+
+    opts = {k: Variant("b" if isinstance(v, bool) else "s", v) for k, v in options.items()}
+    err, body, _ = asyncio.run(_dbus_raw(bus, "SealWithOptions", "sa{sv}", [box, opts]))
+    return err, (body[0] if not err else [])
+
+
+def box_states(daemon) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    with daemon.client() as c:
+        return {b["name"]: b["state"] for b in c.list()["boxes"]}
+
+
+@pytest.mark.parametrize("front", FRONT_ENDS)
+def test_seal_with_preflight_refuses_on_both_front_ends(front, dbus_daemon, bus):
+    """The memory backend carries nothing across a kexec: a preflighted seal of a box
+    with an entry refuses, seals nothing, and names the preflight's first problem —
+    on D-Bus (SealWithOptions) exactly as on Varlink (Seal with preflight)."""
+    fd = memfd_with(b"ram" * 1000)
+    try:
+        with dbus_daemon.client() as c:
+            c.put("pf", "ram0", fd)
+            want = c.preflight()
+    finally:
+        os.close(fd)
+    assert not want["ok"]
+    err, sealed = front_seal(front, dbus_daemon, bus, "pf", preflight=True)
+    assert err == want["problems"][0]["error"] and sealed == []
+    assert box_states(dbus_daemon) == {"pf": "open"}  # nothing sealed
+    assert "preflight: " in dbus_daemon.log()
+    # The same parameter checks: a preflight that is not a boolean.
+    assert front_seal(front, dbus_daemon, bus, "pf", preflight="yes")[0] == "InvalidRequest"
+    assert box_states(dbus_daemon) == {"pf": "open"}
+    # Without the preflight the same box seals, as plain Seal does.
+    assert front_seal(front, dbus_daemon, bus, "pf", preflight=False) == (None, ["pf"])
+    assert box_states(dbus_daemon) == {"pf": "sealed"}
+
+
+def test_seal_with_options_over_busctl_and_unknown_options(dbus_daemon, bus):
+    """The documented command line: busctl's a{sv}; an option Varlink's Seal has not is refused."""
+    put(bus, "pb", "ram0", memfd_with(b"x"))
+    out = busctl(bus, "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "SealWithOptions", "sa{sv}",
+                 "pb", "1", "preflight", "b", "true")
+    assert out.returncode != 0 and "preflight: " in out.stderr, (out.stdout, out.stderr)
+    out = busctl(bus, "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "SealWithOptions", "sa{sv}",
+                 "pb", "1", "force", "b", "true")
+    assert out.returncode != 0 and "force" in out.stderr, out.stderr
+    assert box_states(dbus_daemon) == {"pb": "open"}
+    out = busctl(bus, "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "SealWithOptions", "sa{sv}",
+                 "pb", "0")
+    assert out.returncode == 0 and out.stdout.strip() == 'as 1 "pb"', (out.stdout, out.stderr)
+
+
+@pytest.mark.parametrize("front", FRONT_ENDS)
+def test_get_follows_the_same_rules_on_both_front_ends(front, dbus_daemon, bus):
+    """Get and GetBox hand out the held file itself (the backend's fd lent, or a dup of
+    it: one open file description, so one offset), check ownership without a name
+    oracle, refuse what is missing, and leave no fd behind, on either front-end."""
+    data = pattern(3 * 4096 + 5, seed=11)
+    a, b = memfd_with(data), memfd_with(b"second")
+    try:
+        with dbus_daemon.client() as c:
+            c.put("gr", "ram0", a)
+            c.put("gr", "vars", b)
+    finally:
+        os.close(a)
+        os.close(b)
+    before = dbus_daemon.settled_fd_count()
+    other = "dbus" if front == "varlink" else "varlink"
+    err, fd = front_get(front, dbus_daemon, bus, "gr", "ram0")
+    assert err is None
+    try:
+        assert os.pread(fd, len(data) + 1, 0) == data
+        os.lseek(fd, 4096, os.SEEK_SET)  # the held file's offset: the other front-end sees it
+        err, fd2 = front_get(other, dbus_daemon, bus, "gr", "ram0")
+        assert err is None
+        try:
+            assert os.lseek(fd2, 0, os.SEEK_CUR) == 4096
+            assert os.fstat(fd2).st_ino == os.fstat(fd).st_ino
+        finally:
+            os.lseek(fd2, 0, os.SEEK_SET)
+            os.close(fd2)
+    finally:
+        os.close(fd)
+    err, got = front_get_box(front, dbus_daemon, bus, "gr")
+    try:
+        assert err is None and sorted(got) == ["ram0", "vars"]
+        assert os.pread(got["vars"], 100, 0) == b"second"
+    finally:
+        for x in got.values():
+            os.close(x)
+    # Missing, and another user's: both NotFound, on both.
+    assert front_get(front, dbus_daemon, bus, "gr", "nope") == ("NotFound", None)
+    assert front_get(front, dbus_daemon, bus, "no-box", "ram0") == ("NotFound", None)
+    if front == "dbus":
+        assert error_of(gdbus(bus, "Get", "gr", "ram0", uid=OTHER_UID, check=False)) == "io.fdbox1.Error.NotFound"
+    else:
+        from fdboxtest import run_as_user
+
+        from fdboxd.client import Client
+
+        def get_as_other():  # type: ignore[no-untyped-def]
+            with Client(dbus_daemon.socket) as c:
+                c.get("gr", "ram0")
+
+        assert run_as_user(OTHER_UID, get_as_other)["error"] == "NotFound"
+    # Every fd handed out (lent and sent, or dup'ed for dbus-fast's queue) is closed after.
+    assert wait_for(lambda: dbus_daemon.fd_count() == before, 5), os.listdir(f"/proc/{dbus_daemon.pid}/fd")
