@@ -21,7 +21,9 @@ The package is laid out one concept a module:
 - :mod:`fdboxd.uapi` / :mod:`fdboxd.uapi_luo` the ioctl tables of ``/dev/fdbox`` and
   ``/dev/liveupdate`` (mirrors of the C headers, checked against them);
   :mod:`fdboxd.ownedfd` the one-fd lifetime their wrappers share
-- :mod:`fdboxd.varlink`  the socket protocol (framing) and server
+- :mod:`fdboxd.service`  the operations and their rules, once for every front-end
+- :mod:`fdboxd.varlink`  the socket protocol (framing) and server; :mod:`fdboxd.dbus` the
+  D-Bus front-end: both thin, over :mod:`fdboxd.service`
 - :mod:`fdboxd.client`   the client library used by fdboxctl and integrators
 - :mod:`fdboxd.failpoints` named failpoints (``FDBOX_FAILPOINTS``), the one list the crash matrix walks
 """

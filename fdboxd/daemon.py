@@ -34,6 +34,7 @@ from .limits import Budget, Limits, add_arguments, from_args
 from .store import Store
 from .varlink.protocol import MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
 from .varlink.server import VarlinkServer, bind_socket, socket_identity, unlink_socket
+from .service import Service
 from .varlink.service import StoreService
 
 log = logging.getLogger("fdboxd")
@@ -207,9 +208,9 @@ class Daemon:
         else:
             sock = bind_socket(self.config.socket, 0o600 if self.config.user else 0o666)
             self._bound = (self.config.socket, socket_identity(self.config.socket))
-        service = StoreService(self.store, self.limits(), self.preflighter)
+        service = Service(self.store, self.limits(), self.preflighter)  # one, for every front-end
         self.varlink = VarlinkServer(
-            service, sock,
+            StoreService(service), sock,
             max_message_size=self.config.max_message_size, max_fds=self.config.max_fds,
             log_op=log_op, budget=self.config.budget,
             # A --user daemon holds one user's files: nobody else's, not even root's.
@@ -219,8 +220,7 @@ class Daemon:
         if self.config.bus:
             from .dbus import DBusFrontend  # dbus-fast is imported only when --bus is given
 
-            self.frontends.append(await DBusFrontend(self.store, self.limits(), log_op, self.preflighter)
-                                  .start(self.config.bus))
+            self.frontends.append(await DBusFrontend(service, log_op).start(self.config.bus))
         self.systemd.attach(self.config.state_dir)
         st = self.store.status()
         log.info("fdboxd %s ready on %s: backend %s, %d boxes, %d entries, %d lost, %d adopted",

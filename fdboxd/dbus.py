@@ -2,9 +2,11 @@
 
 Enabled with ``fdboxd --bus system|session|ADDRESS``; only then is ``dbus_fast`` imported
 (the core daemon needs the standard library alone). It runs on the daemon's asyncio
-loop, next to the Varlink server, and calls the same :class:`~fdboxd.store.Store`, so
-names, limits, ownership and errors are the same on both: a store error ``X`` is the
-D-Bus error ``io.fdbox1.Error.X``.
+loop, next to the Varlink server, and calls the same :class:`~fdboxd.service.Service`
+(the operations and their rules, one instance for both front-ends), so names, limits,
+ownership, lending, claiming, the preflight of a seal and errors are the same on both:
+a store error ``X`` is the D-Bus error ``io.fdbox1.Error.X``. This module only turns
+messages into calls and results into replies.
 
 Why dbus-fast and not pydbus: pydbus (last release 2016) can receive an fd only
 through a private attribute and cannot *return* one, so ``Get`` would be impossible.
@@ -37,7 +39,10 @@ Entries (``List``, ``PutMany``) are dictionaries ``a{sv}`` with the keys of a Va
 added; none is removed or retyped without a new interface name.
 
 ``Seal("")`` and ``Finish("")`` mean every box (root only), as a missing ``box`` does
-on Varlink. ``PutMany(box, [(name, fd index, metadata)])`` stores all or none;
+on Varlink. ``SealWithOptions(box, options)`` is ``Seal`` with Varlink's Seal parameters
+as ``a{sv}``: ``preflight`` (b) refuses, sealing nothing, when the preflight finds a
+problem (the error is the first problem's, as on Varlink); an unknown option is
+``InvalidRequest``. ``PutMany(box, [(name, fd index, metadata)])`` stores all or none;
 ``GetBox(box)`` returns ``[(name, fd index)]``; ``NetRestore(box)`` returns one
 ``a{sv}`` per interface (``box``, ``name``, ``ifname``, ``status``; ``error`` and
 ``error_name`` when it failed). ``Preflight()`` returns ``a{sv}`` (``ok``, ``backend``,
@@ -71,10 +76,8 @@ except ImportError:  # dbus-fast < 2 (Debian 12's 1.84): the same decorators, ol
 
 from . import __version__
 from .errors import FdboxError, describe
-from .kinds import guest_memfd, tap
-from .model import Caller, Entry
-from .preflight import Preflighter
-from .store import Event, PutItem, Store, seal_in_worker
+from .model import Caller, Entry, Event
+from .service import Got, PutItem, Service
 from .varlink.protocol import close_fds
 
 log = logging.getLogger("fdboxd.dbus")
@@ -131,16 +134,35 @@ def _u32(v: int) -> int:
     return max(0, min(int(v), 0xFFFFFFFF))
 
 
-class Manager(ServiceInterface):
-    """``io.fdbox1.Manager``: one method per store operation, as on Varlink."""
+def _own_fds(got: Got) -> list[int]:
+    """The fds of a Get/GetBox for a reply that may wait in dbus-fast's queue: lent ones
+    (the backend's own) are dup'ed, since only the reply's own fds may wait."""
+    if not got.borrowed:
+        return got.fds
+    out: list[int] = []
+    try:
+        for fd in got.fds:
+            out.append(os.dup(fd))  # non-inheritable
+    except BaseException:
+        close_fds(out)
+        raise
+    return out
 
-    def __init__(self, store: Store, limits: dict[str, int], log_op: Callable[..., None] | None = None,
-                 preflighter: Preflighter | None = None) -> None:
+
+async def _done(result: Any) -> None:
+    await result
+
+
+_SEAL_OPTIONS = frozenset({"preflight"})
+
+
+class Manager(ServiceInterface):
+    """``io.fdbox1.Manager``: one method per :class:`~fdboxd.service.Service` operation, as on Varlink."""
+
+    def __init__(self, service: Service) -> None:
         super().__init__(INTERFACE)
-        self.store = store
-        self.limits = limits
-        self.log_op = log_op
-        self.preflighter = preflighter or Preflighter()
+        self.service = service
+        self.store = service.store if service is not None else None
         self._shown: dict[str, Any] = {}
 
     @staticmethod
@@ -152,76 +174,92 @@ class Manager(ServiceInterface):
     @dbus_method()
     def Put(self, box: "s", name: "s", fd: "h", metadata: "a{ss}"):  # noqa: F821, N802
         """Store ``fd`` as box/name. The fd is the daemon's to close, and it does."""
-        self.store.put(self.caller(), box, name, fd, metadata)
+        got = self.service.put(self.caller(), box, name, fd, metadata)
+        return _done(got) if not isinstance(got, Entry) else None
 
     @dbus_method()
     def Get(self, box: "s", name: "s") -> "h":  # noqa: F821, N802
-        _entry, fd = self.store.get(self.caller(), box, name)
-        return FdReply([0], [fd])
+        return FdReply([0], _own_fds(self.service.get(self.caller(), box, name)))
 
     @dbus_method()
     def PutMany(self, box: "s", entries: "a(sha{ss})") -> "aa{sv}":  # noqa: F821, N802
         """Store several fds of one box in one call: all or none (as Varlink's PutMany)."""
         items = [PutItem(name, fd, dict(meta)) for name, fd, meta in entries]
-        return [entry_dict(e) for e in self.store.put_many(self.caller(), box, items)]
+        got = self.service.put_many(self.caller(), box, items)
+        if isinstance(got, list):
+            return [entry_dict(e) for e in got]
+
+        async def later() -> list[dict[str, Variant]]:
+            return [entry_dict(e) for e in await got]
+
+        return later()
 
     @dbus_method()
     def GetBox(self, box: "s") -> "a(sh)":  # noqa: F821, N802
-        got = self.store.get_box(self.caller(), box)
-        return FdReply([[[e.name, i] for i, (e, _) in enumerate(got)]], [fd for _, fd in got])
+        got = self.service.get_box(self.caller(), box)
+        return FdReply([[[e.name, i] for i, e in enumerate(got.entries)]], _own_fds(got))
 
     @dbus_method()
     def List(self) -> "aa{sv}":  # noqa: F821, N802
-        return [entry_dict(e) for e in self.store.list(self.caller())]
+        return [entry_dict(e) for e in self.service.list(self.caller())]
 
     @dbus_method()
     def ListBoxes(self) -> "aa{sv}":  # noqa: F821, N802
-        return [_dict(b, _BOX_TYPES) for b in self.store.list_boxes(self.caller())]
+        return [_dict(b, _BOX_TYPES) for b in self.service.list_boxes(self.caller())]
 
     @dbus_method()
-    def NetRestore(self, box: "s") -> "aa{sv}":  # noqa: F821, N802
+    async def NetRestore(self, box: "s") -> "aa{sv}":  # noqa: F821, N802
         """Recreate the box's recorded network interfaces that are gone (see fdboxd.net)."""
-        results = tap.of(self.store).restore_box(self.store, self.caller(), box)  # pyroute2 only if there is work
+        results = await self.service.net_restore(self.caller(), box)
         return [_dict(r.to_dict(), _NET_TYPES) for r in results]
 
     @dbus_method()
     def Remove(self, box: "s", name: "s"):  # noqa: F821, N802
-        self.store.remove(self.caller(), box, name)
+        self.service.remove(self.caller(), box, name)
 
     @dbus_method()
     def DeleteBox(self, box: "s"):  # noqa: F821, N802
-        self.store.delete_box(self.caller(), box)
+        self.service.delete_box(self.caller(), box)
 
     @dbus_method()
     async def Seal(self, box: "s") -> "as":  # noqa: F821, N802
         """Seal one box, or every open box when ``box`` is '' (root only)."""
-        return await seal_in_worker(self.store, self.caller(), box or None)
+        return await self.service.seal(self.caller(), box or None)
+
+    @dbus_method()
+    async def SealWithOptions(self, box: "s", options: "a{sv}") -> "as":  # noqa: F821, N802
+        """``Seal`` with Varlink's Seal parameters: ``preflight`` (b) refuses, sealing nothing,
+        when the preflight of that box (every box when '') finds a problem."""
+        unknown = set(options) - _SEAL_OPTIONS
+        if unknown:
+            raise FdboxError("InvalidRequest", f"unknown option(s) {sorted(unknown)} for SealWithOptions")
+        preflight = options["preflight"].value if "preflight" in options else False
+        return await self.service.seal(self.caller(), box or None, preflight)
 
     @dbus_method()
     async def RestoreInto(self, box: "s", name: "s", fd: "h"):  # noqa: F821, N802
         """Fill the caller's new guest_memfd ``fd`` from box/name's carried copy (see fdboxd.gmem)."""
-        await guest_memfd.of(self.store).restore_into_in_worker(self.store, self.caller(), box, name, fd)
+        await self.service.restore_into(self.caller(), box, name, fd)
 
     @dbus_method()
     def Unseal(self, box: "s"):  # noqa: F821, N802
-        self.store.unseal(self.caller(), box)
+        self.service.unseal(self.caller(), box)
 
     @dbus_method()
     def Finish(self, box: "s") -> "as":  # noqa: F821, N802
         """End the restore phase of one box, or of every restored box when '' (root only)."""
-        return self.store.finish(self.caller(), box or None)
+        return self.service.finish(self.caller(), box or None)
 
     @dbus_method()
     def Status(self) -> "a{sv}":  # noqa: F821, N802
-        caller = self.caller()
-        st = self.store.status(caller)  # non-root: only the caller's own counts and losses
+        st = self.service.status(self.caller())  # non-root: only the caller's own counts and losses
 
         def triples(items: list[dict[str, Any]]) -> Variant:
             rows = [[str(i.get("box", "")), str(i.get("name", "")), str(i.get("type", ""))] for i in items]
             return Variant("a(sss)", rows)
 
         return {
-            "version": Variant("s", __version__),
+            "version": Variant("s", st["version"]),
             "backend": Variant("s", st["backend"]),
             "survives_kexec": Variant("b", bool(st["survives_kexec"])),
             "state": Variant("s", st["state"]),
@@ -232,15 +270,15 @@ class Manager(ServiceInterface):
             "lost": triples(st["lost"]),
             "adopted": triples(st["adopted"]),
             "problems": Variant("as", [str(x) for x in st["problems"]]),
-            "limits": Variant("a{st}", {k: int(v) for k, v in self.limits.items()}),
-            "usage": Variant("a{st}", {k: int(v) for k, v in self.store.usage(caller.uid).items()}),
+            "limits": Variant("a{st}", {k: int(v) for k, v in st["limits"].items()}),
+            "usage": Variant("a{st}", {k: int(v) for k, v in st["usage"].items()}),
         }
 
     @dbus_method()
     def Preflight(self) -> "a{sv}":  # noqa: F821, N802
         """Would every entry survive a kexec now (fdboxd.preflight)? As Varlink's Preflight:
         ``ok`` b, ``backend`` s, ``entries`` u, ``problems`` and ``warnings`` aa{ss}."""
-        r = self.preflighter.run(self.store, self.caller())
+        r = self.service.preflight(self.caller())
         return {
             "ok": Variant("b", r.ok),
             "backend": Variant("s", r.backend),
@@ -253,7 +291,7 @@ class Manager(ServiceInterface):
     def LastLiveUpdate(self) -> "aa{sv}":  # noqa: F821, N802
         """Each visible box's last live update: box, state, complete, phases (a{sd}: time), durations (a{st}: µs)."""
         out = []
-        for r in self.store.last_live_update(self.caller()):
+        for r in self.service.last_live_update(self.caller()):
             out.append({
                 "box": Variant("s", r["box"]), "state": Variant("s", r["state"]),
                 "complete": Variant("b", r["complete"]),
@@ -266,7 +304,7 @@ class Manager(ServiceInterface):
     @dbus_method()
     def AcknowledgeLost(self, box: "s") -> "u":  # noqa: F821, N802
         """Forget the caller's lost-entry reports (root: everyone's), of one box or all when ''."""
-        return _u32(self.store.acknowledge_lost(self.caller(), box or None))
+        return _u32(self.service.acknowledge_lost(self.caller(), box or None))
 
     # ------------------------------------------------------------------ properties
 
@@ -326,11 +364,11 @@ def _complete_introspection() -> dict[str, tuple[str, str, Callable[..., Any]]]:
     """
     out_names = {"Get": ["fd"], "GetBox": ["entries"], "List": ["entries"], "ListBoxes": ["boxes"],
                  "PutMany": ["entries"], "NetRestore": ["entries"],
-                 "Seal": ["sealed"], "Finish": ["finished"], "Status": ["status"], "Preflight": ["report"],
+                 "Seal": ["sealed"], "SealWithOptions": ["sealed"], "Finish": ["finished"], "Status": ["status"], "Preflight": ["report"],
                  "AcknowledgeLost": ["acknowledged"], "LastLiveUpdate": ["boxes"]}
     signal_names = {"EntryAdded": ["box", "name", "uid"], "EntryRemoved": ["box", "name", "uid"],
                     "StateChanged": ["box", "state"]}
-    probe = Manager(None, {})  # type: ignore[arg-type]
+    probe = Manager(None)  # type: ignore[arg-type]
     methods = {}
     for m in ServiceInterface._get_methods(probe):
         for arg, n in zip(m.introspection.out_args, out_names.get(m.name, []), strict=False):
@@ -353,10 +391,9 @@ _METHODS = _complete_introspection()
 class DBusFrontend:
     """Owns the bus connection, the exported :class:`Manager` and the fds in flight."""
 
-    def __init__(self, store: Store, limits: dict[str, int], log_op: Callable[..., None] | None = None,
-                 preflighter: Preflighter | None = None) -> None:
-        self.store = store
-        self.manager = Manager(store, limits, log_op, preflighter)
+    def __init__(self, service: Service, log_op: Callable[..., None] | None = None) -> None:
+        self.store = service.store
+        self.manager = Manager(service)
         self.log_op = log_op
         self.bus: MessageBus | None = None
         self._callers: OrderedDict[str, asyncio.Future[Caller]] = OrderedDict()

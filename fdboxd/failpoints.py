@@ -43,6 +43,7 @@ ENV = "FDBOX_FAILPOINTS"
 #: name; add yours here, then call :func:`hit` at that step.
 FAILPOINTS: dict[str, str] = {
     "failpoints.selftest": "tests/unit/test_failpoints.py's own point (fires only where the test calls it)",
+    "net.in_netns": "a netns worker thread joined the target network namespace, before its interface work",
 }
 
 

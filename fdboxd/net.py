@@ -51,10 +51,13 @@ namespace inode does not survive kexec, so it is recorded by a *name* that does:
 ``IPRoute`` in a short-lived worker thread that first ``setns()``\\s into the target
 namespace (a thread's namespace is its own; the thread ends with it, so nothing leaks
 into the daemon). That same thread opens ``/dev/net/tun``, because a tun device is
-created in the namespace of whoever *opened* ``/dev/net/tun``. The store's API is
-synchronous by design (a change is done before it is reported), so the calling thread
-waits for the worker; netlink round trips take milliseconds. ``AsyncIPRoute`` in the
-daemon loop would need an async store, and pyroute2's own ``netns=`` forks a child per
+created in the namespace of whoever *opened* ``/dev/net/tun``. The daemon's loop never
+waits for that thread: a tap Put reads its interface first (:func:`records_ahead`, in
+an executor the front-end's call awaits) and the store's synchronous put then takes
+the record read (:func:`prerecorded`); ``NetRestore`` recreates interfaces the same way
+(:func:`restore_box_async`). Only the start-up restore (:func:`restore_pending`, before
+the daemon serves) waits for the thread where it runs. ``AsyncIPRoute`` in the daemon
+loop would need an async store, and pyroute2's own ``netns=`` forks a child per
 socket. pyroute2 is imported only here, and only when a tap is put or restored: the
 rest of fdbox runs on the standard library alone.
 
@@ -75,10 +78,12 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import failpoints
 from .errors import FdboxError
 from .fdtypes import (
     IFF_MULTI_QUEUE,
@@ -151,7 +156,8 @@ def _setns(fd: int) -> None:
 
 
 def in_netns(nsfd: int | None, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a fresh thread that first joins the network namespace ``nsfd``.
+    """Run ``fn`` in a fresh thread that first joins the network namespace ``nsfd``, and
+    wait for it: never on the daemon's loop (see :func:`in_netns_async`).
 
     ``None`` runs it in the daemon's own namespace (still in a thread: pyroute2's sync
     API runs its own event loop, which cannot nest in the daemon's running loop).
@@ -162,6 +168,7 @@ def in_netns(nsfd: int | None, fn: Callable[[], T]) -> T:
         try:
             if nsfd is not None:
                 _setns(nsfd)
+            failpoints.hit("net.in_netns")
             box["value"] = fn()
         except BaseException as e:  # handed to the caller's thread
             box["error"] = e
@@ -172,6 +179,15 @@ def in_netns(nsfd: int | None, fn: Callable[[], T]) -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]
+
+
+async def in_netns_async(nsfd: int | None, fn: Callable[[], T]) -> T:
+    """:func:`in_netns` for the event loop: an executor thread waits for the netns
+    thread, the loop awaits it and serves meanwhile. ``nsfd`` must stay open until
+    this returns."""
+    import asyncio
+
+    return await asyncio.get_running_loop().run_in_executor(None, in_netns, nsfd, fn)
 
 
 def netns_identity(nsfd: int) -> dict[str, Any]:
@@ -348,8 +364,72 @@ def read_interface(ipr: Any, ifname: str, kind: str) -> dict[str, Any]:
     return rec
 
 
+@dataclass
+class Ahead:
+    """A tap's record read before its put (:func:`records_ahead`): the record, or the
+    error reading it raised, for :func:`record` to return or raise in its place."""
+
+    ifname: str | None
+    value: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+
+#: fd -> what :func:`records_ahead` read for it, while :func:`prerecorded` is in force.
+_ahead: dict[int, Ahead] = {}
+
+
+async def records_ahead(fds: list[int], caller_pid: int) -> dict[int, Ahead]:
+    """Read the interface of every tap among ``fds`` in a worker, the loop free meanwhile.
+
+    Not taps, or fds that are no good: left out (the store's put says what is wrong).
+    An error reading a record is kept, not raised: the put raises it where it asks for
+    the record, after its own checks, as without the read ahead.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    out: dict[int, Ahead] = {}
+    for fd in fds:
+        try:
+            info = detect(fd)
+        except Exception:  # noqa: BLE001 - the store's check says why
+            continue
+        if info.type != FdType.TAP or fd in out:
+            continue
+        ahead = Ahead(info.ifname)
+        try:
+            ahead.value = await loop.run_in_executor(None, _record_now, fd, info, caller_pid)
+        except Exception as e:  # noqa: BLE001 - raised at the put, in order
+            ahead.error = e
+        out[fd] = ahead
+    return out
+
+
+@contextmanager
+def prerecorded(ahead: dict[int, Ahead]) -> Iterator[None]:
+    """While in force (one synchronous put on the loop), :func:`record` of these fds
+    returns what :func:`records_ahead` read instead of reading again."""
+    _ahead.update(ahead)
+    try:
+        yield
+    finally:
+        for fd in ahead:
+            _ahead.pop(fd, None)
+
+
 def record(fd: int, info: FdInfo, caller_pid: int = 0) -> dict[str, Any]:
-    """Everything needed to recreate the interface of tap fd ``fd`` (put time)."""
+    """Everything needed to recreate the interface of tap fd ``fd`` (put time): read now,
+    or read ahead in a worker (:func:`records_ahead`, :func:`prerecorded`)."""
+    ahead = _ahead.pop(fd, None)
+    if ahead is not None and ahead.ifname == info.ifname:
+        if ahead.error is not None:
+            raise ahead.error
+        assert ahead.value is not None
+        return ahead.value
+    return _record_now(fd, info, caller_pid)
+
+
+def _record_now(fd: int, info: FdInfo, caller_pid: int) -> dict[str, Any]:
     if info.type != FdType.TAP or info.ifname is None or info.tun_flags is None:
         raise FdboxError("UnsupportedType", "not a tap fd", type=str(info.type))
     kind = info.net_kind or "tap"
@@ -577,8 +657,18 @@ def _held_alive(store: Store, box: str, name: str) -> bool:
         os.close(fd)
 
 
-def restore_entries(store: Store, box: str, entries: list[Entry]) -> list[Result]:
-    """Recreate the interfaces of ``entries`` (all in ``box``) and hold the new fds."""
+#: One piece of netns work a restore asks its driver to run: (netns fd or None, what to run there).
+NetnsWork = tuple["int | None", Callable[[], list[int]]]
+
+
+def _restore_steps(store: Store, box: str, entries: list[Entry]) -> Generator[NetnsWork, list[int], list[Result]]:
+    """Recreate the interfaces of ``entries`` (all in ``box``) and hold the new fds.
+
+    The netns work is yielded to a driver that runs it (:func:`in_netns` where nothing
+    else runs, :func:`in_netns_async` on the loop) and sends back its fds or throws its
+    error; so between a yield and its answer the store may have changed, and an entry
+    that left its box meanwhile is not held again.
+    """
     results: list[Result] = []
     for (_ns, ifname), group in sorted(_group(entries).items(), key=lambda kv: kv[0][1]):
         rec = group[0].extra["net"]
@@ -588,7 +678,7 @@ def restore_entries(store: Store, box: str, entries: list[Entry]) -> list[Result
         try:
             nsfd = open_netns(rec.get("netns", {}))
             try:
-                fds = in_netns(nsfd, lambda: recreate_interface(rec, len(group)))
+                fds = yield (nsfd, lambda rec=rec, n=len(group): recreate_interface(rec, n))
             finally:
                 if nsfd is not None:
                     os.close(nsfd)
@@ -603,8 +693,12 @@ def restore_entries(store: Store, box: str, entries: list[Entry]) -> list[Result
             continue
         try:
             for entry, fd in zip(group, fds, strict=True):
-                store.rehold(box, entry, fd)
-                results.append(Result(box, entry.name, ifname, "recreated"))
+                if _entry_in(store, box, entry):
+                    store.rehold(box, entry, fd)
+                    results.append(Result(box, entry.name, ifname, "recreated"))
+                else:
+                    results.append(Result(box, entry.name, ifname, "failed", "removed while its interface was "
+                                          "being recreated", "NotFound"))
         finally:
             for fd in fds:
                 os.close(fd)  # the side holds its own dup
@@ -613,11 +707,56 @@ def restore_entries(store: Store, box: str, entries: list[Entry]) -> list[Result
     return results
 
 
+def _entry_in(store: Store, box: str, entry: Entry) -> bool:
+    b = store.boxes.get(box)
+    return b is not None and b.entries.get(entry.name) is entry
+
+
+def restore_entries(store: Store, box: str, entries: list[Entry]) -> list[Result]:
+    """Recreate the interfaces of ``entries`` (all in ``box``), waiting for each netns
+    thread where it runs: for the start-up restore, before the daemon serves."""
+    steps = _restore_steps(store, box, entries)
+    try:
+        work = next(steps)
+        while True:
+            try:
+                fds = in_netns(*work)
+            except Exception as e:  # noqa: BLE001 - handed to the step that asked
+                work = steps.throw(e)
+            else:
+                work = steps.send(fds)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def restore_entries_async(store: Store, box: str, entries: list[Entry]) -> list[Result]:
+    """:func:`restore_entries` on the loop: each netns step in a worker, awaited."""
+    steps = _restore_steps(store, box, entries)
+    try:
+        work = next(steps)
+        while True:
+            try:
+                fds = await in_netns_async(*work)
+            except Exception as e:  # noqa: BLE001 - handed to the step that asked
+                work = steps.throw(e)
+            else:
+                work = steps.send(fds)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
 def restore_box(store: Store, caller: Caller, box: str) -> list[Result]:
-    """``NetRestore``: recreate every recorded interface of ``box`` that is gone."""
+    """``NetRestore`` off the loop: recreate every recorded interface of ``box`` that is gone."""
     b = store.owned_box(caller, box)
     mine = [e for e in b.entries.values() if e.owned_by(caller)]
     return restore_entries(store, box, mine)
+
+
+async def restore_box_async(store: Store, caller: Caller, box: str) -> list[Result]:
+    """``NetRestore`` on the loop: :func:`restore_box`, the loop serving meanwhile."""
+    b = store.owned_box(caller, box)
+    mine = [e for e in b.entries.values() if e.owned_by(caller)]
+    return await restore_entries_async(store, box, mine)
 
 
 def restore_pending(store: Store, pending: dict[str, list[Entry]]) -> list[Result]:

@@ -157,6 +157,10 @@ class RestorePlan:
     entry: Entry
     target: int  # a dup of the caller's guest_memfd, owned by the plan
     sealed: bool  # a rehearsal on a sealed box: nothing in the box changes
+    #: A new fd of the carried copy, made on the loop (the backend's own fd may be
+    #: closed there by a Remove or Finish while the worker copies): the plan's, the
+    #: worker closes it (:func:`restore_copy`), else :func:`restore_abort`.
+    source: int = -1
 
     @property
     def key(self) -> tuple[str, str]:
@@ -183,22 +187,30 @@ def restore_begin(store: StoreSurface, caller: Caller, box: str, name: str, fd: 
     if info.size != entry.size:
         raise FdboxError("InvalidRequest", f"the target guest_memfd has {info.size} bytes, {box}/{name} "
                          f"{entry.size}: create it with the entry's size", box=box, name=name)
-    plan = RestorePlan(store, box, entry, os.dup(fd), sealed=b.state == BoxState.SEALED)
+    try:
+        source = store.backend.get(box, gmem.carry_name(name))
+    except FdboxError as e:
+        raise FdboxError("NotFound", f"the copy of {box}/{name} carried since seal is gone ({e.message})",
+                         box=box, name=name) from None
+    try:
+        target = os.dup(fd)
+    except BaseException:
+        os.close(source)
+        raise
+    plan = RestorePlan(store, box, entry, target, sealed=b.state == BoxState.SEALED, source=source)
     of(store).busy.add(plan.key)
     return plan
 
 
 def restore_copy(plan: RestorePlan) -> str | None:
-    """The worker's part: fetch the carried copy, check it against the seal, fill the target.
+    """The worker's part: check the carried copy against the seal, fill the target.
 
-    Returns None, or why the copy failed its check (then the target was not touched).
+    It touches only the plan's own fds (made on the loop by :func:`restore_begin`), never
+    the backend, and closes the plan's copy fd when done. Returns None, or why the copy
+    failed its check (then the target was not touched).
     """
     what = f"{plan.box}/{plan.entry.name}"
-    try:
-        source = plan.store.backend.get(plan.box, gmem.carry_name(plan.entry.name))
-    except FdboxError as e:
-        raise FdboxError("NotFound", f"the copy of {what} carried since seal is gone ({e.message})",
-                         box=plan.box, name=plan.entry.name) from None
+    source, plan.source = plan.source, -1
     try:
         e = plan.entry
         sample = e.extra.get("sample")
@@ -244,6 +256,9 @@ def restore_abort(plan: RestorePlan) -> None:
     if plan.target >= 0:
         os.close(plan.target)
         plan.target = -1
+    if plan.source >= 0:  # the worker never ran
+        os.close(plan.source)
+        plan.source = -1
     of(plan.store).busy.discard(plan.key)
 
 

@@ -1,8 +1,9 @@
 """The ``io.fdbox.Store`` and ``org.varlink.service`` methods: parameters in, replies out.
 
 This module knows the method names, checks parameter shapes, maps fd indexes to the
-fds of the message, and calls the :class:`~fdboxd.store.Store`. It knows nothing about
-sockets (that is :mod:`fdboxd.varlink.server`) or bytes (:mod:`fdboxd.varlink.protocol`).
+fds of the message, and calls the :class:`~fdboxd.service.Service` — the operations
+and their rules, shared with the D-Bus front-end (:mod:`fdboxd.dbus`). It knows nothing
+about sockets (that is :mod:`fdboxd.varlink.server`) or bytes (:mod:`fdboxd.varlink.protocol`).
 
 A handler returns a :class:`Reply`: parameters plus the fds to attach, which the server
 closes once they are sent. The fds that came *with* a call are always closed by the
@@ -12,18 +13,19 @@ server after the handler returns, whatever happened: backends took their own ref
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from itertools import chain
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import __version__
 from ..errors import FdboxError
-from ..kinds import guest_memfd, tap
-from ..model import Caller, Entry, compact_json
-from ..preflight import Preflighter
-from ..store import PutItem, SealItem, Store, seal_in_worker
+from ..model import Caller, Entry, SealItem, compact_json
+from ..service import Got, PutItem, Service, check_metadata
 from . import INTERFACE, SERVICE
+
+T = TypeVar("T")
 
 SERVICE_DESCRIPTION = """\
 # The Varlink Service Interface is provided by every varlink service.
@@ -130,23 +132,25 @@ class Call:
         return self.fds[index]
 
     def metadata(self, value: object) -> dict[str, str]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise FdboxError("InvalidRequest", "metadata must be an object of strings")
-        return value  # contents are checked by the store
+        return check_metadata(value)  # contents are checked by the store
+
+
+def _then(result: T | Awaitable[T], reply: Callable[[T], Reply]) -> Reply | Awaitable[Reply]:
+    """``reply(result)``, at once or once an awaitable result is there (a tap's Put)."""
+    if not inspect.isawaitable(result):
+        return reply(result)  # type: ignore[arg-type]
+
+    async def later() -> Reply:
+        return reply(await result)  # type: ignore[misc]
+
+    return later()
 
 
 class StoreService:
-    """Dispatches Varlink method calls to a :class:`Store`."""
+    """Dispatches Varlink method calls to the :class:`~fdboxd.service.Service`."""
 
-    def __init__(self, store: Store, limits: dict[str, int] | None = None,
-                 preflighter: Preflighter | None = None) -> None:
-        self.store = store
-        self.limits = limits or {}
-        self.preflighter = preflighter or Preflighter(store.backend.name)
-        #: uid -> {"connections", "fds_in_flight"}: set by the server, shown in Status.
-        self.connection_usage: Callable[[int], dict[str, int]] | None = None
+    def __init__(self, service: Service) -> None:
+        self.service = service
         self.methods: dict[str, tuple[Handler, frozenset[str]]] = {}
         for name, params in _SIGNATURES.items():
             self.methods[f"{INTERFACE}.{name}"] = (getattr(self, f"do_{name}"), params)
@@ -190,14 +194,11 @@ class StoreService:
 
     # -------------------------------------------------------------- io.fdbox.Store
 
-    def do_Put(self, call: Call) -> Reply:
-        entry = self.store.put(
-            call.caller, call.str("box"), call.str("name"), call.fd(call.params.get("fd")),
-            call.metadata(call.params.get("metadata")),
-        )
-        return entry_reply(entry)
+    def do_Put(self, call: Call) -> Reply | Awaitable[Reply]:
+        return _then(self.service.put(call.caller, call.str("box"), call.str("name"), call.fd(call.params.get("fd")),
+                                      call.metadata(call.params.get("metadata"))), entry_reply)
 
-    def do_PutMany(self, call: Call) -> Reply:
+    def do_PutMany(self, call: Call) -> Reply | Awaitable[Reply]:
         raw = call.params.get("entries")
         if not isinstance(raw, list) or not all(isinstance(i, dict) for i in raw):
             raise FdboxError("InvalidRequest", "'entries' must be a list of {name, fd, metadata}")
@@ -210,43 +211,36 @@ class StoreService:
             if not isinstance(name, str):
                 raise FdboxError("InvalidRequest", f"entries[{i}].name must be a string")
             items.append(PutItem(name, call.fd(it.get("fd"), f"entries[{i}].fd"), call.metadata(it.get("metadata"))))
-        entries = self.store.put_many(call.caller, call.str("box"), items)
-        return wire_reply('{"entries":[%s]}' % ",".join(e.wire() for e in entries))
+        return _then(self.service.put_many(call.caller, call.str("box"), items),
+                     lambda entries: wire_reply('{"entries":[%s]}' % ",".join(e.wire() for e in entries)))
 
     def do_Get(self, call: Call) -> Reply:
-        box, name = call.str("box"), call.str("name")
-        lent = self.store.lend(call.caller, box, name)
-        if lent is not None:
-            return Reply(fds=[lent[1]], raw=b'{"parameters":{"entry":' + lent[0].wire_bytes() + _GET_TAIL, borrowed=True)
-        entry, fd = self.store.get(call.caller, box, name)
-        return entry_reply(entry, _GET_TAIL, [fd])
+        got = self.service.get(call.caller, call.str("box"), call.str("name"))
+        return Reply(fds=got.fds, raw=b'{"parameters":{"entry":' + got.entries[0].wire_bytes() + _GET_TAIL,
+                     borrowed=got.borrowed)
 
     def do_GetBox(self, call: Call) -> Reply:
-        box = call.str("box")
-        got = self.store.lend_box(call.caller, box)
-        borrowed = got is not None
-        if got is None:
-            got = self.store.get_box(call.caller, box)
-        wires = [e.wire_bytes() for e, _ in got]
-        opens, tails = (_ENTRY_OPENS, _FD_TAILS) if len(got) <= len(_FD_TAILS) else _got_entry_pieces(len(got))
+        got: Got = self.service.get_box(call.caller, call.str("box"))
+        n = len(got.entries)
+        wires = [e.wire_bytes() for e in got.entries]
+        opens, tails = (_ENTRY_OPENS, _FD_TAILS) if n <= len(_FD_TAILS) else _got_entry_pieces(n)
         body = b"".join(chain.from_iterable(zip(opens, wires, tails)))
-        return Reply(fds=[fd for _, fd in got], raw=b'{"parameters":{"entries":[' + body + b"]}}\0",
-                     borrowed=borrowed)
+        return Reply(fds=got.fds, raw=b'{"parameters":{"entries":[' + body + b"]}}\0", borrowed=got.borrowed)
 
     def do_List(self, call: Call) -> Reply:
         box = call.opt_str("box")
-        entries = self.store.list(call.caller, box)
-        boxes = [b for b in self.store.list_boxes(call.caller) if box is None or b["name"] == box]
+        entries = self.service.list(call.caller, box)
+        boxes = self.service.list_boxes(call.caller, box)
         # The entries' cached wire forms, joined: O(n) but a string join, not n encodes.
         return wire_reply('{"entries":[%s],"boxes":%s}' % (
             ",".join(e.wire() for e in entries), compact_json(boxes)))
 
     def do_Remove(self, call: Call) -> Reply:
-        self.store.remove(call.caller, call.str("box"), call.str("name"))
+        self.service.remove(call.caller, call.str("box"), call.str("name"))
         return Reply(raw=_EMPTY)
 
     def do_DeleteBox(self, call: Call) -> Reply:
-        self.store.delete_box(call.caller, call.str("box"))
+        self.service.delete_box(call.caller, call.str("box"))
         return Reply()
 
     async def do_Seal(self, call: Call) -> Reply:
@@ -256,64 +250,39 @@ class StoreService:
             if call.more is not None:
                 call.more({"progress": {"box": item.box, "name": item.name, "done": done, "total": total}})
 
-        box = call.opt_str("box")
         preflight = call.params.get("preflight")
-        if preflight is not None and not isinstance(preflight, bool):
-            raise FdboxError("InvalidRequest", "parameter 'preflight' must be a boolean")
-        if preflight:
-            # In the same loop turn as seal_begin: nothing can be put between the check
-            # and the freeze.
-            report = self.preflighter.run(self.store, call.caller, box)
-            if not report.ok:
-                raise report.refusal()
-        return Reply({"sealed": await seal_in_worker(self.store, call.caller, box, progress)})
+        sealed = await self.service.seal(call.caller, call.opt_str("box"), False if preflight is None else preflight,
+                                         progress)
+        return Reply({"sealed": sealed})
 
     def do_Preflight(self, call: Call) -> Reply:
-        return Reply(self.preflighter.run(self.store, call.caller).to_dict())
+        return Reply(self.service.preflight(call.caller).to_dict())
 
     async def do_RestoreInto(self, call: Call) -> Reply:
         """Fill the caller's new guest_memfd from a carried copy (fdboxd.gmem); copying in a worker."""
-        entry = await guest_memfd.of(self.store).restore_into_in_worker(
-            self.store, call.caller, call.str("box"), call.str("name"), call.fd(call.params.get("fd")))
+        entry = await self.service.restore_into(call.caller, call.str("box"), call.str("name"),
+                                                call.fd(call.params.get("fd")))
         return wire_reply('{"entry":%s}' % entry.wire())
 
     def do_Unseal(self, call: Call) -> Reply:
-        self.store.unseal(call.caller, call.str("box"))
+        self.service.unseal(call.caller, call.str("box"))
         return Reply()
 
-    def do_NetRestore(self, call: Call) -> Reply:
-        results = tap.of(self.store).restore_box(self.store, call.caller, call.str("box"))
+    async def do_NetRestore(self, call: Call) -> Reply:
+        results = await self.service.net_restore(call.caller, call.str("box"))
         return Reply({"entries": [r.to_dict() for r in results]})
 
     def do_Finish(self, call: Call) -> Reply:
-        return Reply({"finished": self.store.finish(call.caller, call.opt_str("box"))})
+        return Reply({"finished": self.service.finish(call.caller, call.opt_str("box"))})
 
     def do_Status(self, call: Call) -> Reply:
-        st = self.store.status(call.caller)  # non-root: only the caller's own counts
-        usage = self.store.usage(call.caller.uid)
-        if self.connection_usage is not None:
-            usage.update(self.connection_usage(call.caller.uid))
-        return Reply({
-            "version": __version__,
-            "backend": st["backend"],
-            "survives_kexec": st["survives_kexec"],
-            "state": st["state"],
-            "boxes": st["boxes"],
-            "entries": st["entries"],
-            "sealed": st["sealed"],
-            "restored": st["restored"],
-            "lost": st["lost"],
-            "adopted": st["adopted"],
-            "problems": st["problems"],
-            "limits": self.limits,
-            "usage": usage,
-        })
+        return Reply(self.service.status(call.caller))
 
     def do_AcknowledgeLost(self, call: Call) -> Reply:
-        return Reply({"acknowledged": self.store.acknowledge_lost(call.caller, call.opt_str("box"))})
+        return Reply({"acknowledged": self.service.acknowledge_lost(call.caller, call.opt_str("box"))})
 
     def do_LastLiveUpdate(self, call: Call) -> Reply:
-        return Reply({"boxes": self.store.last_live_update(call.caller)})
+        return Reply({"boxes": self.service.last_live_update(call.caller)})
 
 
 _SIGNATURES: dict[str, frozenset[str]] = {

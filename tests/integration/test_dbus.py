@@ -14,10 +14,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import pytest
 from fdboxtest import memfd_with, pattern, wait_for
 
 from fdboxd.client import read_all
-from fdboxd.errors import ERROR_NAMES
+from fdboxd.errors import ERROR_NAMES, FdboxError
 
 pytest.importorskip("dbus_fast")
 for _tool in ("dbus-daemon", "gdbus", "busctl", "dbus-monitor"):
@@ -187,6 +187,7 @@ def test_introspection_is_complete(dbus_daemon, bus):
     assert rows["GetBox"] == ("method", "s", "a(sh)")
     assert rows["PutMany"] == ("method", "sa(sha{ss})", "aa{sv}")
     assert rows["NetRestore"] == ("method", "s", "aa{sv}")
+    assert rows["SealWithOptions"] == ("method", "sa{sv}", "as")
     for m, sig in {"Remove": "ss", "DeleteBox": "s", "Seal": "s", "Unseal": "s", "Status": "-", "Finish": "s"}.items():
         assert rows[m][:2] == ("method", sig), m
     for p, sig in {"State": "s", "Backend": "s", "Version": "s", "EntryCount": "u"}.items():
@@ -277,22 +278,61 @@ def test_second_uid_is_identified_by_the_bus(dbus_daemon, bus):
     os.close(mine)
 
 
+class Monitor:
+    """``dbus-monitor`` on a match rule, its output read line by line by a thread.
+
+    Started, it has registered: the bus sends a monitor ``NameLost`` for its own unique
+    name inside ``BecomeMonitor``, once the monitor's match rules are in place, and
+    ``dbus-monitor`` prints it (it flushes after every message). No fixed sleep: under
+    load the registration can take seconds. Stopped with SIGTERM, not SIGINT: a test
+    run started from a non-interactive shell's background job inherits SIGINT ignored,
+    and ``dbus-monitor`` keeps the disposition it inherits (it then never exits).
+    """
+
+    def __init__(self, address: str, *rules: str, timeout: float = 60.0) -> None:
+        self.proc = subprocess.Popen(["dbus-monitor", "--address", address, *rules], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not wait_for(lambda: "member=NameLost" in self.text(), timeout):
+            self.stop()
+            raise AssertionError(f"dbus-monitor did not register as a monitor in {timeout} s: {self.text()!r}")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(list(self.lines))
+
+    def members(self) -> list[str]:
+        return re.findall(r"member=(\w+)", self.text())
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self._reader.join(30)
+        return self.text()
+
+
 def test_signals_and_properties_changed(dbus_daemon, bus):
-    mon = subprocess.Popen(["dbus-monitor", "--address", bus, "type='signal',sender='io.fdbox1'"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    mon = Monitor(bus, "type='signal',sender='io.fdbox1'")
     try:
-        time.sleep(0.5)  # the monitor's match is in place
         fd = memfd_with(b"abc")
         put(bus, "vm2", "disk", fd)
         os.close(fd)
         assert gdbus(bus, "Seal", "vm2").returncode == 0
         gdbus(bus, "Unseal", "vm2")
         gdbus(bus, "Remove", "vm2", "disk")
-        time.sleep(0.5)
+        # The last of them: EntryRemoved, then PropertiesChanged with EntryCount back to 0.
+        last = re.compile(r'member=EntryRemoved.*member=PropertiesChanged.*string "EntryCount"\s+variant\s+uint32 0',
+                          re.DOTALL)
+        assert wait_for(lambda: last.search(mon.text()), 30), mon.text()
     finally:
-        mon.send_signal(signal.SIGINT)
-        text = mon.communicate(timeout=10)[0]
-    members = re.findall(r"member=(\w+)", text)
+        text = mon.stop()
+    members = [m for m in re.findall(r"member=(\w+)", text) if m not in ("NameAcquired", "NameLost")]
     assert members.count("EntryAdded") == 1 and members.count("EntryRemoved") == 1, text
     assert members.count("StateChanged") == 2, text
     assert 'string "sealed"' in text and 'string "open"' in text
@@ -505,9 +545,10 @@ def test_seal_empty_string_means_every_box(dbus_daemon, bus):
 
 def test_caller_identity_costs_one_bus_call_per_connection(dbus_daemon, bus):
     """GetConnectionCredentials once per unique name (cached), not per call."""
-    mon = subprocess.Popen(["dbus-monitor", "--address", bus, "type='method_call',interface='org.freedesktop.DBus'"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    time.sleep(0.5)
+    # The Lists too: the bus routes in order, so once the fifth List is seen, every
+    # GetConnectionCredentials fdboxd sent before answering them has been seen.
+    mon = Monitor(bus, "type='method_call',interface='org.freedesktop.DBus'",
+                  "type='method_call',interface='io.fdbox1.Manager',member='List'")
     script = f"""
 import asyncio
 from dbus_fast import Message
@@ -523,9 +564,8 @@ asyncio.run(main())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    time.sleep(0.5)
-    mon.terminate()
-    text = mon.communicate(timeout=10)[0]
+    assert wait_for(lambda: mon.text().count("member=List") == 5, 30), mon.text()
+    text = mon.stop()
     assert text.count("member=GetConnectionCredentials") == 1, text
     assert "GetConnectionUnixUser" not in text and "GetConnectionUnixProcessID" not in text
 
@@ -546,3 +586,170 @@ def test_preflight_on_the_bus_is_varlinks(dbus_daemon, bus):
     assert report["backend"]["data"] == want["backend"] and report["entries"]["data"] == want["entries"] == 1
     assert report["problems"]["data"] == [{k: str(v) for k, v in p.items()} for p in want["problems"]]
     assert any(p["box"] == "vm1" and p["name"] == "ram0" for p in report["problems"]["data"])
+
+
+# ------------------------------------------------------------------ one service, two front-ends
+# Varlink and D-Bus call one fdboxd.service.Service: the same call on either front-end
+# follows the same rules. Each test runs once per front-end and compares with the other.
+
+FRONT_ENDS = ("varlink", "dbus")
+
+
+async def _dbus_raw(address: str, member: str, signature: str = "", body: list | None = None):  # type: ignore[no-untyped-def,type-arg]
+    """One io.fdbox1.Manager call with dbus-fast: (error name or None, body, fds received)."""
+    from dbus_fast import Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    bus = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+    try:
+        reply = await bus.call(Message(destination="io.fdbox1", path="/io/fdbox1", interface="io.fdbox1.Manager",
+                                       member=member, signature=signature, body=body or []))
+        fds = list(reply.unix_fds or [])
+        if reply.message_type == MessageType.ERROR:
+            return reply.error_name.removeprefix("io.fdbox1.Error."), reply.body, fds
+        return None, reply.body, fds
+    finally:
+        bus.disconnect()
+
+
+def front_get(front: str, daemon, bus: str, box: str, name: str) -> tuple[str | None, int | None]:  # type: ignore[no-untyped-def]
+    """Get on one front-end: (error name, None) or (None, fd)."""
+    if front == "varlink":
+        try:
+            with daemon.client() as c:
+                return None, c.get(box, name)[1]
+        except FdboxError as e:
+            return e.name, None
+    err, body, fds = asyncio.run(_dbus_raw(bus, "Get", "ss", [box, name]))
+    if err:
+        return err, None
+    assert len(fds) == 1 and body == [0], (body, fds)
+    return None, fds[0]
+
+
+def front_get_box(front: str, daemon, bus: str, box: str) -> tuple[str | None, dict[str, int]]:  # type: ignore[no-untyped-def]
+    if front == "varlink":
+        try:
+            with daemon.client() as c:
+                return None, {e["name"]: fd for e, fd in c.get_box(box)}
+        except FdboxError as e:
+            return e.name, {}
+    err, body, fds = asyncio.run(_dbus_raw(bus, "GetBox", "s", [box]))
+    return err, ({name: fds[i] for name, i in body[0]} if not err else {})
+
+
+def front_seal(front: str, daemon, bus: str, box: str, **options: object) -> tuple[str | None, list[str]]:  # type: ignore[no-untyped-def]
+    """Seal with options (Varlink's Seal parameters; D-Bus SealWithOptions' a{sv})."""
+    if front == "varlink":
+        try:
+            with daemon.client() as c:
+                return None, c.call("Seal", {"box": box, **options})[0]["sealed"]
+        except FdboxError as e:
+            return e.name, []
+    from dbus_fast import Variant
+
+    opts = {k: Variant("b" if isinstance(v, bool) else "s", v) for k, v in options.items()}
+    err, body, _ = asyncio.run(_dbus_raw(bus, "SealWithOptions", "sa{sv}", [box, opts]))
+    return err, (body[0] if not err else [])
+
+
+def box_states(daemon) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    with daemon.client() as c:
+        return {b["name"]: b["state"] for b in c.list()["boxes"]}
+
+
+@pytest.mark.parametrize("front", FRONT_ENDS)
+def test_seal_with_preflight_refuses_on_both_front_ends(front, dbus_daemon, bus):
+    """The memory backend carries nothing across a kexec: a preflighted seal of a box
+    with an entry refuses, seals nothing, and names the preflight's first problem —
+    on D-Bus (SealWithOptions) exactly as on Varlink (Seal with preflight)."""
+    fd = memfd_with(b"ram" * 1000)
+    try:
+        with dbus_daemon.client() as c:
+            c.put("pf", "ram0", fd)
+            want = c.preflight()
+    finally:
+        os.close(fd)
+    assert not want["ok"]
+    err, sealed = front_seal(front, dbus_daemon, bus, "pf", preflight=True)
+    assert err == want["problems"][0]["error"] and sealed == []
+    assert box_states(dbus_daemon) == {"pf": "open"}  # nothing sealed
+    assert "preflight: " in dbus_daemon.log()
+    # The same parameter checks: a preflight that is not a boolean.
+    assert front_seal(front, dbus_daemon, bus, "pf", preflight="yes")[0] == "InvalidRequest"
+    assert box_states(dbus_daemon) == {"pf": "open"}
+    # Without the preflight the same box seals, as plain Seal does.
+    assert front_seal(front, dbus_daemon, bus, "pf", preflight=False) == (None, ["pf"])
+    assert box_states(dbus_daemon) == {"pf": "sealed"}
+
+
+def test_seal_with_options_over_busctl_and_unknown_options(dbus_daemon, bus):
+    """The documented command line: busctl's a{sv}; an option Varlink's Seal has not is refused."""
+    put(bus, "pb", "ram0", memfd_with(b"x"))
+    out = busctl(bus, "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "SealWithOptions", "sa{sv}",
+                 "pb", "1", "preflight", "b", "true")
+    assert out.returncode != 0 and "preflight: " in out.stderr, (out.stdout, out.stderr)
+    out = busctl(bus, "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "SealWithOptions", "sa{sv}",
+                 "pb", "1", "force", "b", "true")
+    assert out.returncode != 0 and "force" in out.stderr, out.stderr
+    assert box_states(dbus_daemon) == {"pb": "open"}
+    out = busctl(bus, "call", "io.fdbox1", "/io/fdbox1", "io.fdbox1.Manager", "SealWithOptions", "sa{sv}",
+                 "pb", "0")
+    assert out.returncode == 0 and out.stdout.strip() == 'as 1 "pb"', (out.stdout, out.stderr)
+
+
+@pytest.mark.parametrize("front", FRONT_ENDS)
+def test_get_follows_the_same_rules_on_both_front_ends(front, dbus_daemon, bus):
+    """Get and GetBox hand out the held file itself (the backend's fd lent, or a dup of
+    it: one open file description, so one offset), check ownership without a name
+    oracle, refuse what is missing, and leave no fd behind, on either front-end."""
+    data = pattern(3 * 4096 + 5, seed=11)
+    a, b = memfd_with(data), memfd_with(b"second")
+    try:
+        with dbus_daemon.client() as c:
+            c.put("gr", "ram0", a)
+            c.put("gr", "vars", b)
+    finally:
+        os.close(a)
+        os.close(b)
+    before = dbus_daemon.settled_fd_count()
+    other = "dbus" if front == "varlink" else "varlink"
+    err, fd = front_get(front, dbus_daemon, bus, "gr", "ram0")
+    assert err is None
+    try:
+        assert os.pread(fd, len(data) + 1, 0) == data
+        os.lseek(fd, 4096, os.SEEK_SET)  # the held file's offset: the other front-end sees it
+        err, fd2 = front_get(other, dbus_daemon, bus, "gr", "ram0")
+        assert err is None
+        try:
+            assert os.lseek(fd2, 0, os.SEEK_CUR) == 4096
+            assert os.fstat(fd2).st_ino == os.fstat(fd).st_ino
+        finally:
+            os.lseek(fd2, 0, os.SEEK_SET)
+            os.close(fd2)
+    finally:
+        os.close(fd)
+    err, got = front_get_box(front, dbus_daemon, bus, "gr")
+    try:
+        assert err is None and sorted(got) == ["ram0", "vars"]
+        assert os.pread(got["vars"], 100, 0) == b"second"
+    finally:
+        for x in got.values():
+            os.close(x)
+    # Missing, and another user's: both NotFound, on both.
+    assert front_get(front, dbus_daemon, bus, "gr", "nope") == ("NotFound", None)
+    assert front_get(front, dbus_daemon, bus, "no-box", "ram0") == ("NotFound", None)
+    if front == "dbus":
+        assert error_of(gdbus(bus, "Get", "gr", "ram0", uid=OTHER_UID, check=False)) == "io.fdbox1.Error.NotFound"
+    else:
+        from fdboxtest import run_as_user
+
+        from fdboxd.client import Client
+
+        def get_as_other():  # type: ignore[no-untyped-def]
+            with Client(dbus_daemon.socket) as c:
+                c.get("gr", "ram0")
+
+        assert run_as_user(OTHER_UID, get_as_other)["error"] == "NotFound"
+    # Every fd handed out (lent and sent, or dup'ed for dbus-fast's queue) is closed after.
+    assert wait_for(lambda: dbus_daemon.fd_count() == before, 5), os.listdir(f"/proc/{dbus_daemon.pid}/fd")

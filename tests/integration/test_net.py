@@ -311,3 +311,92 @@ def test_core_runs_without_pyroute2(netns, monkeypatch):
         for fd in fds:
             os.close(fd)
         store.backend.close()
+
+
+NETNS_DELAY_MS = 2000
+
+
+def _netns_inode(name: str) -> int:
+    return os.stat(f"/run/netns/{name}").st_ino
+
+
+def _a_thread_in(pid: int, ino: int) -> bool:
+    """Whether a thread of ``pid`` has joined the network namespace ``ino`` (a netns worker at work)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for tid in tids:
+        try:
+            if os.stat(f"/proc/{pid}/task/{tid}/ns/net").st_ino == ino:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def _status_while(daemon, netns: str, call) -> tuple[float, bool, object]:  # type: ignore[no-untyped-def]
+    """Run ``call`` in a thread; once a daemon thread is inside ``netns`` (stalled there by the
+    failpoint), time one Status. Returns (Status's seconds, whether ``call`` was still
+    running then, what ``call`` returned)."""
+    import threading
+    import time
+
+    from fdboxtest import wait_for
+
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["ok"] = call()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert wait_for(lambda: _a_thread_in(daemon.pid, _netns_inode(netns)), 30), daemon.log()
+    t0 = time.monotonic()
+    with daemon.client() as c:
+        assert c.status()["backend"]
+    took = time.monotonic() - t0
+    running = t.is_alive()
+    t.join(60)
+    assert "error" not in out, out
+    return took, running, out["ok"]
+
+
+def test_netns_work_does_not_block_the_loop(daemon_factory, netns):
+    """Item 13: a tap Put reads its interface, NetRestore recreates it, in the tap's
+    namespace; the loop goes on meanwhile. The failpoint stalls the netns thread for
+    2 s inside the namespace; a Status sent then answers at once, before the Put (then
+    the NetRestore) is done. Before the fix the loop joined that thread: Status waited
+    the 2 s out."""
+    d = daemon_factory("--allow-type", "tap", env={"FDBOX_FAILPOINTS": f"net.in_netns=delay({NETNS_DELAY_MS})"})
+    fds = open_tap(netns, "tapslow", net.IFF_TAP | net.IFF_NO_PI)
+
+    def put() -> dict:  # type: ignore[type-arg]
+        with d.client() as c:
+            return c.put("slow", "net0", fds[0])
+
+    try:
+        took, running, _ = _status_while(d, netns, put)
+        print(f"Status while a tap Put's netns thread stalls {NETNS_DELAY_MS} ms: {took * 1000:.0f} ms")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert running and took < NETNS_DELAY_MS / 2000, (took, running)
+    with d.client() as c:
+        (entry,) = c.list("slow")["entries"]
+        assert entry["extra"]["net"]["ifname"] == "tapslow"  # the record read in the worker was kept
+        c.seal("slow")
+    ip("-n", netns, "link", "del", "tapslow")
+
+    def restore() -> list:  # type: ignore[type-arg]
+        with d.client() as c:
+            return c.net_restore("slow")
+
+    took, running, results = _status_while(d, netns, restore)
+    print(f"Status while NetRestore's netns thread stalls {NETNS_DELAY_MS} ms: {took * 1000:.0f} ms")
+    assert running and took < NETNS_DELAY_MS / 2000, (took, running)
+    assert [(r["name"], r["status"]) for r in results] == [("net0", "recreated")]  # type: ignore[attr-defined]
+    assert ip("-n", netns, "link", "show", "tapslow", check=False).returncode == 0

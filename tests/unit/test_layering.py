@@ -28,6 +28,12 @@ issue 19 (store, lifecycle, reconcile, gmem and net were one)."""
 GENERIC_CORE = ("fdboxd.store", "fdboxd.lifecycle", "fdboxd.reconcile", "fdboxd.preflight")
 """Modules that loop over entries and call their kind (:mod:`fdboxd.kinds`), never naming one."""
 
+FRONT_ENDS = ("fdboxd.dbus", "fdboxd.varlink.server", "fdboxd.varlink.service")
+"""Wire formats only: they call :mod:`fdboxd.service` (the operations and their rules,
+one for both), never the store, its lifecycle, the preflight or a kind themselves."""
+BEHIND_THE_SERVICE = ("fdboxd.store", "fdboxd.lifecycle", "fdboxd.preflight", "fdboxd.reconcile", "fdboxd.gmem",
+                      "fdboxd.net", "fdboxd.kinds")
+
 KIND_MODULES = ("fdboxd.gmem", "fdboxd.net", "fdboxd.kinds.memfd", "fdboxd.kinds.guest_memfd", "fdboxd.kinds.tap")
 KIND_EXTRA_KEYS = ("net", "recreate", "guest_memfd")
 
@@ -203,6 +209,14 @@ def test_the_generic_core_names_no_fd_kind():
     mods = _modules()
     bad = {m: _kind_mentions(m, ast.parse(mods[m].read_text())) for m in GENERIC_CORE}
     assert not any(bad.values()), bad
+
+
+def test_the_front_ends_call_the_service_only():
+    """Varlink and D-Bus share one service layer, so a fix to an operation lands once."""
+    graph = _graph()
+    bad = {m: sorted(i for i in graph[m] if i.startswith(BEHIND_THE_SERVICE)) for m in FRONT_ENDS}
+    assert not any(bad.values()), bad
+    assert all("fdboxd.service" in graph[m] for m in ("fdboxd.dbus", "fdboxd.varlink.service"))
 
 
 def test_the_checker_sees_a_circle_and_a_private_use():
