@@ -53,7 +53,7 @@ def debian_python() -> str:
     return DEBIAN_PYTHON
 
 
-def run_install(root: Path | None, *args: str, python: str = DEBIAN_PYTHON, prefix: str = PREFIX,
+def run_install(root: Path | None, *args: str, python: str = sys.executable, prefix: str = PREFIX,
                 **env: str) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ, DESTDIR=str(root or ""), PREFIX=prefix, PYTHON=python, **env)
     return subprocess.run([str(SCRIPT), *args], env=e, capture_output=True, text=True, timeout=600)
