@@ -1,10 +1,18 @@
 """``scripts/install-host`` into a temporary root, as an operator installs a host.
 
 One real install (pip, units, tmpfiles.d, D-Bus files, DKMS source, README) into a
-``DESTDIR``; the installed units are checked with ``systemd-analyze verify --root=``
+``DESTDIR`` with Debian's own ``/usr/bin/python3`` (the python a newcomer on Debian 12 or
+13 has); the installed units are checked with ``systemd-analyze verify --root=``
 against the distribution's own units copied into the same root (verify resolves
 ``sysinit.target`` & co. and checks that ExecStart= binaries exist, all inside the
 root); then ``--uninstall`` must leave exactly what was there before.
+
+Round trips besides: Debian's python with ``PREFIX=/usr`` and a non-Debian python (the
+one running the tests) into a ``DESTDIR``; Debian's python into the real ``/usr/local``
+inside a private mount namespace whose ``/usr`` and ``/etc`` are overlays (the host's
+tree is the lower layer, so the upper layers hold exactly what the install changed:
+nothing may be left in them); and two installs made to fail midway by a read-only
+directory (EROFS, as root) that ``--uninstall`` must still undo.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +32,7 @@ from fdboxd import __version__
 SCRIPT = REPO / "scripts" / "install-host"
 PREFIX = "/usr/local"
 SYSTEM_UNITS = Path("/lib/systemd/system")
+DEBIAN_PYTHON = "/usr/bin/python3"  # Debian's own: PEP 668, the posix_local scheme, dist-packages
 
 
 def need(tool: str) -> str:
@@ -32,9 +42,38 @@ def need(tool: str) -> str:
     return path
 
 
-def run_install(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    e = dict(os.environ, DESTDIR=str(root), PREFIX=PREFIX, PYTHON=shutil.which("python3") or "python3", **env)
+def debian_python() -> str:
+    """Debian's python3, with its pip (python3-pip: scripts/install-deps installs it)."""
+    ok = os.path.exists(DEBIAN_PYTHON) and subprocess.run(
+        [DEBIAN_PYTHON, "-m", "pip", "--version"], capture_output=True).returncode == 0
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail(f"{DEBIAN_PYTHON} -m pip does not run (apt-get install python3-pip)", pytrace=False)
+        pytest.skip(f"no {DEBIAN_PYTHON} with pip")
+    return DEBIAN_PYTHON
+
+
+def run_install(root: Path | None, *args: str, python: str = sys.executable, prefix: str = PREFIX,
+                **env: str) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ, DESTDIR=str(root or ""), PREFIX=prefix, PYTHON=python, **env)
     return subprocess.run([str(SCRIPT), *args], env=e, capture_output=True, text=True, timeout=600)
+
+
+def python_paths(python: str) -> tuple[list[str], str]:
+    """(sys.path, X.Y) of PYTHON run as a console script runs it (no PYTHONPATH, not from the checkout)."""
+    out = subprocess.run([python, "-c", "import sys; print(sys.version_info[0], sys.version_info[1]); "
+                          "print(*sys.path, sep='\\n')"], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    return out[1:], out[0].replace(" ", ".")
+
+
+def run_scripts(root: Path, prefix: str, package_dir: Path | None) -> None:
+    """PREFIX/bin/fdboxd and fdboxctl --version, from the root, importing the installed package."""
+    env = {"PATH": "/usr/bin:/bin"} | ({"PYTHONPATH": str(package_dir)} if package_dir else {})
+    for prog in ("fdboxctl", "fdboxd"):
+        out = subprocess.run([str(root / prefix.lstrip("/") / "bin" / prog), "--version"], env=env, cwd="/",
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.split() == [prog, __version__], out
 
 
 def tree(root: Path) -> set[str]:
@@ -56,7 +95,7 @@ def installed(tmp_path_factory):
                 (root / prog.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(prog, root / prog.lstrip("/"))
     before = tree(root)
-    out = run_install(root)
+    out = run_install(root, python=debian_python())
     assert out.returncode == 0, out.stderr
     return root, before
 
@@ -116,13 +155,15 @@ def test_exec_and_documentation_paths_point_into_the_install(installed):
 
 
 def test_installed_console_scripts_run(installed):
+    """Where Debian's python3 imports from (/usr/local/lib/python3.X/dist-packages, not
+    the usr/local/local/ or site-packages of the scheme pip picks by itself), run from there."""
     root, _ = installed
-    site = next((root / PREFIX.lstrip("/")).glob("lib/python3*/*-packages"))
-    env = dict(os.environ, PYTHONPATH=str(site))
-    for prog, want in (("fdboxctl", "fdboxctl"), ("fdboxd", "fdboxd")):
-        out = subprocess.run([str(root / PREFIX.lstrip("/") / "bin" / prog), "--version"], env=env,
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0 and out.stdout.split() == [want, __version__], out
+    path, version = python_paths(DEBIAN_PYTHON)
+    site = root / f"usr/local/lib/python{version}/dist-packages"
+    assert f"/usr/local/lib/python{version}/dist-packages" in path, path
+    assert (site / "fdboxd/__init__.py").is_file() and not (root / "usr/local/local").exists()
+    assert (root / "usr/local/bin/fdboxd").read_text().startswith(f"#!{DEBIAN_PYTHON}\n")
+    run_scripts(root, PREFIX, site)
     # The seal unit's C client answers without a daemon: a usage line and exit 2.
     call = subprocess.run([str(root / PREFIX.lstrip("/") / "libexec/fdbox/fdbox-call")],
                           capture_output=True, text=True, timeout=60)
@@ -183,3 +224,96 @@ def test_uninstall_removes_everything_it_installed(installed):
     assert tree(root) == before, sorted(tree(root) - before)
     again = run_install(root, "--uninstall")
     assert again.returncode != 0 and "nothing to uninstall" in again.stderr
+
+
+@pytest.mark.parametrize("which,prefix,package", [
+    ("debian", "/usr", "lib/python3/dist-packages"),  # Debian's own layout, on its sys.path
+    ("this", "/usr/local", "lib/python{version}/site-packages"),  # a non-Debian python: posix_prefix
+])
+def test_round_trip_in_a_destdir(which: str, prefix: str, package: str, tmp_path: Path):
+    python = debian_python() if which == "debian" else sys.executable
+    path, version = python_paths(python)
+    package = f"{prefix}/{package.format(version=version)}"
+    root = tmp_path / "root"
+    out = run_install(root, python=python, prefix=prefix)
+    assert out.returncode == 0, out.stderr
+    assert (root / package.lstrip("/") / "fdboxd/__init__.py").is_file(), sorted(tree(root))
+    assert not (root / prefix.lstrip("/") / "local").exists()
+    if which == "debian":
+        assert package in path, path
+    run_scripts(root, prefix, root / package.lstrip("/"))
+    out = run_install(root, "--uninstall", python=python, prefix=prefix)
+    assert out.returncode == 0, out.stderr
+    assert tree(root) == set(), sorted(tree(root))
+
+
+# Inside a private mount namespace: /usr and /etc become overlays of the host's own, so
+# the install writes into the real /usr/local (and /etc/dbus-1, /usr/src) as on a host,
+# and each upper layer ends up holding exactly what the install changed.
+IN_OVERLAY = """set -eu
+mount --make-rprivate /
+for d in usr etc; do
+    mkdir "$T/$d.upper" "$T/$d.work"
+    mount -t overlay overlay -o "lowerdir=/$d,upperdir=$T/$d.upper,workdir=$T/$d.work" "/$d"
+done
+scripts/install-host
+cd /
+for prog in fdboxctl fdboxd; do env -i PATH=/usr/local/bin:/usr/bin:/bin "$prog" --version; done
+env -i PATH=/usr/bin:/bin python3 -c 'import fdboxd; print(fdboxd.__file__)'
+cd "$OLDPWD"
+ls -R "$T/usr.upper" "$T/etc.upper" > "$T/installed"
+scripts/install-host --uninstall
+"""
+
+
+def test_round_trip_in_the_real_prefix(tmp_path: Path):
+    """Install into /usr/local as a newcomer does (no DESTDIR, no PYTHONPATH), run, remove."""
+    python = debian_python()
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a mount namespace with overlays)")
+    env = dict(os.environ, T=str(tmp_path), PYTHON=python)
+    env.pop("DESTDIR", None)
+    env.pop("PREFIX", None)
+    p = subprocess.run([need("unshare"), "--mount", "sh", "-c", IN_OVERLAY], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    _, version = python_paths(python)
+    assert p.stdout.split("\n")[:3] == [f"fdboxctl {__version__}", f"fdboxd {__version__}",
+                                         f"/usr/local/lib/python{version}/dist-packages/fdboxd/__init__.py"], p.stdout
+    assert "does not import fdboxd" not in p.stderr, p.stderr
+    assert "fdbox-call" in (tmp_path / "installed").read_text()  # the install went through the overlay
+    # What is left in the upper layers: only directories the host already had (copied
+    # up when something was written in them), no file, no whiteout.
+    for d in ("usr", "etc"):
+        upper = tmp_path / f"{d}.upper"
+        left = [str(q.relative_to(upper)) for q in upper.rglob("*") if not q.is_dir() or q.is_symlink()
+                or not (Path("/", d) / q.relative_to(upper)).is_dir()]
+        assert left == [], (d, left)
+
+
+@pytest.mark.parametrize("readonly", [
+    "usr/src",  # step 4 (the DKMS source) fails: the package, units and D-Bus files are in
+    "usr/local/bin",  # inside step 1: the package is in, its console scripts are not
+])
+def test_uninstall_undoes_an_install_that_failed_midway(readonly: str, tmp_path: Path):
+    """A directory mounted read-only (EROFS even for root) stops the install midway;
+    --uninstall then removes every file and directory the install made before it stopped."""
+    python = debian_python()
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a read-only bind mount in a mount namespace)")
+    root = tmp_path / "root"
+    (root / readonly).mkdir(parents=True)
+    before = tree(root)
+    ro = root / readonly
+    script = f'mount --make-rprivate / && mount --bind -o ro "{ro}" "{ro}" && exec "{SCRIPT}"'
+    env = dict(os.environ, DESTDIR=str(root), PREFIX=PREFIX, PYTHON=python)
+    p = subprocess.run([need("unshare"), "--mount", "sh", "-c", script], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "Read-only file system" in p.stderr, p.stderr
+    record = (root / PREFIX.lstrip("/") / "share/fdbox/installed-files").read_text().split()
+    _, version = python_paths(python)
+    assert (root / f"usr/local/lib/python{version}/dist-packages/fdboxd/__init__.py").is_file()
+    assert len(tree(root) - before) > 50 and f"/usr/local/lib/python{version}/dist-packages/fdboxd/store.py" in record
+    out = run_install(root, "--uninstall")
+    assert out.returncode == 0, out.stderr
+    assert tree(root) == before, sorted(tree(root) - before)
