@@ -111,7 +111,8 @@ def test_systemctl_kexec_suspends_before_seal_and_resumes(vm_with_module: vmlib.
         """) + lib + START_DAEMON + "ctl --json status > /out/restored-status.json\n" + _conf("2", VMS) + \
         "".join(f"ctl --json list {vm} > /out/{vm}-after.json\n" for vm in VMS) + \
         f"systemctl stop {UNITS_ALL}\n" + \
-        "".join(f"ctl --json list {vm} > /out/{vm}-stopped.json\n" for vm in VMS)
+        "".join(f"ctl --json list {vm} > /out/{vm}-stopped.json\n" for vm in VMS) + \
+        RESTART_WHILE_SUSPENDED
     run = vm_with_module.run(stage1, stage2, systemd=True, units=qemu_units(),
                              cmdline_extra=(*CMDLINE, "hugepages=40"), timeout=900)
     run.check()
@@ -150,7 +151,31 @@ def test_systemctl_kexec_suspends_before_seal_and_resumes(vm_with_module: vmlib.
         stopped = {e["name"]: e for e in json.loads((out / f"{vm}-stopped.json").read_text())["entries"]}
         assert set(stopped) == {"ram0", "devstate"}, (vm, stopped)  # systemctl stop = suspend into fdbox
         print(f"\n{vm}: last tick before {last.n}, first after {first.n}", end="")
+    check_restart_while_suspended(out)
     print(f"\nwall {run.wall_seconds:.0f}s")
+
+
+# Issue 25 (b): a package upgrade restarts fdboxd while VMs are suspended into it. On
+# --backend auto the plain-memfd RAM and every devstate live in the daemon (LUO's side of
+# the mixed backend) and hugetlb RAM in fdbox.ko: the restart must keep all of them (the
+# daemon's fd store), and each guest then resumes where it stopped.
+RESTART_WHILE_SUSPENDED = "systemctl restart fdboxd.service\n" + \
+    "ctl --json status > /out/restart-status.json\n" + \
+    "".join(f"ctl --json list {vm} > /out/{vm}-restarted.json\n" for vm in VMS) + \
+    _conf("3", VMS)
+
+
+def check_restart_while_suspended(out: Path) -> None:
+    st = json.loads((out / "restart-status.json").read_text())
+    assert st["backend"] == "liveupdate+kernel" and not st["lost"], st
+    for vm in VMS:
+        held = {e["name"]: e for e in json.loads((out / f"{vm}-restarted.json").read_text())["entries"]}
+        assert set(held) == {"ram0", "devstate"}, (vm, held)  # nothing lost across the restart
+        before, after = qemuguest.ticks(out / f"{vm}-2.serial"), qemuguest.ticks(out / f"{vm}-3.serial")
+        assert qemuguest.boots(out / f"{vm}-3.serial") == [], f"{vm} booted again after fdboxd's restart"
+        assert len(after) >= 4 and before, (vm, after[:3])
+        assert before[-1].n < after[0].n <= before[-1].n + 2, (vm, before[-1], after[0])
+        assert all(t.token == before[-1].token and t.ok for t in after), (vm, after[:3])
 
 
 # A refused kexec: the test's watcher (not stopped by the shutdown transaction, as in
