@@ -43,6 +43,8 @@ ENV = "FDBOX_FAILPOINTS"
 #: name; add yours here, then call :func:`hit` at that step.
 FAILPOINTS: dict[str, str] = {
     "failpoints.selftest": "tests/unit/test_failpoints.py's own point (fires only where the test calls it)",
+    "restore.verify_drop": "a restored entry failed its checksum and is reported lost; it is not dropped yet",
+    "restore.verify_get": "a restored entry is about to be opened (restored) for its check, at start or at a Get's retry",
 }
 
 

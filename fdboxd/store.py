@@ -181,8 +181,17 @@ class Store:
             "backend": self.backend.name, "survives_kexec": self.backend.survives_kexec,
             "boxes": boxes, "entries": entries, "sealed": sealed, "restored": restored,
             "state": self.overall_state(), "lost": lost, "adopted": adopted, "generation": self.generation,
-            "problems": self.backend.problems(),
+            "problems": self.backend.problems() + self._unverified_problems(caller),
         }
+
+    def _unverified_problems(self, caller: Caller | None) -> list[str]:
+        """One line per restored entry kept unchecked (:data:`fdboxd.lifecycle.UNVERIFIED`)."""
+        if not self._n_state[BoxState.RESTORED]:
+            return []
+        return [f"{b.name}/{e.name}: restored but not checked against its seal ({e.extra[lifecycle.UNVERIFIED]})"
+                for b in self.boxes.values() if b.state == BoxState.RESTORED
+                for e in b.entries.values()
+                if lifecycle.UNVERIFIED in e.extra and (caller is None or e.owned_by(caller))]
 
     def usage(self, uid: int) -> dict[str, int]:
         """What ``uid`` holds, against the per-uid quotas: boxes owned, entries, bytes."""
@@ -317,8 +326,14 @@ class Store:
     def get(self, caller: Caller, box: str, name: str) -> tuple[Entry, int]:
         """A new fd for one entry (the caller closes it). In a restored box, a claim."""
         entry = self.find_entry(box, name, caller)
-        fd = self._get_fd(self.boxes[box], entry)
-        self.claim(self.boxes[box], [entry])
+        b = self.boxes[box]
+        lifecycle.check_unverified(self, b, [entry])
+        fd = self._get_fd(b, entry)
+        try:
+            self.claim(b, [entry])
+        except BaseException:
+            os.close(fd)
+            raise
         return entry, fd
 
     def lend(self, caller: Caller, box: str, name: str) -> tuple[Entry, int] | None:
@@ -326,6 +341,7 @@ class Store:
         with nothing done, where the backend makes a new fd per get."""
         entry = self.find_entry(box, name, caller)
         b = self.boxes[box]
+        lifecycle.check_unverified(self, b, [entry])
         fd = self.kind(entry.type).lend(self, b, entry)
         if fd is None:
             return None
@@ -339,6 +355,7 @@ class Store:
         b, mine = self._box_for_get(caller, box)
         if not mine:
             return []
+        lifecycle.check_unverified(self, b, mine)
         first = mine[0].type
         if all(e.type is first for e in mine):  # the usual box: one kind, one backend call
             fds = self.kind(first).lend_many(self, b, mine)
@@ -365,15 +382,16 @@ class Store:
     def get_box(self, caller: Caller, box: str) -> list[tuple[Entry, int]]:
         """Every entry of a box the caller owns, with a new fd each: all or nothing."""
         b, mine = self._box_for_get(caller, box)
+        lifecycle.check_unverified(self, b, mine)
         out: list[tuple[Entry, int]] = []
         try:
             for e in mine:
                 out.append((e, self._get_fd(b, e)))
+            self.claim(b, mine)
         except BaseException:
             for _, fd in out:
                 os.close(fd)
             raise
-        self.claim(b, mine)
         return out
 
     def remove(self, caller: Caller, box: str, name: str) -> None:
