@@ -200,7 +200,13 @@ def unseal(store: Store, caller: Caller, box: str) -> None:
 
 
 def finish(store: Store, caller: Caller, box: str | None = None) -> list[str]:
-    """End the restore phase: unclaimed entries of restored boxes are released."""
+    """End the restore phase: unclaimed entries of restored boxes are released.
+
+    A box's owner may finish it only while every unclaimed entry in it is theirs (as
+    DeleteBox): another user's restored memory is theirs to take, or root's to release
+    (``PermissionDenied``). The whole change is journalled before anything is released,
+    so a failed journal write is ``BackendUnavailable`` with nothing changed.
+    """
     if box is None and not caller.is_root:
         raise FdboxError("PermissionDenied", "only root may finish every box")
     targets = [store.find_box(box)] if box is not None else [b for b in store.boxes.values() if b.state == BoxState.RESTORED]
@@ -208,16 +214,40 @@ def finish(store: Store, caller: Caller, box: str | None = None) -> list[str]:
         store.check_box_owner(caller, b.name)
         if b.state != BoxState.RESTORED:
             raise FdboxError("InvalidRequest", f"box {b.name} is {b.state}, not restored", box=b.name)
-    done = []
+        others = sorted(e.name for e in b.entries.values() if not e.claimed and not e.owned_by(caller))
+        if others:
+            raise FdboxError("PermissionDenied", f"box {b.name} holds other users' unclaimed entries "
+                             f"({', '.join(others)}): they take them back, or root finishes the box", box=b.name)
+    plan: list[tuple[Box, list[Entry]]] = []
+    undos: list[Callable[[], None]] = []
     ops: list[Op] = []
     for b in targets:
-        for e in [e for e in b.entries.values() if not e.claimed]:
-            store.drop_entry(b, e.name)
-            ops.append(["rm", b.name, e.name])
+        unclaimed = [e for e in b.entries.values() if not e.claimed]
+        undos.append(store.mark_reopened(b))
+        ops += store.box_ops([b.name]) + [["rm", b.name, e.name] for e in unclaimed]
+        plan.append((b, unclaimed))
+    try:
+        store.record(ops, fault=lambda: failpoints.hit("finish.journal"))
+    except BaseException:
+        for undo in reversed(undos):
+            undo()
+        raise
+    done = []
+    for b, unclaimed in plan:
+        for e in unclaimed:
+            try:
+                failpoints.hit("finish.before_release")
+                store.drop_entry(b, e.name)
+            except (FdboxError, OSError):
+                log.exception("finish %s: cannot release %s; it stays, unclaimed, in the open box", b.name, e.name)
+                if e.name not in b.entries:
+                    b.entries[e.name] = e
+                    store.count_entry(e, +1)
+                store.record_or_log([entry_op(e)])
+                continue
             store.emit(Event("entry-removed", b.name, entry=e))
-        store.reopen(b)
+        store.finish_reopened(b)
         done.append(b.name)
-    store.record_or_log(ops + store.box_ops(done))
     return done
 
 

@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import timeline
+from . import failpoints, timeline
 from .errors import FdboxError
 from .model import Box, BoxState, Entry, compact_json
 
@@ -313,6 +313,7 @@ class Manifest:
         if self._fd < 0:
             self._open_journal()
         try:
+            failpoints.hit("manifest.journal_append")
             n = os.write(self._fd, line)
             if n != len(line):
                 raise OSError(errno.ENOSPC, "short write to the journal")

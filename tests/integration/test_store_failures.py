@@ -13,7 +13,9 @@ Live-update cases run the real daemon on a stand-in kexec-capable backend
 from __future__ import annotations
 
 import json
+import hashlib
 import os
+import resource
 import shutil
 import sys
 from collections.abc import Iterator
@@ -97,7 +99,7 @@ def test_a_transient_error_restoring_an_entry_keeps_it_and_get_retries(standin):
         box, name = unverified[0].split("/")
         entry, fd = c.get(box, name)  # the retry checks it, then hands it back
         try:
-            assert sha256_of_fd(fd) == __import__("hashlib").sha256(ram if name == "ram0" else b"dev" * 100).hexdigest()
+            assert sha256_of_fd(fd) == hashlib.sha256(ram if name == "ram0" else b"dev" * 100).hexdigest()
         finally:
             os.close(fd)
         assert "unverified" not in (entry.get("extra") or {})
@@ -134,3 +136,135 @@ def test_a_transient_error_again_at_get_keeps_the_entry(standin):
         entry, fd = c.get("vm1", "ram0")
         os.close(fd)
         assert "unverified" not in (entry.get("extra") or {})
+
+
+# ---------------------------------------------------------------------- item 10
+
+
+def journal_full(d: DaemonProcess) -> None:
+    """The daemon can write no more bytes to any file (RLIMIT_FSIZE at the journal's size):
+    its next journal line fails with EFBIG, a real write error, no failpoint."""
+    size = os.stat(Path(d.state_dir) / JOURNAL).st_size
+    hard = resource.prlimit(d.pid, resource.RLIMIT_FSIZE)[1]
+    resource.prlimit(d.pid, resource.RLIMIT_FSIZE, (size, hard))  # the soft limit: raised again below
+
+
+def journal_room(d: DaemonProcess) -> None:
+    hard = resource.prlimit(d.pid, resource.RLIMIT_FSIZE)[1]
+    resource.prlimit(d.pid, resource.RLIMIT_FSIZE, (hard, hard))
+
+
+def journal_text(d: DaemonProcess) -> str:
+    try:
+        return (Path(d.state_dir) / JOURNAL).read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def test_remove_and_delete_box_fail_and_change_nothing_when_the_journal_cannot_be_written(daemon):
+    fd = memfd_with(b"guest ram")
+    try:
+        with daemon.client() as c:
+            c.put("vm1", "ram0", fd)
+            c.put("vm1", "ram1", fd)
+            before = journal_text(daemon)
+            journal_full(daemon)
+            assert error_name(lambda: c.remove("vm1", "ram0")) == "BackendUnavailable"
+            assert error_name(lambda: c.delete_box("vm1")) == "BackendUnavailable"
+            assert journal_text(daemon) == before
+            assert set(entries(c)) == {"vm1/ram0", "vm1/ram1"}  # nothing changed, in memory either
+            _, got = c.get("vm1", "ram0")
+            assert os.pread(got, 9, 0) == b"guest ram"  # still held
+            os.close(got)
+            journal_room(daemon)
+            c.remove("vm1", "ram0")  # room again: the same request goes through
+            assert set(entries(c)) == {"vm1/ram1"}
+            c.delete_box("vm1")
+            assert entries(c) == {}
+    finally:
+        os.close(fd)
+    daemon.restart()  # and the journal says so
+    with daemon.client() as c:
+        assert entries(c) == {} and c.status()["lost"] == []
+
+
+def test_remove_failpoint_on_its_journal_write(daemon_factory):
+    d = daemon_factory(env={"FDBOX_FAILPOINTS": "remove.journal=1*error(ENOSPC)"})
+    fd = memfd_with(b"x")
+    try:
+        with d.client() as c:
+            c.put("vm1", "ram0", fd)
+            assert error_name(lambda: c.remove("vm1", "ram0")) == "BackendUnavailable"
+            assert set(entries(c)) == {"vm1/ram0"}
+            c.remove("vm1", "ram0")
+            assert entries(c) == {}
+    finally:
+        os.close(fd)
+
+
+def test_claim_and_finish_fail_and_change_nothing_when_the_journal_cannot_be_written(standin):
+    standin.start()
+    put_and_seal(standin, {"ram0": pattern(1 << 16), "ram1": pattern(1 << 16, seed=1)})
+    standin.stop()
+    standin.with_env(FDBOX_TEST_KEXEC="1").start()
+    with standin.client() as c:
+        before = journal_text(standin)
+        journal_full(standin)
+        assert error_name(lambda: c.get("vm1", "ram0")) == "BackendUnavailable"
+        assert error_name(lambda: c.get_box("vm1")) == "BackendUnavailable"
+        assert error_name(lambda: c.finish("vm1")) == "BackendUnavailable"
+        assert journal_text(standin) == before
+        listed = entries(c)
+        assert set(listed) == {"vm1/ram0", "vm1/ram1"}
+        assert not any(e.get("claimed") for e in listed.values())
+        assert c.status()["restored"] == 1
+        journal_room(standin)
+        _, fd = c.get("vm1", "ram0")  # the same requests go through once there is room
+        os.close(fd)
+        assert entries(c)["vm1/ram0"].get("claimed") is True
+        assert c.finish("vm1") == ["vm1"]
+        assert set(entries(c)) == {"vm1/ram0"}  # ram1, unclaimed, released
+        assert c.status()["restored"] == 0
+    standin.with_env().restart()
+    with standin.client() as c:  # the journal has it (the open box itself died with the process)
+        assert [r["name"] for r in c.status()["lost"]] == ["ram0"]
+
+
+# ---------------------------------------------------------------------- item 11
+
+
+def test_finish_by_the_box_owner_refuses_while_another_users_entries_are_unclaimed(standin):
+    from fdboxtest import run_as_user
+
+    alice = 65533
+    standin.start()
+
+    def alice_puts() -> None:
+        with standin.client() as c:
+            fd = memfd_with(b"alice ram")
+            c.put("vm1", "ram0", fd)
+            os.close(fd)
+
+    assert run_as_user(alice, alice_puts) == {"ok": None}
+    with standin.client() as c:  # root's entry in alice's box
+        fd = memfd_with(b"root's")
+        c.put("vm1", "devstate", fd)
+        os.close(fd)
+        c.seal("vm1")
+    standin.stop()
+    standin.with_env(FDBOX_TEST_KEXEC="1").start()
+
+    def alice_finishes() -> list[str]:
+        with standin.client() as c:
+            _, fd = c.get("vm1", "ram0")
+            os.close(fd)
+            return c.finish("vm1")
+
+    assert run_as_user(alice, alice_finishes)["error"] == "PermissionDenied"
+    with standin.client() as c:
+        listed = entries(c)
+        assert set(listed) == {"vm1/ram0", "vm1/devstate"}  # root's entry is not released
+        _, fd = c.get("vm1", "devstate")
+        assert os.pread(fd, 6, 0) == b"root's"
+        os.close(fd)
+        assert c.status()["restored"] == 0  # every entry claimed: the box reopened
