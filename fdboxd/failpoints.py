@@ -45,6 +45,8 @@ FAILPOINTS: dict[str, str] = {
     "failpoints.selftest": "tests/unit/test_failpoints.py's own point (fires only where the test calls it)",
     "finish.before_release": "Finish is journalled (the box open, its unclaimed entries gone); one entry is not released yet",
     "finish.journal": "Finish's journal write: the box is reopened in memory only, nothing released",
+    "manifest.after_snapshot_rename": "a snapshot is in place (renamed, fsynced); the journals it holds are not removed yet",
+    "manifest.compact_after_rename": "the compaction's snapshot is in place; manifest.journal.old is not removed yet",
     "manifest.journal_append": "a journal line is about to be written (any change): nothing of it is on disk",
     "remove.before_release": "Remove is journalled; the backend still holds the entry",
     "remove.box_before_release": "DeleteBox is journalled; the backend still holds the box",

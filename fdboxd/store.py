@@ -750,5 +750,8 @@ class Store:
             self.manifest.save(data)
         except OSError as e:
             raise FdboxError("BackendUnavailable", f"cannot write the manifest: {e.strerror}") from e
-        self.generation = data.generation
+        finally:
+            # Even when the save failed: the snapshot may be in place with this generation,
+            # and a journal line not newer than its snapshot is skipped at replay.
+            self.generation = data.generation
         self._unrecorded = []  # the snapshot holds every change, the unjournalled ones too
