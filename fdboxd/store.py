@@ -185,7 +185,8 @@ class Store:
             "backend": self.backend.name, "survives_kexec": self.backend.survives_kexec,
             "boxes": boxes, "entries": entries, "sealed": sealed, "restored": restored,
             "state": self.overall_state(), "lost": lost, "adopted": adopted, "generation": self.generation,
-            "problems": self.backend.problems() + self._unverified_problems(caller),
+            "problems": (self.backend.problems() + self._unverified_problems(caller)
+                         + [p for k in self.kinds.all() for p in k.problems(self, caller)]),
         }
 
     def _unverified_problems(self, caller: Caller | None) -> list[str]:

@@ -14,7 +14,11 @@ IMAGE_DIR, so it outlives the daemon process:
   RESTORE_FD does), and the image is consumed;
 - open boxes live in the daemon process only (they die with it, as open boxes die with
   the old kernel); guest_memfd and tap are not accepted (the side backend holds them, as
-  beside fdbox.ko), so a guest_memfd's carried copy is what crosses.
+  beside fdbox.ko), so a guest_memfd's carried copy is what crosses;
+- with ``FDBOX_TEST_STANDIN_GMEM=1`` memfds named ``standin-gmem-*`` are detected as
+  guest_memfd (tests/vm/gmemstage.py:standin_detect, the VM tier's stand-in: this host's
+  /dev/kvm may lack KVM_CAP_GUEST_MEMFD). Only detection is stood in: the seal's copy,
+  its carrying, RestoreInto are the real code.
 
 It proves the store's half of a live update (tests/unit/test_store_liveupdate.py's
 KexecBackend does the same in-process); the kernel's half is proven in tests/vm.
@@ -115,6 +119,11 @@ def main() -> int:
     from fdboxd import daemon
 
     after_kexec = os.environ.get(KEXEC_ENV) == "1"
+    if os.environ.get("FDBOX_TEST_STANDIN_GMEM") == "1":
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "vm"))
+        from gmemstage import standin_detect
+
+        standin_detect()
     daemon.open_backend = lambda *a, **k: ImageBackend(image, after_kexec)  # type: ignore[assignment]
     return daemon.main(argv)
 

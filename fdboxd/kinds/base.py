@@ -165,6 +165,11 @@ class Kind:
         """An entry no backend holds at start-up is lost, unless the kind keeps it another way."""
         return False
 
+    def problems(self, store: StoreSurface, caller: Caller | None) -> list[str]:
+        """Status lines about this kind's entries that the caller may see (kept as they
+        change: Status asks every kind each time)."""
+        return []
+
     def start(self, store: StoreSurface) -> list[Any]:
         """Once the store is up: bring back what the kind must recreate (results to log)."""
         return []
