@@ -329,7 +329,8 @@ class Store:
         return done
 
     def get(self, caller: Caller, box: str, name: str) -> tuple[Entry, int]:
-        """A new fd for one entry (the caller closes it). In a restored box, a claim."""
+        """A new fd for one entry (the caller closes it). In a restored box, a claim, and
+        first the check a start-up could not make (:func:`fdboxd.lifecycle.check_unverified`)."""
         entry = self.find_entry(box, name, caller)
         b = self.boxes[box]
         lifecycle.check_unverified(self, b, [entry])
@@ -466,7 +467,8 @@ class Store:
         lifecycle.unseal(self, caller, box)
 
     def finish(self, caller: Caller, box: str | None = None) -> list[str]:
-        """End the restore phase: unclaimed entries of restored boxes are released."""
+        """End the restore phase: unclaimed entries of restored boxes are released (not
+        another user's, but by root: :func:`fdboxd.lifecycle.finish`)."""
         return lifecycle.finish(self, caller, box)
 
     def verify_restored(self) -> list[dict[str, Any]]:
