@@ -52,6 +52,7 @@ FAILPOINTS: dict[str, str] = {
     "remove.box_before_release": "DeleteBox is journalled; the backend still holds the box",
     "remove.box_journal": "DeleteBox's journal write: nothing changed yet",
     "remove.journal": "Remove's journal write: nothing changed yet",
+    "restore.before_backend_finish": "a restored box is reopened and journalled (last claim, or Finish); the backend is not told yet (FINISH)",
     "restore.claim_journal": "a claim's journal write (Get in a restored box): the fd is made, nothing recorded",
     "restore.verify_drop": "a restored entry failed its checksum and is reported lost; it is not dropped yet",
     "restore.verify_get": "a restored entry is about to be opened (restored) for its check, at start or at a Get's retry",

@@ -233,7 +233,7 @@ def finish(store: Store, caller: Caller, box: str | None = None) -> list[str]:
             undo()
         raise
     done = []
-    for b, unclaimed in plan:
+    for (b, unclaimed), undo in zip(plan, undos, strict=True):
         for e in unclaimed:
             try:
                 failpoints.hit("finish.before_release")
@@ -246,7 +246,14 @@ def finish(store: Store, caller: Caller, box: str | None = None) -> list[str]:
                 store.record_or_log([entry_op(e)])
                 continue
             store.emit(Event("entry-removed", b.name, entry=e))
-        store.finish_reopened(b)
+        try:
+            store.finish_reopened(b)
+        except BaseException:
+            # The backend still has it restored: so does the store (its unclaimed entries are
+            # gone already, the claimed stay claimed), and a Finish again completes it.
+            undo()  # restored, its claims as they were
+            store.record_or_log(store.box_ops([b.name]))
+            raise
         done.append(b.name)
     return done
 

@@ -703,6 +703,7 @@ class Store:
 
     def finish_reopened(self, b: Box) -> None:
         """The backend's half of reopening (FINISH), once the journal holds the reopened box."""
+        failpoints.hit("restore.before_backend_finish")
         self.backend.finish(b.name)
         self.emit(Event("state-changed", b.name, state=BoxState.OPEN))
 

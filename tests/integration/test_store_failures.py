@@ -403,3 +403,17 @@ def test_a_copy_only_guest_memfd_crosses_the_kexec_as_a_carried_one(standin):
         finally:
             os.close(target)
         assert c.status()["restored"] == 0
+
+
+def test_finish_that_the_backend_refuses_leaves_the_box_restored_and_finish_again_completes(standin):
+    standin.start()
+    put_and_seal(standin, {"ram0": pattern(1 << 16), "ram1": pattern(1 << 16, seed=1)})
+    standin.stop()
+    standin.with_env(FDBOX_TEST_KEXEC="1", FDBOX_FAILPOINTS="restore.before_backend_finish=1*error(EIO)").start()
+    with standin.client() as c:
+        _, fd = c.get("vm1", "ram0")
+        os.close(fd)
+        assert error_name(lambda: c.finish("vm1")) == "BackendUnavailable"
+        assert c.status()["restored"] == 1  # as the backend has it
+        assert c.finish("vm1") == ["vm1"]
+        assert set(entries(c)) == {"vm1/ram0"} and c.status()["restored"] == 0
