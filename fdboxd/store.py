@@ -82,11 +82,11 @@ class Store:
     - where an entry is held: :meth:`backend_for`, :meth:`create_box_backends`;
     - changes that keep the O(1) counters right: :meth:`count_entry`, :meth:`resize`,
       :meth:`set_state`, :meth:`recount` (start-up only), :meth:`drop_entry`,
-      :meth:`claim`, :meth:`mark_reopened` and :meth:`finish_reopened`; ``sealing`` is the set of
-      boxes between seal_begin and seal_commit/abort;
-    - the record: :meth:`record` (journal a change before it is done), :meth:`record_or_log` (a done change), :meth:`box_ops`
-      (ops restating whole boxes), :meth:`save_snapshot`; and :meth:`emit` for the
-      front-ends' listeners.
+      :meth:`claim`, :meth:`mark_reopened` and :meth:`finish_reopened`; ``sealing`` is
+      the set of boxes between seal_begin and seal_commit/abort;
+    - the record: :meth:`record` (journal a change before it is done),
+      :meth:`record_or_log` (a change done already), :meth:`box_ops` (ops restating whole
+      boxes), :meth:`save_snapshot`; and :meth:`emit` for the front-ends' listeners.
     """
 
     def __init__(
