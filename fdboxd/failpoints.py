@@ -43,7 +43,20 @@ ENV = "FDBOX_FAILPOINTS"
 #: name; add yours here, then call :func:`hit` at that step.
 FAILPOINTS: dict[str, str] = {
     "failpoints.selftest": "tests/unit/test_failpoints.py's own point (fires only where the test calls it)",
+    "finish.before_release": "Finish is journalled (box open, unclaimed entries gone); one is not released yet",
+    "finish.journal": "Finish's journal write: the box is reopened in memory only, nothing released",
+    "manifest.after_snapshot_rename": "a snapshot is in place (renamed, fsynced); the journals it holds remain",
+    "manifest.compact_after_rename": "the compaction's snapshot is in place; manifest.journal.old is not removed yet",
+    "manifest.journal_append": "a journal line is about to be written (any change): nothing of it is on disk",
     "net.in_netns": "a netns worker thread joined the target network namespace, before its interface work",
+    "remove.before_release": "Remove is journalled; the backend still holds the entry",
+    "remove.box_before_release": "DeleteBox is journalled; the backend still holds the box",
+    "remove.box_journal": "DeleteBox's journal write: nothing changed yet",
+    "remove.journal": "Remove's journal write: nothing changed yet",
+    "restore.before_backend_finish": "a restored box is reopened and journalled (last claim, Finish); no FINISH yet",
+    "restore.claim_journal": "a claim's journal write (Get in a restored box): the fd is made, nothing recorded",
+    "restore.verify_drop": "a restored entry failed its checksum and is reported lost; it is not dropped yet",
+    "restore.verify_get": "a restored entry is about to be opened for its check (at start, or a Get's retry)",
 }
 
 

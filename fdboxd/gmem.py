@@ -14,7 +14,11 @@ anyway. So:
   the memory backend too, where nothing crosses a kexec but the path is the same). The
   seal's checksum (fdboxd.checksum, ``--verify``) is taken of the copy. The original
   stays held until the box is unsealed or the old kernel goes away; ``Unseal`` drops
-  the copy.
+  the copy — unless the guest_memfd itself is gone (a daemon restart while sealed, with
+  nothing to keep the daemon's reference): then the copy is the only one
+  (:data:`COPY_ONLY`, shown by List and Status) and stays, ``Get`` refuses, and
+  ``RestoreInto`` fills a new guest_memfd from it (on the sealed box a rehearsal; after
+  ``Unseal`` the entry then holds the new guest_memfd).
 - A **private** guest_memfd (flags 0: ``mmap`` fails with ``ENODEV``; or ``MMAP``
   without ``INIT_SHARED``: every access faults) cannot be read by the host, so it cannot
   be carried: ``Seal`` refuses the whole seal with ``UnsupportedType`` saying so, before
@@ -114,12 +118,35 @@ def is_carried(entry: Entry) -> bool:
 
 
 def set_carried(entry: Entry, carried: bool) -> None:
-    """Mark or unmark the entry as carried (assigned, never changed in place: Entry caches its wire form)."""
+    """Mark or unmark the entry as carried (assigned, never changed in place: Entry caches its
+    wire form). Unmarked, it is no longer copy-only either: the copy is gone."""
     rec = dict(extra_of(entry.extra))
     if carried:
         rec["carried"] = True
     else:
         rec.pop("carried", None)
+        rec.pop(COPY_ONLY, None)
+    entry.extra = {**entry.extra, EXTRA: rec}
+
+
+#: The key in ``extra["guest_memfd"]`` of a carried entry whose guest_memfd itself is gone
+#: though its box is not restored (the daemon restarted while the box was sealed, and
+#: nothing kept the daemon's reference): the carried copy is the only one. Its value says so.
+COPY_ONLY = "copy_only"
+
+
+def is_copy_only(entry: Entry) -> bool:
+    return is_carried(entry) and bool(extra_of(entry.extra).get(COPY_ONLY))
+
+
+def set_copy_only(entry: Entry, on: bool) -> None:
+    rec = dict(extra_of(entry.extra))
+    if on:
+        rec[COPY_ONLY] = ("the guest_memfd itself was gone when fdboxd started (it restarted while the "
+                          "box was sealed); the copy carried since the seal is the only one: RestoreInto "
+                          "a new guest_memfd takes it back")
+    else:
+        rec.pop(COPY_ONLY, None)
     entry.extra = {**entry.extra, EXTRA: rec}
 
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import timeline
-from .checksum import Digest, Verify, check_many, digest_many, planned_bytes, sha256_fd
+from . import failpoints, timeline
+from .checksum import Digest, Verify, check_fd, digest_many, planned_bytes, sha256_fd, workers
 from .errors import FdboxError
 from .fdtypes import detect
-from .manifest import ManifestData, Op, decode, encode, lost_op, lost_record
+from .manifest import ManifestData, Op, decode, encode, entry_op, lost_op, lost_record
 from .model import Box, BoxState, Caller, Entry, Event, SealItem
 
 if TYPE_CHECKING:
@@ -199,7 +200,13 @@ def unseal(store: Store, caller: Caller, box: str) -> None:
 
 
 def finish(store: Store, caller: Caller, box: str | None = None) -> list[str]:
-    """End the restore phase: unclaimed entries of restored boxes are released."""
+    """End the restore phase: unclaimed entries of restored boxes are released.
+
+    A box's owner may finish it only while every unclaimed entry in it is theirs (as
+    DeleteBox): another user's restored memory is theirs to take, or root's to release
+    (``PermissionDenied``). The whole change is journalled before anything is released,
+    so a failed journal write is ``BackendUnavailable`` with nothing changed.
+    """
     if box is None and not caller.is_root:
         raise FdboxError("PermissionDenied", "only root may finish every box")
     targets = [store.find_box(box)] if box is not None else [b for b in store.boxes.values() if b.state == BoxState.RESTORED]
@@ -207,65 +214,172 @@ def finish(store: Store, caller: Caller, box: str | None = None) -> list[str]:
         store.check_box_owner(caller, b.name)
         if b.state != BoxState.RESTORED:
             raise FdboxError("InvalidRequest", f"box {b.name} is {b.state}, not restored", box=b.name)
-    done = []
+        others = sorted(e.name for e in b.entries.values() if not e.claimed and not e.owned_by(caller))
+        if others:
+            raise FdboxError("PermissionDenied", f"box {b.name} holds other users' unclaimed entries "
+                             f"({', '.join(others)}): they take them back, or root finishes the box", box=b.name)
+    plan: list[tuple[Box, list[Entry]]] = []
+    undos: list[Callable[[], None]] = []
     ops: list[Op] = []
     for b in targets:
-        for e in [e for e in b.entries.values() if not e.claimed]:
-            store.drop_entry(b, e.name)
-            ops.append(["rm", b.name, e.name])
+        unclaimed = [e for e in b.entries.values() if not e.claimed]
+        undos.append(store.mark_reopened(b))
+        ops += store.box_ops([b.name]) + [["rm", b.name, e.name] for e in unclaimed]
+        plan.append((b, unclaimed))
+    try:
+        store.record(ops, fault=lambda: failpoints.hit("finish.journal"))
+    except BaseException:
+        for undo in reversed(undos):
+            undo()
+        raise
+    done = []
+    for (b, unclaimed), undo in zip(plan, undos, strict=True):
+        for e in unclaimed:
+            try:
+                failpoints.hit("finish.before_release")
+                store.drop_entry(b, e.name)
+            except (FdboxError, OSError):
+                log.exception("finish %s: cannot release %s; it stays, unclaimed, in the open box", b.name, e.name)
+                if e.name not in b.entries:
+                    b.entries[e.name] = e
+                    store.count_entry(e, +1)
+                store.record_or_log([entry_op(e)])
+                continue
             store.emit(Event("entry-removed", b.name, entry=e))
-        store.reopen(b)
+        try:
+            store.finish_reopened(b)
+        except BaseException:
+            # The backend still has it restored: so does the store (its unclaimed entries are
+            # gone already, the claimed stay claimed), and a Finish again completes it.
+            undo()  # restored, its claims as they were
+            store.record_or_log(store.box_ops([b.name]))
+            raise
         done.append(b.name)
-    store.record_or_log(ops + store.box_ops(done))
     return done
+
+
+#: The key of ``Entry.extra`` on a restored entry whose check could not run (a resource
+#: error: ENOMEM, EAGAIN, EBUSY...): why, and that Get retries it. Shown by List.
+UNVERIFIED = "unverified"
 
 
 def verify_restored(store: Store) -> list[dict[str, Any]]:
     """Check every restored entry against what was recorded when it was sealed.
 
     How much is read is ``store.verify`` (see :mod:`fdboxd.checksum`); entries are
-    checked in parallel threads. An entry that does not match is dropped and
-    reported in ``lost`` with the reason: handing a VM memory that changed under it
-    is worse than handing none. Returns the entries that failed.
+    checked in parallel threads. Only a proven mismatch (size or checksum) drops an
+    entry, reported in ``lost`` with the reason: handing a VM memory that changed under
+    it is worse than handing none. An entry that cannot be checked now (its restore or
+    read failed: ENOMEM with the hugetlb pool not reserved yet, EAGAIN, EBUSY...) is
+    kept, restored, with ``extra["unverified"]`` saying why; a Get of it checks it again
+    first (:func:`check_unverified`). Returns the entries dropped.
     """
-    todo: list[tuple[Box, Entry, int]] = []
-    problems: dict[tuple[str, str], str] = {}
+    todo: list[tuple[Box, Entry]] = []
     for b in store.boxes.values():
         if b.state != BoxState.RESTORED:
             continue
         for e in sorted(b.entries.values(), key=lambda e: e.name):
-            if (not store.kind(e.type).verifiable(e) or store.verify == Verify.NONE
-                    or (e.sha256 is None and "sample" not in e.extra)):
-                continue  # nothing to check against (getting it would restore it early)
-            try:
-                todo.append((b, e, store.backend_for(e.type).get(b.name, e.name)))
-            except (FdboxError, OSError) as err:
-                problems[(b.name, e.name)] = f"cannot restore: {err}"
+            if _checkable(store, e):
+                todo.append((b, e))
+    return _check_entries(store, todo)[0]
+
+
+def check_unverified(store: Store, b: Box, entries: list[Entry]) -> None:
+    """Before a restored entry is handed out: check again those :func:`verify_restored`
+    could not. Raises ``BackendUnavailable`` (nothing deleted: try again) while the
+    error lasts, ``NotFound`` if the check now proves a mismatch (dropped, reported lost)."""
+    if b.state != BoxState.RESTORED:
+        return
+    todo = [(b, e) for e in entries if UNVERIFIED in e.extra]
+    if not todo:
+        return
+    failed, unverified = _check_entries(store, todo)
+    if failed:
+        r = failed[0]
+        raise FdboxError("NotFound", f"{r['box']}/{r['name']} failed its check after the restore and was "
+                         f"dropped: {r['reason']} (Status lists it as lost)", box=r["box"], name=r["name"])
+    if unverified:
+        e = unverified[0]
+        raise FdboxError("BackendUnavailable", f"{b.name}/{e.name} is restored but not checked yet "
+                         f"({e.extra[UNVERIFIED]}); nothing was deleted: try again", box=b.name, name=e.name)
+
+
+def _checkable(store: Store, e: Entry) -> bool:
+    return (store.kind(e.type).verifiable(e) and store.verify != Verify.NONE
+            and (e.sha256 is not None or "sample" in e.extra))
+
+
+def _check_entries(store: Store, todo: list[tuple[Box, Entry]]) -> tuple[list[dict[str, Any]], list[Entry]]:
+    """Check restored entries: drop the proven mismatches (reported lost), mark the ones
+    that could not be checked, clear the mark of those that pass. Returns (the lost
+    records of the dropped, the entries left unverified)."""
+    opened: list[tuple[Box, Entry, int]] = []
+    errors: dict[tuple[str, str], str] = {}  # could not check: kept
+    mismatches: dict[tuple[str, str], str] = {}  # proven: dropped
+    for b, e in todo:
+        try:
+            failpoints.hit("restore.verify_get")
+            opened.append((b, e, store.backend_for(e.type).get(b.name, e.name)))
+        except (FdboxError, OSError) as err:
+            errors[(b.name, e.name)] = f"cannot restore: {err}"
     try:
-        results = check_many([(fd, Digest(e.size, e.sha256, e.extra.get("sample"))) for _, e, fd in todo],
+        results = _check_all([(fd, Digest(e.size, e.sha256, e.extra.get("sample"))) for _, e, fd in opened],
                              store.verify)
     finally:
-        for _, _, fd in todo:
+        for _, _, fd in opened:
             os.close(fd)
-    for (b, e, _), problem in zip(todo, results):
-        if problem is not None:
-            problems[(b.name, e.name)] = problem
+    ops: list[Op] = []
+    for (b, e, _), (mismatch, error) in zip(opened, results, strict=True):
+        if mismatch is not None:
+            mismatches[(b.name, e.name)] = mismatch
+        elif error is not None:
+            errors[(b.name, e.name)] = f"cannot read: {error}"
+        elif UNVERIFIED in e.extra:
+            e.extra = {k: v for k, v in e.extra.items() if k != UNVERIFIED}
+            log.info("restored entry %s/%s checked now: it matches its seal", b.name, e.name)
+            ops.append(entry_op(e))
+    unverified = []
+    for (box, name), why in sorted(errors.items()):
+        e = store.boxes[box].entries[name]
+        log.warning("restored entry %s/%s kept, not checked: %s; a Get checks it again", box, name, why)
+        e.extra = {**e.extra, UNVERIFIED: f"{why}; kept, a Get checks it again"}
+        ops.append(entry_op(e))
+        unverified.append(e)
     failed = []
-    for (box, name), problem in sorted(problems.items()):
+    for (box, name), problem in sorted(mismatches.items()):
         b = store.boxes[box]
         e = b.entries[name]
         log.error("restored entry %s/%s refused: %s", box, name, problem)
         report = lost_record(e, problem)
         failed.append(report)
         store.lost.append(report)
+        failpoints.hit("restore.verify_drop")
         try:
             store.drop_entry(b, name)
         except FdboxError:
             if b.entries.pop(name, None) is not None:  # drop_entry fails after its pop, or before it
                 store.count_entry(e, -1)
+        ops.append(["rm", box, name])
     if failed:
-        store.record_or_log([["rm", r["box"], r["name"]] for r in failed] + [lost_op(store.lost)])
-    return failed
+        ops.append(lost_op(store.lost))
+    if ops:
+        store.record_or_log(ops)
+    return failed, unverified
+
+
+def _check_all(items: list[tuple[int, Digest]], mode: Verify) -> list[tuple[str | None, str | None]]:
+    """:func:`~fdboxd.checksum.check_fd` for each, in parallel: (mismatch, error) each. A read
+    that fails is an error (the entry is kept), not a mismatch."""
+    def one(item: tuple[int, Digest]) -> tuple[str | None, str | None]:
+        try:
+            return check_fd(item[0], item[1], mode), None
+        except OSError as e:
+            return None, str(e)
+
+    if not items:
+        return []
+    with ThreadPoolExecutor(workers(len(items)), thread_name_prefix="fdbox-check") as pool:
+        return list(pool.map(one, items))
 
 
 def carry_manifest(store: Store) -> None:

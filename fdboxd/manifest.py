@@ -47,9 +47,16 @@ power loss or kernel crash loses it, and that loses the guest memory it describe
 So a change costs one small ``write()`` whatever the number of entries.
 
 Each op is an *absolute* assignment of one key (a box's header, one entry, the absence
-of one entry or box), so replaying a journal twice, or replaying one the snapshot already
-contains, gives the same result. A line is applied whole or not at all; a torn last
-line (a write cut short by a full disk or a crash mid-write) is ignored.
+of one entry or box), so replaying a journal twice gives the same result. A line is
+applied whole or not at all; a torn last line (a write cut short by a full disk or a
+crash mid-write) is ignored.
+
+Generations: every line carries ``g``, the store's generation after that change, and
+every snapshot the ``generation`` it was written at, newer than every line it holds
+(:meth:`Manifest.save` bumps it; a compaction's is its last line's). A journal line is
+replayed only if it is newer than the snapshot: a journal that outlived its snapshot's
+rename (the writer killed before the unlink) holds only older lines, which would
+otherwise put back the state before a seal over the sealed snapshot.
 
 When the journal outgrows twice the snapshot, :meth:`Manifest.append` renames it to
 ``manifest.journal.old`` (O(1)) and starts a child process (``python -m
@@ -75,7 +82,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import timeline
+from . import failpoints, timeline
 from .errors import FdboxError
 from .model import Box, BoxState, Entry, compact_json
 
@@ -219,11 +226,18 @@ def apply(data: ManifestData, ops: list[Op]) -> None:
             raise ValueError(f"unknown journal op {kind!r}")
 
 
-def replay(data: ManifestData, raw: bytes, source: str = JOURNAL) -> None:
-    """Apply every whole line of a journal; a torn or unreadable line is skipped, logged."""
+def replay(data: ManifestData, raw: bytes, source: str = JOURNAL, after: int | None = None) -> None:
+    """Apply every whole line of a journal; a torn or unreadable line is skipped, logged.
+
+    ``after``: the generation of the snapshot ``data`` was read from. A line of that
+    generation or an older one is already in the snapshot and is skipped: a journal
+    outlives its snapshot's rename when the writer dies before unlinking it, and its
+    lines would otherwise replay the state before a seal over the sealed snapshot.
+    """
     lines = raw.split(b"\n")
     if lines[-1]:
         log.warning("%s: ignoring a torn last line (%d bytes): a write cut short", source, len(lines[-1]))
+    stale = 0
     for n, line in enumerate(lines[:-1], 1):
         if not line:
             continue
@@ -231,10 +245,17 @@ def replay(data: ManifestData, raw: bytes, source: str = JOURNAL) -> None:
             rec = json.loads(line)
             if not isinstance(rec, dict) or not isinstance(rec.get("ops"), list):
                 raise ValueError("not a journal record")
+            g = int(rec.get("g", 0))
+            if after is not None and g <= after:
+                stale += 1
+                continue
             apply(data, rec["ops"])
-            data.generation = max(data.generation, int(rec.get("g", 0)))
+            data.generation = max(data.generation, g)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.error("%s line %d unreadable, skipped: %s", source, n, e)
+    if stale:
+        log.warning("%s: skipped %d lines the snapshot (generation %s) already holds: the last writer "
+                    "stopped between the snapshot's rename and the journal's removal", source, stale, after)
 
 
 def _read(path: Path) -> bytes | None:
@@ -266,10 +287,11 @@ class Manifest:
             raw = _read(self.path)
             data = decode(raw) if raw is not None else ManifestData()
             self._snapshot_size = len(raw or b"")
+            snapshot = data.generation if raw is not None else None
             for path in (self.old_journal_path, self.journal_path):
                 j = _read(path)
                 if j:
-                    replay(data, j, path.name)
+                    replay(data, j, path.name, after=snapshot)
         return data
 
     def _remove_stale_temp_files(self) -> None:
@@ -290,6 +312,7 @@ class Manifest:
         with _DirLock(self.dir):
             raw = encode(data)
             write_snapshot(self.dir, raw, f".{FILENAME}.{os.getpid()}.tmp")
+            failpoints.hit("manifest.after_snapshot_rename")
             self._close_journal()
             for path in (self.journal_path, self.old_journal_path):
                 path.unlink(missing_ok=True)
@@ -313,6 +336,7 @@ class Manifest:
         if self._fd < 0:
             self._open_journal()
         try:
+            failpoints.hit("manifest.journal_append")
             n = os.write(self._fd, line)
             if n != len(line):
                 raise OSError(errno.ENOSPC, "short write to the journal")
@@ -443,8 +467,9 @@ def compact(state_dir: str | os.PathLike[str]) -> None:
             return  # done already (by a save at start-up)
         raw = _read(d / FILENAME)
         data = decode(raw) if raw is not None else ManifestData()
-        replay(data, j, OLD_JOURNAL)
+        replay(data, j, OLD_JOURNAL, after=data.generation if raw is not None else None)
         write_snapshot(d, encode(data), f".{FILENAME}.{os.getpid()}.compact.tmp")
+        failpoints.hit("manifest.compact_after_rename")
         old.unlink()
 
 

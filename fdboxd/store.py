@@ -11,8 +11,12 @@ the rules below hold the same everywhere:
   non-root callers see only their own entries;
 - a sealed box takes no put and no remove;
 - every change is recorded in the manifest's journal (one ``write()``, see
-  :mod:`fdboxd.manifest`) before it is reported done; if that write fails the change is
-  undone and the caller gets ``BackendUnavailable``;
+  :mod:`fdboxd.manifest`) before it is reported done; if that write fails the caller gets
+  ``BackendUnavailable`` and nothing changed: a Put is undone, a Remove, DeleteBox, claim
+  (Get in a restored box) or Finish is journalled *before* the backend lets anything go.
+  The exceptions are changes the backend already made and cannot take back (a seal
+  rolled back, a restored entry refused at start-up): those are logged and kept for the
+  next write (:meth:`Store.record_or_log`);
 - no request costs more than its own entries: counts are kept as things change, and
   the manifest is never rewritten whole on the request path;
 - the caller's fds are never closed here: backends take their own references.
@@ -34,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import lifecycle, timeline
+from . import failpoints, lifecycle, timeline
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .checksum import DEFAULT_VERIFY, Verify
@@ -78,11 +82,11 @@ class Store:
     - where an entry is held: :meth:`backend_for`, :meth:`create_box_backends`;
     - changes that keep the O(1) counters right: :meth:`count_entry`, :meth:`resize`,
       :meth:`set_state`, :meth:`recount` (start-up only), :meth:`drop_entry`,
-      :meth:`claim`, :meth:`reopen`; ``sealing`` is the set of
-      boxes between seal_begin and seal_commit/abort;
-    - the record: :meth:`record_or_log` (journal a done change), :meth:`box_ops`
-      (ops restating whole boxes), :meth:`save_snapshot`; and :meth:`emit` for the
-      front-ends' listeners.
+      :meth:`claim`, :meth:`mark_reopened` and :meth:`finish_reopened`; ``sealing`` is
+      the set of boxes between seal_begin and seal_commit/abort;
+    - the record: :meth:`record` (journal a change before it is done),
+      :meth:`record_or_log` (a change done already), :meth:`box_ops` (ops restating whole
+      boxes), :meth:`save_snapshot`; and :meth:`emit` for the front-ends' listeners.
     """
 
     def __init__(
@@ -181,8 +185,18 @@ class Store:
             "backend": self.backend.name, "survives_kexec": self.backend.survives_kexec,
             "boxes": boxes, "entries": entries, "sealed": sealed, "restored": restored,
             "state": self.overall_state(), "lost": lost, "adopted": adopted, "generation": self.generation,
-            "problems": self.backend.problems(),
+            "problems": (self.backend.problems() + self._unverified_problems(caller)
+                         + [p for k in self.kinds.all() for p in k.problems(self, caller)]),
         }
+
+    def _unverified_problems(self, caller: Caller | None) -> list[str]:
+        """One line per restored entry kept unchecked (:data:`fdboxd.lifecycle.UNVERIFIED`)."""
+        if not self._n_state[BoxState.RESTORED]:
+            return []
+        return [f"{b.name}/{e.name}: restored but not checked against its seal ({e.extra[lifecycle.UNVERIFIED]})"
+                for b in self.boxes.values() if b.state == BoxState.RESTORED
+                for e in b.entries.values()
+                if lifecycle.UNVERIFIED in e.extra and (caller is None or e.owned_by(caller))]
 
     def usage(self, uid: int) -> dict[str, int]:
         """What ``uid`` holds, against the per-uid quotas: boxes owned, entries, bytes."""
@@ -198,7 +212,7 @@ class Store:
                 keep.append(r)
         if gone:
             self.lost = keep
-            self._record([lost_op(self.lost)])
+            self.record([lost_op(self.lost)])
         return gone
 
     def overall_state(self) -> str:
@@ -294,7 +308,7 @@ class Store:
                 self.count_entry(entry, +1)
                 done.append(entry)
             ops: list[Op] = [box_op(b, caller.uid)] if created_box else []
-            self._record(ops + [entry_op(e) for e in done])
+            self.record(ops + [entry_op(e) for e in done])
             timeline.mark(b, "put", log_it=False)  # in memory; the seal's snapshot records it
         except BaseException:
             for entry in done:
@@ -315,10 +329,17 @@ class Store:
         return done
 
     def get(self, caller: Caller, box: str, name: str) -> tuple[Entry, int]:
-        """A new fd for one entry (the caller closes it). In a restored box, a claim."""
+        """A new fd for one entry (the caller closes it). In a restored box, a claim, and
+        first the check a start-up could not make (:func:`fdboxd.lifecycle.check_unverified`)."""
         entry = self.find_entry(box, name, caller)
-        fd = self._get_fd(self.boxes[box], entry)
-        self.claim(self.boxes[box], [entry])
+        b = self.boxes[box]
+        lifecycle.check_unverified(self, b, [entry])
+        fd = self._get_fd(b, entry)
+        try:
+            self.claim(b, [entry])
+        except BaseException:
+            os.close(fd)
+            raise
         return entry, fd
 
     def lend(self, caller: Caller, box: str, name: str) -> tuple[Entry, int] | None:
@@ -326,6 +347,7 @@ class Store:
         with nothing done, where the backend makes a new fd per get."""
         entry = self.find_entry(box, name, caller)
         b = self.boxes[box]
+        lifecycle.check_unverified(self, b, [entry])
         fd = self.kind(entry.type).lend(self, b, entry)
         if fd is None:
             return None
@@ -339,6 +361,7 @@ class Store:
         b, mine = self._box_for_get(caller, box)
         if not mine:
             return []
+        lifecycle.check_unverified(self, b, mine)
         first = mine[0].type
         if all(e.type is first for e in mine):  # the usual box: one kind, one backend call
             fds = self.kind(first).lend_many(self, b, mine)
@@ -365,42 +388,60 @@ class Store:
     def get_box(self, caller: Caller, box: str) -> list[tuple[Entry, int]]:
         """Every entry of a box the caller owns, with a new fd each: all or nothing."""
         b, mine = self._box_for_get(caller, box)
+        lifecycle.check_unverified(self, b, mine)
         out: list[tuple[Entry, int]] = []
         try:
             for e in mine:
                 out.append((e, self._get_fd(b, e)))
+            self.claim(b, mine)
         except BaseException:
             for _, fd in out:
                 os.close(fd)
             raise
-        self.claim(b, mine)
         return out
 
     def remove(self, caller: Caller, box: str, name: str) -> None:
+        """Journalled first: a failed journal write is ``BackendUnavailable`` with the entry
+        still held. Then the backend lets it go; if that fails, the entry stays (and the
+        journal is told so again)."""
         entry = self.find_entry(box, name, caller)
         b = self.boxes[box]
         if b.state == BoxState.SEALED or box in self.sealing:
             raise FdboxError("Sealed", f"box {box} is sealed", box=box)
-        self.drop_entry(b, name)
-        self.record_or_log([["rm", box, name]])
+        self.record([["rm", box, name]], fault=lambda: failpoints.hit("remove.journal"))
+        try:
+            failpoints.hit("remove.before_release")
+            self.drop_entry(b, name)
+        except BaseException:
+            if name not in b.entries:  # drop_entry pops before the backend is asked
+                b.entries[name] = entry
+                self.count_entry(entry, +1)
+            self.record_or_log([entry_op(entry)])
+            raise
         if self.listeners:
             self.emit(Event("entry-removed", box, entry=entry))
 
     def delete_box(self, caller: Caller, box: str) -> None:
+        """Journalled first, as :meth:`remove`: a failed write changes nothing."""
         b = self.find_box(box)
         self.check_box_owner(caller, box)
         if any(not e.owned_by(caller) for e in b.entries.values()):
             raise FdboxError("PermissionDenied", f"box {box} holds other users' entries", box=box)
         if b.state == BoxState.SEALED or box in self.sealing:
             raise FdboxError("Sealed", f"box {box} is sealed", box=box)
+        self.record([["rmbox", box]], fault=lambda: failpoints.hit("remove.box_journal"))
         entries = list(b.entries.values())
-        self._delete_box_backends(box)
+        try:
+            failpoints.hit("remove.box_before_release")
+            self._delete_box_backends(box)
+        except BaseException:
+            self.record_or_log(self.box_ops([box]))  # the box is still here
+            raise
         del self.boxes[box]
         for e in entries:
             self.count_entry(e, -1)
         self._n_state[b.state] -= 1
         self._own(box, None)
-        self.record_or_log([["rmbox", box]])
         for e in entries:
             self.emit(Event("entry-removed", box, entry=e))
 
@@ -426,7 +467,8 @@ class Store:
         lifecycle.unseal(self, caller, box)
 
     def finish(self, caller: Caller, box: str | None = None) -> list[str]:
-        """End the restore phase: unclaimed entries of restored boxes are released."""
+        """End the restore phase: unclaimed entries of restored boxes are released (not
+        another user's, but by root: :func:`fdboxd.lifecycle.finish`)."""
         return lifecycle.finish(self, caller, box)
 
     def verify_restored(self) -> list[dict[str, Any]]:
@@ -586,19 +628,43 @@ class Store:
         return self.kind(entry.type).retrieve(self, b, entry)
 
     def claim(self, b: Box, entries: list[Entry]) -> None:
+        """In a restored box: ``entries`` were taken back. Journalled before anything else
+        changes: if the journal write fails, nothing did (``BackendUnavailable``). The
+        last claim reopens the box, and only then is the backend told (FINISH)."""
         if b.state != BoxState.RESTORED:
             return
+        before = b.timeline, [(e, e.claimed) for e in entries]
         first = "first_get" not in b.timeline
         if first:
             timeline.mark(b, "first_get")
         for e in entries:
             e.claimed = True
-        if all(e.claimed for e in b.entries.values()):
-            self.reopen(b)
-            self.record_or_log(self.box_ops([b.name]))
+        last = all(e.claimed for e in b.entries.values())
+        undo_reopen = self.mark_reopened(b) if last else None
+        if last:
+            ops = self.box_ops([b.name])
         else:
-            ops = [box_op(b, self.owners.get(b.name, 0))] if first else []
-            self.record_or_log(ops + [entry_op(e) for e in entries])
+            ops = ([box_op(b, self.owners.get(b.name, 0))] if first else []) + [entry_op(e) for e in entries]
+
+        def undo() -> None:
+            if undo_reopen is not None:
+                undo_reopen()
+            b.timeline = before[0]
+            for e, was in before[1]:
+                e.claimed = was
+
+        try:
+            self.record(ops, fault=lambda: failpoints.hit("restore.claim_journal"))
+        except BaseException:
+            undo()
+            raise
+        if last:
+            try:
+                self.finish_reopened(b)
+            except BaseException:
+                undo()
+                self.record_or_log(self.box_ops([b.name]))
+                raise
 
     def mark_restored(self, kernel_up: float, restore_begin: float) -> None:
         """After a kexec, once every restored box is checked: the restore side of their timelines."""
@@ -617,12 +683,28 @@ class Store:
         return [timeline.report(b) for _, b in sorted(self.boxes.items())
                 if b.timeline and self._visible(caller, b)]
 
-    def reopen(self, b: Box) -> None:
-        self.backend.finish(b.name)
+    def mark_reopened(self, b: Box) -> Callable[[], None]:
+        """The store's half of reopening a restored box (open, nothing claimed), to journal
+        before :meth:`finish_reopened` tells the backend; returns what undoes it."""
+        state, tl, claimed = b.state, b.timeline, {n: e.claimed for n, e in b.entries.items()}
         self.set_state(b, BoxState.OPEN)
         timeline.mark(b, "reopened")
         for e in b.entries.values():
             e.claimed = False
+
+        def undo() -> None:
+            self.set_state(b, state)
+            b.timeline = tl
+            for n, was in claimed.items():
+                if n in b.entries:
+                    b.entries[n].claimed = was
+
+        return undo
+
+    def finish_reopened(self, b: Box) -> None:
+        """The backend's half of reopening (FINISH), once the journal holds the reopened box."""
+        failpoints.hit("restore.before_backend_finish")
+        self.backend.finish(b.name)
         self.emit(Event("state-changed", b.name, state=BoxState.OPEN))
 
     def snapshot_bytes(self) -> int:
@@ -641,11 +723,15 @@ class Store:
             ops.extend(entry_op(e) for e in b.entries.values())
         return ops
 
-    def _record(self, ops: list[Op]) -> None:
-        """Journal one change before it is reported done (see :mod:`fdboxd.manifest`)."""
+    def record(self, ops: list[Op], fault: Callable[[], None] | None = None) -> None:
+        """Journal one change before it is reported done (see :mod:`fdboxd.manifest`);
+        ``BackendUnavailable`` if the write fails. ``fault``: this change's failpoint
+        (``lambda: failpoints.hit("remove.journal")``), which fails as the write would."""
         if self.manifest is None or not ops:
             return
         try:
+            if fault is not None:
+                fault()
             self.manifest.append(self.generation + 1, self._unrecorded + ops)
         except OSError as e:
             raise FdboxError("BackendUnavailable", f"cannot write the manifest journal: {e.strerror}") from e
@@ -655,7 +741,7 @@ class Store:
     def record_or_log(self, ops: list[Op]) -> None:
         """Journal a change that already happened in the backend and cannot be undone."""
         try:
-            self._record(ops)
+            self.record(ops)
         except FdboxError:
             self._unrecorded.extend(ops)
             log.exception("manifest journal write failed; the next successful write will include this change")
@@ -668,5 +754,8 @@ class Store:
             self.manifest.save(data)
         except OSError as e:
             raise FdboxError("BackendUnavailable", f"cannot write the manifest: {e.strerror}") from e
-        self.generation = data.generation
+        finally:
+            # Even when the save failed: the snapshot may be in place with this generation,
+            # and a journal line not newer than its snapshot is skipped at replay.
+            self.generation = data.generation
         self._unrecorded = []  # the snapshot holds every change, the unjournalled ones too

@@ -13,7 +13,7 @@ keeps it that way; the store satisfies the protocol structurally (mypy checks it
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -58,7 +58,9 @@ class StoreSurface(Protocol):
     def recount(self) -> None: ...
     def drop_entry(self, b: Box, name: str) -> None: ...
     def claim(self, b: Box, entries: list[Entry]) -> None: ...
-    def reopen(self, b: Box) -> None: ...
+    def mark_reopened(self, b: Box) -> Callable[[], None]: ...
+    def finish_reopened(self, b: Box) -> None: ...
+    def record(self, ops: list[Op], fault: Callable[[], None] | None = None) -> None: ...
     # the record, and the front-ends' listeners
     def record_or_log(self, ops: list[Op]) -> None: ...
     def box_ops(self, names: Iterable[str]) -> list[Op]: ...
@@ -162,6 +164,11 @@ class Kind:
     def kept_elsewhere(self, entry: Entry, held: BackendBox | None) -> bool:
         """An entry no backend holds at start-up is lost, unless the kind keeps it another way."""
         return False
+
+    def problems(self, store: StoreSurface, caller: Caller | None) -> list[str]:
+        """Status lines about this kind's entries that the caller may see (kept as they
+        change: Status asks every kind each time)."""
+        return []
 
     def start(self, store: StoreSurface) -> list[Any]:
         """Once the store is up: bring back what the kind must recreate (results to log)."""

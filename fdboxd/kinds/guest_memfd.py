@@ -12,8 +12,13 @@ step:
   :meth:`unfreeze` (a late failure, Unseal);
 - start-up after a kexec: the entry is not held (the guest_memfd died with the old
   kernel) but its copy is: kept, for RestoreInto;
+- start-up while sealed (a daemon restart, nothing kept the daemon's reference): the
+  entry is not held but its copy is: kept, marked copy-only (:data:`fdboxd.gmem.COPY_ONLY`,
+  in List, and a line of Status ``problems``); Unseal keeps that copy, the only one;
+  RestoreInto (also on the box once open again) fills a new guest_memfd from it; a seal
+  refuses the entry until then;
 - restore check: the copy is checked by RestoreInto before it copies, not at start-up;
-- Get on a carried, restored entry: refused, with how to call RestoreInto;
+- Get on a carried, restored or copy-only entry: refused, with how to call RestoreInto;
 - remove/finish: drop the copy too.
 
 Its state — which entries a RestoreInto is copying right now — is :attr:`busy`, on the
@@ -49,6 +54,8 @@ class GuestMemfdKind(Kind):
     def __init__(self) -> None:
         #: (box, name) of the entries a RestoreInto is filling (one at a time each).
         self.busy: set[tuple[str, str]] = set()
+        #: (box, name) -> uid of the copy-only entries (see the module docstring), for Status.
+        self.copy_only: dict[tuple[str, str], int] = {}
 
     def reserves(self, name: str) -> str | None:
         if gmem.is_carry_name(name):
@@ -59,6 +66,10 @@ class GuestMemfdKind(Kind):
         return gmem.record(fd, info)
 
     def check_seal(self, store: StoreSurface, box: str, entry: Entry) -> None:
+        if gmem.is_copy_only(entry):
+            raise FdboxError("InvalidRequest", f"{box}/{entry.name}: only the copy carried since an earlier seal "
+                             "is held (the guest_memfd itself was gone at start-up): RestoreInto a new "
+                             "guest_memfd, or remove the entry, then seal", box=box, name=entry.name)
         refusal = gmem.seal_refusal(box, entry)
         if refusal is not None:
             raise refusal
@@ -69,6 +80,12 @@ class GuestMemfdKind(Kind):
 
     def preflight(self, box: str, entry: Entry, state: BoxState, seals: int | None,
                   page_size: int | None) -> Preflight:
+        if gmem.is_copy_only(entry) and state == BoxState.OPEN:
+            return Preflight(problems=[("InvalidRequest", "is held only as the copy an earlier seal carried "
+                                        "(its guest_memfd was gone at start-up), which a seal cannot take",
+                                        "RestoreInto a new guest_memfd, or remove the entry")])
+        if gmem.is_copy_only(entry):
+            return Preflight(carrier=FdType.MEMFD, via_luo=True)  # sealed: the copy crosses
         refusal = gmem.seal_refusal(box, entry)
         if refusal is not None:
             return Preflight(problems=[("UnsupportedType", refusal.message.removeprefix(f"{box}/{entry.name} "),
@@ -89,14 +106,43 @@ class GuestMemfdKind(Kind):
         return True
 
     def unfreeze(self, store: StoreSurface, box: str, entry: Entry) -> None:
-        """Release the carried copy; it may be gone already."""
+        """Release the carried copy (a late seal failure, Unseal); it may be gone already.
+        Kept while it is the only copy (copy-only: the guest_memfd itself is gone)."""
+        if gmem.is_carried(entry) and not gmem.is_copy_only(entry):
+            self.drop_copy(store, box, entry)
+
+    def drop_copy(self, store: StoreSurface, box: str, entry: Entry) -> None:
+        """Release the carried copy, the only one or not (Remove, Finish, a RestoreInto done)."""
         if not gmem.is_carried(entry):
             return
         gmem.set_carried(entry, False)
+        self.copy_only.pop((box, entry.name), None)
         store.backend.discard(box, gmem.carry_name(entry.name))
 
     def kept_elsewhere(self, entry: Entry, held: BackendBox | None) -> bool:
-        return held is not None and gmem.is_carried(entry) and gmem.carry_name(entry.name) in held.entries
+        """Kept if its carried copy is held. In a box that is not restored the guest_memfd
+        should be held too: without it the copy is the only one, and the entry is marked so."""
+        if held is None or not gmem.is_carried(entry) or gmem.carry_name(entry.name) not in held.entries:
+            return False
+        if held.state != BoxState.RESTORED:
+            gmem.set_copy_only(entry, True)
+            self.copy_only[(entry.box, entry.name)] = entry.uid
+            log.warning("%s/%s: the guest_memfd is gone (fdboxd restarted while its box was %s); the copy "
+                        "carried since the seal is the only one, kept: RestoreInto takes it back",
+                        entry.box, entry.name, held.state)
+        return True
+
+    def problems(self, store: StoreSurface, caller: Caller | None) -> list[str]:
+        out = []
+        for (box, name), uid in sorted(self.copy_only.items()):
+            b = store.boxes.get(box)
+            e = b.entries.get(name) if b is not None else None
+            if e is None or not gmem.is_copy_only(e):
+                del self.copy_only[(box, name)]  # gone another way (DeleteBox)
+            elif caller is None or caller.is_root or caller.uid == uid:
+                out.append(f"{box}/{name}: only the copy carried since the seal is held (the guest_memfd was "
+                           "gone at start-up): RestoreInto a new guest_memfd")
+        return out
 
     def verifiable(self, entry: Entry) -> bool:
         return not gmem.is_carried(entry)  # the copy is checked by RestoreInto, before it copies
@@ -116,7 +162,7 @@ class GuestMemfdKind(Kind):
 
     @staticmethod
     def _check_retrievable(b: Box, entry: Entry) -> None:
-        if b.state == BoxState.RESTORED and gmem.is_carried(entry):
+        if (b.state == BoxState.RESTORED and gmem.is_carried(entry)) or gmem.is_copy_only(entry):
             raise FdboxError(
                 "InvalidRequest",
                 f"{b.name}/{entry.name} is a guest_memfd carried across the live update as a copy: create a "
@@ -132,9 +178,10 @@ class GuestMemfdKind(Kind):
 
     def release(self, store: StoreSurface, b: Box, entry: Entry) -> None:
         if gmem.is_carried(entry):
-            self.unfreeze(store, b.name, entry)
-            if b.state == BoxState.RESTORED:
-                return  # the guest_memfd itself died with the old kernel
+            gone = b.state == BoxState.RESTORED or gmem.is_copy_only(entry)
+            self.drop_copy(store, b.name, entry)
+            if gone:
+                return  # the guest_memfd itself died with the old kernel (or the old daemon)
         super().release(store, b, entry)
 
 
@@ -174,7 +221,7 @@ def restore_begin(store: StoreSurface, caller: Caller, box: str, name: str, fd: 
         raise FdboxError("UnsupportedType", f"{box}/{name} is {entry.type}, not a guest_memfd: use Get",
                          box=box, name=name, type=str(entry.type))
     b = store.boxes[box]
-    if b.state == BoxState.OPEN:
+    if b.state == BoxState.OPEN and not gmem.is_copy_only(entry):
         raise FdboxError("NotSealed", f"box {box} is open: no copy was carried (Seal takes it); Get returns "
                          "the guest_memfd itself", box=box, state=str(b.state))
     if not gmem.is_carried(entry):
@@ -244,7 +291,7 @@ def restore_commit(plan: RestorePlan, problem: str | None) -> Entry:
         if plan.sealed:
             return entry  # a rehearsal: the box keeps the original and its copy
         store.rehold(plan.box, entry, plan.target)
-        of(store).unfreeze(store, plan.box, entry)
+        of(store).drop_copy(store, plan.box, entry)
         entry.extra = {**entry.extra, gmem.EXTRA: {**gmem.extra_of(entry.extra), "shared": True}}
         store.claim(b, [entry])
         return entry

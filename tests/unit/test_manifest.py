@@ -217,3 +217,29 @@ def test_failed_append_leaves_no_half_line(tmp_path):
     (tmp_path / FILENAME).rmdir()
     m.close()
     assert (tmp_path / JOURNAL).read_bytes().count(b"\n") == 1
+
+
+def test_journal_lines_the_snapshot_already_holds_are_not_replayed(tmp_path):
+    """A writer killed between the snapshot's rename and the journal's unlink: the journal
+    holds the state before the snapshot (here: the box open, before the seal)."""
+    m = Manifest(tmp_path)
+    opened = sample()
+    opened.boxes["vm1"].state = BoxState.OPEN
+    m.append(7, [box_op(opened.boxes["vm1"], 1000)])  # older than the snapshot below
+    stale = (tmp_path / JOURNAL).read_bytes()
+    m.save(sample())  # generation 8, vm1 sealed; the journal is removed...
+    (tmp_path / JOURNAL).write_bytes(stale)  # ...or would have been
+    m.append(9, [["rmbox", "empty"]])  # a change after the snapshot still counts
+    m.close()
+    back = Manifest(tmp_path).load()
+    assert back.boxes["vm1"].state == BoxState.SEALED
+    assert "empty" not in back.boxes and back.generation == 9
+
+
+def test_a_compaction_skips_what_the_snapshot_holds(tmp_path):
+    m = Manifest(tmp_path)
+    m.save(sample())  # generation 8
+    (tmp_path / OLD_JOURNAL).write_bytes(b'{"g":5,"ops":[["rmbox","vm1"]]}\n{"g":9,"ops":[["rmbox","empty"]]}\n')
+    manifest_mod.compact(tmp_path)
+    back = Manifest(tmp_path).load()
+    assert set(back.boxes) == {"vm1"}

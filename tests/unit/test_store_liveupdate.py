@@ -115,6 +115,56 @@ def test_restore_refuses_changed_data(sealed, tmp_path):
     assert any(x["name"] == "ram1" for x in new.status()["lost"])
 
 
+class RestoreFails(KexecBackend):
+    """A next kernel whose restore of one entry fails like fdbox.ko's without a free huge
+    page (kernel.py: BackendUnavailable "cannot create a memfd to restore"), ``times`` times."""
+
+    def __init__(self, old: KexecBackend, name: str, times: int) -> None:
+        super().__init__()
+        self._boxes, self._fds = old._boxes, old._fds
+        self.failing, self.times = name, times
+
+    def get(self, box: str, name: str) -> int:
+        if name == self.failing and self.times > 0:
+            self.times -= 1
+            raise FdboxError("BackendUnavailable", f"cannot create a memfd to restore {box}/{name}: "
+                             "[Errno 12] Cannot allocate memory")
+        return super().get(box, name)
+
+
+def test_a_restore_that_fails_for_want_of_memory_keeps_the_entry_until_a_get_succeeds(sealed, tmp_path):
+    store, backend = sealed
+    nb = RestoreFails(backend.kexec(), "ram1", times=2)
+    new = Store(nb, Manifest(tmp_path / "new"))
+    assert new.verify_restored() == []  # nothing dropped
+    assert new.status()["lost"] == []
+    assert "Cannot allocate memory" in new.boxes["vm1"].entries["ram1"].extra["unverified"]
+    assert set(nb.inventory()["vm1"].entries) == {"ram0", "ram1", "ram2"}  # the preserved pages stay
+    with pytest.raises(FdboxError) as err:
+        new.get(ALICE, "vm1", "ram1")  # still no memory: retryable, nothing deleted
+    assert err.value.name == "BackendUnavailable"
+    assert "ram1" in new.boxes["vm1"].entries
+    entry, fd = new.get(ALICE, "vm1", "ram1")  # the pool has room now: checked, then handed back
+    assert os.pread(fd, 10, 0) == bytes([1]) * 10
+    os.close(fd)
+    assert "unverified" not in entry.extra and entry.claimed
+
+
+def test_finish_by_the_owner_leaves_another_users_unclaimed_entry(sealed, tmp_path):
+    store, backend = sealed
+    store.unseal(ALICE, "vm1")
+    fd = memfd(b"root's")
+    store.put(ROOT, "vm1", "devstate", fd)  # root may put into alice's box
+    os.close(fd)
+    store.seal(ALICE, "vm1")
+    new = Store(backend.kexec(), Manifest(tmp_path / "new"))
+    with pytest.raises(FdboxError) as err:
+        new.finish(ALICE, "vm1")
+    assert err.value.name == "PermissionDenied" and "devstate" in err.value.message
+    assert "devstate" in new.boxes["vm1"].entries
+    assert new.finish(ROOT, "vm1") == ["vm1"]  # root may release it
+
+
 def test_finish_releases_unclaimed(sealed, tmp_path):
     store, backend = sealed
     new = Store(backend.kexec(), Manifest(tmp_path / "new"))
