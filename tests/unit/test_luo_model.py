@@ -211,7 +211,6 @@ def carry_after(dev: Any, expected: dict[str, Any]) -> None:
     assert st.st_size == len(SEALED) and os.pread(f1, st.st_size, 0).hex() == expected["a_sealed"]
     assert fcntl.fcntl(f1, fcntl.F_GET_SEALS) & expected["seals"] == expected["seals"]
     assert os.lseek(f1, 0, os.SEEK_CUR) == expected["pos"]  # the file position crosses
-    assert os.readlink(f"/proc/self/fd/{f1}") == "/memfd: (deleted)"  # a new memfd, no name
     again = a.retrieve_fd(1)
     assert os.fstat(again).st_ino == st.st_ino  # the same file, not another copy
     assert os.fstat(a.retrieve_fd(2)).st_size == 0
@@ -240,6 +239,11 @@ def carry_after(dev: Any, expected: dict[str, Any]) -> None:
     assert errno_of(lambda: e.retrieve_fd(0)) == errno.ENOENT
     e.finish()
     e.close()
+    # A new file with an empty name (memfd_luo_retrieve: memfd_alloc_file("", ...)). The
+    # one rule a model cannot keep: userspace makes shmem files only through memfd_create,
+    # whose names start "memfd:", so the model's shows "/memfd: (deleted)" where the
+    # kernel's shows "/ (deleted)" (fdboxd.fdtypes.detect types the kernel's "other").
+    assert os.readlink(f"/proc/self/fd/{f1}") == ("/ (deleted)" if REAL else "/memfd: (deleted)")
     for fd in (f1, again, f3, fb):
         os.close(fd)
 
