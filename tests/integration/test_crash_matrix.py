@@ -10,8 +10,10 @@ the host. Failpoints: every name in :data:`fdboxd.failpoints.FAILPOINTS` under
 Actions: ``error(EIO)`` (every hit in that daemon process) and ``kill`` (SIGKILL).
 
 One cell is one small world (a model, a state dir) driven through one cycle
-(:data:`STEPS`): put, seal, unseal, remove/put, seal all, kexec + restore, claim +
-finish, remove, put. The failpoint is armed in every daemon until it fires;
+(:data:`STEPS`): put, seal, unseal, remove/put, seal all, restart (a package upgrade),
+kexec + restore, claim + finish, remove, put. The daemon runs as under systemd: a
+NOTIFY_SOCKET whose end keeps the fd store (tests/integration/test_systemd.py's
+``NotifySocket``) and passes it back in LISTEN_FDS at each start, until a kexec ends it. The failpoint is armed in every daemon until it fires;
 the daemon is then restarted unarmed (a kill needs it; an error is followed by the same
 restart a package upgrade would do) and the cycle goes on. Then, after a clean restart:
 
@@ -84,9 +86,7 @@ TRIGGERS: dict[str, str] = {
 }
 
 #: Failpoints whose step the cycle cannot reach on the host, by prefix → why.
-UNREACHED: dict[str, str] = {
-    "adopt.": "adoption needs systemd's fd store (LISTEN_FDS of a service manager): not in this cycle",
-}
+UNREACHED: dict[str, str] = {}
 
 _RESULTS: dict[tuple[str, str, str], str] = {}
 
@@ -352,7 +352,9 @@ def run_cycle(w: World) -> None:
     w.start()
     for name, fn in STEPS:
         w.step(name, lambda c, fn=fn: fn(w, c))
-    w.kexec()  # (a restart without a kexec follows every fault, and ends every cell)
+    w.restart("upgrade")  # a package upgrade while sealed: the fd store and the holder give back
+    w.check("after the upgrade restart")
+    w.kexec()  # (a restart without a kexec also follows every fault, and ends every cell)
     w.step("claim+finish", lambda c: (w.claim(c, "vm1", "ram0"), w.finish(c, "vm1")))
     w.step("claim+remove", lambda c: (w.claim(c, "vm2", "r"), w.remove(c, "vm2", "r")))
     w.step("put vm3", lambda c: w.put(c, "vm3", "x", blob("x")))
@@ -468,7 +470,7 @@ def test_cell(backend: str, point: str, action: str, tmp_path: Path) -> None:
         problems: list[str] = list(w.problems)
         if not w.fired:
             problems.append(f"{point} was not reached by the cycle ({', '.join(n for n, _ in STEPS)}, "
-                            "kexec, claim, finish, remove, put): give it a step")
+                            "upgrade, kexec, claim, finish, remove, put): give it a step")
         w.restart()  # the restart after which everything must be accounted for
         with w.client() as c:
             problems += check_accounted(w, c, "after the restart")
