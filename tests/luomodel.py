@@ -264,6 +264,10 @@ class ModelControl:
         """Carry every open outgoing session, drop the rest, kill the world's processes."""
         return self.call("kexec")
 
+    def corrupt(self, session: str, token: int) -> None:
+        """Flip the first byte of a carried file (after :meth:`kexec`, before it is retrieved)."""
+        self.call("corrupt", session=session, token=token)
+
     def device_class(self) -> type[ModelDevice]:
         return bind(self.socket_path)
 
@@ -607,6 +611,14 @@ class Model:
             return {"errno": 0, **self.state()}
         if what == "kill_world":
             self.kill_world()
+            return {"errno": 0}
+        if what == "corrupt":  # one byte changed in flight (a test's fault, not a kernel's)
+            session = self.incoming.get(str(msg.get("session")))
+            f = session.files.get(int(msg.get("token", 0))) if session is not None else None
+            if f is None:
+                return {"errno": errno.ENOENT}
+            old = os.pread(f.fd, 1, 0)
+            os.pwrite(f.fd, bytes([(old[0] if old else 0) ^ 0xFF]), 0)
             return {"errno": 0}
         return {"errno": errno.EINVAL}
 
