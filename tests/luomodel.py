@@ -278,11 +278,13 @@ class ModelProcess(ModelControl):
     def __init__(self, directory: str | Path) -> None:
         super().__init__(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "serve", str(self.dir)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=open(self.dir / "model.log", "ab"), close_fds=True)
+        with open(self.dir / "model.log", "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "serve", str(self.dir)],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                                         close_fds=True)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        with self.proc.stdout:
+            line = self.proc.stdout.readline()
         if line.strip() != b"ready":
             self.proc.kill()
             raise RuntimeError(f"LUO model did not start: {(self.dir / 'model.log').read_text()}")

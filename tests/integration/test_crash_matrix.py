@@ -407,9 +407,8 @@ class World:
             os.close(fd)
 
     def finish(self, c: Client, box: str) -> None:
-        listed = {(e["box"], e["name"]) for e in c.list(box)["entries"]}
+        """Finish releases what is unclaimed: what it leaves listed stays acknowledged."""
         held_before = {k for k in (*self.acked, *self.maybe) if k[0] == box}
-        # Finish releases what is unclaimed: from now on it may be gone.
         for k in held_before:
             if k in self.acked:
                 self.maybe[k] = self.acked.pop(k)
@@ -418,7 +417,6 @@ class World:
         for k in held_before:
             if k in after and k in self.maybe:
                 self.acked[k] = self.maybe.pop(k)
-        del listed
 
 
 def blob(tag: str, size: int = 12288) -> bytes:
