@@ -525,7 +525,8 @@ class Model:
 
     # ---------------------------------------------------------------- session fds
 
-    def session_ioctl(self, session: _Session, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def session_ioctl(self, session: _Session, msg: dict[str, Any],
+                      fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         op = msg.get("op")
         kinds = {"preserve_fd": False, "retrieve_fd": True, "finish": True, "get_name": None}
         if op not in kinds:

@@ -1,23 +1,27 @@
 """The crash matrix: every failpoint of a live update's steps, with an error and with a
 kill, on the host; after a restart nothing acknowledged is lost without being named.
 
-Cells: backend × failpoint × action. Backends: ``memory`` (nothing crosses a restart
-without systemd's fd store, so everything must be *reported* lost) and ``luo-model``
+Cells: backend × failpoint × action. Backends: ``memory`` (its entries cross a restart
+through the fd store, never a kexec: after one they must be *reported* lost) and ``luo-model``
 (``--backend liveupdate`` on tests/luomodel.py, the host-side /dev/liveupdate, with its
 holder process and a model kexec). The ``kernel`` backend needs fdbox.ko and is not on
 the host. Failpoints: every name in :data:`fdboxd.failpoints.FAILPOINTS` under
-:data:`PREFIXES`, so a point added anywhere joins the matrix by being declared.
+:data:`PREFIXES`, so a point added anywhere joins the matrix by being declared; a cell
+exists where the backend's path can reach the point (:func:`off_path` says why not).
 Actions: ``error(EIO)`` (every hit in that daemon process) and ``kill`` (SIGKILL).
 
-One cell is one small world (a model, a state dir) driven through one cycle
-(:data:`STEPS`): put, seal, unseal, remove/put, seal all, restart (a package upgrade),
-kexec + restore, claim + finish, remove, put, put + delete box. The daemon runs as under systemd: a
-NOTIFY_SOCKET whose end keeps the fd store (tests/integration/test_systemd.py's
-``NotifySocket``) and passes it back in LISTEN_FDS at each start, until a kexec ends it. The failpoint is armed in every daemon until it fires;
-the daemon is then restarted unarmed (a kill needs it; an error is followed by the same
-restart a package upgrade would do) and the cycle goes on. Then, after a clean restart:
+One cell is one small world (a model, a state dir, a service manager) driven through one
+cycle: put, seal, unseal, remove + put, seal all (:data:`STEPS`), a restart as a package
+upgrade does it, kexec + restore, claim + finish, claim + remove, put, put + delete box.
+The daemon runs as under systemd: a NOTIFY_SOCKET whose other end keeps the fd store
+(tests/integration/test_systemd.py's ``NotifySocket``) and passes it back in LISTEN_FDS
+at each start, until a kexec ends that manager. The failpoint is armed in every daemon
+until it fires; the daemon is then restarted unarmed (a kill needs it; an error is
+followed by the restart a package upgrade would do) and the cycle goes on. After each
+restart that follows a fault, after the upgrade, and after a last restart:
 
-- every acknowledged entry is held (with its bytes) or reported lost by name;
+- every acknowledged entry is held or reported lost by name (its bytes are checked
+  where it is taken back: the claims, the final restore);
 - nothing is held twice (listed twice, or listed and reported lost);
 - no LUO session is left without an owner: each outgoing session is held by a live
   process and is one the daemon accounts for (a sealed box, the index, the carried
@@ -26,8 +30,8 @@ restart a package upgrade would do) and the cycle goes on. Then, after a clean r
   byte for byte (memory: reports each lost).
 
 A cell whose point the cycle never reaches fails ("not reached"): a declared failpoint
-nobody exercises is a gap. Known data-loss bugs of issue 25 are ``xfail(strict=True)``
-cells naming the item (:data:`KNOWN`), so a fix turns them red and the mark goes.
+nobody exercises is a gap. Known bugs of issue 25 are ``xfail(strict=True)`` cells
+naming the item (:data:`KNOWN`), so a fix turns them red and the mark goes.
 The matrix (cell → outcome) is printed at the end of the run.
 """
 
@@ -145,6 +149,10 @@ CORRUPT: dict[str, tuple[str, int]] = {
 
 _RESULTS: dict[tuple[str, str, str], str] = {}
 
+#: The model's world is a network namespace of its own (its holder's reclaim socket, the
+#: processes its kexec kills): making one needs root.
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the LUO model's world is a network namespace: needs root")
+
 
 def _known(backend: str, point: str, action: str) -> str | None:
     for (b, p, a), reason in KNOWN.items():
@@ -176,7 +184,7 @@ def _cells() -> Iterator[Any]:
             if not on_path(backend, point, hits):
                 continue  # the matrix's print lists why
             for action in ACTIONS:
-                marks = []
+                marks = [NEEDS_ROOT] if backend == "luo-model" else []
                 reason = _known(backend, point, action)
                 if reason:
                     marks.append(pytest.mark.xfail(strict=True, reason=reason))
