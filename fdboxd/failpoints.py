@@ -57,6 +57,16 @@ FAILPOINTS: dict[str, str] = {
     "restore.claim_journal": "a claim's journal write (Get in a restored box): the fd is made, nothing recorded",
     "restore.verify_drop": "a restored entry failed its checksum and is reported lost; it is not dropped yet",
     "restore.verify_get": "a restored entry is about to be opened for its check (at start, or a Get's retry)",
+    "seal.after_carry": "seal: sealed in the backend, snapshot written, manifest carried; no reply yet",
+    "seal.after_manifest": "seal: sealed in the backend, snapshot (SEALED) written; manifest not carried",
+    "seal.after_preserve": "seal: a box sealed in the backend, SEALED in memory; no snapshot written",
+    "seal.before_preserve": "seal: checksums recorded, boxes frozen; nothing sealed in the backend",
+    "seal.begin": "seal: every check passed; nothing frozen, opened or sealed",
+    "seal.rollback": "seal: a later step failed; a box sealed in the backend is about to be unsealed",
+    "unseal.after_carry": "unseal: OPEN journalled, the carried manifest rewritten without the box",
+    "unseal.after_journal": "unseal: released, OPEN journalled; the carried manifest still lists the box",
+    "unseal.after_release": "unseal: the backend released the box (session dropped); the store says SEALED",
+    "unseal.begin": "unseal: the box is sealed; nothing released yet",
 }
 
 

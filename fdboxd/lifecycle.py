@@ -108,6 +108,7 @@ def seal_begin(store: Store, caller: Caller, box: str | None = None) -> SealPlan
             if e.type not in store.allowed_types:
                 raise FdboxError("UnsupportedType", f"{b.name}/{e.name} is {e.type}", box=b.name, name=e.name)
             store.kind(e.type).check_seal(store, b.name, e)
+    failpoints.hit("seal.begin")
     plan = SealPlan([b.name for b in targets])
     try:
         for b in targets:
@@ -145,6 +146,7 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
         sealed: list[str] = []
         carried: list[tuple[SealItem, Any]] = []
         try:
+            failpoints.hit("seal.before_preserve")
             for item, kind in zip(plan.items, plan.kinds, strict=True):  # what crosses instead, sealed with its box
                 if kind.carry(store, item, store.boxes[item.box].entries[item.name]):
                     carried.append((item, kind))
@@ -152,6 +154,7 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
                 store.backend.seal(name)
                 store.set_state(store.boxes[name], BoxState.SEALED)
                 sealed.append(name)
+                failpoints.hit("seal.after_preserve")
             for name in plan.boxes:  # before the snapshot: the times cross the kexec with it
                 timeline.mark(store.boxes[name], "seal_end")
             # A seal writes the whole snapshot (temp, fsync, rename), not a journal line:
@@ -159,9 +162,12 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
             # must refuse the seal (and so the kexec) rather than half-record it. A line
             # appended to a full file system can still fit in the journal's last page.
             store.save_snapshot()
+            failpoints.hit("seal.after_manifest")
             carry_manifest(store)
+            failpoints.hit("seal.after_carry")
         except BaseException:
             for name in sealed:
+                failpoints.hit("seal.rollback")
                 store.backend.unseal(name)
                 store.set_state(store.boxes[name], BoxState.OPEN)
             for item, kind in carried:
@@ -186,16 +192,20 @@ def unseal(store: Store, caller: Caller, box: str) -> None:
     store.check_box_owner(caller, box)
     if b.state != BoxState.SEALED:
         raise FdboxError("NotSealed", f"box {box} is {b.state}", box=box, state=str(b.state))
+    failpoints.hit("unseal.begin")
     store.backend.unseal(box)
+    failpoints.hit("unseal.after_release")
     store.set_state(b, BoxState.OPEN)
     timeline.mark(b, "unsealed")
     for e in b.entries.values():
         store.kind(e.type).unfreeze(store, box, e)
     store.record_or_log(store.box_ops([box]))
+    failpoints.hit("unseal.after_journal")
     try:
         carry_manifest(store)
     except FdboxError:
         log.exception("could not rewrite the carried manifest after unsealing %s", box)
+    failpoints.hit("unseal.after_carry")
     store.emit(Event("state-changed", box, state=BoxState.OPEN))
 
 
