@@ -1,5 +1,5 @@
 """The LUO contract, run against the host-side model (tests/luomodel.py) and, in the VM
-tier, against the real /dev/liveupdate (tests/vm/test_luo_model.py): the same file, the
+tier, against the real /dev/liveupdate (tests/vm/test_luo_model_real.py): the same file, the
 same assertions, so the model cannot drift from the kernel unnoticed.
 
 On the host every test runs on a fresh model, and the "kexec" is the model's. In the
