@@ -43,6 +43,14 @@ ENV = "FDBOX_FAILPOINTS"
 #: name; add yours here, then call :func:`hit` at that step.
 FAILPOINTS: dict[str, str] = {
     "failpoints.selftest": "tests/unit/test_failpoints.py's own point (fires only where the test calls it)",
+    "qemu.resume.after_load": "fdbox-qemu start's helper: QEMU loaded the device state, paused; devstate still in the box",
+    "qemu.resume.before_cont": "fdbox-qemu start's helper: devstate removed from the box, the guest not yet continued",
+    "qemu.start.after_put": "fdbox-qemu start: the RAM (and new taps) it created are in the box; QEMU not yet exec'd",
+    "qemu.start.before_exec": "fdbox-qemu start: the helper is forked, QEMU about to be exec'd",
+    "qemu.start.before_undo": "fdbox-qemu start failed (QEMU did not start): what it created is about to be removed",
+    "qemu.suspend.after_devstate": "fdbox-qemu suspend: devstate is in the box, QEMU (stopped) not yet told to quit",
+    "qemu.suspend.after_stale_remove": "fdbox-qemu suspend: a stale devstate was removed, the new one not yet put",
+    "qemu.suspend.after_stop": "fdbox-qemu suspend: the guest is stopped, nothing saved or put yet",
 }
 
 

@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except FdboxError as e:
         print(f"fdbox-qemu: {e.name}: {e.message}", file=sys.stderr)
         return EXIT_CODES[e.name]
+    except OSError as e:  # an error failpoint (FDBOX_FAILPOINTS), or a system call nothing above named
+        print(f"fdbox-qemu: BackendUnavailable: {e}", file=sys.stderr)
+        return EXIT_CODES["BackendUnavailable"]
 
 
 def _suspend(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str) -> int:

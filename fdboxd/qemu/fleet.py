@@ -42,9 +42,33 @@ class Outcome:
     error: FdboxError | None = None
 
 
+def _uids(pid: str) -> tuple[int, int] | None:
+    """A process's real and effective uid (from its status, not /proc/PID's owner, which
+    is root for a process that made itself non-dumpable)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    real, effective = line.split()[1:3]
+                    return int(real), int(effective)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def qemu_processes(run_dir: str) -> dict[str, int]:
-    """VM name -> pid of every process whose command line has ``-qmp unix:RUN_DIR/VM.qmp,…``."""
+    """VM name -> pid of every process whose command line has ``-qmp unix:RUN_DIR/VM.qmp,…``
+    and that runs as RUN_DIR's owner (the user whose fdbox-qemu started the VMs there: the
+    directory is private to it) or root. Anyone can put that argument on a command line;
+    a process of another user is no VM of this run dir, and counting it would let any
+    local user fail every ``suspend --all``, and so every kexec. (A QEMU that dropped to
+    another user with ``-runas`` is found by its socket only, as :func:`running_vms` does.)"""
     want = os.path.abspath(run_dir)
+    try:
+        owner = os.stat(want).st_uid
+    except OSError:
+        owner = os.geteuid()
+    allowed = {owner, 0}
     found: dict[str, int] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -54,6 +78,11 @@ def qemu_processes(run_dir: str) -> dict[str, int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue  # gone, or not ours to read
+        if b"-qmp" not in argv:
+            continue
+        uids = _uids(pid)
+        if uids is None or not set(uids) <= allowed:
+            continue
         for flag, spec in zip(argv, argv[1:]):
             if flag != b"-qmp" or not spec.startswith(b"unix:"):
                 continue
