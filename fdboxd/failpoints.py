@@ -51,6 +51,11 @@ FAILPOINTS: dict[str, str] = {
     "qemu.suspend.after_devstate": "fdbox-qemu suspend: devstate is in the box, QEMU (stopped) not yet told to quit",
     "qemu.suspend.after_stale_remove": "fdbox-qemu suspend: a stale devstate was removed, the new one not yet put",
     "qemu.suspend.after_stop": "fdbox-qemu suspend: the guest is stopped, nothing saved or put yet",
+    "qemu.upgrade.after_spawn": "fdbox-qemu upgrade: the new QEMU is started (-incoming defer), the old one runs",
+    "qemu.upgrade.after_switch": "fdbox-qemu upgrade: the new QEMU runs the guest; the old one not yet told to quit",
+    "qemu.upgrade.before_migrate": "fdbox-qemu upgrade: the new QEMU listens for the device state; the old one runs",
+    "qemu.upgrade.before_switch": "fdbox-qemu upgrade: the device state is in the new QEMU (paused); the old one is "
+                                  "stopped (postmigrate); nothing runs the guest",
 }
 
 

@@ -30,6 +30,8 @@ from ..names import check_box_name
 from . import vm as vmmod
 from .qmp import QMPClient
 
+UPGRADE_DIR = "upgrade"  # fdboxd.qemu.upgrade.UPGRADE_DIR (not imported: suspend's path does not need it)
+
 MAX_THREADS = 64
 
 
@@ -62,14 +64,18 @@ def qemu_processes(run_dir: str) -> dict[str, int]:
     directory is private to it) or root. Anyone can put that argument on a command line;
     a process of another user is no VM of this run dir, and counting it would let any
     local user fail every ``suspend --all``, and so every kexec. (A QEMU that dropped to
-    another user with ``-runas`` is found by its socket only, as :func:`running_vms` does.)"""
+    another user with ``-runas`` is found by its socket only, as :func:`running_vms` does.)
+    A QEMU that ``upgrade`` started has its QMP under ``RUN_DIR/upgrade/`` on its command
+    line and counts too (where both are there, mid-upgrade, the pid is the old one's)."""
     want = os.path.abspath(run_dir)
     try:
         owner = os.stat(want).st_uid
     except OSError:
         owner = os.geteuid()
     allowed = {owner, 0}
+    upgraded = os.path.join(want, UPGRADE_DIR)
     found: dict[str, int] = {}
+    late: dict[str, int] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -88,9 +94,13 @@ def qemu_processes(run_dir: str) -> dict[str, int]:
                 continue
             path = os.fsdecode(spec[5:].split(b",", 1)[0])
             where, base = os.path.split(path)
-            if base.endswith(".qmp") and os.path.abspath(where) == want:
+            if not base.endswith(".qmp"):
+                continue
+            if os.path.abspath(where) == want:
                 found[base[:-4]] = int(pid)
-    return found
+            elif os.path.abspath(where) == upgraded:  # started by `upgrade`; its socket renamed into RUN_DIR
+                late.setdefault(base[:-4], int(pid))
+    return late | found
 
 
 def running_vms(run_dir: str) -> dict[str, int | None]:
@@ -134,6 +144,40 @@ def suspend_many(vms: Sequence[str], *, socket_path: str | None, run_dir: str) -
 def suspend_all(*, socket_path: str | None, run_dir: str) -> list[Outcome]:
     """Suspend every VM that has a QEMU under ``run_dir`` (none running: an empty list)."""
     return suspend_many(sorted(running_vms(run_dir)), socket_path=socket_path, run_dir=run_dir)
+
+
+def _upgrade_one(vm: str, socket_path: str | None, run_dir: str, qemu: str | None,
+                 qemu_args: Sequence[str] | None) -> Outcome:
+    from . import upgrade
+
+    try:
+        return Outcome(vm, result=upgrade.upgrade(vm, socket_path=socket_path, run_dir=run_dir, qemu=qemu,
+                                                  qemu_args=qemu_args))
+    except FdboxError as e:
+        return Outcome(vm, error=e)
+    except Exception as e:  # noqa: BLE001 - one VM's surprise must not hide the others' results
+        return Outcome(vm, error=FdboxError("BackendUnavailable", f"VM {vm}: unexpected {e!r}", box=vm))
+
+
+def upgrade_many(vms: Sequence[str], *, socket_path: str | None, run_dir: str, qemu: str | None = None,
+                 qemu_args: Sequence[str] | None = None) -> list[Outcome]:
+    """Upgrade ``vms`` concurrently (each its own QEMU-ARGS unless ``qemu_args`` is given,
+    which is for one VM); one Outcome per VM, in the order given. Names checked first."""
+    names = list(dict.fromkeys(vms))
+    for name in names:
+        check_box_name(name)
+    if qemu_args is not None and len(names) != 1:
+        raise FdboxError("InvalidRequest", "QEMU-ARGS are for one VM: with several, each keeps its own")
+    if not names:
+        return []
+    with ThreadPoolExecutor(max_workers=min(len(names), MAX_THREADS), thread_name_prefix="upgrade") as pool:
+        return list(pool.map(lambda n: _upgrade_one(n, socket_path, run_dir, qemu, qemu_args), names))
+
+
+def upgrade_all(*, socket_path: str | None, run_dir: str, qemu: str | None = None) -> list[Outcome]:
+    """Upgrade every VM whose QEMU answers under ``run_dir``."""
+    names = sorted(n for n in running_vms(run_dir) if vmmod.qemu_alive(vmmod.qmp_path(run_dir, n)))
+    return upgrade_many(names, socket_path=socket_path, run_dir=run_dir, qemu=qemu)
 
 
 # ---------------------------------------------------------------------- status
