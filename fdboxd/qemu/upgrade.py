@@ -200,7 +200,7 @@ def upgrade(vm: str, *, socket_path: str | None, run_dir: str, qemu: str | None 
             status = old.execute("query-status")["status"]
             if status not in ("running", "paused"):
                 raise FdboxError("InvalidRequest", f"VM {vm} is {status}: not upgradable now", box=vm)
-            state = vmmod._box_state(c, vm)
+            state = vmmod.box_state(c, vm)
             if state is None:
                 raise FdboxError("NotFound", f"no box {vm}: this QEMU was not started by fdbox-qemu", box=vm)
             if state == "sealed":
@@ -249,7 +249,7 @@ def _plan(vm: str, old: QMPClient, got: dict[str, tuple[dict[str, Any], int]], q
     try:
         ram = []
         for _, n in rams:
-            fds.append(vmmod._reopen(got[n][1], os.O_RDWR))
+            fds.append(vmmod.reopen(got[n][1], os.O_RDWR))
             ram.append((fds[-1], int(got[n][0]["size"])))
         taps = []
         for ifname, queues in sorted(tapmod.held({n: e for n, (e, _) in got.items()}).items()):
@@ -322,7 +322,7 @@ def _switch(vm: str, old: QMPClient, old_pid: int, running: bool, plan: dict[str
             failpoints.hit("qemu.upgrade.before_migrate")
             t_mig = time.monotonic()
             old.execute("migrate", {"uri": f"unix:{mig}"})
-            vmmod._wait_migration(old, "send", deadline)
+            vmmod.wait_migration(old, "send", deadline)
             t_sent = time.monotonic()
             while (st := new.execute("query-status")["status"]) == "inmigrate":
                 if time.monotonic() > deadline:

@@ -120,14 +120,14 @@ def vm_state(qemu: str | None, has_devstate: bool) -> str:
     return qemu
 
 
-def _box_state(c: Client, vm: str) -> str | None:
+def box_state(c: Client, vm: str) -> str | None:
     for b in c.list().get("boxes", []):
         if b.get("name") == vm:
             return str(b.get("state"))
     return None
 
 
-def _reopen(fd: int, flags: int) -> int:
+def reopen(fd: int, flags: int) -> int:
     """A new open file description of the same file: its own offset, so QEMU reading the
     device state does not move the offset of the copy fdboxd holds."""
     return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
@@ -190,7 +190,7 @@ def plan_start(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu
     for i, size in enumerate(ram):
         if size % page:
             raise FdboxError("InvalidRequest", f"ram{i}: {size} bytes is not a multiple of the {page}-byte page size")
-    state = _box_state(c, vm)
+    state = box_state(c, vm)
     if state == "sealed":
         raise FdboxError("Sealed", f"box {vm} is sealed (ready for kexec): unseal it first (fdboxctl unseal {vm})", box=vm)
     got: dict[str, tuple[dict[str, Any], int]] = {}
@@ -235,7 +235,7 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
                 if e["type"] != want_type:
                     raise FdboxError("InvalidRequest", f"{vm}/ram{i} is {e['type']}, but this start asks for {want_type}"
                                      + (f" ({hugetlb} pages)" if hugetlb else ""), box=vm, name=f"ram{i}")
-                ram_fds.append(_reopen(fd, os.O_RDWR))
+                ram_fds.append(reopen(fd, os.O_RDWR))
         else:
             if DEVSTATE in got:
                 raise FdboxError("InvalidRequest", f"box {vm} holds a devstate but no RAM: refusing to resume on fresh RAM", box=vm)
@@ -280,7 +280,7 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
             keep += tap_fds[t.ifname]
         if DEVSTATE in got:
             e, fd = got[DEVSTATE]
-            plan.resume_fd = _reopen(fd, os.O_RDONLY)
+            plan.resume_fd = reopen(fd, os.O_RDONLY)
             keep.append(plan.resume_fd)
             plan.runstate = e.get("metadata", {}).get("runstate", "running")
             # -S: QEMU must not continue the guest on its own once the state is loaded; the
@@ -509,7 +509,7 @@ def resume(vm: str, qmp: str, devstate_fd: int, runstate: str, socket_path: str 
             _set_migration(q)
             q.execute("migrate-incoming", {"uri": f"fd:{devstate_fd}"})
             os.close(devstate_fd)  # QEMU has its own (inherited) copy
-            _wait_migration(q, "load", deadline)
+            wait_migration(q, "load", deadline)
             while q.execute("query-status")["status"] == "inmigrate":
                 if time.monotonic() > deadline:
                     raise FdboxError("BackendUnavailable", "QEMU loaded the device state but stays in inmigrate")
@@ -571,7 +571,7 @@ def _set_migration(q: QMPClient) -> None:
         q.execute("migrate-set-parameters", {"mode": "cpr-reboot"})
 
 
-def _wait_migration(q: QMPClient, what: str, deadline: float) -> dict[str, Any]:
+def wait_migration(q: QMPClient, what: str, deadline: float) -> dict[str, Any]:
     while True:
         info = q.execute("query-migrate")
         status = info.get("status")
@@ -605,7 +605,7 @@ def suspend(vm: str, *, socket_path: str | None, run_dir: str, timeout: float = 
         status = q.execute("query-status")["status"]
         if status in ("inmigrate", "postmigrate", "finish-migrate"):
             raise FdboxError("InvalidRequest", f"VM {vm} is {status}: not suspendable now", box=vm)
-        state = _box_state(c, vm)
+        state = box_state(c, vm)
         if state is None:
             raise FdboxError("NotFound", f"no box {vm}: this QEMU was not started by fdbox-qemu", box=vm)
         if state == "sealed":
@@ -630,7 +630,7 @@ def suspend(vm: str, *, socket_path: str | None, run_dir: str, timeout: float = 
                 t_save = time.monotonic()
                 q.execute("getfd", {"fdname": "fdbox-devstate"}, fds=[memfd])
                 q.execute("migrate", {"uri": "fd:fdbox-devstate"})
-                _wait_migration(q, "save", deadline)
+                wait_migration(q, "save", deadline)
                 t_put = time.monotonic()
                 if DEVSTATE in entries:  # stale: left by a resume that could not remove it
                     c.remove(vm, DEVSTATE)
@@ -689,7 +689,7 @@ def status(vm: str, *, socket_path: str | None, run_dir: str) -> dict[str, Any]:
     qmp = qmp_path(run_dir, vm)
     out: dict[str, Any] = {"vm": vm, "qmp": qmp, "box": None, "entries": [], "qemu": "not running"}
     with Client(socket_path) as c:
-        out["box"] = _box_state(c, vm)
+        out["box"] = box_state(c, vm)
         if out["box"] is not None:
             out["entries"] = [{"name": e["name"], "type": e["type"], "size": e["size"]}
                               for e in c.list(vm).get("entries", [])]

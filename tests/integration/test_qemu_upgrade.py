@@ -131,6 +131,7 @@ def test_upgrade_moves_the_guest_to_a_new_qemu(uvm):
     before = qemuguest.ticks(uvm.serial)
     r = uvm.cli("upgrade", uvm.name, "--json")
     out = json.loads(r.stdout)
+    print("upgrade:", out)
     uvm.pids.add(out["new_pid"])
     assert out["old_pid"] == p.pid and out["new_pid"] != p.pid, out
     assert out["was"] == "running" and out["blackout_ms"] > 0, out
