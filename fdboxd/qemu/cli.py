@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -163,7 +164,10 @@ def _upgrade(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str, qe
         if not outcomes and not a.json:
             print("no VM running")
     else:
-        outcomes = fleet.upgrade_many(a.vm, socket_path=a.socket, run_dir=run_dir, qemu=a.qemu, qemu_args=qemu_args)
+        # A unit's `systemctl reload` (ExecReload=): the unit's one VM gets MAINPID= and READY=1.
+        notify = os.environ.pop("NOTIFY_SOCKET", None)
+        outcomes = fleet.upgrade_many(a.vm, socket_path=a.socket, run_dir=run_dir, qemu=a.qemu, qemu_args=qemu_args,
+                                      notify=notify)
     code = 0
     for o in outcomes:
         if o.error is not None:

@@ -147,12 +147,12 @@ def suspend_all(*, socket_path: str | None, run_dir: str) -> list[Outcome]:
 
 
 def _upgrade_one(vm: str, socket_path: str | None, run_dir: str, qemu: str | None,
-                 qemu_args: Sequence[str] | None) -> Outcome:
+                 qemu_args: Sequence[str] | None, notify: str | None) -> Outcome:
     from . import upgrade
 
     try:
         return Outcome(vm, result=upgrade.upgrade(vm, socket_path=socket_path, run_dir=run_dir, qemu=qemu,
-                                                  qemu_args=qemu_args))
+                                                  qemu_args=qemu_args, notify=notify))
     except FdboxError as e:
         return Outcome(vm, error=e)
     except Exception as e:  # noqa: BLE001 - one VM's surprise must not hide the others' results
@@ -160,9 +160,10 @@ def _upgrade_one(vm: str, socket_path: str | None, run_dir: str, qemu: str | Non
 
 
 def upgrade_many(vms: Sequence[str], *, socket_path: str | None, run_dir: str, qemu: str | None = None,
-                 qemu_args: Sequence[str] | None = None) -> list[Outcome]:
+                 qemu_args: Sequence[str] | None = None, notify: str | None = None) -> list[Outcome]:
     """Upgrade ``vms`` concurrently (each its own QEMU-ARGS unless ``qemu_args`` is given,
-    which is for one VM); one Outcome per VM, in the order given. Names checked first."""
+    which is for one VM); one Outcome per VM, in the order given. Names checked first.
+    ``notify`` (systemd's socket, a unit's reload) is used only when there is one VM."""
     names = list(dict.fromkeys(vms))
     for name in names:
         check_box_name(name)
@@ -171,7 +172,8 @@ def upgrade_many(vms: Sequence[str], *, socket_path: str | None, run_dir: str, q
     if not names:
         return []
     with ThreadPoolExecutor(max_workers=min(len(names), MAX_THREADS), thread_name_prefix="upgrade") as pool:
-        return list(pool.map(lambda n: _upgrade_one(n, socket_path, run_dir, qemu, qemu_args), names))
+        one = notify if len(names) == 1 else None
+        return list(pool.map(lambda n: _upgrade_one(n, socket_path, run_dir, qemu, qemu_args, one), names))
 
 
 def upgrade_all(*, socket_path: str | None, run_dir: str, qemu: str | None = None) -> list[Outcome]:

@@ -176,9 +176,15 @@ def _recover(vm: str, qmp: str, new_qmp: str, was_path: str) -> str | None:
 
 
 def upgrade(vm: str, *, socket_path: str | None, run_dir: str, qemu: str | None = None,
-            qemu_args: Sequence[str] | None = None, timeout: float = 120.0) -> dict[str, Any]:
+            qemu_args: Sequence[str] | None = None, timeout: float = 120.0,
+            notify: str | None = None) -> dict[str, Any]:
     """Replace VM ``vm``'s running QEMU by a new one (``qemu``, or the recorded binary) on
-    the same RAM and taps; its phase times, pids and versions."""
+    the same RAM and taps; its phase times, pids and versions.
+
+    ``notify``: systemd's notify socket (``systemctl reload`` of the VM's unit): once the
+    new QEMU runs the guest and before the old one is told to quit, ``MAINPID=`` the new
+    QEMU and ``READY=1`` go there, so the unit tracks the new QEMU and never sees its
+    main process exit."""
     check_box_name(vm)
     qmp = vmmod.qmp_path(run_dir, vm)
     if not vmmod.qemu_alive(qmp):
@@ -214,7 +220,7 @@ def upgrade(vm: str, *, socket_path: str | None, run_dir: str, qemu: str | None 
             try:
                 with open(was_path, "w") as f:  # for _recover, should this upgrade be killed mid-way
                     f.write(status)
-                r = _switch(vm, old, old_pid, status == "running", plan, new_qmp, qmp, mig, deadline)
+                r = _switch(vm, old, old_pid, status == "running", plan, new_qmp, qmp, mig, deadline, notify)
                 os.unlink(was_path)
             finally:
                 for fd in plan["fds"]:
@@ -283,12 +289,13 @@ def _connect_new(proc: subprocess.Popen[bytes], new_qmp: str, deadline: float) -
 
 
 def _switch(vm: str, old: QMPClient, old_pid: int, running: bool, plan: dict[str, Any], new_qmp: str, qmp: str,
-            mig: str, deadline: float) -> dict[str, Any]:
+            mig: str, deadline: float, notify: str | None = None) -> dict[str, Any]:
     out = [_reopen_output(old_pid, n) for n in (1, 2)]
     try:
         t_spawn = time.monotonic()
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # systemd's socket is not QEMU's
         proc = subprocess.Popen(plan["argv"], pass_fds=plan["fds"], stdin=subprocess.DEVNULL,
-                                stdout=out[0], stderr=out[1])
+                                stdout=out[0], stderr=out[1], env=env)
     except OSError as e:
         raise FdboxError("BackendUnavailable", f"cannot run {plan['argv'][0]}: {e.strerror}") from None
     finally:
@@ -355,6 +362,13 @@ def _switch(vm: str, old: QMPClient, old_pid: int, running: bool, plan: dict[str
     except FileNotFoundError:
         pass
     failpoints.hit("qemu.upgrade.after_switch")
+    if notify:
+        from ..sdnotify import Notifier
+
+        n = Notifier(notify)
+        n.send(f"MAINPID={proc.pid}\nREADY=1\nSTATUS=upgraded: QEMU {times['new_qemu']} (pid {proc.pid}) runs the guest")
+        n.barrier()
+        n.close()
     _retire(vm, old, old_pid, new_qmp, qmp)
     times["quit_ms"] = (time.monotonic() - t_switch) * 1000
     return times

@@ -19,6 +19,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,100 @@ def _pids_with(text: str) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+TAP_PROBE = r'''
+import fcntl, json, os, socket, struct, subprocess, sys, time
+from fdboxd.qemu.qmp import QMPClient
+for conf in ("all", "default"):
+    with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w") as f:
+        f.write("1")  # no router solicitations or MLD reports in the counts
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454ca, struct.pack("16sH", b"fdbxp0", 0x0002 | 0x1000 | 0x4000))  # TUNSETIFF TAP|NO_PI|VNET_HDR
+subprocess.run(["ip", "link", "set", "fdbxp0", "up"], check=True)
+ps = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+ps.bind(("fdbxp0", 0))
+os.set_blocking(fd, False)
+
+def drain():
+    n = 0
+    while True:
+        try:
+            os.read(fd, 65536)
+            n += 1
+        except BlockingIOError:
+            return n
+
+def send(k):  # k frames out of the host side of the tap: each one readable on the queue fd
+    for i in range(k):
+        ps.send(b"\x02\xfd\x00\x00\x00\x09\x02\xfd\x00\x00\x00\x01\x88\xb5" + bytes([i]) * 60)
+    time.sleep(0.3)  # let a reader that wants them take them (proving a reader does not needs a window)
+
+out = {}
+time.sleep(0.3)
+drain()
+send(5)
+out["alone"] = drain()
+qmp = sys.argv[1]
+q = subprocess.Popen(["qemu-system-x86_64", "-accel", "tcg", "-display", "none", "-nodefaults", "-m", "32",
+                      "-netdev", f"tap,id=n0,fd={fd}", "-device", "virtio-net-pci,netdev=n0",
+                      "-qmp", f"unix:{qmp},server=on,wait=off", "-incoming", "defer"],
+                     pass_fds=[fd], stderr=subprocess.DEVNULL)
+deadline = time.monotonic() + 60
+while True:
+    try:
+        with QMPClient(qmp, timeout=10) as c:
+            out["status"] = c.execute("query-status")["status"]
+        break
+    except Exception:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.02)
+out["rounds"] = []
+for _ in range(3):
+    send(5)
+    out["rounds"].append(drain())
+q.kill()
+q.wait()
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates a tap in a network namespace of its own: needs root")
+def test_incoming_qemu_takes_at_most_one_frame_per_tap_queue(tmp_path):
+    """What a QEMU waiting with ``-incoming defer`` does with a tap queue the running
+    guest's QEMU also reads (issue 28; docs/integrating.md): it reads one frame, queues
+    it (the VM does not run) and stops reading, so of the frames that come after it
+    started, we (here in the old QEMU's place) get all but the first."""
+    r = subprocess.run(["unshare", "-n", sys.executable, "-c", TAP_PROBE, str(tmp_path / "probe.qmp")],
+                       env=qemuguest.env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["alone"] == 5 and out["status"] == "inmigrate", out
+    assert out["rounds"] == [4, 5, 5], out
+
+
+def test_upgrade_under_systemd_hands_mainpid_to_the_new_qemu(uvm, tmp_path):
+    """``systemctl reload`` (ExecReload= runs ``upgrade VM`` with NOTIFY_SOCKET): the unit
+    hears ``MAINPID=`` the new QEMU, with ``READY=1``, while the old QEMU still lives (so
+    its exit is never the main process's), and the new QEMU does not inherit the socket.
+    Checked in the reader thread while the upgrade waits on its BARRIER=1."""
+    from test_systemd import NotifySocket
+
+    p = uvm.boot()
+    notify = NotifySocket(tmp_path / "notify")
+    at_mainpid: list[tuple[str, bool]] = []
+    notify.on_message = lambda m: at_mainpid.append((m["MAINPID"], p.poll() is None)) if "MAINPID" in m else None
+    try:
+        r = uvm.cli("upgrade", uvm.name, "--json", env={"NOTIFY_SOCKET": notify.path})
+        out = json.loads(r.stdout)
+        uvm.pids.add(out["new_pid"])
+        assert at_mainpid == [(str(out["new_pid"]), True)], at_mainpid
+        assert notify.seen("MAINPID")[0].get("READY") == "1"
+        assert notify.seen("BARRIER", "1")
+        env = Path(f"/proc/{out['new_pid']}/environ").read_bytes().split(b"\0")
+        assert not any(e.startswith(b"NOTIFY_SOCKET=") for e in env), "QEMU must not inherit NOTIFY_SOCKET"
+        assert p.wait(30) == 0
+        _runs_on(uvm)
+    finally:
+        notify.close()

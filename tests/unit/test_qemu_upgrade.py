@@ -1,0 +1,31 @@
+"""fdbox-qemu upgrade's pure parts: which machine type QEMU-ARGS pin, the command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from fdboxd.qemu import cli
+from fdboxd.qemu.upgrade import machine_pinned, machine_type
+
+
+@pytest.mark.parametrize(("args", "mtype", "pinned"), [
+    ([], None, False),
+    (["-accel", "tcg"], None, False),
+    (["-machine", "pc"], "pc", False),
+    (["-M", "q35,accel=kvm"], "q35", False),
+    (["-machine", "pc-i440fx-7.2"], "pc-i440fx-7.2", True),
+    (["-machine", "accel=kvm,type=pc-q35-8.2"], "pc-q35-8.2", True),
+    (["-machine", "pc-i440fx-7.2", "-machine", "q35"], "q35", False),  # the last one counts
+    (["-machine", "accel=tcg"], None, False),
+])
+def test_machine_type_and_pinning(args, mtype, pinned):
+    assert machine_type(args) == mtype
+    assert machine_pinned(args) is pinned
+
+
+@pytest.mark.parametrize("argv", [["upgrade"], ["upgrade", "--all", "vm1"], ["upgrade", "vm1", "vm2", "--", "-S"],
+                                  ["upgrade", "--all", "--", "-S"], ["status", "--", "-S"]])
+def test_upgrade_command_line_refusals(argv, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--run-dir", str(tmp_path), *argv])
+    assert e.value.code == 2
