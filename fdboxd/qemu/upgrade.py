@@ -58,6 +58,7 @@ from .qmp import QMPClient
 
 UPGRADE_DIR = "upgrade"  # fleet.UPGRADE_DIR says the same
 CONNECT_POLL = 0.005
+SWITCH_POLL = 0.0005  # while the guest is paused
 MACHINE_VERSION_RE = re.compile(r"-\d+\.\d+$")
 
 
@@ -329,12 +330,18 @@ def _switch(vm: str, old: QMPClient, old_pid: int, running: bool, plan: dict[str
             failpoints.hit("qemu.upgrade.before_migrate")
             t_mig = time.monotonic()
             old.execute("migrate", {"uri": f"unix:{mig}"})
-            vmmod.wait_migration(old, "send", deadline)
-            t_sent = time.monotonic()
+            # Watch the new QEMU, not the old one: once it has loaded the whole stream, the
+            # old one stopped the guest before it wrote the device state (its "completed"
+            # may come a moment later), and every poll here is guest blackout.
             while (st := new.execute("query-status")["status"]) == "inmigrate":
+                info = old.execute("query-migrate")
+                if info.get("status") in ("failed", "cancelled"):
+                    raise FdboxError("InvalidRequest", f"the migration to the new QEMU {info['status']}: "
+                                     f"{info.get('error-desc', 'no reason given')}")
                 if time.monotonic() > deadline:
                     raise FdboxError("BackendUnavailable", "the new QEMU stays in inmigrate")
-                time.sleep(vmmod.MIGRATE_POLL)
+                time.sleep(SWITCH_POLL)
+            t_sent = time.monotonic()
             if st != "paused":
                 raise FdboxError("BackendUnavailable", f"the new QEMU is {st} after the load, not paused")
             failpoints.hit("qemu.upgrade.before_switch")
