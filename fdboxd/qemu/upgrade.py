@@ -88,6 +88,24 @@ def machine_pinned(qemu_args: Sequence[str]) -> bool:
     return t is not None and bool(MACHINE_VERSION_RE.search(t))
 
 
+def unit_of(pid: int) -> str | None:
+    """The systemd service whose cgroup holds process ``pid`` (None: none, or unknown)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return unit_in_cgroup(f.read())
+    except OSError:
+        return None
+
+
+def unit_in_cgroup(text: str) -> str | None:
+    """The innermost ``*.service`` of a /proc/PID/cgroup text."""
+    for line in text.splitlines():
+        for part in reversed(line.split(":", 2)[-1].split("/")):
+            if part.endswith(".service"):
+                return part
+    return None
+
+
 def _peer_pid(q: QMPClient) -> int:
     pid, _, _ = struct.unpack("3i", q.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     return int(pid)
@@ -204,6 +222,12 @@ def upgrade(vm: str, *, socket_path: str | None, run_dir: str, qemu: str | None 
             print(f"fdbox-qemu: {vm}: {note}", file=sys.stderr)
         with QMPClient(qmp) as old, Client(socket_path) as c:
             old_pid = _peer_pid(old)
+            unit = unit_of(old_pid)
+            if unit is not None and unit.startswith("fdbox-qemu@") and notify is None:
+                # By hand, the unit would see its main process (the old QEMU) exit and go
+                # inactive while the new QEMU runs the guest outside it.
+                raise FdboxError("InvalidRequest", f"VM {vm} runs under {unit}: upgrade it with "
+                                 f"`systemctl reload {unit}` (the unit must learn the new QEMU's pid)", box=vm)
             status = old.execute("query-status")["status"]
             if status not in ("running", "paused"):
                 raise FdboxError("InvalidRequest", f"VM {vm} is {status}: not upgradable now", box=vm)

@@ -29,3 +29,12 @@ def test_upgrade_command_line_refusals(argv, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main(["--run-dir", str(tmp_path), *argv])
     assert e.value.code == 2
+
+
+def test_unit_in_cgroup():
+    from fdboxd.qemu.upgrade import unit_in_cgroup
+
+    assert unit_in_cgroup("0::/system.slice/fdbox-qemu@vm1.service\n") == "fdbox-qemu@vm1.service"
+    assert unit_in_cgroup("0::/user.slice/user-0.slice/session-3.scope\n") is None
+    assert unit_in_cgroup("0::/system.slice/fdbox-qemu@vm1.service/payload\n") == "fdbox-qemu@vm1.service"
+    assert unit_in_cgroup("4:memory:/process_api/x\n0::/\n") is None
