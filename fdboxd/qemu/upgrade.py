@@ -147,14 +147,16 @@ class _Lock:
         os.close(self.fd)
 
 
-def _recover(vm: str, qmp: str, new_qmp: str, was_path: str) -> str | None:
+def _recover(vm: str, qmp: str, new_qmp: str, was_path: str, notify: str | None = None) -> str | None:
     """Deal with a QEMU an earlier upgrade of ``vm`` left at RUN_DIR/upgrade/VM.qmp (it was
     killed before it finished); what was done, or None if nothing was left.
 
     ``inmigrate``: it never ran the guest: it quits. Loaded (``paused``, or ``running``)
     while the QEMU at VM.qmp is ``postmigrate``: the device state moved and the old QEMU
     stopped at that moment, so the new one is the guest: the upgrade is finished (the new
-    QEMU continued if the guest was running, the old one retired). Anything else is refused.
+    QEMU continued if the guest was running, the old one retired). ``running`` with
+    nothing at VM.qmp (killed after the old QEMU quit, before the rename): the rename.
+    Anything else is refused.
     """
     if not vmmod.qemu_alive(new_qmp):
         for path in (new_qmp, was_path):
@@ -172,6 +174,10 @@ def _recover(vm: str, qmp: str, new_qmp: str, was_path: str) -> str | None:
                 os.kill(pid, signal.SIGKILL)
             return f"quit the QEMU (pid {pid}) an interrupted upgrade left in inmigrate"
         old_status = None
+        if status == "running" and not vmmod.qemu_alive(qmp):
+            os.rename(new_qmp, qmp)
+            _notify_mainpid(notify, pid, new)
+            return f"finished an interrupted upgrade: QEMU pid {pid} runs the guest (its QMP moved to {qmp})"
         if vmmod.qemu_alive(qmp):
             try:
                 with QMPClient(qmp, timeout=10.0) as old:
@@ -185,6 +191,7 @@ def _recover(vm: str, qmp: str, new_qmp: str, was_path: str) -> str | None:
                             was = "running"
                         if was == "running" and status != "running":
                             new.execute("cont")
+                        _notify_mainpid(notify, pid, new)
                         _retire(vm, old, old_pid, new_qmp, qmp)
                         return f"finished an interrupted upgrade: QEMU pid {pid} runs the guest, pid {old_pid} quit"
             except FdboxError:
@@ -206,8 +213,6 @@ def upgrade(vm: str, *, socket_path: str | None, run_dir: str, qemu: str | None 
     main process exit."""
     check_box_name(vm)
     qmp = vmmod.qmp_path(run_dir, vm)
-    if not vmmod.qemu_alive(qmp):
-        raise FdboxError("NotFound", f"VM {vm} is not running (no QEMU on {qmp})", box=vm)
     t0 = time.monotonic()
     deadline = t0 + timeout
     udir = upgrade_dir(run_dir)
@@ -217,9 +222,11 @@ def upgrade(vm: str, *, socket_path: str | None, run_dir: str, qemu: str | None 
     was_path = os.path.join(udir, f"{vm}.was")
     lock = _Lock(os.path.join(udir, f"{vm}.lock"), vm)
     try:
-        note = _recover(vm, qmp, new_qmp, was_path)
+        note = _recover(vm, qmp, new_qmp, was_path, notify)
         if note is not None:
             print(f"fdbox-qemu: {vm}: {note}", file=sys.stderr)
+        if not vmmod.qemu_alive(qmp):
+            raise FdboxError("NotFound", f"VM {vm} is not running (no QEMU on {qmp})", box=vm)
         with QMPClient(qmp) as old, Client(socket_path) as c:
             old_pid = _peer_pid(old)
             unit = unit_of(old_pid)
@@ -334,6 +341,7 @@ def _switch(vm: str, old: QMPClient, old_pid: int, running: bool, plan: dict[str
         with _connect_new(proc, new_qmp, deadline) as new:
             times["spawn_ms"] = (time.monotonic() - t_spawn) * 1000
             times["old_qemu"], times["new_qemu"] = ("%d.%d.%d" % old.version, "%d.%d.%d" % new.version)
+            new_version = new.version
             if old.version != new.version and not machine_pinned(plan["args"]):
                 raise FdboxError("InvalidRequest", f"the new QEMU is {times['new_qemu']}, the old {times['old_qemu']}: "
                                  "a version change needs a versioned machine type in QEMU-ARGS "
@@ -393,16 +401,23 @@ def _switch(vm: str, old: QMPClient, old_pid: int, running: bool, plan: dict[str
     except FileNotFoundError:
         pass
     failpoints.hit("qemu.upgrade.after_switch")
-    if notify:
-        from ..sdnotify import Notifier
-
-        n = Notifier(notify)
-        n.send(f"MAINPID={proc.pid}\nREADY=1\nSTATUS=upgraded: QEMU {times['new_qemu']} (pid {proc.pid}) runs the guest")
-        n.barrier()
-        n.close()
+    _notify_mainpid(notify, proc.pid, new_version)
     _retire(vm, old, old_pid, new_qmp, qmp)
     times["quit_ms"] = (time.monotonic() - t_switch) * 1000
     return times
+
+
+def _notify_mainpid(notify: str | None, pid: int, version: QMPClient | tuple[int, int, int]) -> None:
+    """Tell systemd (a unit's reload) that QEMU ``pid`` is the unit's main process now."""
+    if not notify:
+        return
+    from ..sdnotify import Notifier
+
+    v = version.version if isinstance(version, QMPClient) else version
+    n = Notifier(notify)
+    n.send(f"MAINPID={pid}\nREADY=1\nSTATUS=upgraded: QEMU %d.%d.%d (pid {pid}) runs the guest" % v)
+    n.barrier()
+    n.close()
 
 
 def _status(qmp: str) -> str | None:

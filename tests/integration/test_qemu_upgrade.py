@@ -205,13 +205,15 @@ def test_upgrade_whose_new_qemu_dies_before_the_switch(uvm):
     assert fleet.qemu_processes(uvm.run_dir) == {uvm.name: p.pid}
 
 
-def test_upgrade_killed_before_the_switch_is_finished_by_the_next(uvm):
-    """fdbox-qemu upgrade itself is SIGKILLed after the load, before the switch: the guest
-    is paused (old QEMU postmigrate, new one loaded and paused). The next upgrade
-    finishes that switch (the loaded QEMU runs the guest, the old one quits), then does
-    its own: the guest ticks on."""
+@pytest.mark.parametrize("point", ["before_switch", "after_switch"])
+def test_upgrade_killed_midway_is_finished_by_the_next(uvm, point):
+    """fdbox-qemu upgrade itself is SIGKILLed after the load, before the switch (the guest
+    paused in both QEMUs: the old one postmigrate, the new one loaded) or just after it
+    (the new one runs the guest, the old one is postmigrate). The next upgrade finishes
+    that switch (the loaded QEMU runs the guest, the old one quits), then does its own:
+    the guest ticks on."""
     p = uvm.boot()
-    r = uvm.cli("upgrade", uvm.name, env={"FDBOX_FAILPOINTS": "qemu.upgrade.before_switch=kill"}, check=False)
+    r = uvm.cli("upgrade", uvm.name, env={"FDBOX_FAILPOINTS": f"qemu.upgrade.{point}=kill"}, check=False)
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     from fdboxd.qemu.qmp import QMPClient
 
