@@ -1,4 +1,5 @@
-"""Several VMs at once: find the running ones, suspend them in parallel, list them all.
+"""Several VMs at once: find the running ones, suspend (or upgrade) them in parallel,
+list them all.
 
 A host's live update stops every VM, so its blackout is the slowest VM's, not the sum,
 only if the VMs are suspended side by side. ``suspend VM...`` and ``suspend --all`` run
@@ -7,9 +8,11 @@ QEMU plus a few fdboxd calls, all blocking socket I/O that releases the GIL, so 
 cost one interpreter start (issue 18: no process start per VM on the blackout path)
 and about one VM's wall time. Each VM's suspend is :func:`.vm.suspend`, all or nothing
 for that VM; one VM failing does not stop the others, and the exit status says so.
+``upgrade VM...`` / ``--all`` run :func:`.upgrade.upgrade` the same way.
 
 Which VMs run: a QEMU that ``fdbox-qemu start`` became has ``-qmp unix:RUN_DIR/VM.qmp``
-on its command line, so ``/proc/*/cmdline`` finds it even if its QMP socket is gone (a
+(one that ``upgrade`` started, ``-qmp unix:RUN_DIR/upgrade/VM.qmp``) on its command
+line, so ``/proc/*/cmdline`` finds it even if its QMP socket is gone (a
 VM that cannot be suspended must fail the kexec, not be skipped); a socket in RUN_DIR
 that answers counts too. Stale sockets of a QEMU that died are ignored.
 """
