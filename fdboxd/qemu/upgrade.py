@@ -35,7 +35,6 @@ frame per queue, as on a lossy link).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import select
@@ -132,21 +131,6 @@ def _reopen_output(pid: int, n: int) -> int | None:
         return None
 
 
-class _Lock:
-    """The VM's upgrade lock (one upgrade at a time per VM): flock on RUN_DIR/upgrade/VM.lock."""
-
-    def __init__(self, path: str, vm: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise FdboxError("AlreadyExists", f"an upgrade of VM {vm} is running", box=vm) from None
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 def _recover(vm: str, qmp: str, new_qmp: str, was_path: str, notify: str | None = None) -> str | None:
     """Deal with a QEMU an earlier upgrade of ``vm`` left at RUN_DIR/upgrade/VM.qmp (it was
     killed before it finished); what was done, or None if nothing was left.
@@ -220,7 +204,7 @@ def upgrade(vm: str, *, socket_path: str | None, run_dir: str, qemu: str | None 
     new_qmp = os.path.join(udir, f"{vm}.qmp")
     mig = os.path.join(udir, f"{vm}.mig")
     was_path = os.path.join(udir, f"{vm}.was")
-    lock = _Lock(os.path.join(udir, f"{vm}.lock"), vm)
+    lock = vmmod.VMLock(run_dir, vm, wait=0)
     try:
         note = _recover(vm, qmp, new_qmp, was_path, notify)
         if note is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -91,6 +92,35 @@ def ensure_run_dir(run_dir: str) -> None:
     st = os.lstat(run_dir)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise FdboxError("PermissionDenied", f"{run_dir} is not a private directory of uid {os.geteuid()}")
+
+
+class VMLock:
+    """``RUN_DIR/VM.lock``, flocked: one ``suspend`` or ``upgrade`` of a VM at a time (two
+    migrations of one QEMU would undo each other). ``wait``: seconds to wait for the
+    other one to finish (0: not at all); then ``AlreadyExists``."""
+
+    def __init__(self, run_dir: str, vm: str, wait: float) -> None:
+        self.fd = os.open(os.path.join(run_dir, f"{vm}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                          0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise FdboxError("AlreadyExists", f"a suspend or upgrade of VM {vm} is running", box=vm) from None
+                time.sleep(0.01)
+
+    def __enter__(self) -> VMLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def qemu_alive(path: str) -> bool:
@@ -595,12 +625,19 @@ def suspend(vm: str, *, socket_path: str | None, run_dir: str, timeout: float = 
     """
     check_box_name(vm)
     qmp = qmp_path(run_dir, vm)
-    if not qemu_alive(qmp):
+    if not qemu_alive(qmp) and not os.path.isdir(run_dir):
         raise FdboxError("NotFound", f"VM {vm} is not running (no QEMU on {qmp})", box=vm)
     t0 = time.monotonic()
     deadline = t0 + timeout
+    with VMLock(run_dir, vm, wait=timeout):  # an upgrade running now finishes first
+        return _suspend_locked(vm, qmp, socket_path, t0, deadline)
+
+
+def _suspend_locked(vm: str, qmp: str, socket_path: str | None, t0: float, deadline: float) -> dict[str, Any]:
     from .qmp import QMPClient
 
+    if not qemu_alive(qmp):
+        raise FdboxError("NotFound", f"VM {vm} is not running (no QEMU on {qmp})", box=vm)
     with QMPClient(qmp) as q, Client(socket_path) as c:
         status = q.execute("query-status")["status"]
         if status in ("inmigrate", "postmigrate", "finish-migrate"):

@@ -38,3 +38,21 @@ def test_unit_in_cgroup():
     assert unit_in_cgroup("0::/user.slice/user-0.slice/session-3.scope\n") is None
     assert unit_in_cgroup("0::/system.slice/fdbox-qemu@vm1.service/payload\n") == "fdbox-qemu@vm1.service"
     assert unit_in_cgroup("4:memory:/process_api/x\n0::/\n") is None
+
+
+def test_one_suspend_or_upgrade_of_a_vm_at_a_time(tmp_path):
+    """VMLock: an upgrade (wait=0) is refused while a suspend holds the VM; a suspend
+    (wait > 0) gets it once the other lets go; another VM is not held up."""
+    import threading
+
+    from fdboxd.errors import FdboxError
+    from fdboxd.qemu.vm import VMLock
+
+    held = VMLock(str(tmp_path), "vm1", wait=0)
+    with pytest.raises(FdboxError) as e:
+        VMLock(str(tmp_path), "vm1", wait=0)
+    assert e.value.name == "AlreadyExists"
+    VMLock(str(tmp_path), "vm2", wait=0).close()
+    threading.Timer(0.2, held.close).start()
+    with VMLock(str(tmp_path), "vm1", wait=30):
+        pass
