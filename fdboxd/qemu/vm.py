@@ -527,7 +527,10 @@ def resume(vm: str, qmp: str, devstate_fd: int, runstate: str, socket_path: str 
     start to load over RAM that moved on. Any failure before the removal quits QEMU (the
     guest never ran: the box is as before this start, a new start resumes). A removal
     that fails leaves the guest paused and raises: if fdboxd cannot say whether devstate
-    is still there, QEMU keeps the only loaded copy and stays for the operator.
+    is still there, QEMU keeps the only loaded copy and stays for the operator. Once
+    devstate is gone the guest is continued whatever happens (a helper killed in that
+    instant leaves it paused in QEMU, the only holder of its state: ``status`` says
+    ``paused``, and a QMP ``cont`` goes on).
     """
     t0 = time.monotonic()
     deadline = t0 + timeout
@@ -552,7 +555,12 @@ def resume(vm: str, qmp: str, devstate_fd: int, runstate: str, socket_path: str 
                 raise FdboxError("BackendUnavailable", f"{e}; QEMU quit, the guest did not run") from None
             raise FdboxError(e.name, f"{e.message}; QEMU quit, the guest did not run", **e.params) from None
         _drop_devstate(vm, q, socket_path)
-        failpoints.hit("qemu.resume.before_cont")
+        # Past the point of no return: the loaded QEMU holds the only copy of the device
+        # state, so nothing may stop the guest from continuing now.
+        try:
+            failpoints.hit("qemu.resume.before_cont")
+        except OSError as e:
+            print(f"fdbox-qemu: {vm}: {e} after devstate was dropped: continuing the guest anyway", file=sys.stderr)
         if runstate == "running" and q.execute("query-status")["status"] != "running":
             q.execute("cont")
     times["total_ms"] = (time.monotonic() - t0) * 1000

@@ -502,3 +502,15 @@ def test_resume_drops_devstate_before_the_guest_runs(vm, daemon, tmp_path):
     vm.start("resume")
     _resumed(vm, before, "resume")
     assert wait_for(lambda: "devstate" not in _box(daemon), 10)
+
+
+def test_an_error_after_devstate_is_dropped_still_continues_the_guest(vm, daemon):
+    """Past the point of no return (devstate removed, the loaded QEMU the only holder of
+    the device state), an error (failpoint qemu.resume.before_cont) does not leave the
+    guest paused: it is continued, and the error is reported."""
+    p = vm.start("boot")
+    before = _suspend(vm, p)
+    vm.start("resume", env={"FDBOX_FAILPOINTS": "qemu.resume.before_cont=error(EIO)"})
+    _resumed(vm, before, "resume")
+    assert "continuing the guest anyway" in vm.log("resume")
+    assert "devstate" not in _box(daemon)
