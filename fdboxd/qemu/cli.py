@@ -5,17 +5,19 @@
     fdbox-qemu [--socket PATH] start VM --ram SIZE [--hugetlb 2M|1G] [--tap IFNAME[,queues=N][,bridge=BR]]... -- QEMU-ARGS...
     fdbox-qemu [--socket PATH] suspend VM... | suspend --all
     fdbox-qemu [--socket PATH] status [VM] [--json]
+    fdbox-qemu [--socket PATH] upgrade VM... [--qemu PATH] [--json] [-- QEMU-ARGS...] | upgrade --all
 
 Exit codes as fdboxctl: 0 done, 1 usage or unexpected, 2 argparse usage, and
 ``fdboxd.errors.EXIT_CODES[name]`` (10 and up) for each fdbox error name; a suspend of
-several VMs exits with the code of the first VM (in the order given) that failed, after
-all were tried. ``start`` becomes QEMU (exec), so once QEMU runs its exit status is QEMU's.
+several VMs (and an upgrade of several) exits with the code of the first VM (in the
+order given) that failed, after all were tried. ``start`` becomes QEMU (exec), so once QEMU runs its exit status is QEMU's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -52,6 +54,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("vm", metavar="VM", nargs="*")
     s.add_argument("--all", action="store_true", help="every VM whose QEMU fdbox-qemu started (none running: nothing to do)")
     s.add_argument("--json", action="store_true", help="one JSON line per VM: the phase times, or the error")
+    s = sub.add_parser("upgrade", help="replace each VM's running QEMU by a new one on the same RAM and taps: the new "
+                       "QEMU starts first, then only device state moves (several VMs: side by side)",
+                       usage="fdbox-qemu upgrade VM... [--qemu PATH] [--json] [-- QEMU-ARGS...] | upgrade --all")
+    s.add_argument("vm", metavar="VM", nargs="*")
+    s.add_argument("--all", action="store_true", help="every VM whose QEMU answers")
+    s.add_argument("--qemu", default=None, help="the new QEMU binary (default: the one the VM's start recorded, "
+                   "else $FDBOX_QEMU or qemu-system-x86_64)")
+    s.add_argument("--json", action="store_true", help="one JSON line per VM: pids, versions, phase times, or the error")
     s = sub.add_parser("status", help="one VM's box, entries and QEMU state; no VM: a line for every VM fdbox holds")
     s.add_argument("vm", metavar="VM", nargs="?")
     s.add_argument("--json", action="store_true")
@@ -62,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first "--" is QEMU's, unchanged (argparse would eat options).
     qemu_args: list[str] = []
-    if "--" in argv:
+    dashdash = "--" in argv
+    if dashdash:
         cut = argv.index("--")
         argv, qemu_args = argv[:cut], argv[cut + 1:]
     p = parser()
     a = p.parse_args(argv)
-    if qemu_args and a.command != "start":
-        p.error("only start takes QEMU-ARGS after --")
+    if qemu_args and a.command not in ("start", "upgrade"):
+        p.error("only start and upgrade take QEMU-ARGS after --")
     run_dir = a.run_dir or vm.default_run_dir()
     try:
         if a.command == "start":
@@ -79,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                             taps=tap_specs)
         if a.command == "suspend":
             return _suspend(p, a, run_dir)
+        if a.command == "upgrade":
+            return _upgrade(p, a, run_dir, qemu_args if dashdash else None)
         if a.vm is None:
             from . import fleet
 
@@ -104,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except FdboxError as e:
         print(f"fdbox-qemu: {e.name}: {e.message}", file=sys.stderr)
         return EXIT_CODES[e.name]
+    except OSError as e:  # an error failpoint (FDBOX_FAILPOINTS), or a system call nothing above named
+        print(f"fdbox-qemu: BackendUnavailable: {e}", file=sys.stderr)
+        return EXIT_CODES["BackendUnavailable"]
 
 
 def _suspend(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str) -> int:
@@ -132,6 +148,41 @@ def _suspend(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str) ->
             print(f"{o.vm}: suspended ({r['was']} before); devstate {r['devstate_bytes'] >> 10} KiB; "
                   f"stop {r['stop_ms']:.1f} ms, save {r['save_ms']:.1f} ms, put {r['put_ms']:.1f} ms, "
                   f"quit {r['quit_ms']:.1f} ms")
+    sys.stdout.flush()
+    return code
+
+
+def _upgrade(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str, qemu_args: list[str] | None) -> int:
+    if a.all == bool(a.vm):
+        p.error("upgrade takes VM names or --all, not both and not neither")
+    if qemu_args is not None and (a.all or len(a.vm) != 1):
+        p.error("QEMU-ARGS after -- are for one VM: with several, each keeps the ones its start recorded")
+    from . import fleet
+
+    if a.all:
+        outcomes = fleet.upgrade_all(socket_path=a.socket, run_dir=run_dir, qemu=a.qemu)
+        if not outcomes and not a.json:
+            print("no VM running")
+    else:
+        # A unit's `systemctl reload` (ExecReload=): the unit's one VM gets MAINPID= and READY=1.
+        notify = os.environ.pop("NOTIFY_SOCKET", None)
+        outcomes = fleet.upgrade_many(a.vm, socket_path=a.socket, run_dir=run_dir, qemu=a.qemu, qemu_args=qemu_args,
+                                      notify=notify)
+    code = 0
+    for o in outcomes:
+        if o.error is not None:
+            print(f"fdbox-qemu: {o.error.name}: {o.error.message}", file=sys.stderr)
+            if a.json:
+                print(json.dumps({"vm": o.vm, "error": o.error.name, "message": o.error.message}, sort_keys=True))
+            code = code or EXIT_CODES[o.error.name]
+            continue
+        r = o.result or {}
+        if a.json:
+            print(json.dumps(r, sort_keys=True))
+        else:
+            print(f"{o.vm}: upgraded ({r['was']}): QEMU pid {r['old_pid']} ({r['old_qemu']}) -> {r['new_pid']} "
+                  f"({r['new_qemu']}); new QEMU up in {r['spawn_ms']:.1f} ms, guest paused {r['blackout_ms']:.1f} ms, "
+                  f"old quit in {r['quit_ms']:.1f} ms")
     sys.stdout.flush()
     return code
 

@@ -1,4 +1,5 @@
-"""Several VMs at once: find the running ones, suspend them in parallel, list them all.
+"""Several VMs at once: find the running ones, suspend (or upgrade) them in parallel,
+list them all.
 
 A host's live update stops every VM, so its blackout is the slowest VM's, not the sum,
 only if the VMs are suspended side by side. ``suspend VM...`` and ``suspend --all`` run
@@ -7,9 +8,11 @@ QEMU plus a few fdboxd calls, all blocking socket I/O that releases the GIL, so 
 cost one interpreter start (issue 18: no process start per VM on the blackout path)
 and about one VM's wall time. Each VM's suspend is :func:`.vm.suspend`, all or nothing
 for that VM; one VM failing does not stop the others, and the exit status says so.
+``upgrade VM...`` / ``--all`` run :func:`.upgrade.upgrade` the same way.
 
 Which VMs run: a QEMU that ``fdbox-qemu start`` became has ``-qmp unix:RUN_DIR/VM.qmp``
-on its command line, so ``/proc/*/cmdline`` finds it even if its QMP socket is gone (a
+(one that ``upgrade`` started, ``-qmp unix:RUN_DIR/upgrade/VM.qmp``) on its command
+line, so ``/proc/*/cmdline`` finds it even if its QMP socket is gone (a
 VM that cannot be suspended must fail the kexec, not be skipped); a socket in RUN_DIR
 that answers counts too. Stale sockets of a QEMU that died are ignored.
 """
@@ -30,6 +33,8 @@ from ..names import check_box_name
 from . import vm as vmmod
 from .qmp import QMPClient
 
+UPGRADE_DIR = "upgrade"  # fdboxd.qemu.upgrade.UPGRADE_DIR (not imported: suspend's path does not need it)
+
 MAX_THREADS = 64
 
 
@@ -42,10 +47,38 @@ class Outcome:
     error: FdboxError | None = None
 
 
+def _uids(pid: str) -> tuple[int, int] | None:
+    """A process's real and effective uid (from its status, not /proc/PID's owner, which
+    is root for a process that made itself non-dumpable)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    real, effective = line.split()[1:3]
+                    return int(real), int(effective)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def qemu_processes(run_dir: str) -> dict[str, int]:
-    """VM name -> pid of every process whose command line has ``-qmp unix:RUN_DIR/VM.qmp,…``."""
+    """VM name -> pid of every process whose command line has ``-qmp unix:RUN_DIR/VM.qmp,…``
+    and that runs as RUN_DIR's owner (the user whose fdbox-qemu started the VMs there: the
+    directory is private to it) or root. Anyone can put that argument on a command line;
+    a process of another user is no VM of this run dir, and counting it would let any
+    local user fail every ``suspend --all``, and so every kexec. (A QEMU that dropped to
+    another user with ``-runas`` is found by its socket only, as :func:`running_vms` does.)
+    A QEMU that ``upgrade`` started has its QMP under ``RUN_DIR/upgrade/`` on its command
+    line and counts too (where both are there, mid-upgrade, the pid is the old one's)."""
     want = os.path.abspath(run_dir)
+    try:
+        owner = os.stat(want).st_uid
+    except OSError:
+        owner = os.geteuid()
+    allowed = {owner, 0}
+    upgraded = os.path.join(want, UPGRADE_DIR)
     found: dict[str, int] = {}
+    late: dict[str, int] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -54,14 +87,23 @@ def qemu_processes(run_dir: str) -> dict[str, int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue  # gone, or not ours to read
+        if b"-qmp" not in argv:
+            continue
+        uids = _uids(pid)
+        if uids is None or not set(uids) <= allowed:
+            continue
         for flag, spec in zip(argv, argv[1:]):
             if flag != b"-qmp" or not spec.startswith(b"unix:"):
                 continue
             path = os.fsdecode(spec[5:].split(b",", 1)[0])
             where, base = os.path.split(path)
-            if base.endswith(".qmp") and os.path.abspath(where) == want:
+            if not base.endswith(".qmp"):
+                continue
+            if os.path.abspath(where) == want:
                 found[base[:-4]] = int(pid)
-    return found
+            elif os.path.abspath(where) == upgraded:  # started by `upgrade`; its socket renamed into RUN_DIR
+                late.setdefault(base[:-4], int(pid))
+    return late | found
 
 
 def running_vms(run_dir: str) -> dict[str, int | None]:
@@ -105,6 +147,42 @@ def suspend_many(vms: Sequence[str], *, socket_path: str | None, run_dir: str) -
 def suspend_all(*, socket_path: str | None, run_dir: str) -> list[Outcome]:
     """Suspend every VM that has a QEMU under ``run_dir`` (none running: an empty list)."""
     return suspend_many(sorted(running_vms(run_dir)), socket_path=socket_path, run_dir=run_dir)
+
+
+def _upgrade_one(vm: str, socket_path: str | None, run_dir: str, qemu: str | None,
+                 qemu_args: Sequence[str] | None, notify: str | None) -> Outcome:
+    from . import upgrade
+
+    try:
+        return Outcome(vm, result=upgrade.upgrade(vm, socket_path=socket_path, run_dir=run_dir, qemu=qemu,
+                                                  qemu_args=qemu_args, notify=notify))
+    except FdboxError as e:
+        return Outcome(vm, error=e)
+    except Exception as e:  # noqa: BLE001 - one VM's surprise must not hide the others' results
+        return Outcome(vm, error=FdboxError("BackendUnavailable", f"VM {vm}: unexpected {e!r}", box=vm))
+
+
+def upgrade_many(vms: Sequence[str], *, socket_path: str | None, run_dir: str, qemu: str | None = None,
+                 qemu_args: Sequence[str] | None = None, notify: str | None = None) -> list[Outcome]:
+    """Upgrade ``vms`` concurrently (each its own QEMU-ARGS unless ``qemu_args`` is given,
+    which is for one VM); one Outcome per VM, in the order given. Names checked first.
+    ``notify`` (systemd's socket, a unit's reload) is used only when there is one VM."""
+    names = list(dict.fromkeys(vms))
+    for name in names:
+        check_box_name(name)
+    if qemu_args is not None and len(names) != 1:
+        raise FdboxError("InvalidRequest", "QEMU-ARGS are for one VM: with several, each keeps its own")
+    if not names:
+        return []
+    with ThreadPoolExecutor(max_workers=min(len(names), MAX_THREADS), thread_name_prefix="upgrade") as pool:
+        one = notify if len(names) == 1 else None
+        return list(pool.map(lambda n: _upgrade_one(n, socket_path, run_dir, qemu, qemu_args, one), names))
+
+
+def upgrade_all(*, socket_path: str | None, run_dir: str, qemu: str | None = None) -> list[Outcome]:
+    """Upgrade every VM whose QEMU answers under ``run_dir``."""
+    names = sorted(n for n in running_vms(run_dir) if vmmod.qemu_alive(vmmod.qmp_path(run_dir, n)))
+    return upgrade_many(names, socket_path=socket_path, run_dir=run_dir, qemu=qemu)
 
 
 # ---------------------------------------------------------------------- status

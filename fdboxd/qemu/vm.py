@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
+import select
 import socket
 import stat
 import sys
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import paths
+from .. import failpoints, paths
 from ..client import Client
 from ..errors import FdboxError
 from ..names import check_box_name
@@ -33,6 +36,10 @@ OWN_OPTIONS = ("-m", "-mem-path", "-incoming", "-numa")
 MIGRATE_POLL = 0.002
 # How long the helper waits for QEMU to listen and load (the unit's TimeoutStartSec= is 5 min).
 START_TIMEOUT = 300.0
+# ram0's metadata keys recording the start's QEMU-ARGS and binary: `upgrade`'s defaults.
+META_ARGS, META_QEMU = "qemu_args", "qemu"
+# Under fdboxd's 4096-byte metadata limit, with room for the other keys.
+MAX_RECORDED_ARGS = 3072
 
 
 @dataclass
@@ -44,6 +51,7 @@ class Plan:
     resume_fd: int | None = None
     runstate: str = "running"
     created: list[str] = field(default_factory=list)
+    box_created: bool = False
 
 
 def default_qemu() -> str:
@@ -86,6 +94,35 @@ def ensure_run_dir(run_dir: str) -> None:
         raise FdboxError("PermissionDenied", f"{run_dir} is not a private directory of uid {os.geteuid()}")
 
 
+class VMLock:
+    """``RUN_DIR/VM.lock``, flocked: one ``suspend`` or ``upgrade`` of a VM at a time (two
+    migrations of one QEMU would undo each other). ``wait``: seconds to wait for the
+    other one to finish (0: not at all); then ``AlreadyExists``."""
+
+    def __init__(self, run_dir: str, vm: str, wait: float) -> None:
+        self.fd = os.open(os.path.join(run_dir, f"{vm}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                          0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise FdboxError("AlreadyExists", f"a suspend or upgrade of VM {vm} is running", box=vm) from None
+                time.sleep(0.01)
+
+    def __enter__(self) -> VMLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def qemu_alive(path: str) -> bool:
     """Whether something listens on the QMP socket ``path`` (without waiting in its backlog)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
@@ -113,20 +150,61 @@ def vm_state(qemu: str | None, has_devstate: bool) -> str:
     return qemu
 
 
-def _box_state(c: Client, vm: str) -> str | None:
+def box_state(c: Client, vm: str) -> str | None:
     for b in c.list().get("boxes", []):
         if b.get("name") == vm:
             return str(b.get("state"))
     return None
 
 
-def _reopen(fd: int, flags: int) -> int:
+def reopen(fd: int, flags: int) -> int:
     """A new open file description of the same file: its own offset, so QEMU reading the
     device state does not move the offset of the copy fdboxd holds."""
     return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
 
 
 # ---------------------------------------------------------------------- start
+
+
+def check_qemu_args(qemu_args: Sequence[str]) -> None:
+    """Refuse QEMU-ARGS that set what fdbox-qemu sets (the RAM, -incoming)."""
+    for a in qemu_args:
+        if "-" + a.lstrip("-").split("=", 1)[0] in OWN_OPTIONS and a.startswith("-"):
+            raise FdboxError("InvalidRequest", f"QEMU-ARGS must not contain {a}: fdbox-qemu sets the RAM and -incoming itself")
+        if "memory-backend=" in a:
+            raise FdboxError("InvalidRequest", "QEMU-ARGS must not set memory-backend: fdbox-qemu does")
+
+
+def qemu_argv(qemu: str, ram: Sequence[tuple[int, int]], taps: Sequence[tuple[TapSpec, list[int]]], qmp: str) -> list[str]:
+    """QEMU's argv up to the user's QEMU-ARGS: the RAM (fd, size) as shared file backends,
+    the taps' queue fds, and QMP on ``qmp``."""
+    argv = [qemu]
+    for i, (fd, size) in enumerate(ram):
+        argv += ["-object", f"memory-backend-file,id=ram{i},size={size},mem-path=/proc/self/fd/{fd},share=on"]
+    argv += ["-m", f"{sum(size for _, size in ram) >> 10}K"]
+    if len(ram) == 1:
+        argv += ["-machine", "memory-backend=ram0"]
+    else:
+        for i in range(len(ram)):
+            argv += ["-numa", f"node,nodeid={i},memdev=ram{i}"]
+    for t, fds in taps:
+        argv += tapmod.netdev_args(t, fds)
+    argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    return argv
+
+
+def recorded_args(entry: dict[str, Any]) -> tuple[list[str] | None, str | None]:
+    """The QEMU-ARGS and QEMU binary a start recorded in ram0's metadata (None: not recorded)."""
+    meta = entry.get("metadata") or {}
+    args = None
+    if META_ARGS in meta:
+        try:
+            loaded = json.loads(meta[META_ARGS])
+        except ValueError:
+            loaded = None
+        if isinstance(loaded, list) and all(isinstance(a, str) for a in loaded):
+            args = loaded
+    return args, meta.get(META_QEMU)
 
 
 def plan_start(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[str],
@@ -137,23 +215,21 @@ def plan_start(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu
     taps) is put in one ``PutMany``: a refused start leaves the box as it was.
     """
     tapmod.check_unique(taps)
-    for a in qemu_args:
-        if "-" + a.lstrip("-").split("=", 1)[0] in OWN_OPTIONS and a.startswith("-"):
-            raise FdboxError("InvalidRequest", f"QEMU-ARGS must not contain {a}: fdbox-qemu sets the RAM and -incoming itself")
-        if "memory-backend=" in a:
-            raise FdboxError("InvalidRequest", "QEMU-ARGS must not set memory-backend: fdbox-qemu does")
+    check_qemu_args(qemu_args)
     page = HUGETLB_SIZES[hugetlb] if hugetlb else os.sysconf("SC_PAGE_SIZE")
     for i, size in enumerate(ram):
         if size % page:
             raise FdboxError("InvalidRequest", f"ram{i}: {size} bytes is not a multiple of the {page}-byte page size")
-    state = _box_state(c, vm)
+    state = box_state(c, vm)
     if state == "sealed":
         raise FdboxError("Sealed", f"box {vm} is sealed (ready for kexec): unseal it first (fdboxctl unseal {vm})", box=vm)
     got: dict[str, tuple[dict[str, Any], int]] = {}
     if state is not None:
         got = {e["name"]: (e, fd) for e, fd in c.get_box(vm)}
     try:
-        return _plan(c, vm, ram, hugetlb, qemu_args, qmp, qemu, got, taps)
+        plan = _plan(c, vm, ram, hugetlb, qemu_args, qmp, qemu, got, taps)
+        plan.box_created = state is None and bool(plan.created)
+        return plan
     finally:
         for _, fd in got.values():
             if fd >= 0:
@@ -189,7 +265,7 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
                 if e["type"] != want_type:
                     raise FdboxError("InvalidRequest", f"{vm}/ram{i} is {e['type']}, but this start asks for {want_type}"
                                      + (f" ({hugetlb} pages)" if hugetlb else ""), box=vm, name=f"ram{i}")
-                ram_fds.append(_reopen(fd, os.O_RDWR))
+                ram_fds.append(reopen(fd, os.O_RDWR))
         else:
             if DEVSTATE in got:
                 raise FdboxError("InvalidRequest", f"box {vm} holds a devstate but no RAM: refusing to resume on fresh RAM", box=vm)
@@ -206,7 +282,12 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
                     os.ftruncate(fd, size)
                 except OSError as e:
                     raise FdboxError("LimitExceeded", f"cannot size ram{i} to {_mib(size)}: {e.strerror}") from None
-                items.append((f"ram{i}", fd, {"vm": vm}))
+                meta = {"vm": vm}
+                if i == 0:  # the defaults of a later `upgrade`
+                    recorded = json.dumps(list(qemu_args))
+                    if len(recorded) <= MAX_RECORDED_ARGS:
+                        meta.update({META_ARGS: recorded, META_QEMU: qemu})
+                items.append((f"ram{i}", fd, meta))
         for t in taps:
             if t.ifname in held:
                 tap_fds[t.ifname] = fds = []
@@ -221,26 +302,21 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
         if items:
             c.put_many(vm, items)
             created = [name for name, _, _ in items]
-        plan = Plan(argv=[qemu], keep_fds=keep, created=created)
-        for i, (fd, size) in enumerate(zip(ram_fds, ram, strict=True)):
-            keep.append(fd)
-            plan.argv += ["-object", f"memory-backend-file,id=ram{i},size={size},mem-path=/proc/self/fd/{fd},share=on"]
-        plan.argv += ["-m", f"{sum(ram) >> 10}K"]
-        if len(ram) == 1:
-            plan.argv += ["-machine", "memory-backend=ram0"]
-        else:
-            for i in range(len(ram)):
-                plan.argv += ["-numa", f"node,nodeid={i},memdev=ram{i}"]
+        plan = Plan(argv=qemu_argv(qemu, list(zip(ram_fds, ram, strict=True)),
+                                   [(t, tap_fds[t.ifname]) for t in taps], qmp),
+                    keep_fds=keep, created=created)
+        keep += ram_fds
         for t in taps:
             keep += tap_fds[t.ifname]
-            plan.argv += tapmod.netdev_args(t, tap_fds[t.ifname])
-        plan.argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
         if DEVSTATE in got:
             e, fd = got[DEVSTATE]
-            plan.resume_fd = _reopen(fd, os.O_RDONLY)
+            plan.resume_fd = reopen(fd, os.O_RDONLY)
             keep.append(plan.resume_fd)
             plan.runstate = e.get("metadata", {}).get("runstate", "running")
-            plan.argv += ["-incoming", "defer"]
+            # -S: QEMU must not continue the guest on its own once the state is loaded; the
+            # helper continues it only after devstate is gone from the box (a QEMU crash
+            # later must never find a devstate older than the RAM).
+            plan.argv += ["-incoming", "defer", "-S"]
         plan.argv += list(qemu_args)
         return plan
     except BaseException:
@@ -251,7 +327,13 @@ def _plan(c: Client, vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args
 
 def start(vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[str], *,
           socket_path: str | None, run_dir: str, qemu: str, taps: Sequence[TapSpec] = ()) -> int:
-    """Set up and exec QEMU (does not return unless the exec fails)."""
+    """Set up and exec QEMU (does not return unless the exec fails).
+
+    A start that fails before QEMU runs the guest (QEMU missing, refusing an argument,
+    exiting before its QMP answers) removes what this start put into the box (the RAM
+    and taps it created, and the box if it created it) and says so; what it found in the
+    box (a suspended VM's RAM and devstate) it never touches.
+    """
     check_box_name(vm)
     if not ram:
         raise FdboxError("InvalidRequest", "--ram SIZE is required")
@@ -265,27 +347,87 @@ def start(vm: str, ram: Sequence[int], hugetlb: str | None, qemu_args: Sequence[
         pass
     with Client(socket_path) as c:
         plan = plan_start(c, vm, ram, hugetlb, qemu_args, qmp, qemu, taps)
-    for fd in plan.keep_fds:
-        os.set_inheritable(fd, True)
-    # systemd's notify socket is the helper's to use, not QEMU's (QEMU does not speak it).
-    notify = os.environ.pop("NOTIFY_SOCKET", None)
-    if plan.resume_fd is not None or notify:
-        _spawn_helper(vm, qmp, plan, socket_path, notify)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # QEMU holds the write end until it exits: the helper sees EOF when it is gone, even
+    # while it is a zombie nobody reaped (kill(pid, 0) cannot tell); a byte instead says
+    # the exec failed and this process undoes the start itself.
+    watch_r, watch_w = os.pipe()
     try:
-        os.execvp(plan.argv[0], plan.argv)
-    except OSError as e:
-        raise FdboxError("BackendUnavailable", f"cannot run {plan.argv[0]}: {e.strerror}") from None
+        failpoints.hit("qemu.start.after_put")
+        for fd in plan.keep_fds:
+            os.set_inheritable(fd, True)
+        # systemd's notify socket is the helper's to use, not QEMU's (QEMU does not speak it).
+        notify = os.environ.pop("NOTIFY_SOCKET", None)
+        if plan.resume_fd is not None or notify or plan.created:
+            _spawn_helper(vm, qmp, plan, socket_path, notify, watch_r, watch_w)
+        os.close(watch_r)
+        failpoints.hit("qemu.start.before_exec")
+        os.set_inheritable(watch_w, True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execvp(plan.argv[0], plan.argv)
+        except OSError as e:
+            raise FdboxError("BackendUnavailable", f"cannot run {plan.argv[0]}: {e.strerror}") from None
+    except BaseException as e:
+        try:
+            os.write(watch_w, b"x")  # the helper leaves the undo to this process
+        except OSError:
+            pass
+        if plan.created:
+            note = undo_start(vm, plan.created, plan.box_created, socket_path)
+            if isinstance(e, FdboxError):
+                raise FdboxError(e.name, f"{e.message}; {note}", **e.params) from None
+            if isinstance(e, OSError):
+                raise FdboxError("BackendUnavailable", f"{e}; {note}") from None
+        raise
     return 127  # pragma: no cover
 
 
-def _spawn_helper(vm: str, qmp: str, plan: Plan, socket_path: str | None, notify: str | None) -> None:
+def undo_start(vm: str, created: Sequence[str], box_created: bool, socket_path: str | None) -> str:
+    """Remove the entries a failed start created (and its box, if the start created it
+    and nothing else is in it); what was done, in words."""
+    removed: list[str] = []
+    try:
+        failpoints.hit("qemu.start.before_undo")
+        with Client(socket_path) as c:
+            for name in created:
+                c.remove(vm, name)
+                removed.append(name)
+            gone = False
+            if box_created and not c.list(vm).get("entries"):
+                c.delete_box(vm)
+                gone = True
+    except (FdboxError, OSError) as e:
+        left = [n for n in created if n not in removed]
+        why = e.message if isinstance(e, FdboxError) else str(e)
+        return (f"removed {', '.join(removed) or 'nothing'} of what this start created; "
+                f"{', '.join(left)} left in box {vm} ({why}): fdboxctl rm {vm} NAME")
+    return f"removed {', '.join(removed)}" + (f" and box {vm}" if gone else "") + " (created by this start)"
+
+
+class QemuWatch:
+    """The helper's view of the QEMU being exec'd: gone (EOF on the pipe whose write end
+    QEMU holds), or an exec that failed (the start process wrote a byte)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.exec_failed = False
+
+    def gone(self) -> bool:
+        if not select.select([self.fd], [], [], 0)[0]:
+            return False
+        self.exec_failed = os.read(self.fd, 1) == b"x"
+        return True
+
+
+def _spawn_helper(vm: str, qmp: str, plan: Plan, socket_path: str | None, notify: str | None,
+                  watch_r: int, watch_w: int) -> None:
     """Fork (twice, so QEMU never has to reap it) the process that loads the device state
-    (when resuming) and then tells systemd ``READY=1`` (when ``notify`` is set).
+    (when resuming), tells systemd ``READY=1`` (when ``notify`` is set) and, when QEMU
+    never came up, removes what this start created (:func:`undo_start`).
 
     A fork, not a new program: no interpreter starts on the resume path for it, and the
-    one process does both jobs. READY comes once the guest runs as it should (running,
+    one process does all three jobs. READY comes once the guest runs as it should (running,
     or paused if it was suspended paused or QEMU-ARGS hold ``-S``) and, on a resume,
     once ``devstate`` is gone from the box: a suspend that ``systemctl start`` let
     through can then never race the helper's removal. The unit is ``Type=notify`` with
@@ -297,19 +439,35 @@ def _spawn_helper(vm: str, qmp: str, plan: Plan, socket_path: str | None, notify
         os.waitpid(pid, 0)
         return
     code = 1
+    resuming = plan.resume_fd is not None
+    watch = QemuWatch(watch_r)
     try:
         if os.fork():
             os._exit(0)
+        os.close(watch_w)
         # Imported here, after the fork: QEMU's exec (the parent) does not wait for them.
         from ..sdnotify import Notifier
         for fd in plan.keep_fds:  # the helper holds no guest memory
             if fd != plan.resume_fd:
                 os.close(fd)
-        if plan.resume_fd is not None:
-            times = resume(vm, qmp, plan.resume_fd, plan.runstate, socket_path, qemu_pid)
-            note = f"resumed (device state loaded in {times['load_ms']:.1f} ms)"
-        else:
-            note = f"started ({wait_started(qmp, qemu_pid)})"
+        try:
+            if resuming:
+                assert plan.resume_fd is not None
+                times = resume(vm, qmp, plan.resume_fd, plan.runstate, socket_path, qemu_pid, watch=watch)
+                note = f"resumed (device state loaded in {times['load_ms']:.1f} ms)"
+            else:
+                note = f"started ({wait_started(qmp, qemu_pid, watch=watch)})"
+        except QemuGone as e:
+            if watch.exec_failed:  # the start process reports and undoes it
+                code = 0
+                return
+            msg = f"fdbox-qemu: {vm}: {'resume' if resuming else 'start'} failed: {e.message}"
+            if plan.created:
+                msg += "; " + undo_start(vm, plan.created, plan.box_created, socket_path)
+            if resuming:
+                msg += "; devstate kept in the box"
+            print(msg, file=sys.stderr)
+            return
         if notify:
             n = Notifier(notify)
             n.send(f"READY=1\nSTATUS={note}")
@@ -317,17 +475,22 @@ def _spawn_helper(vm: str, qmp: str, plan: Plan, socket_path: str | None, notify
             n.close()
         code = 0
     except FdboxError as e:
-        what = "resume" if plan.resume_fd is not None else "start"
-        print(f"fdbox-qemu: {vm}: {what} failed: {e.message}"
-              + ("; devstate kept in the box" if plan.resume_fd is not None else ""), file=sys.stderr)
+        print(f"fdbox-qemu: {vm}: {'resume' if resuming else 'start'} failed: {e.message}", file=sys.stderr)
     except BaseException as e:  # noqa: BLE001 - report anything, never return into the exec path
-        print(f"fdbox-qemu: {vm}: resume failed: {e!r}", file=sys.stderr)
+        print(f"fdbox-qemu: {vm}: {'resume' if resuming else 'start'} failed: {e!r}", file=sys.stderr)
     finally:
         sys.stderr.flush()
         os._exit(code)
 
 
-def _connect_when_up(qmp: str, qemu_pid: int, deadline: float) -> QMPClient:
+class QemuGone(FdboxError):
+    """QEMU exited (or was never exec'd) before it answered on QMP."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("BackendUnavailable", message)
+
+
+def _connect_when_up(qmp: str, qemu_pid: int, deadline: float, watch: QemuWatch | None = None) -> QMPClient:
     """QEMU's QMP, as soon as the QEMU being exec'd listens on it."""
     from .qmp import QMPClient
 
@@ -335,50 +498,107 @@ def _connect_when_up(qmp: str, qemu_pid: int, deadline: float) -> QMPClient:
         try:
             return QMPClient(qmp, timeout=max(1.0, deadline - time.monotonic()))
         except FdboxError:
-            try:
-                os.kill(qemu_pid, 0)
-            except ProcessLookupError:
-                raise FdboxError("BackendUnavailable", "QEMU exited before it listened on QMP") from None
+            if watch is not None:
+                if watch.gone():
+                    raise QemuGone("QEMU exited before it listened on QMP" if not watch.exec_failed
+                                   else "QEMU could not be run") from None
+            else:
+                try:
+                    os.kill(qemu_pid, 0)
+                except ProcessLookupError:
+                    raise QemuGone("QEMU exited before it listened on QMP") from None
             if time.monotonic() > deadline:
                 raise FdboxError("BackendUnavailable", f"QEMU did not open {qmp} in time") from None
             time.sleep(0.005)
 
 
-def wait_started(qmp: str, qemu_pid: int, timeout: float = START_TIMEOUT) -> str:
+def wait_started(qmp: str, qemu_pid: int, timeout: float = START_TIMEOUT, watch: QemuWatch | None = None) -> str:
     """A booting VM: QEMU's run state once QMP answers (``running``, or ``prelaunch`` with -S)."""
-    with _connect_when_up(qmp, qemu_pid, time.monotonic() + timeout) as q:
+    with _connect_when_up(qmp, qemu_pid, time.monotonic() + timeout, watch) as q:
         return str(q.execute("query-status")["status"])
 
 
 def resume(vm: str, qmp: str, devstate_fd: int, runstate: str, socket_path: str | None, qemu_pid: int,
-           timeout: float = START_TIMEOUT) -> dict[str, float]:
-    """In the helper: wait for QEMU's QMP, load the device state, continue, drop devstate."""
+           timeout: float = START_TIMEOUT, watch: QemuWatch | None = None) -> dict[str, float]:
+    """In the helper: wait for QEMU's QMP, load the device state, drop devstate, continue.
+
+    QEMU runs with ``-S``, so the guest stays paused after the load until devstate is
+    gone from the box: a guest that ran never leaves a devstate behind it for a later
+    start to load over RAM that moved on. Any failure before the removal quits QEMU (the
+    guest never ran: the box is as before this start, a new start resumes). A removal
+    that fails leaves the guest paused and raises: if fdboxd cannot say whether devstate
+    is still there, QEMU keeps the only loaded copy and stays for the operator. Once
+    devstate is gone the guest is continued whatever happens (a helper killed in that
+    instant leaves it paused in QEMU, the only holder of its state: ``status`` says
+    ``paused``, and a QMP ``cont`` goes on).
+    """
     t0 = time.monotonic()
     deadline = t0 + timeout
-    q = _connect_when_up(qmp, qemu_pid, deadline)
+    q = _connect_when_up(qmp, qemu_pid, deadline, watch)
     times: dict[str, float] = {}
     with q:
         t1 = time.monotonic()
-        _set_migration(q)
-        q.execute("migrate-incoming", {"uri": f"fd:{devstate_fd}"})
-        os.close(devstate_fd)  # QEMU has its own (inherited) copy
-        _wait_migration(q, "load", deadline)
-        while q.execute("query-status")["status"] == "inmigrate":
-            if time.monotonic() > deadline:
-                raise FdboxError("BackendUnavailable", "QEMU loaded the device state but stays in inmigrate")
-            time.sleep(MIGRATE_POLL)
+        try:
+            _set_migration(q)
+            q.execute("migrate-incoming", {"uri": f"fd:{devstate_fd}"})
+            os.close(devstate_fd)  # QEMU has its own (inherited) copy
+            wait_migration(q, "load", deadline)
+            while q.execute("query-status")["status"] == "inmigrate":
+                if time.monotonic() > deadline:
+                    raise FdboxError("BackendUnavailable", "QEMU loaded the device state but stays in inmigrate")
+                time.sleep(MIGRATE_POLL)
+            times["load_ms"] = (time.monotonic() - t1) * 1000
+            failpoints.hit("qemu.resume.after_load")
+        except (FdboxError, OSError) as e:
+            _quit_unresumed(vm, q)
+            if isinstance(e, OSError):
+                raise FdboxError("BackendUnavailable", f"{e}; QEMU quit, the guest did not run") from None
+            raise FdboxError(e.name, f"{e.message}; QEMU quit, the guest did not run", **e.params) from None
+        _drop_devstate(vm, q, socket_path)
+        # Past the point of no return: the loaded QEMU holds the only copy of the device
+        # state, so nothing may stop the guest from continuing now.
+        try:
+            failpoints.hit("qemu.resume.before_cont")
+        except OSError as e:
+            print(f"fdbox-qemu: {vm}: {e} after devstate was dropped: continuing the guest anyway", file=sys.stderr)
         if runstate == "running" and q.execute("query-status")["status"] != "running":
             q.execute("cont")
-        times["load_ms"] = (time.monotonic() - t1) * 1000
-    try:
-        with Client(socket_path) as c:
-            c.remove(vm, DEVSTATE)
-    except FdboxError as e:  # the guest runs: say so (READY), and what is left to clean up
-        print(f"fdbox-qemu: {vm}: resumed, but devstate stays in the box ({e.message}); "
-              f"remove it before QEMU is started again (fdboxctl rm {vm} {DEVSTATE})", file=sys.stderr)
     times["total_ms"] = (time.monotonic() - t0) * 1000
     print(f"fdbox-qemu: {vm}: resumed (device state loaded in {times['load_ms']:.1f} ms)", file=sys.stderr)
     return times
+
+
+def _quit_unresumed(vm: str, q: QMPClient) -> None:
+    try:
+        q.execute("quit")
+    except FdboxError as e:
+        if e.name == "BackendUnavailable":
+            return  # QEMU is gone already (a QEMU that cannot load the state exits)
+        print(f"fdbox-qemu: {vm}: could not quit QEMU after the failed resume: {e.message}", file=sys.stderr)
+
+
+def _drop_devstate(vm: str, q: QMPClient, socket_path: str | None) -> None:
+    """Remove devstate before the guest continues; on failure, ask again whether it is
+    still there: yes → quit QEMU (the box is as before); unknown → leave QEMU paused."""
+    try:
+        with Client(socket_path) as c:
+            c.remove(vm, DEVSTATE)
+        return
+    except (FdboxError, OSError) as e:
+        why = e.message if isinstance(e, FdboxError) else str(e)
+    try:
+        with Client(socket_path) as c:
+            still = any(e["name"] == DEVSTATE for e in c.list(vm).get("entries", []))
+    except (FdboxError, OSError):
+        raise FdboxError("BackendUnavailable", f"device state loaded, but devstate could not be removed from box {vm} "
+                         f"({why}) and fdboxd cannot say whether it is still there: the guest stays paused in QEMU, "
+                         f"not continued; once fdboxd answers, either `fdboxctl rm {vm} {DEVSTATE}` and continue it "
+                         f"(QMP cont), or quit QEMU and start again", box=vm) from None
+    if still:
+        _quit_unresumed(vm, q)
+        raise FdboxError("BackendUnavailable", f"devstate could not be removed from box {vm} ({why}): the guest was "
+                         "not continued and QEMU quit; the box is as before this start: start again", box=vm)
+    # The removal went through (its answer was lost): the guest may continue.
 
 
 def _set_migration(q: QMPClient) -> None:
@@ -389,7 +609,7 @@ def _set_migration(q: QMPClient) -> None:
         q.execute("migrate-set-parameters", {"mode": "cpr-reboot"})
 
 
-def _wait_migration(q: QMPClient, what: str, deadline: float) -> dict[str, Any]:
+def wait_migration(q: QMPClient, what: str, deadline: float) -> dict[str, Any]:
     while True:
         info = q.execute("query-migrate")
         status = info.get("status")
@@ -413,17 +633,24 @@ def suspend(vm: str, *, socket_path: str | None, run_dir: str, timeout: float = 
     """
     check_box_name(vm)
     qmp = qmp_path(run_dir, vm)
-    if not qemu_alive(qmp):
+    if not qemu_alive(qmp) and not os.path.isdir(run_dir):
         raise FdboxError("NotFound", f"VM {vm} is not running (no QEMU on {qmp})", box=vm)
     t0 = time.monotonic()
     deadline = t0 + timeout
+    with VMLock(run_dir, vm, wait=timeout):  # an upgrade running now finishes first
+        return _suspend_locked(vm, qmp, socket_path, t0, deadline)
+
+
+def _suspend_locked(vm: str, qmp: str, socket_path: str | None, t0: float, deadline: float) -> dict[str, Any]:
     from .qmp import QMPClient
 
+    if not qemu_alive(qmp):
+        raise FdboxError("NotFound", f"VM {vm} is not running (no QEMU on {qmp})", box=vm)
     with QMPClient(qmp) as q, Client(socket_path) as c:
         status = q.execute("query-status")["status"]
         if status in ("inmigrate", "postmigrate", "finish-migrate"):
             raise FdboxError("InvalidRequest", f"VM {vm} is {status}: not suspendable now", box=vm)
-        state = _box_state(c, vm)
+        state = box_state(c, vm)
         if state is None:
             raise FdboxError("NotFound", f"no box {vm}: this QEMU was not started by fdbox-qemu", box=vm)
         if state == "sealed":
@@ -441,19 +668,26 @@ def suspend(vm: str, *, socket_path: str | None, run_dir: str, timeout: float = 
         if running:
             q.execute("stop")
         memfd = os.memfd_create(f"{vm}-devstate", os.MFD_CLOEXEC)
+        put_done = False
         try:
             try:
+                failpoints.hit("qemu.suspend.after_stop")
                 t_save = time.monotonic()
                 q.execute("getfd", {"fdname": "fdbox-devstate"}, fds=[memfd])
                 q.execute("migrate", {"uri": "fd:fdbox-devstate"})
-                _wait_migration(q, "save", deadline)
+                wait_migration(q, "save", deadline)
                 t_put = time.monotonic()
                 if DEVSTATE in entries:  # stale: left by a resume that could not remove it
                     c.remove(vm, DEVSTATE)
+                    failpoints.hit("qemu.suspend.after_stale_remove")
                 meta = {"runstate": "running" if running else "paused", "qemu": "%d.%d.%d" % q.version}
                 c.put(vm, DEVSTATE, memfd, meta)
+                put_done = True
                 t_quit = time.monotonic()
+                failpoints.hit("qemu.suspend.after_devstate")
             except BaseException:
+                if put_done and not _undo_devstate(vm, c, q):
+                    raise  # QEMU quit: the VM is suspended after all
                 if running:
                     try:
                         q.execute("cont")
@@ -473,6 +707,24 @@ def suspend(vm: str, *, socket_path: str | None, run_dir: str, timeout: float = 
             "total_ms": (t_end - t0) * 1000}
 
 
+def _undo_devstate(vm: str, c: Client, q: QMPClient) -> bool:
+    """A suspend failed after its devstate was put: remove it before the guest may
+    continue (a running guest never leaves a devstate behind). If it cannot be removed,
+    quit QEMU instead (the stopped guest matches the devstate: the VM is suspended);
+    False then."""
+    try:
+        c.remove(vm, DEVSTATE)
+        return True
+    except (FdboxError, OSError) as e:
+        print(f"fdbox-qemu: {vm}: the suspend failed after devstate was put, and devstate cannot be removed "
+              f"({e}): QEMU quits, the VM stays suspended", file=sys.stderr)
+    try:
+        q.execute("quit")
+    except FdboxError:
+        pass
+    return False
+
+
 # ---------------------------------------------------------------------- status
 
 
@@ -482,7 +734,7 @@ def status(vm: str, *, socket_path: str | None, run_dir: str) -> dict[str, Any]:
     qmp = qmp_path(run_dir, vm)
     out: dict[str, Any] = {"vm": vm, "qmp": qmp, "box": None, "entries": [], "qemu": "not running"}
     with Client(socket_path) as c:
-        out["box"] = _box_state(c, vm)
+        out["box"] = box_state(c, vm)
         if out["box"] is not None:
             out["entries"] = [{"name": e["name"], "type": e["type"], "size": e["size"]}
                               for e in c.list(vm).get("entries", [])]

@@ -435,3 +435,82 @@ def test_ready_only_once_the_guest_runs(daemon, image, tmp_path):
     finally:
         vm.cleanup()
         notify.close()
+
+
+# ---------------------------------------------------------------- failure paths (issue 25 items 7, 19)
+
+
+def test_failed_start_removes_only_what_it_created(vm, daemon, image, tmp_path):
+    """Issue 25 item 19: a start whose QEMU refuses an argument, or whose QEMU binary is
+    missing, removes the RAM box it created and says so (`status` lists no `stopped` VM);
+    the control: the same failed start of a suspended VM leaves its box untouched, and a
+    good start then resumes it."""
+    serial = tmp_path / "serial-bad"
+    bad = [*qemuguest.qemu_args(image, serial), "-device", "no-such-device-fdbox"]
+    r = vm.cli("start", "vm1", "--ram", "32M", "--", *bad, check=False)
+    assert r.returncode != 0, r
+    assert "removed ram0 and box vm1 (created by this start)" in r.stderr, r.stderr
+    assert _box_names(daemon) == set()
+    assert vm.cli("status", "vm1", check=False).returncode == EXIT_CODES["NotFound"]
+
+    r = vm.cli("start", "vm1", "--ram", "32M", "--qemu", str(tmp_path / "no-such-qemu"), "--", *bad, check=False)
+    assert r.returncode == EXIT_CODES["BackendUnavailable"], r
+    assert "cannot run" in r.stderr and "removed ram0 and box vm1 (created by this start)" in r.stderr, r.stderr
+    assert _box_names(daemon) == set()
+
+    p = vm.start("boot")
+    before = _suspend(vm, p)
+    entries = _box(daemon)
+    assert set(entries) == {"ram0", "devstate"}
+    r = vm.cli("start", "vm1", "--ram", "32M", "--", *bad, check=False)
+    assert r.returncode != 0 and "removed" not in r.stderr, r
+    assert "devstate kept in the box" in r.stderr, r.stderr
+    assert _box(daemon) == entries, "a failed start must not touch the box of a suspended VM"
+    vm.start("resume")
+    _resumed(vm, before, "resume")
+
+
+def test_resume_drops_devstate_before_the_guest_runs(vm, daemon, tmp_path):
+    """Issue 25 item 7: the devstate is removed before the guest continues. Here the
+    removal fails (the QEMU wrapper moves fdboxd's socket away before it execs QEMU): the
+    guest stays paused, not continued, with no READY, and the box keeps its devstate;
+    once fdboxd answers again, a new start resumes from it and the ticks continue."""
+    p = vm.start("boot")
+    before = _suspend(vm, p)
+    sock = daemon.socket
+    wrapper = tmp_path / "qemu-wrapper"
+    wrapper.write_text('#!/bin/sh\nmv "$FDBOX_TEST_SOCK" "$FDBOX_TEST_SOCK.away"\nexec qemu-system-x86_64 "$@"\n')
+    wrapper.chmod(0o755)
+    try:
+        p = vm.start("noremove", "--qemu", str(wrapper), env={"FDBOX_TEST_SOCK": sock})
+        assert wait_for(lambda: "devstate" in vm.log("noremove") and "fdbox-qemu: vm1:" in vm.log("noremove"), 60), \
+            vm.log("noremove")
+        from fdboxd.qemu.qmp import QMPClient
+
+        with QMPClient(vm.qmp) as q:
+            status = q.execute("query-status")["status"]
+        assert status == "paused", (status, vm.log("noremove"))
+        assert "could not be removed" in vm.log("noremove"), vm.log("noremove")
+        assert qemuguest.ticks(vm.serial) == [], "the guest ran with devstate still in the box"
+    finally:
+        if os.path.exists(sock + ".away"):
+            os.rename(sock + ".away", sock)
+    assert "devstate" in _box(daemon)
+    with QMPClient(vm.qmp) as q:
+        q.execute("quit")
+    p.wait(30)
+    vm.start("resume")
+    _resumed(vm, before, "resume")
+    assert wait_for(lambda: "devstate" not in _box(daemon), 10)
+
+
+def test_an_error_after_devstate_is_dropped_still_continues_the_guest(vm, daemon):
+    """Past the point of no return (devstate removed, the loaded QEMU the only holder of
+    the device state), an error (failpoint qemu.resume.before_cont) does not leave the
+    guest paused: it is continued, and the error is reported."""
+    p = vm.start("boot")
+    before = _suspend(vm, p)
+    vm.start("resume", env={"FDBOX_FAILPOINTS": "qemu.resume.before_cont=error(EIO)"})
+    _resumed(vm, before, "resume")
+    assert "continuing the guest anyway" in vm.log("resume")
+    assert "devstate" not in _box(daemon)

@@ -1,4 +1,5 @@
-"""``fdbox-qemu --tap``: a real Linux guest keeps its TCP connection across a QEMU restart.
+"""``fdbox-qemu --tap``: a real Linux guest keeps its TCP connection across a QEMU restart
+(suspend + start) and across ``fdbox-qemu upgrade``.
 
 The guest (tests/linuxguest.py: the test kernel, a busybox initramfs, virtio-net) holds
 one TCP connection to a server in a network namespace of the test's own and writes a
@@ -239,3 +240,28 @@ def test_bad_taps_are_refused_and_change_nothing(netvm):
     with vm.daemon.client() as c:
         assert c.list()["boxes"] == []  # no RAM put, no tap left behind
     assert ip("-n", vm.netns, "link", "show", "net0", check=False).returncode != 0
+
+
+def test_tcp_connection_survives_upgrade(netvm):
+    """Issue 28: ``fdbox-qemu upgrade`` under a guest with a TCP connection through a held
+    tap: the new QEMU (another pid) holds the very tap queue, the server sees the same
+    connection go on (same token, counter without a gap), the box is unchanged."""
+    vm = netvm
+    p = _boot(vm, "boot", "net0,bridge=br0")
+    ifindex = link_json(vm.netns, "net0")["ifindex"]
+    box = {n: (e["type"], e["size"]) for n, e in vm.box().items()}
+    before = len(vm.server.snapshot()[0])
+    r = vm.cli("upgrade", "vm1", "--json")
+    out = json.loads(r.stdout)
+    try:
+        assert out["old_pid"] == p.pid and out["new_pid"] != p.pid, out
+        assert p.wait(30) == 0, "the old QEMU should quit cleanly"
+        assert_continues(vm.server, before, more=4)
+        assert linuxguest.tap_fds(out["new_pid"], "net0"), "the new QEMU should hold the tap's queue"
+        assert link_json(vm.netns, "net0")["ifindex"] == ifindex, "the same tap, not a new one"
+        assert {n: (e["type"], e["size"]) for n, e in vm.box().items()} == box
+    finally:
+        try:
+            os.kill(out["new_pid"], 9)
+        except ProcessLookupError:
+            pass

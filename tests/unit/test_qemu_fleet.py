@@ -3,10 +3,13 @@ finding QEMUs by their command line (real processes whose argv looks like QEMU's
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
+from fdboxtest import wait_for
 
 from fdboxd.errors import FdboxError
 from fdboxd.qemu import cli, fleet
@@ -74,3 +77,33 @@ def test_suspend_wants_names_or_all(argv, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main(["--run-dir", str(tmp_path), *argv])
     assert e.value.code == 2
+
+
+def test_qemu_processes_of_another_user_do_not_count(tmp_path):
+    """Issue 25 item 8: anyone can put ``-qmp unix:RUN_DIR/X.qmp`` on a command line. A
+    process of another uid faking it is no VM of this run dir (else any local user could
+    fail every ``suspend --all``, and so every kexec); the run dir owner's own does count."""
+    from fdboxtest import run_as_user
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    fake = ["/bin/sh", "-c", "sleep 60; exit 0", "qemu", "-qmp", f"unix:{run}/victim.qmp,server=on,wait=off"]
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a process as another uid")
+    got = run_as_user(65534, lambda: subprocess.Popen(fake, stdin=subprocess.DEVNULL).pid)
+    assert "ok" in got, got
+    other = int(got["ok"])
+    mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-qmp",
+                             f"unix:{run}/mine.qmp,server=on,wait=off"])
+    try:
+        assert wait_for(lambda: os.path.exists(f"/proc/{other}") and b"-qmp" in open(f"/proc/{other}/cmdline", "rb").read(), 10)
+        assert os.stat(f"/proc/{other}").st_uid == 65534
+        assert fleet.qemu_processes(str(run)) == {"mine": mine.pid}
+        assert fleet.running_vms(str(run)) == {"mine": mine.pid}
+    finally:
+        mine.kill()
+        mine.wait()
+        try:
+            os.kill(other, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
