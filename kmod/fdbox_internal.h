@@ -27,6 +27,7 @@
 
 struct file;
 struct fdbox_entry_kho;	/* fdbox_kho.c */
+struct fdbox_box_release;	/* fdbox_kho.c */
 
 /**
  * struct fdbox_entry - one named file in a box. Protected by its box's mutex.
@@ -74,11 +75,12 @@ struct fdbox_entry {
  * @kho_desc:    sealed: the box descriptor in KHO-preserved memory.
  * @kho_size:    sealed: size of @kho_desc.
  * @sealed_node: sealed: link in the list the KHO root is built from.
+ * @kho_release: sealed: the box's release list (fdbox_kho.c).
  */
 struct fdbox_box {
 	struct list_head node;
 	struct kref ref;
-	struct mutex mutex;
+	struct mutex mutex;	/* protects the fields below */
 	char name[FDBOX_BOX_NAME_LEN];
 	u32 state;
 	bool dead;
@@ -88,6 +90,7 @@ struct fdbox_box {
 	void *kho_desc;
 	size_t kho_size;
 	struct list_head sealed_node;
+	struct fdbox_box_release *kho_release;
 };
 
 /* Counters reported by FDBOX_IOC_STATS. */
@@ -212,6 +215,9 @@ int fdbox_kho_unseal(struct fdbox_box *box);
 int fdbox_kho_restore_entry(struct fdbox_entry *entry, struct file *target);
 void fdbox_kho_discard_entry(struct fdbox_entry *entry);
 int fdbox_kho_init(void);
+int fdbox_kho_release_handover(u64 *folios, u64 *bytes);
+int fdbox_kho_rescan(u32 *restored, u32 *pending);
+bool fdbox_kho_pending_any(void);
 int fdbox_kho_register(void);
 void fdbox_kho_unregister(void);
 #else
@@ -241,6 +247,23 @@ static inline void fdbox_kho_discard_entry(struct fdbox_entry *entry) { }
 static inline int fdbox_kho_init(void)
 {
 	return 0;
+}
+
+static inline int fdbox_kho_release_handover(u64 *folios, u64 *bytes)
+{
+	return -ENOENT;
+}
+
+static inline int fdbox_kho_rescan(u32 *restored, u32 *pending)
+{
+	*restored = 0;
+	*pending = 0;
+	return 0;
+}
+
+static inline bool fdbox_kho_pending_any(void)
+{
+	return false;
 }
 
 static inline int fdbox_kho_register(void)
