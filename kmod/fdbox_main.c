@@ -814,7 +814,7 @@ static int fdbox_ioctl_list_boxes(struct fdbox_ucmd *ucmd)
 	struct fdbox_box_info *infos = NULL;
 	struct fdbox_box **boxes = NULL;
 	struct fdbox_box *box;
-	u32 n = 0, i;
+	u32 n = 0, listed = 0, i;
 	int err;
 
 	err = fdbox_check_list(argp->info_size,
@@ -840,10 +840,9 @@ static int fdbox_ioctl_list_boxes(struct fdbox_ucmd *ucmd)
 			boxes[n++] = box;
 		}
 	}
-	if (err == -EOVERFLOW) {
-		fdbox_respond(ucmd, sizeof(*argp));
-		return err;
-	}
+	/* the count must reach the caller, or the EOVERFLOW means nothing */
+	if (err == -EOVERFLOW)
+		return fdbox_respond(ucmd, sizeof(*argp)) ?: err;
 	if (err)
 		return err;
 
@@ -853,21 +852,25 @@ static int fdbox_ioctl_list_boxes(struct fdbox_ucmd *ucmd)
 		goto out;
 	}
 	for (i = 0; i < n; i++) {
-		struct fdbox_box_info *info = &infos[i];
+		struct fdbox_box_info *info = &infos[listed];
 		struct fdbox_entry *entry;
 
 		box = boxes[i];
-		strscpy(info->name, box->name);
 		mutex_lock(&box->mutex);
-		info->state = box->state;
-		info->nr_entries = box->nr_entries;
-		list_for_each_entry(entry, &box->entries, node)
-			info->total_size += fdbox_entry_size(entry);
+		/* deleted since the list was read: not listed */
+		if (!box->dead) {
+			strscpy(info->name, box->name);
+			info->state = box->state;
+			info->nr_entries = box->nr_entries;
+			list_for_each_entry(entry, &box->entries, node)
+				info->total_size += fdbox_entry_size(entry);
+			listed++;
+		}
 		mutex_unlock(&box->mutex);
 	}
-	argp->count = n;
+	argp->count = listed;
 	err = fdbox_copy_infos(argp->boxes, argp->info_size, infos,
-			       sizeof(*infos), n);
+			       sizeof(*infos), listed);
 	if (!err)
 		err = fdbox_respond(ucmd, sizeof(*argp));
 out:

@@ -134,7 +134,7 @@ def test_version_and_limits(dev: uapi.FdboxDevice) -> None:
 def test_unknown_ioctls_are_enotty(dev: uapi.FdboxDevice) -> None:
     buf = km.struct_bytes(uapi.Version())
     for number in (
-        uapi._IO(uapi.FDBOX_IOCTL_TYPE, 0x0D),  # next free number
+        uapi._IO(uapi.FDBOX_IOCTL_TYPE, 0x0F),  # next free number
         uapi._IO(uapi.FDBOX_IOCTL_TYPE, 0xFF),
         uapi._IO(0x42, uapi.FDBOX_CMD_VERSION),  # another driver's type
         uapi.FDBOX_IOC_VERSION | (3 << 30) | (len(buf) << 16),  # _IOWR-style encoding
@@ -611,6 +611,24 @@ def test_list_boxes_order_overflow_and_stride(dev: uapi.FdboxDevice) -> None:
                                                                   box=names[0].encode()))):
         assert km.raw_ioctl(dev, n, bytes(req))[0] == errno.E2BIG
     assert big.raw == b"\xff" * 16
+
+
+def test_list_overflow_count_unwritable_is_efault(dev: uapi.FdboxDevice) -> None:
+    """Issue 27, L8: LIST_BOXES's EOVERFLOW promises the count is in the caller's struct;
+    when it cannot be written there, the answer is EFAULT, not an EOVERFLOW with no count."""
+    dev.create_box("a")
+    dev.create_box("b")
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    req = bytes(uapi.ListBoxes(count=0, info_size=ctypes.sizeof(uapi.BoxInfo)))
+    page[: len(req)] = req
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    assert libc.mprotect(ctypes.c_void_p(addr), mmap.PAGESIZE, mmap.PROT_READ) == 0
+    # libc's ioctl: fcntl.ioctl() takes an integer argument as a C int, too small for a pointer
+    libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+    assert libc.ioctl(dev.fd, uapi.FDBOX_IOC_LIST_BOXES, addr) == -1
+    assert ctypes.get_errno() == errno.EFAULT, errno.errorcode.get(ctypes.get_errno())
+    assert dev.list_boxes()[0].name == "a"
 
 
 def test_list_entries_order_and_overflow(dev: uapi.FdboxDevice) -> None:
