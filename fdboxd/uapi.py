@@ -277,6 +277,7 @@ ERRNO_MEANINGS: dict[int, tuple[str, str]] = {
     errno.EOVERFLOW: ("list did not fit; count holds the number needed", "InvalidRequest"),
     errno.EIO: ("preserved data from the previous kernel unusable (RELEASE_HANDOVER: no intact release list)",
                 "BackendUnavailable"),
+    errno.EINTR: ("a fatal signal arrived while waiting or working (SEAL undone)", "BackendUnavailable"),
     errno.ENOMEM: ("out of memory", "BackendUnavailable"),
 }
 

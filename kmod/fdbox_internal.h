@@ -76,6 +76,10 @@ struct fdbox_entry {
  * @kho_size:    sealed: size of @kho_desc.
  * @sealed_node: sealed: link in the list the KHO root is built from.
  * @kho_release: sealed: the box's release list (fdbox_kho.c).
+ * @snap_state:  @state as of the last unlock, for LIST_BOXES while the
+ *               mutex is held (a long SEAL): written under @mutex.
+ * @snap_nr_entries: @nr_entries likewise.
+ * @snap_total:  the entries' total size likewise.
  */
 struct fdbox_box {
 	struct list_head node;
@@ -91,6 +95,9 @@ struct fdbox_box {
 	size_t kho_size;
 	struct list_head sealed_node;
 	struct fdbox_box_release *kho_release;
+	u32 snap_state;
+	u32 snap_nr_entries;
+	u64 snap_total;
 };
 
 /* Counters reported by FDBOX_IOC_STATS. */
@@ -128,6 +135,14 @@ struct fdbox_box *fdbox_box_alloc(const char *name);
  * (a limit); on failure the caller still owns @box.
  */
 int fdbox_box_publish_restored(struct fdbox_box *box);
+
+/**
+ * fdbox_box_snapshot - record what LIST_BOXES shows while @box is busy.
+ * @box: a box whose mutex the caller holds.
+ *
+ * Context: Process context.
+ */
+void fdbox_box_snapshot(struct fdbox_box *box);
 
 /**
  * fdbox_box_free - drop a box that was never published.

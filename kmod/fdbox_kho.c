@@ -189,6 +189,26 @@ MODULE_PARM_DESC(test_seal_delay_ms,
 		 "testing only: sleep this long in SEAL of boxes named slow*, between preserving and publishing");
 #define fdbox_test_corrupt(bit)	(test_corrupt_handover & (bit))
 
+/*
+ * The window of test_seal_delay_ms, between preserving and publishing: a
+ * SIGKILL ends it (-EINTR), as it ends the real pin and preserve loops.
+ */
+static int fdbox_test_seal_delay(struct fdbox_box *box)
+{
+	unsigned long end = jiffies + msecs_to_jiffies(test_seal_delay_ms);
+
+	if (!test_seal_delay_ms || strncmp(box->name, "slow", 4))
+		return 0;
+	pr_info("test: %s preserved, publishing in %u ms\n", box->name,
+		test_seal_delay_ms);
+	while (time_before(jiffies, end)) {
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		msleep(20);
+	}
+	return 0;
+}
+
 /* An allocation of the load path that fails once (test_fail_restore). */
 static bool fdbox_test_fail(unsigned int bit)
 {
@@ -235,6 +255,11 @@ static inline bool fdbox_test_corrupt(unsigned int bit)
 static inline bool fdbox_test_fail(unsigned int bit)
 {
 	return false;
+}
+
+static inline int fdbox_test_seal_delay(struct fdbox_box *box)
+{
+	return 0;
 }
 
 static inline void fdbox_test_damage_list(struct fdbox_box *box,
@@ -391,6 +416,10 @@ static int fdbox_kho_preserve_folios(struct fdbox_entry *entry,
 	for (i = 0; i < kho->nr_folios; i++) {
 		struct folio *folio = kho->folios[i];
 
+		/* a dying caller's SEAL is undone, not finished */
+		err = -EINTR;
+		if (fatal_signal_pending(current))
+			goto err_release;
 		err = kho_preserve_folio(folio);
 		if (err)
 			goto err_release;
@@ -815,7 +844,8 @@ static int fdbox_kho_begin(void)
  * The caller holds @box->mutex.
  *
  * Return: 0, or an error with nothing changed: -ENODEV (KHO off),
- * -ESHUTDOWN (reboot started), -EOPNOTSUPP (a shmem memfd where LUO carries
+ * -ESHUTDOWN (reboot started), -EINTR (a fatal signal: undone),
+ * -EOPNOTSUPP (a shmem memfd where LUO carries
  * those, or seals that cannot be carried or held), -EACCES (seals to add to
  * a file not open for writing), -EEXIST (LUO preserves a file), -EFBIG,
  * -ENOMEM, or what pinning or KHO returned.
@@ -847,7 +877,8 @@ int fdbox_kho_seal(struct fdbox_box *box)
 		goto out_end;
 
 	list_for_each_entry(entry, &box->entries, node) {
-		err = fdbox_kho_seal_entry(entry);
+		err = fatal_signal_pending(current) ? -EINTR :
+			fdbox_kho_seal_entry(entry);
 		if (err)
 			goto err_unseal;
 		cond_resched();
@@ -864,13 +895,13 @@ int fdbox_kho_seal(struct fdbox_box *box)
 		box->kho_desc = NULL;
 		goto err_unseal;
 	}
-#ifdef FDBOX_TEST
-	if (test_seal_delay_ms && !strncmp(box->name, "slow", 4)) {
-		pr_info("test: %s preserved, publishing in %u ms\n", box->name,
-			test_seal_delay_ms);
-		msleep(test_seal_delay_ms);
+	err = fdbox_test_seal_delay(box);
+	if (err) {
+		fdbox_kho_release_drop(box);
+		kho_unpreserve_free(box->kho_desc);
+		box->kho_desc = NULL;
+		goto err_unseal;
 	}
-#endif
 	scoped_guard(mutex, &fdbox_kho_lock) {
 		list_add_tail(&box->sealed_node, &fdbox_sealed);
 		fdbox_kho_sealing--;
@@ -1116,10 +1147,17 @@ static int fdbox_kho_copy_to(struct fdbox_entry *entry, struct file *target)
 	if (!dst)
 		return -ENOMEM;
 	for (pos = 0; pos < size; ) {
-		loff_t end = min_t(loff_t, size, pos +
+		loff_t end;
+		long nr;
+
+		if (fatal_signal_pending(current)) {
+			err = -EINTR;
+			break;
+		}
+		end = min_t(loff_t, size, pos +
 				   (loff_t)FDBOX_RESTORE_BATCH * entry->page_size);
-		long nr = memfd_pin_folios(target, pos, end - 1, dst,
-					   FDBOX_RESTORE_BATCH, &offset);
+		nr = memfd_pin_folios(target, pos, end - 1, dst,
+				      FDBOX_RESTORE_BATCH, &offset);
 
 		if (nr <= 0) {
 			err = nr ?: -EIO;
@@ -1626,6 +1664,7 @@ static int fdbox_kho_restore_box(u32 idx, phys_addr_t phys)
 		return err;
 	}
 	fdbox_kho_box_claim(box, desc, order);
+	fdbox_box_snapshot(box);
 	mutex_unlock(&box->mutex);
 	return 0;
 }

@@ -44,7 +44,10 @@
  *
  * - &fdbox_box.mutex protects one box: its state and entries. Held across
  *   a whole operation, including a seal, which can take a while; other
- *   boxes are not blocked by it.
+ *   boxes are not blocked by it, nor is LIST_BOXES (it answers from the
+ *   snapshot the last unlock took, fdbox_box_snapshot()). Waiting for it
+ *   is killable (EINTR), and SEAL's pin, preserve and RESTORE_FD's copy
+ *   loops stop on a fatal signal, undoing what they did.
  * - fdbox_boxes_lock (mutex) protects the box list and the box count.
  *   Lookups take it briefly and leave with a kref on the box.
  * - fdbox_inodes_lock (spinlock) protects the inode hash that keeps a file
@@ -453,7 +456,11 @@ static struct fdbox_box *fdbox_lock_box(const char *name)
 
 	if (!box)
 		return ERR_PTR(-ENOENT);
-	mutex_lock(&box->mutex);
+	/* a long SEAL holds it: a caller that is killed meanwhile leaves */
+	if (mutex_lock_killable(&box->mutex)) {
+		fdbox_box_put(box);
+		return ERR_PTR(-EINTR);
+	}
 	if (box->dead) {
 		mutex_unlock(&box->mutex);
 		fdbox_box_put(box);
@@ -464,6 +471,7 @@ static struct fdbox_box *fdbox_lock_box(const char *name)
 
 static void fdbox_unlock_box(struct fdbox_box *box)
 {
+	fdbox_box_snapshot(box);
 	mutex_unlock(&box->mutex);
 	fdbox_box_put(box);
 }
@@ -776,6 +784,50 @@ static u64 fdbox_entry_size(struct fdbox_entry *entry)
 	return entry->size;
 }
 
+void fdbox_box_snapshot(struct fdbox_box *box)
+{
+	struct fdbox_entry *entry;
+	u64 total = 0;
+
+	lockdep_assert_held(&box->mutex);
+	list_for_each_entry(entry, &box->entries, node)
+		total += fdbox_entry_size(entry);
+	WRITE_ONCE(box->snap_state, box->state);
+	WRITE_ONCE(box->snap_nr_entries, box->nr_entries);
+	WRITE_ONCE(box->snap_total, total);
+}
+
+/*
+ * One box for LIST_BOXES. A box whose mutex is held (a SEAL of a large
+ * memfd can hold it for seconds) answers from the snapshot its last unlock
+ * took, so a list never waits for a seal. Returns false if it is deleted.
+ */
+static bool fdbox_box_info(struct fdbox_box *box, struct fdbox_box_info *info)
+{
+	struct fdbox_entry *entry;
+
+	if (!mutex_trylock(&box->mutex)) {
+		if (READ_ONCE(box->dead))
+			return false;
+		strscpy(info->name, box->name);
+		info->state = READ_ONCE(box->snap_state);
+		info->nr_entries = READ_ONCE(box->snap_nr_entries);
+		info->total_size = READ_ONCE(box->snap_total);
+		return true;
+	}
+	if (box->dead) {
+		mutex_unlock(&box->mutex);
+		return false;
+	}
+	strscpy(info->name, box->name);
+	info->state = box->state;
+	info->nr_entries = box->nr_entries;
+	list_for_each_entry(entry, &box->entries, node)
+		info->total_size += fdbox_entry_size(entry);
+	mutex_unlock(&box->mutex);
+	return true;
+}
+
 /* Check a list request's array description. */
 static int fdbox_check_list(u32 info_size, u32 min_info, u32 count, u64 uptr,
 			    u32 flags)
@@ -852,21 +904,9 @@ static int fdbox_ioctl_list_boxes(struct fdbox_ucmd *ucmd)
 		goto out;
 	}
 	for (i = 0; i < n; i++) {
-		struct fdbox_box_info *info = &infos[listed];
-		struct fdbox_entry *entry;
-
-		box = boxes[i];
-		mutex_lock(&box->mutex);
 		/* deleted since the list was read: not listed */
-		if (!box->dead) {
-			strscpy(info->name, box->name);
-			info->state = box->state;
-			info->nr_entries = box->nr_entries;
-			list_for_each_entry(entry, &box->entries, node)
-				info->total_size += fdbox_entry_size(entry);
+		if (fdbox_box_info(boxes[i], &infos[listed]))
 			listed++;
-		}
-		mutex_unlock(&box->mutex);
 	}
 	argp->count = listed;
 	err = fdbox_copy_infos(argp->boxes, argp->info_size, infos,

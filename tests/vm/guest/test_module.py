@@ -14,9 +14,12 @@ import fcntl
 import hashlib
 import mmap
 import os
+import signal
 import socket
 import stat
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -67,6 +70,24 @@ def shmem_seal() -> Iterator[None]:
     in a test's arguments: the device is not open while the modules are swapped."""
     with km.shmem_beside_luo():
         yield
+
+
+@pytest.fixture
+def slow_seal() -> Iterator[None]:
+    """The test build, its SEAL of boxes named slow* held 60 s between preserving and
+    publishing (test_seal_delay_ms), shmem allowed. Named before ``dev``, as shmem_seal."""
+    path = os.environ.get("FDBOX_VM_TEST_MODULE")
+    if not path:
+        raise RuntimeError("FDBOX_VM_TEST_MODULE is not set: run through tests/vm/test_module.py")
+    km.unload()
+    km.load(path, "test_shmem_beside_luo=1 test_seal_delay_ms=60000")
+    try:
+        yield
+    finally:
+        with uapi.FdboxDevice() as d:
+            km.empty(d)
+        km.unload()
+        km.load()
 
 
 def memfd(data: bytes = b"", size: int | None = None, flags: int = os.MFD_ALLOW_SEALING, name: str = "t") -> int:
@@ -1290,3 +1311,43 @@ def test_shmem_seal_is_luos(dev: uapi.FdboxDevice) -> None:
     dev.unseal("b")
     for x in (fd, h):
         os.close(x)
+
+
+@needs_kho
+def test_long_seal_blocks_no_list_and_ends_on_sigkill(slow_seal: None, dev: uapi.FdboxDevice) -> None:
+    """Issue 27, M5: a SEAL that holds its box for long (here the test build's 60 s window
+    between preserving and publishing) neither stalls LIST_BOXES, which answers from the
+    box's last snapshot, nor outlives a SIGKILL: the dying SEAL is undone at once."""
+    dev.create_box("other")
+    dev.create_box("slow-m5")
+    fd = memfd(data=b"m5" * 8192)
+    dev.put_fd("slow-m5", "m", fd)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with uapi.FdboxDevice() as d:
+                d.seal("slow-m5")
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while "test: slow-m5 preserved" not in subprocess.run(["dmesg"], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "the slow SEAL never started"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    listing = {b.name: b for b in dev.list_boxes()}
+    took = time.monotonic() - t0
+    assert took < 5, f"LIST_BOXES waited {took:.1f} s for a SEAL"
+    assert listing["slow-m5"].state == uapi.BoxState.OPEN and listing["slow-m5"].nr_entries == 1, listing
+    assert km.stats(dev)["pinned_folios"] > 0  # the SEAL is in flight
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        assert time.monotonic() - t0 < 10, "SIGKILL did not end the SEAL"
+        time.sleep(0.05)
+    log_took = time.monotonic() - t0
+    assert {b.name: b.state for b in dev.list_boxes()}["slow-m5"] == uapi.BoxState.OPEN
+    assert km.stats(dev)["pinned_folios"] == 0, "the killed SEAL was not undone"
+    dev.seal("other")  # the root survived the undone SEAL
+    dev.unseal("other")
+    os.close(fd)
+    print(f"\nLIST during a SEAL: {took * 1000:.0f} ms; SIGKILL ended the SEAL in {log_took:.2f} s")

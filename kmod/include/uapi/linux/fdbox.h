@@ -82,6 +82,9 @@
  *                 restored (a folio was missing or not what the descriptor
  *                 said); on RELEASE_HANDOVER: the handover has no intact
  *                 release list, nothing was freed.
+ *  - EINTR:       a fatal signal arrived while the ioctl waited for a box
+ *                 or worked (SEAL is undone; RESTORE_FD leaves the entry
+ *                 pending).
  *  - ENOMEM:      out of memory.
  *
  * Other errnos come from the memory management code the module calls (for
