@@ -500,6 +500,43 @@ def cmd_net_restore(c: Client, a: argparse.Namespace) -> int:
     return EXIT_CODES.get(failed[0].get("error_name") or "", 1) if failed else 0
 
 
+# ---------------------------------------------------------------------- release-handover (fdbox.ko, no daemon)
+
+
+def cmd_release_handover(a: argparse.Namespace) -> int:
+    """Ask fdbox.ko to give back the memory of a previous kernel's handover it left untouched.
+
+    Talks to /dev/fdbox itself, not to fdboxd: the case it is for (a handover of another
+    FDBOX_KHO_VERSION, or a damaged one) is one no daemon can restore anyway.
+    """
+    from .uapi import FDBOX_FEATURE_HANDOVER_HELD, FdboxDevice, FdboxOSError
+
+    try:
+        with FdboxDevice(a.device) as d:
+            v = d.version()
+            if not v.features & FDBOX_FEATURE_HANDOVER_HELD and not a.json:
+                print("fdboxctl: no previous kernel's handover is held", file=sys.stderr)
+            r = d.release_handover()
+    except FdboxOSError as e:
+        print(f"fdboxctl: {e.error_name}: {e}", file=sys.stderr)
+        return EXIT_CODES[e.error_name]
+    if a.json:
+        _print_json({"folios": r.folios, "bytes": r.bytes, "restore_status": v.restore_status})
+    else:
+        print(f"released the previous kernel's handover: {r.folios} folios, {r.bytes >> 20} MiB given back "
+              f"(it had been refused with errno {-v.restore_status}; see the kernel log)")
+    return 0
+
+
+def _add_release_handover(sub, common: argparse.ArgumentParser) -> None:  # type: ignore[no-untyped-def]
+    s = _sub(sub, "release-handover", common,
+             "give back the memory of a previous kernel's fdbox.ko handover that the loaded module could not "
+             "read (another version, or damaged); its boxes are lost. Talks to /dev/fdbox, not to fdboxd",
+             "fdboxctl release-handover", names=False)
+    s.add_argument("--device", default="/dev/fdbox", help="the fdbox.ko device (default: /dev/fdbox)")
+    s.set_defaults(func=None, device_func=cmd_release_handover)
+
+
 # ---------------------------------------------------------------------- argument parsing
 
 
@@ -633,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
              "fdboxctl net-restore vm1")
     s.add_argument("box", metavar="BOX")
     s.set_defaults(func=cmd_net_restore)
+
+    _add_release_handover(sub, common)
     return p
 
 
@@ -673,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.command == "put":
             a.metadata = _parse_meta(a.meta)
             a.source_fd = _put_source(a)
+        if getattr(a, "device_func", None):  # talks to fdbox.ko, not to fdboxd
+            return a.device_func(a)
         with Client(a.socket or paths.client_socket(), timeout=_timeout(a)) as c:
             return a.func(c, a)
     except FdboxError as e:

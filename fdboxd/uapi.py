@@ -22,7 +22,7 @@ from .ownedfd import OwnedFd
 
 # --- numbers -------------------------------------------------------------------------
 
-FDBOX_IOCTL_TYPE = 0xB8
+FDBOX_IOCTL_TYPE = 0xBB  # was 0xB8 (MSHV's) before issue 27; the ABI is pre-1.0
 FDBOX_API_VERSION = 1
 FDBOX_BOX_NAME_LEN = 64
 FDBOX_ENTRY_NAME_LEN = 256
@@ -45,6 +45,8 @@ FDBOX_FEATURE_KHO_ON = 1 << 1
 FDBOX_FEATURE_KHO_BOOT = 1 << 2
 FDBOX_FEATURE_RESTORED = 1 << 3
 FDBOX_FEATURE_SHMEM_LUO = 1 << 4  # SEAL refuses shmem memfds: LUO carries them
+FDBOX_FEATURE_HANDOVER_HELD = 1 << 5  # a previous kernel's handover left untouched: RELEASE_HANDOVER
+FDBOX_FEATURE_RESTORE_PENDING = 1 << 6  # a box kept back at load by ENOMEM: retried on open / RESCAN
 
 FDBOX_ENTRY_PRESERVED = 1 << 0
 FDBOX_ENTRY_RESTORE_PENDING = 1 << 1
@@ -62,6 +64,8 @@ FDBOX_CMD_SEAL = 0x09
 FDBOX_CMD_UNSEAL = 0x0A
 FDBOX_CMD_RESTORE_FD = 0x0B
 FDBOX_CMD_FINISH = 0x0C
+FDBOX_CMD_RELEASE_HANDOVER = 0x0D
+FDBOX_CMD_RESCAN = 0x0E
 
 
 def _IO(type_: int, nr: int) -> int:  # noqa: N802 - the C macro's name
@@ -82,6 +86,8 @@ FDBOX_IOC_SEAL = _IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_SEAL)
 FDBOX_IOC_UNSEAL = _IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_UNSEAL)
 FDBOX_IOC_RESTORE_FD = _IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_RESTORE_FD)
 FDBOX_IOC_FINISH = _IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_FINISH)
+FDBOX_IOC_RELEASE_HANDOVER = _IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_RELEASE_HANDOVER)
+FDBOX_IOC_RESCAN = _IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_RESCAN)
 
 #: name -> number, for the header test and for tools.
 IOCTLS: dict[str, int] = {
@@ -222,6 +228,14 @@ class RestoreFd(_Struct):
 
 
 #: C struct name -> ctypes mirror, for the header test.
+class ReleaseHandover(_Struct):
+    _fields_ = [("size", u32), ("flags", u32), ("folios", u64), ("bytes", u64)]
+
+
+class Rescan(_Struct):
+    _fields_ = [("size", u32), ("flags", u32), ("restored", u32), ("pending", u32)]
+
+
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fdbox_version": Version,
     "fdbox_stats": Stats,
@@ -234,6 +248,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fdbox_entry_info": EntryInfo,
     "fdbox_list_entries": ListEntries,
     "fdbox_restore_fd": RestoreFd,
+    "fdbox_release_handover": ReleaseHandover,
+    "fdbox_rescan": Rescan,
 }
 
 # --- errno meanings ------------------------------------------------------------------
@@ -241,13 +257,14 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 #: errno -> (what it means on /dev/fdbox, the fdbox error name it maps to).
 ERRNO_MEANINGS: dict[int, tuple[str, str]] = {
     errno.EPERM: ("caller lacks CAP_SYS_ADMIN", "PermissionDenied"),
+    errno.EACCES: ("SEAL must add seals through a reference not open for writing", "PermissionDenied"),
     errno.ENOTTY: ("unknown ioctl (module too old?)", "BackendUnavailable"),
     errno.E2BIG: ("struct larger than the kernel's, with a nonzero tail", "InvalidRequest"),
     errno.EINVAL: ("malformed argument: size, flags, reserved or name", "InvalidRequest"),
     errno.EFAULT: ("bad user pointer", "InvalidRequest"),
     errno.EBADF: ("fd is not open", "InvalidRequest"),
     errno.EOPNOTSUPP: ("file type not held by fdbox, or (SEAL) its seals cannot be held or LUO carries its kind", "UnsupportedType"),
-    errno.ENOENT: ("no such box or entry", "NotFound"),
+    errno.ENOENT: ("no such box or entry (RELEASE_HANDOVER: no handover held)", "NotFound"),
     errno.EEXIST: ("name taken, or file already held (in a box, or preserved by LUO)", "AlreadyExists"),
     errno.EBUSY: ("box is sealed or restored; needs an open box", "Sealed"),
     errno.EBADFD: ("box or entry not in the state the operation needs", "NotSealed"),
@@ -258,7 +275,9 @@ ERRNO_MEANINGS: dict[int, tuple[str, str]] = {
     errno.ESHUTDOWN: ("reboot/kexec has begun: sealed state is final", "Sealed"),
     errno.ENODEV: ("sealing needs KHO (CONFIG_KEXEC_HANDOVER and kho=on)", "BackendUnavailable"),
     errno.EOVERFLOW: ("list did not fit; count holds the number needed", "InvalidRequest"),
-    errno.EIO: ("preserved data from the previous kernel unusable", "BackendUnavailable"),
+    errno.EIO: ("preserved data from the previous kernel unusable (RELEASE_HANDOVER: no intact release list)",
+                "BackendUnavailable"),
+    errno.EINTR: ("a fatal signal arrived while waiting or working (SEAL undone)", "BackendUnavailable"),
     errno.ENOMEM: ("out of memory", "BackendUnavailable"),
 }
 
@@ -382,6 +401,19 @@ class FdboxDevice(OwnedFd):
             fd=fd, box=_name(box, FDBOX_BOX_NAME_LEN), name=_name(name, FDBOX_ENTRY_NAME_LEN)
         )
         self.ioctl("restore_fd", FDBOX_IOC_RESTORE_FD, req)
+
+    def release_handover(self) -> ReleaseHandover:
+        """Give back the memory of a previous kernel's handover the module left untouched
+        (``FDBOX_FEATURE_HANDOVER_HELD``); its boxes are gone for good. Returns what was freed."""
+        req = ReleaseHandover()
+        self.ioctl("release_handover", FDBOX_IOC_RELEASE_HANDOVER, req)
+        return req
+
+    def rescan(self) -> Rescan:
+        """Retry the previous kernel's boxes a transient failure kept back at load."""
+        req = Rescan()
+        self.ioctl("rescan", FDBOX_IOC_RESCAN, req)
+        return req
 
     def list_boxes(self) -> list[BoxListing]:
         count = 16

@@ -27,6 +27,7 @@
 
 struct file;
 struct fdbox_entry_kho;	/* fdbox_kho.c */
+struct fdbox_box_release;	/* fdbox_kho.c */
 
 /**
  * struct fdbox_entry - one named file in a box. Protected by its box's mutex.
@@ -74,11 +75,16 @@ struct fdbox_entry {
  * @kho_desc:    sealed: the box descriptor in KHO-preserved memory.
  * @kho_size:    sealed: size of @kho_desc.
  * @sealed_node: sealed: link in the list the KHO root is built from.
+ * @kho_release: sealed: the box's release list (fdbox_kho.c).
+ * @snap_state:  @state as of the last unlock, for LIST_BOXES while the
+ *               mutex is held (a long SEAL): written under @mutex.
+ * @snap_nr_entries: @nr_entries likewise.
+ * @snap_total:  the entries' total size likewise.
  */
 struct fdbox_box {
 	struct list_head node;
 	struct kref ref;
-	struct mutex mutex;
+	struct mutex mutex;	/* protects the fields below */
 	char name[FDBOX_BOX_NAME_LEN];
 	u32 state;
 	bool dead;
@@ -88,6 +94,10 @@ struct fdbox_box {
 	void *kho_desc;
 	size_t kho_size;
 	struct list_head sealed_node;
+	struct fdbox_box_release *kho_release;
+	u32 snap_state;
+	u32 snap_nr_entries;
+	u64 snap_total;
 };
 
 /* Counters reported by FDBOX_IOC_STATS. */
@@ -125,6 +135,14 @@ struct fdbox_box *fdbox_box_alloc(const char *name);
  * (a limit); on failure the caller still owns @box.
  */
 int fdbox_box_publish_restored(struct fdbox_box *box);
+
+/**
+ * fdbox_box_snapshot - record what LIST_BOXES shows while @box is busy.
+ * @box: a box whose mutex the caller holds.
+ *
+ * Context: Process context.
+ */
+void fdbox_box_snapshot(struct fdbox_box *box);
 
 /**
  * fdbox_box_free - drop a box that was never published.
@@ -212,6 +230,9 @@ int fdbox_kho_unseal(struct fdbox_box *box);
 int fdbox_kho_restore_entry(struct fdbox_entry *entry, struct file *target);
 void fdbox_kho_discard_entry(struct fdbox_entry *entry);
 int fdbox_kho_init(void);
+int fdbox_kho_release_handover(u64 *folios, u64 *bytes);
+int fdbox_kho_rescan(u32 *restored, u32 *pending);
+bool fdbox_kho_pending_any(void);
 int fdbox_kho_register(void);
 void fdbox_kho_unregister(void);
 #else
@@ -241,6 +262,23 @@ static inline void fdbox_kho_discard_entry(struct fdbox_entry *entry) { }
 static inline int fdbox_kho_init(void)
 {
 	return 0;
+}
+
+static inline int fdbox_kho_release_handover(u64 *folios, u64 *bytes)
+{
+	return -ENOENT;
+}
+
+static inline int fdbox_kho_rescan(u32 *restored, u32 *pending)
+{
+	*restored = 0;
+	*pending = 0;
+	return 0;
+}
+
+static inline bool fdbox_kho_pending_any(void)
+{
+	return false;
 }
 
 static inline int fdbox_kho_register(void)

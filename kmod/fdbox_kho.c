@@ -36,7 +36,9 @@
  *
  * Then a box descriptor (struct fdbox_kho_box, from kho_alloc_preserve())
  * lists the entries, and the root descriptor (struct fdbox_kho_root) lists
- * the physical addresses of all sealed boxes' descriptors. The layout is in
+ * the physical addresses of all sealed boxes' descriptors. Each sealed box
+ * also has a release list, every folio it preserved as (phys, order), and
+ * the subtree "fdbox-release" lists those beside the root. The layout is in
  * fdbox_kho_abi.h.
  *
  * Publishing, and kexec
@@ -66,7 +68,13 @@
  * checked: every address must be page aligned, RAM, and carry KHO's mark of
  * a preserved folio of the expected order (fdbox_kho_preserved()), so a
  * corrupt address is refused instead of tripping KHO's own WARN or an oops.
- * Then magic, version, CRC, counts against limits, names, types, folio
+ * The root's magic, version and CRC, and then each box descriptor's, are
+ * checked where they lie, before kho_restore_folio() claims them. A root of
+ * another %FDBOX_KHO_VERSION, or one that fails its checks, is left to KHO
+ * untouched (the handover is "held"): a module of that version loaded later
+ * in this boot restores it, and FDBOX_IOC_RELEASE_HANDOVER gives all of its
+ * memory back through the release list (fdbox_kho_abi.h), which every
+ * version reads. In a valid root, counts against limits, names, types, folio
  * orders, pfn alignment and indexes are checked, box by box. A box that fails
  * is refused and reported (restore_status in FDBOX_IOC_VERSION, a line in
  * dmesg naming it); the others are restored. Memory a refused box names is
@@ -82,8 +90,10 @@
  *
  * Locking: callers hold the box's mutex. fdbox_kho_rwsem (read: SEAL,
  * UNSEAL; write: the reboot notifier) makes them atomic with respect to
- * kexec; fdbox_kho_lock, inside it, protects the root, the list of sealed
- * boxes and the count of SEALs in flight.
+ * kexec; fdbox_kho_lock, inside it, protects the root, the release list
+ * header, the list of sealed boxes and the count of SEALs in flight.
+ * fdbox_kho_held_lock protects the held handover; it is taken alone (never
+ * with a box mutex or fdbox_kho_lock).
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -140,6 +150,21 @@ struct fdbox_entry_kho {
 	bool frozen;
 };
 
+/**
+ * struct fdbox_box_release - what a sealed box preserved, for the release
+ * list (see "DOC: fdbox release list" in fdbox_kho_abi.h).
+ * @ranges: every folio the box preserved (KHO-preserved vmalloc).
+ * @nr:     elements in @ranges.
+ * @crc:    CRC32 of @ranges.
+ * @kho:    KHO's record of the @ranges preservation.
+ */
+struct fdbox_box_release {
+	struct fdbox_kho_range *ranges;
+	u64 nr;
+	u32 crc;
+	struct kho_vmalloc kho;
+};
+
 #ifdef FDBOX_TEST
 /*
  * Testing only (make FDBOX_TEST=1): damage the handover on purpose so the
@@ -149,16 +174,49 @@ struct fdbox_entry_kho {
 static int test_corrupt_handover;
 module_param(test_corrupt_handover, int, 0);
 MODULE_PARM_DESC(test_corrupt_handover,
-		 "testing only, bits: 1 every box descriptor, 2 root version, 4 the descriptor of boxes named bad-desc*, 8 a folio pfn of bad-pfn*, 16 the root's pointer to bad-ptr*, 32 a CRC-valid huge nr_folios in bad-nr*, 64 a CRC-valid pfn listed twice in bad-dup*, 128 a CRC-valid index near 2^64 in bad-idx*");
+		 "testing only, bits: 1 every box descriptor, 2 root version, 4 the descriptor of boxes named bad-desc*, 8 a folio pfn of bad-pfn*, 16 the root's pointer to bad-ptr*, 32 a CRC-valid huge nr_folios in bad-nr*, 64 a CRC-valid pfn listed twice in bad-dup*, 128 a CRC-valid index near 2^64 in bad-idx*, 256 the root's CRC");
 static bool test_shmem_beside_luo;
 module_param(test_shmem_beside_luo, bool, 0);
 MODULE_PARM_DESC(test_shmem_beside_luo,
 		 "testing only: SEAL shmem memfds although LUO's memfd handler is built in (the path of KHO kernels without it)");
+static unsigned long test_fail_restore;
+module_param(test_fail_restore, ulong, 0);
+MODULE_PARM_DESC(test_fail_restore,
+		 "testing only, bits: each fails once with ENOMEM at load: 1 the box, 2 an entry, 4 a folio list copy, 8 the pfn sort buffer, 16 a folio array");
 static unsigned int test_seal_delay_ms;
 module_param(test_seal_delay_ms, uint, 0);
 MODULE_PARM_DESC(test_seal_delay_ms,
 		 "testing only: sleep this long in SEAL of boxes named slow*, between preserving and publishing");
 #define fdbox_test_corrupt(bit)	(test_corrupt_handover & (bit))
+
+/*
+ * The window of test_seal_delay_ms, between preserving and publishing: a
+ * SIGKILL ends it (-EINTR), as it ends the real pin and preserve loops.
+ */
+static int fdbox_test_seal_delay(struct fdbox_box *box)
+{
+	unsigned long end = jiffies + msecs_to_jiffies(test_seal_delay_ms);
+
+	if (!test_seal_delay_ms || strncmp(box->name, "slow", 4))
+		return 0;
+	pr_info("test: %s preserved, publishing in %u ms\n", box->name,
+		test_seal_delay_ms);
+	while (time_before(jiffies, end)) {
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		msleep(20);
+	}
+	return 0;
+}
+
+/* An allocation of the load path that fails once (test_fail_restore). */
+static bool fdbox_test_fail(unsigned int bit)
+{
+	if (!test_and_clear_bit(bit, &test_fail_restore))
+		return false;
+	pr_info("test: failing load allocation %lu\n", BIT(bit));
+	return true;
+}
 
 /*
  * Damage that keeps every CRC valid (applied before the CRCs are taken), for
@@ -189,7 +247,21 @@ static void fdbox_test_damage_count(struct fdbox_box *box,
 	}
 }
 #else
-#define fdbox_test_corrupt(bit)	false
+static inline bool fdbox_test_corrupt(unsigned int bit)
+{
+	return false;
+}
+
+static inline bool fdbox_test_fail(unsigned int bit)
+{
+	return false;
+}
+
+static inline int fdbox_test_seal_delay(struct fdbox_box *box)
+{
+	return 0;
+}
+
 static inline void fdbox_test_damage_list(struct fdbox_box *box,
 					  struct fdbox_entry_kho *kho) { }
 static inline void fdbox_test_damage_count(struct fdbox_box *box,
@@ -201,12 +273,36 @@ static bool fdbox_kho_final;		/* reboot started: published state is final */
 static DEFINE_MUTEX(fdbox_kho_lock);
 static LIST_HEAD(fdbox_sealed);		/* boxes in the root, in seal order */
 static struct fdbox_kho_root *fdbox_kho_root;
+static struct fdbox_kho_release *fdbox_kho_rel;	/* goes with fdbox_kho_root */
 static unsigned int fdbox_kho_sealing;	/* SEALs between root_get and publish */
 static bool fdbox_kho_restored;
+/*
+ * The root of a previous kernel's handover this load left untouched (another
+ * version, or a root that fails its checks), until RELEASE_HANDOVER gives it
+ * back; 0 if none. Protected by fdbox_kho_held_lock.
+ */
+static DEFINE_MUTEX(fdbox_kho_held_lock);
+static phys_addr_t fdbox_kho_held;
 
 static u32 fdbox_crc(const void *buf, size_t len)
 {
 	return crc32_le(~0U, buf, len) ^ ~0U;
+}
+
+/*
+ * fdbox_crc() of @buf as if its u32 at @crc_off were zero, without writing
+ * it: memory not yet claimed is only read.
+ */
+static u32 fdbox_crc_unset(const void *buf, size_t len, size_t crc_off)
+{
+	static const u8 zero[4];
+	u32 crc;
+
+	crc = crc32_le(~0U, buf, crc_off);
+	crc = crc32_le(crc, zero, sizeof(zero));
+	crc = crc32_le(crc, buf + crc_off + sizeof(zero),
+		       len - crc_off - sizeof(zero));
+	return crc ^ ~0U;
 }
 
 /*
@@ -239,6 +335,11 @@ u32 fdbox_kho_features(void)
 		features |= FDBOX_FEATURE_RESTORED;
 	if (fdbox_shmem_is_luos())
 		features |= FDBOX_FEATURE_SHMEM_LUO;
+	scoped_guard(mutex, &fdbox_kho_held_lock)
+		if (fdbox_kho_held)
+			features |= FDBOX_FEATURE_HANDOVER_HELD;
+	if (fdbox_kho_pending_any())
+		features |= FDBOX_FEATURE_RESTORE_PENDING;
 	return features;
 }
 
@@ -315,6 +416,10 @@ static int fdbox_kho_preserve_folios(struct fdbox_entry *entry,
 	for (i = 0; i < kho->nr_folios; i++) {
 		struct folio *folio = kho->folios[i];
 
+		/* a dying caller's SEAL is undone, not finished */
+		err = -EINTR;
+		if (fatal_signal_pending(current))
+			goto err_release;
 		err = kho_preserve_folio(folio);
 		if (err)
 			goto err_release;
@@ -373,9 +478,12 @@ static int fdbox_kho_seals_to_add(struct fdbox_entry *entry, u32 seals,
 	*added = need & ~seals;
 	if ((seals & F_SEAL_SEAL) && *added)
 		return -EOPNOTSUPP;
-	/* as memfd_add_seals(): only a writer may seal */
+	/*
+	 * As memfd_add_seals(): only a writer may seal (which answers EPERM;
+	 * here EACCES, as EPERM means no CAP_SYS_ADMIN on every fdbox ioctl).
+	 */
 	if (*added && !(entry->file->f_mode & FMODE_WRITE))
-		return -EPERM;
+		return -EACCES;
 	return 0;
 }
 
@@ -387,7 +495,7 @@ static int fdbox_kho_seal_entry(struct fdbox_entry *entry)
 	u64 size;
 	int err;
 
-	kho = kzalloc(sizeof(*kho), GFP_KERNEL);
+	kho = kzalloc_obj(*kho);
 	if (!kho)
 		return -ENOMEM;
 
@@ -450,7 +558,7 @@ static void fdbox_kho_unseal_entry(struct fdbox_entry *entry)
 }
 
 static struct fdbox_kho_box *fdbox_kho_box_desc(struct fdbox_box *box,
-						 size_t *sizep)
+						size_t *sizep)
 {
 	struct fdbox_kho_box *desc;
 	struct fdbox_entry *entry;
@@ -497,6 +605,139 @@ static struct fdbox_kho_box *fdbox_kho_box_desc(struct fdbox_box *box,
 	return desc;
 }
 
+static void fdbox_kho_range_set(struct fdbox_kho_range *r, phys_addr_t phys,
+				unsigned int order)
+{
+	r->phys = phys;
+	r->order = order;
+}
+
+/*
+ * The pages of a vmalloc preservation (each chunk, and what it lists) as
+ * release ranges into @out, if not NULL. Returns how many there are.
+ */
+static u64 fdbox_kho_vmalloc_ranges(const struct kho_vmalloc *v,
+				    struct fdbox_kho_range *out)
+{
+	phys_addr_t chunk_phys = v->first.phys;
+	u64 n = 0;
+
+	while (chunk_phys) {
+		const struct kho_vmalloc_chunk *chunk = phys_to_virt(chunk_phys);
+
+		for (int i = 0; i < ARRAY_SIZE(chunk->phys) && chunk->phys[i];
+		     i++, n++)
+			if (out)
+				fdbox_kho_range_set(&out[n], chunk->phys[i],
+						    v->order);
+		if (out)
+			fdbox_kho_range_set(&out[n], chunk_phys, 0);
+		n++;
+		chunk_phys = chunk->hdr.next.phys;
+	}
+	return n;
+}
+
+/* Fill a sealed box's release list: its descriptor, folios and folio lists. */
+static void fdbox_kho_release_fill(struct fdbox_box *box,
+				   struct fdbox_kho_range *r)
+{
+	struct fdbox_entry *entry;
+	u64 n = 0;
+
+	fdbox_kho_range_set(&r[n++], virt_to_phys(box->kho_desc),
+			    folio_order(virt_to_folio(box->kho_desc)));
+	list_for_each_entry(entry, &box->entries, node) {
+		struct fdbox_entry_kho *kho = entry->kho;
+
+		if (!kho->nr_folios)
+			continue;
+		for (u64 i = 0; i < kho->nr_folios; i++)
+			fdbox_kho_range_set(&r[n++],
+					    PFN_PHYS(folio_pfn(kho->folios[i])),
+					    folio_order(kho->folios[i]));
+		n += fdbox_kho_vmalloc_ranges(&kho->ser_kho, &r[n]);
+		cond_resched();
+	}
+}
+
+/*
+ * Build and preserve the release list of a box whose entries and descriptor
+ * are preserved. Returns 0 or -ENOMEM (or KHO's error), with nothing left.
+ */
+static int fdbox_kho_release_build(struct fdbox_box *box)
+{
+	struct fdbox_box_release *rel;
+	struct fdbox_entry *entry;
+	u64 n = 1;
+	int err = -ENOMEM;
+
+	list_for_each_entry(entry, &box->entries, node)
+		if (entry->kho->nr_folios)
+			n += entry->kho->nr_folios +
+			     fdbox_kho_vmalloc_ranges(&entry->kho->ser_kho, NULL);
+	rel = kzalloc_obj(*rel);
+	if (!rel)
+		return -ENOMEM;
+	rel->ranges = vcalloc(n, sizeof(*rel->ranges));
+	if (!rel->ranges)
+		goto err_free;
+	fdbox_kho_release_fill(box, rel->ranges);
+	rel->nr = n;
+	rel->crc = fdbox_crc(rel->ranges, n * sizeof(*rel->ranges));
+	err = kho_preserve_vmalloc(rel->ranges, &rel->kho);
+	if (err)
+		goto err_free;
+	box->kho_release = rel;
+	return 0;
+
+err_free:
+	vfree(rel->ranges);
+	kfree(rel);
+	return err;
+}
+
+static void fdbox_kho_release_drop(struct fdbox_box *box)
+{
+	struct fdbox_box_release *rel = box->kho_release;
+
+	kho_unpreserve_vmalloc(&rel->kho);
+	vfree(rel->ranges);
+	kfree(rel);
+	box->kho_release = NULL;
+}
+
+/* The release list header, beside the root (allocated and added first). */
+static int fdbox_kho_rel_get(void)
+{
+	size_t size = struct_size(fdbox_kho_rel, lists, FDBOX_MAX_BOXES);
+	struct fdbox_kho_release *rel;
+	int err;
+
+	rel = kho_alloc_preserve(size);
+	if (IS_ERR(rel))
+		return PTR_ERR(rel);
+	rel->magic = FDBOX_KHO_RELEASE_MAGIC;
+	rel->layout = FDBOX_KHO_RELEASE_LAYOUT;
+	rel->handover_version = FDBOX_KHO_VERSION;
+	err = kho_add_subtree(FDBOX_KHO_RELEASE_NODE, rel, size);
+	if (err) {
+		pr_err_ratelimited("adding KHO subtree %s failed: %pe\n",
+				   FDBOX_KHO_RELEASE_NODE, ERR_PTR(err));
+		kho_unpreserve_free(rel);
+		return err;
+	}
+	fdbox_kho_rel = rel;
+	return 0;
+}
+
+static void fdbox_kho_rel_put(void)
+{
+	kho_remove_subtree(fdbox_kho_rel);
+	kho_unpreserve_free(fdbox_kho_rel);
+	fdbox_kho_rel = NULL;
+}
+
 /* The root is allocated and added as the "fdbox" subtree once. */
 static int fdbox_kho_root_get(void)
 {
@@ -507,9 +748,14 @@ static int fdbox_kho_root_get(void)
 	lockdep_assert_held(&fdbox_kho_lock);
 	if (fdbox_kho_root)
 		return 0;
+	err = fdbox_kho_rel_get();
+	if (err)
+		return err;
 	root = kho_alloc_preserve(size);
-	if (IS_ERR(root))
+	if (IS_ERR(root)) {
+		fdbox_kho_rel_put();
 		return PTR_ERR(root);
+	}
 	root->magic = FDBOX_KHO_ROOT_MAGIC;
 	root->version = FDBOX_KHO_VERSION;
 	root->size = struct_size(root, boxes, 0);
@@ -519,9 +765,13 @@ static int fdbox_kho_root_get(void)
 		pr_err_ratelimited("adding KHO subtree failed: %pe\n",
 				   ERR_PTR(err));
 		kho_unpreserve_free(root);
+		fdbox_kho_rel_put();
 		return err;
 	}
 	fdbox_kho_root = root;
+	fdbox_kho_rel->root_phys = virt_to_phys(root);
+	fdbox_kho_rel->crc = fdbox_crc(fdbox_kho_rel,
+				       struct_size(fdbox_kho_rel, lists, 0));
 	return 0;
 }
 
@@ -538,17 +788,24 @@ static void fdbox_kho_root_put_unused(void)
 	kho_remove_subtree(fdbox_kho_root);
 	kho_unpreserve_free(fdbox_kho_root);
 	fdbox_kho_root = NULL;
+	fdbox_kho_rel_put();
 }
 
-/* Rewrite the root in place from fdbox_sealed. */
+/* Rewrite the root and the release list header in place from fdbox_sealed. */
 static void fdbox_kho_publish_root(void)
 {
+	struct fdbox_kho_release *rel = fdbox_kho_rel;
 	struct fdbox_kho_root *root = fdbox_kho_root;
 	struct fdbox_box *box;
 	u32 n = 0;
 
 	lockdep_assert_held(&fdbox_kho_lock);
 	list_for_each_entry(box, &fdbox_sealed, sealed_node) {
+		rel->lists[n] = (struct fdbox_kho_release_list) {
+			.ranges = box->kho_release->kho,
+			.nr_ranges = box->kho_release->nr,
+			.crc = box->kho_release->crc,
+		};
 		root->boxes[n] = virt_to_phys(box->kho_desc);
 		if (fdbox_test_corrupt(16) && !strncmp(box->name, "bad-ptr", 7))
 			/* a tail page of the root folio: never KHO-marked */
@@ -561,6 +818,11 @@ static void fdbox_kho_publish_root(void)
 	root->crc = fdbox_crc(root, root->size);
 	if (fdbox_test_corrupt(2))
 		root->version = FDBOX_KHO_VERSION + 1;
+	if (fdbox_test_corrupt(256))
+		root->crc ^= 1;
+	rel->nr_lists = n;
+	rel->crc = 0;
+	rel->crc = fdbox_crc(rel, struct_size(rel, lists, n));
 }
 
 /* Take fdbox_kho_rwsem for a SEAL/UNSEAL, unless reboot has begun. */
@@ -582,9 +844,11 @@ static int fdbox_kho_begin(void)
  * The caller holds @box->mutex.
  *
  * Return: 0, or an error with nothing changed: -ENODEV (KHO off),
- * -ESHUTDOWN (reboot started), -EOPNOTSUPP (a shmem memfd where LUO carries
- * those, or seals that cannot be carried or held), -EPERM (seals to add to a file not open for writing), -EEXIST (LUO
- * preserves a file), -EFBIG, -ENOMEM, or what pinning or KHO returned.
+ * -ESHUTDOWN (reboot started), -EINTR (a fatal signal: undone),
+ * -EOPNOTSUPP (a shmem memfd where LUO carries
+ * those, or seals that cannot be carried or held), -EACCES (seals to add to
+ * a file not open for writing), -EEXIST (LUO preserves a file), -EFBIG,
+ * -ENOMEM, or what pinning or KHO returned.
  */
 int fdbox_kho_seal(struct fdbox_box *box)
 {
@@ -613,7 +877,8 @@ int fdbox_kho_seal(struct fdbox_box *box)
 		goto out_end;
 
 	list_for_each_entry(entry, &box->entries, node) {
-		err = fdbox_kho_seal_entry(entry);
+		err = fatal_signal_pending(current) ? -EINTR :
+			fdbox_kho_seal_entry(entry);
 		if (err)
 			goto err_unseal;
 		cond_resched();
@@ -624,13 +889,19 @@ int fdbox_kho_seal(struct fdbox_box *box)
 		box->kho_desc = NULL;
 		goto err_unseal;
 	}
-#ifdef FDBOX_TEST
-	if (test_seal_delay_ms && !strncmp(box->name, "slow", 4)) {
-		pr_info("test: %s preserved, publishing in %u ms\n", box->name,
-			test_seal_delay_ms);
-		msleep(test_seal_delay_ms);
+	err = fdbox_kho_release_build(box);
+	if (err) {
+		kho_unpreserve_free(box->kho_desc);
+		box->kho_desc = NULL;
+		goto err_unseal;
 	}
-#endif
+	err = fdbox_test_seal_delay(box);
+	if (err) {
+		fdbox_kho_release_drop(box);
+		kho_unpreserve_free(box->kho_desc);
+		box->kho_desc = NULL;
+		goto err_unseal;
+	}
 	scoped_guard(mutex, &fdbox_kho_lock) {
 		list_add_tail(&box->sealed_node, &fdbox_sealed);
 		fdbox_kho_sealing--;
@@ -673,6 +944,7 @@ int fdbox_kho_unseal(struct fdbox_box *box)
 		list_del_init(&box->sealed_node);
 		fdbox_kho_publish_root();
 	}
+	fdbox_kho_release_drop(box);
 	kho_unpreserve_free(box->kho_desc);
 	box->kho_desc = NULL;
 	list_for_each_entry(entry, &box->entries, node) {
@@ -728,16 +1000,17 @@ union fdbox_kho_page_info {
 		unsigned int magic;
 	};
 };
+
 static_assert(sizeof(union fdbox_kho_page_info) ==
 	      sizeof_field(struct page, private));
 
 /*
- * Is @phys the head of a folio KHO preserved with @order (any order if
- * @order < 0)? Reads only struct page, never the memory. kho_restore_folio()
+ * The order of the folio KHO preserved at @phys, or -1 if @phys is not the
+ * head of one. Reads only struct page, never the memory. kho_restore_folio()
  * WARNs on a page without the mark; fdbox checks first, so a corrupt
  * handover is refused quietly.
  */
-static bool fdbox_kho_preserved(phys_addr_t phys, int order)
+static int fdbox_kho_preserved_order(phys_addr_t phys)
 {
 	unsigned long pfn = PHYS_PFN(phys);
 	union fdbox_kho_page_info info;
@@ -745,14 +1018,40 @@ static bool fdbox_kho_preserved(phys_addr_t phys, int order)
 
 	if (!phys || !PAGE_ALIGNED(phys) || !pfn_valid(pfn) ||
 	    !page_is_ram(pfn))
-		return false;
+		return -1;
 	page = pfn_to_online_page(pfn);
 	if (!page)
-		return false;
+		return -1;
 	info.page_private = READ_ONCE(page->private);
-	if (info.magic != FDBOX_KHO_PAGE_MAGIC)
-		return false;
-	return order < 0 || info.order == order;
+	if (info.magic != FDBOX_KHO_PAGE_MAGIC || info.order > INT_MAX)
+		return -1;
+	return info.order;
+}
+
+/* Is @phys the head of a folio KHO preserved with @order (any if < 0)? */
+static bool fdbox_kho_preserved(phys_addr_t phys, int order)
+{
+	int have = fdbox_kho_preserved_order(phys);
+
+	return have >= 0 && (order < 0 || have == order);
+}
+
+/*
+ * Claim a preserved folio and free it at once. Returns its size in bytes,
+ * or 0 if @phys is not the head of a preserved folio of @order (nothing
+ * done).
+ */
+static u64 fdbox_kho_give_back(phys_addr_t phys, unsigned int order)
+{
+	struct folio *folio;
+
+	if (order > INT_MAX || !fdbox_kho_preserved(phys, order))
+		return 0;
+	folio = kho_restore_folio(phys);
+	if (!folio)
+		return 0;
+	folio_put(folio);
+	return PAGE_SIZE << order;
 }
 
 static void fdbox_kho_put_folios(struct fdbox_entry_kho *kho)
@@ -764,7 +1063,7 @@ static void fdbox_kho_put_folios(struct fdbox_entry_kho *kho)
 			cond_resched();
 	}
 	kvfree(kho->folios);
-	vfree(kho->ser);
+	kvfree(kho->ser);
 }
 
 /**
@@ -848,10 +1147,17 @@ static int fdbox_kho_copy_to(struct fdbox_entry *entry, struct file *target)
 	if (!dst)
 		return -ENOMEM;
 	for (pos = 0; pos < size; ) {
-		loff_t end = min_t(loff_t, size, pos +
+		loff_t end;
+		long nr;
+
+		if (fatal_signal_pending(current)) {
+			err = -EINTR;
+			break;
+		}
+		end = min_t(loff_t, size, pos +
 				   (loff_t)FDBOX_RESTORE_BATCH * entry->page_size);
-		long nr = memfd_pin_folios(target, pos, end - 1, dst,
-					   FDBOX_RESTORE_BATCH, &offset);
+		nr = memfd_pin_folios(target, pos, end - 1, dst,
+				      FDBOX_RESTORE_BATCH, &offset);
 
 		if (nr <= 0) {
 			err = nr ?: -EIO;
@@ -937,7 +1243,7 @@ out_unlock:
 
 /*
  * Check a preserved vmalloc area's chunk list against KHO's marks before
- * kho_restore_vmalloc() follows it (it trusts every pointer).
+ * anything follows it.
  */
 static bool fdbox_kho_vmalloc_valid(const struct kho_vmalloc *v,
 				    u64 want_pages)
@@ -966,6 +1272,48 @@ static bool fdbox_kho_vmalloc_valid(const struct kho_vmalloc *v,
 	return pages == want_pages;
 }
 
+/*
+ * Call @fn on each data page of a preserved vmalloc area, in order, where
+ * it lies (nothing claimed). The chain must have passed
+ * fdbox_kho_vmalloc_valid().
+ */
+static void fdbox_kho_vmalloc_for_each(const struct kho_vmalloc *v,
+				       void (*fn)(void *arg, const void *page,
+						  u64 idx),
+				       void *arg)
+{
+	phys_addr_t chunk_phys = v->first.phys;
+	u64 idx = 0;
+
+	while (chunk_phys) {
+		const struct kho_vmalloc_chunk *chunk = phys_to_virt(chunk_phys);
+
+		for (int i = 0; i < ARRAY_SIZE(chunk->phys) && chunk->phys[i];
+		     i++)
+			fn(arg, phys_to_virt(chunk->phys[i]), idx++);
+		chunk_phys = chunk->hdr.next.phys;
+		cond_resched();
+	}
+}
+
+/* Give back every page of a preserved vmalloc area: data, then chunk. */
+static void fdbox_kho_vmalloc_give_back(const struct kho_vmalloc *v)
+{
+	phys_addr_t chunk_phys = v->first.phys;
+
+	while (chunk_phys) {
+		const struct kho_vmalloc_chunk *chunk = phys_to_virt(chunk_phys);
+		phys_addr_t next = chunk->hdr.next.phys;
+
+		for (int i = 0; i < ARRAY_SIZE(chunk->phys) && chunk->phys[i];
+		     i++)
+			fdbox_kho_give_back(chunk->phys[i], v->order);
+		fdbox_kho_give_back(chunk_phys, 0);
+		chunk_phys = next;
+		cond_resched();
+	}
+}
+
 static int fdbox_cmp_u64(const void *a, const void *b)
 {
 	u64 x = *(const u64 *)a, y = *(const u64 *)b;
@@ -974,24 +1322,31 @@ static int fdbox_cmp_u64(const void *a, const void *b)
 }
 
 /*
- * No pfn twice in one list: KHO's mark check passes a pfn as often as it is
+ * No pfn twice in a box: KHO's mark check passes a pfn as often as it is
  * listed, and the second kho_restore_folio() of it would WARN. (Distinct
  * marked heads cannot overlap otherwise: KHO marks only the head page of a
- * preserved folio.) Returns 0, -EINVAL, or -ENOMEM.
+ * preserved folio.) Across boxes, the mark itself tells: a box whose folio
+ * an earlier box claimed is refused before it claims anything. Returns 0,
+ * -EINVAL, or -ENOMEM.
  */
-static int fdbox_kho_pfns_unique(const struct fdbox_preserved_folio *ser,
-				 u64 n)
+static int fdbox_kho_pfns_unique(struct fdbox_box *box)
 {
-	u64 *pfns;
+	struct fdbox_entry *entry;
+	u64 n = 0, *pfns;
 	int err = 0;
 
+	list_for_each_entry(entry, &box->entries, node)
+		n += entry->kho->nr_folios;
 	if (n < 2)
 		return 0;
-	pfns = kvmalloc_array(n, sizeof(*pfns), GFP_KERNEL);
+	pfns = fdbox_test_fail(3) ? NULL :
+		kvmalloc_array(n, sizeof(*pfns), GFP_KERNEL | __GFP_NOWARN);
 	if (!pfns)
 		return -ENOMEM;
-	for (u64 i = 0; i < n; i++)
-		pfns[i] = ser[i].pfn;
+	n = 0;
+	list_for_each_entry(entry, &box->entries, node)
+		for (u64 i = 0; i < entry->kho->nr_folios; i++)
+			pfns[n++] = entry->kho->ser[i].pfn;
 	sort(pfns, n, sizeof(*pfns), fdbox_cmp_u64, NULL);
 	for (u64 i = 1; i < n && !err; i++) {
 		if (pfns[i] == pfns[i - 1])
@@ -1004,46 +1359,61 @@ static int fdbox_kho_pfns_unique(const struct fdbox_preserved_folio *ser,
 }
 
 /*
- * The folio list: sorted, non-overlapping, inside the file (no index near
- * 2^64 wraps the bound), aligned, each pfn once. Returns 0, -EINVAL, or
- * -ENOMEM.
+ * The folio list: sorted, non-overlapping, each folio starting inside the
+ * file, aligned. A folio may run past the end of the file: shmem allocates
+ * large folios past i_size on purpose (huge=always), so only its start is
+ * bounded by the size, and its end by its order (at most MAX_PAGE_ORDER;
+ * hugetlb exactly the page size), so no end wraps. Returns 0 or -EINVAL.
  */
 static int fdbox_kho_folio_list_valid(const struct fdbox_kho_entry *e,
 				      const struct fdbox_preserved_folio *ser)
 {
-	/* pages the file spans, and one of its pages of slack past the end */
-	u64 limit = DIV_ROUND_UP_ULL(e->size, PAGE_SIZE) +
-		(e->page_size >> PAGE_SHIFT);
+	u64 pages = DIV_ROUND_UP_ULL(e->size, PAGE_SIZE);
 	u32 min_order = ilog2(e->page_size) - PAGE_SHIFT;
+	u32 max_order = e->type == FDBOX_TYPE_MEMFD_HUGETLB ? min_order :
+		MAX_PAGE_ORDER;
 	u64 next = 0;	/* first index the next folio may start at */
 
 	for (u64 i = 0; i < e->nr_folios; i++) {
 		const struct fdbox_preserved_folio *s = &ser[i];
 
-		if (s->order > MAX_PAGE_ORDER * 2 || s->reserved ||
-		    s->order < min_order ||
-		    (e->type == FDBOX_TYPE_MEMFD_HUGETLB && s->order != min_order) ||
+		if (s->reserved || s->order < min_order ||
+		    s->order > max_order ||
 		    !IS_ALIGNED(s->pfn, 1ULL << s->order) ||
 		    !IS_ALIGNED(s->index, 1ULL << s->order) ||
-		    s->index < next || s->index >= limit ||
-		    (1ULL << s->order) > limit - s->index ||
+		    s->index < next || s->index >= pages ||
 		    !fdbox_kho_preserved(PFN_PHYS(s->pfn), s->order))
 			return -EINVAL;
 		next = s->index + (1ULL << s->order);
 		if (!(i % 4096))
 			cond_resched();
 	}
-	return fdbox_kho_pfns_unique(ser, e->nr_folios);
+	return 0;
+}
+
+struct fdbox_kho_copy_walk {
+	void *buf;
+	u64 bytes;
+};
+
+static void fdbox_kho_copy_page(void *arg, const void *page, u64 idx)
+{
+	struct fdbox_kho_copy_walk *w = arg;
+	u64 off = idx * PAGE_SIZE;
+
+	if (off < w->bytes)
+		memcpy(w->buf + off, page, min_t(u64, PAGE_SIZE, w->bytes - off));
 }
 
 /*
- * Claim a preserved folio list and every folio in it, after checking both.
- * On failure everything claimed so far is freed and the rest is left alone.
+ * Read an entry's folio list where it lies into this kernel's memory, and
+ * check it; nothing is claimed. Returns 0, -EINVAL (damaged), or -ENOMEM
+ * (transient: the box is retried later).
  */
-static int fdbox_kho_claim_folios(const struct fdbox_kho_entry *e,
-				  struct fdbox_entry_kho *kho)
+static int fdbox_kho_read_folios(const struct fdbox_kho_entry *e,
+				 struct fdbox_entry_kho *kho)
 {
-	u64 list_bytes, i;
+	struct fdbox_kho_copy_walk w;
 	int err;
 
 	kho->nr_folios = e->nr_folios;
@@ -1052,47 +1422,50 @@ static int fdbox_kho_claim_folios(const struct fdbox_kho_entry *e,
 	/* each folio is at least a page of this machine's memory */
 	if (e->nr_folios > min_t(u64, DIV_ROUND_UP_ULL(e->size, PAGE_SIZE),
 				 totalram_pages()) ||
-	    check_mul_overflow(e->nr_folios, (u64)sizeof(*kho->ser), &list_bytes) ||
+	    check_mul_overflow(e->nr_folios, (u64)sizeof(*kho->ser), &w.bytes) ||
 	    !fdbox_kho_vmalloc_valid(&e->folios,
-				     DIV_ROUND_UP_ULL(list_bytes, PAGE_SIZE)))
+				     DIV_ROUND_UP_ULL(w.bytes, PAGE_SIZE)))
 		return -EINVAL;
-	kho->ser = kho_restore_vmalloc(&e->folios);
+	kho->ser = fdbox_test_fail(2) ? NULL :
+		kvmalloc(w.bytes, GFP_KERNEL | __GFP_NOWARN);
 	if (!kho->ser)
-		return -EIO;
-	err = fdbox_crc(kho->ser, list_bytes) != e->folios_crc ? -EINVAL :
-		fdbox_kho_folio_list_valid(e, kho->ser);
-	if (err) {
-		vfree(kho->ser);
-		return err;
-	}
-
-	kho->folios = kvcalloc(e->nr_folios, sizeof(*kho->folios), GFP_KERNEL);
-	if (!kho->folios) {
-		vfree(kho->ser);
 		return -ENOMEM;
-	}
-	for (i = 0; i < e->nr_folios; i++) {
-		struct folio *folio = NULL;
+	w.buf = kho->ser;
+	fdbox_kho_vmalloc_for_each(&e->folios, fdbox_kho_copy_page, &w);
+	err = fdbox_crc(kho->ser, w.bytes) != e->folios_crc ? -EINVAL :
+		fdbox_kho_folio_list_valid(e, kho->ser);
+	if (err)
+		return err;
+	kho->folios = fdbox_test_fail(4) ? NULL :
+		kvcalloc(e->nr_folios, sizeof(*kho->folios),
+			 GFP_KERNEL | __GFP_NOWARN);
+	return kho->folios ? 0 : -ENOMEM;
+}
 
-		/*
-		 * Checked above, but an earlier list (another entry's, another
-		 * box's) may have claimed the same pfn since: KHO's mark is gone
-		 * then, and kho_restore_folio() would WARN.
-		 */
-		if (fdbox_kho_preserved(PFN_PHYS(kho->ser[i].pfn),
-					kho->ser[i].order))
-			folio = kho_restore_folio(PFN_PHYS(kho->ser[i].pfn));
-		if (!folio) {
-			pr_err("%s: folio %llu at pfn %#llx is listed twice\n",
-			       e->name, i, kho->ser[i].pfn);
-			kho->nr_folios = i;
-			fdbox_kho_put_folios(kho);
-			return -EIO;
-		}
-		kho->folios[i] = folio;
+/* Does KHO still mark every folio the entry lists (none claimed since)? */
+static bool fdbox_kho_folios_unclaimed(const struct fdbox_entry_kho *kho)
+{
+	for (u64 i = 0; i < kho->nr_folios; i++)
+		if (!fdbox_kho_preserved(PFN_PHYS(kho->ser[i].pfn),
+					 kho->ser[i].order))
+			return false;
+	return true;
+}
+
+/*
+ * Claim every folio of a read entry, and give back the pages of its list
+ * (this kernel holds a copy). Cannot fail after fdbox_kho_folios_unclaimed()
+ * and fdbox_kho_pfns_unique(): nothing else claims KHO memory meanwhile.
+ */
+static void fdbox_kho_claim_folios(const struct fdbox_kho_entry *e,
+				   struct fdbox_entry_kho *kho)
+{
+	for (u64 i = 0; i < kho->nr_folios; i++) {
+		kho->folios[i] = kho_restore_folio(PFN_PHYS(kho->ser[i].pfn));
 		cond_resched();
 	}
-	return 0;
+	if (kho->nr_folios)
+		fdbox_kho_vmalloc_give_back(&e->folios);
 }
 
 static bool fdbox_kho_entry_valid(const struct fdbox_kho_entry *e)
@@ -1113,14 +1486,15 @@ static bool fdbox_kho_entry_valid(const struct fdbox_kho_entry *e)
 	}
 }
 
-/* Free a restored box that was never published, with its claimed folios. */
-static void fdbox_kho_free_unpublished(struct fdbox_box *box)
+/* Free a box read from a descriptor whose folios were never claimed. */
+static void fdbox_kho_free_unclaimed(struct fdbox_box *box)
 {
 	struct fdbox_entry *entry, *tmp;
 
 	list_for_each_entry_safe(entry, tmp, &box->entries, node) {
 		list_del(&entry->node);
-		fdbox_kho_put_folios(entry->kho);
+		kvfree(entry->kho->folios);
+		kvfree(entry->kho->ser);
 		kfree(entry->kho);
 		fdbox_entry_free(entry);
 	}
@@ -1128,11 +1502,11 @@ static void fdbox_kho_free_unpublished(struct fdbox_box *box)
 	fdbox_box_free(box);
 }
 
-/* Check a box descriptor; it is claimed but nothing it names is. */
-static int fdbox_kho_box_desc_valid(struct fdbox_kho_box *desc,
+/* Check a box descriptor where it lies: nothing is claimed yet. */
+static int fdbox_kho_box_desc_valid(const struct fdbox_kho_box *desc,
 				    size_t folio_size)
 {
-	u32 crc, i;
+	u32 i;
 
 	if (desc->magic != FDBOX_KHO_BOX_MAGIC ||
 	    desc->version != FDBOX_KHO_VERSION || desc->reserved ||
@@ -1140,9 +1514,8 @@ static int fdbox_kho_box_desc_valid(struct fdbox_kho_box *desc,
 	    desc->size != struct_size(desc, entries, desc->nr_entries) ||
 	    desc->size > folio_size)
 		return -EINVAL;
-	crc = desc->crc;
-	desc->crc = 0;
-	if (fdbox_crc(desc, desc->size) != crc ||
+	if (fdbox_crc_unset(desc, desc->size,
+			    offsetof(struct fdbox_kho_box, crc)) != desc->crc ||
 	    !fdbox_valid_box_name(desc->name, sizeof(desc->name)))
 		return -EINVAL;
 	for (i = 0; i < desc->nr_entries; i++) {
@@ -1156,92 +1529,144 @@ static int fdbox_kho_box_desc_valid(struct fdbox_kho_box *desc,
 	return 0;
 }
 
-/* Build a box (unpublished) from a checked descriptor, claiming its folios. */
-static struct fdbox_box *fdbox_kho_box_from_desc(const struct fdbox_kho_box *desc)
+/* One entry of a checked descriptor, its folio list read; claims nothing. */
+static int fdbox_kho_entry_from_desc(struct fdbox_box *box,
+				     const struct fdbox_kho_entry *e)
 {
-	struct fdbox_box *box;
+	struct fdbox_entry *entry;
 	int err;
 
-	box = fdbox_box_alloc(desc->name);
+	entry = fdbox_test_fail(1) ? NULL : fdbox_entry_alloc();
+	if (!entry)
+		return -ENOMEM;
+	entry->kho = kzalloc_obj(*entry->kho);
+	if (!entry->kho) {
+		fdbox_entry_free(entry);
+		return -ENOMEM;
+	}
+	strscpy(entry->name, e->name);
+	entry->type = e->type;
+	entry->seals = e->seals;
+	entry->size = e->size;
+	entry->page_size = e->page_size;
+	entry->uid = e->uid;
+	entry->gid = e->gid;
+	entry->ctime = e->ctime;
+	/* in the box even on error: fdbox_kho_free_unclaimed() frees it */
+	list_add_tail(&entry->node, &box->entries);
+	box->nr_entries++;
+	box->nr_pending++;
+	err = fdbox_kho_read_folios(e, entry->kho);
+	cond_resched();
+	return err;
+}
+
+/*
+ * Build a box (unpublished) from a checked descriptor, with every folio
+ * list read and checked, and nothing claimed. Returns the box; or
+ * ERR_PTR(-ENOMEM) (transient), -EINVAL (damaged) with everything left to
+ * KHO.
+ */
+static struct fdbox_box *fdbox_kho_box_read(const struct fdbox_kho_box *desc)
+{
+	struct fdbox_box *box;
+	int err = 0;
+
+	box = fdbox_test_fail(0) ? NULL : fdbox_box_alloc(desc->name);
 	if (!box)
 		return ERR_PTR(-ENOMEM);
 	box->state = FDBOX_STATE_RESTORED;
-	for (u32 i = 0; i < desc->nr_entries; i++) {
-		const struct fdbox_kho_entry *e = &desc->entries[i];
-		struct fdbox_entry *entry = fdbox_entry_alloc();
-
-		err = -ENOMEM;
-		if (!entry)
-			goto err_free_box;
-		entry->kho = kzalloc(sizeof(*entry->kho), GFP_KERNEL);
-		if (!entry->kho) {
-			fdbox_entry_free(entry);
-			goto err_free_box;
-		}
-		err = fdbox_kho_claim_folios(e, entry->kho);
-		if (err) {
-			kfree(entry->kho);
-			fdbox_entry_free(entry);
-			goto err_free_box;
-		}
-		strscpy(entry->name, e->name);
-		entry->type = e->type;
-		entry->seals = e->seals;
-		entry->size = e->size;
-		entry->page_size = e->page_size;
-		entry->uid = e->uid;
-		entry->gid = e->gid;
-		entry->ctime = e->ctime;
-		list_add_tail(&entry->node, &box->entries);
-		box->nr_entries++;
-		box->nr_pending++;
+	for (u32 i = 0; i < desc->nr_entries && !err; i++)
+		err = fdbox_kho_entry_from_desc(box, &desc->entries[i]);
+	if (!err)
+		err = fdbox_kho_pfns_unique(box);
+	if (err) {
+		fdbox_kho_free_unclaimed(box);
+		return ERR_PTR(err);
 	}
 	return box;
-
-err_free_box:
-	fdbox_kho_free_unpublished(box);
-	return ERR_PTR(err);
 }
 
-/* Restore and publish the box whose descriptor is at @phys. */
+/* Are all the box's folios still KHO's (no earlier box claimed one)? */
+static bool fdbox_kho_box_unclaimed(struct fdbox_box *box)
+{
+	struct fdbox_entry *entry;
+
+	list_for_each_entry(entry, &box->entries, node)
+		if (!fdbox_kho_folios_unclaimed(entry->kho))
+			return false;
+	return true;
+}
+
+/* Claim what a read box names, then its descriptor, which is freed. */
+static void fdbox_kho_box_claim(struct fdbox_box *box,
+				const struct fdbox_kho_box *desc, int order)
+{
+	struct fdbox_entry *entry;
+	u32 i = 0;
+
+	list_for_each_entry(entry, &box->entries, node)
+		fdbox_kho_claim_folios(&desc->entries[i++], entry->kho);
+	fdbox_kho_give_back(__pa(desc), order);
+}
+
+/*
+ * Restore and publish the box whose descriptor is at @phys. Everything is
+ * read and checked where it lies first; only a box that can be restored
+ * whole is claimed. A damaged one is left to KHO with everything it names
+ * (-EINVAL); one that met a transient failure (-ENOMEM) too, and is retried.
+ */
 static int fdbox_kho_restore_box(u32 idx, phys_addr_t phys)
 {
-	struct fdbox_kho_box *desc;
+	const struct fdbox_kho_box *desc;
 	struct fdbox_box *box;
-	struct folio *folio;
-	int err;
+	int order, err;
 
-	if (!fdbox_kho_preserved(phys, -1)) {
+	order = fdbox_kho_preserved_order(phys);
+	if (order < 0) {
 		pr_err("box #%u: descriptor at %pa is not preserved memory; refused\n",
 		       idx, &phys);
 		return -EINVAL;
 	}
-	folio = kho_restore_folio(phys);
-	if (!folio)
-		return -EIO;
-	desc = folio_address(folio);
-	err = fdbox_kho_box_desc_valid(desc, folio_size(folio));
+	desc = phys_to_virt(phys);
+	err = fdbox_kho_box_desc_valid(desc, PAGE_SIZE << order);
 	if (err) {
-		/* not certainly ours: keep the page, free nothing it names */
+		/* not certainly ours: claim nothing, free nothing it names */
 		pr_err("box #%u: damaged descriptor; refused, its memory stays reserved\n",
 		       idx);
 		return err;
 	}
-	box = fdbox_kho_box_from_desc(desc);
+	box = fdbox_kho_box_read(desc);
 	if (IS_ERR(box)) {
 		err = PTR_ERR(box);
-		pr_err("box %s: %pe; refused\n", desc->name, box);
-		goto out_put;
+		if (err == -ENOMEM)
+			pr_warn("box %s: out of memory reading it; pending, retried on the next open or FDBOX_IOC_RESCAN\n",
+				desc->name);
+		else
+			pr_err("box %s: %pe; refused, its memory stays reserved\n",
+			       desc->name, box);
+		return err;
 	}
+	if (!fdbox_kho_box_unclaimed(box)) {
+		pr_err("box %s: a folio is listed twice; refused, its memory stays reserved\n",
+		       desc->name);
+		fdbox_kho_free_unclaimed(box);
+		return -EINVAL;
+	}
+	/* published and claimed under its mutex: no lookup sees it half claimed */
+	mutex_lock(&box->mutex);
 	err = fdbox_box_publish_restored(box);
 	if (err) {
-		pr_err("box %s: %pe; refused, its preserved memory freed\n",
+		mutex_unlock(&box->mutex);
+		pr_err("box %s: %pe; refused, its memory stays reserved\n",
 		       desc->name, ERR_PTR(err));
-		fdbox_kho_free_unpublished(box);
+		fdbox_kho_free_unclaimed(box);
+		return err;
 	}
-out_put:
-	folio_put(folio);
-	return err;
+	fdbox_kho_box_claim(box, desc, order);
+	fdbox_box_snapshot(box);
+	mutex_unlock(&box->mutex);
+	return 0;
 }
 
 /* Has an earlier load in this boot taken the handover (kept, marked page)? */
@@ -1249,32 +1674,333 @@ static bool fdbox_kho_consumed(phys_addr_t phys)
 {
 	unsigned long pfn = PHYS_PFN(phys);
 
+	/* online RAM in the direct map, before a byte of it is read */
 	if (!PAGE_ALIGNED(phys) || !pfn_valid(pfn) || !page_is_ram(pfn) ||
-	    fdbox_kho_preserved(phys, -1))
+	    !pfn_to_online_page(pfn) || fdbox_kho_preserved(phys, -1))
 		return false;
 	/* RAM, and no longer KHO's: ours since the earlier load */
 	return READ_ONCE(((struct fdbox_kho_root *)phys_to_virt(phys))->magic) ==
 		FDBOX_KHO_CONSUMED_MAGIC;
 }
 
+/*
+ * Check the root where it lies, before anything is claimed. Returns 0;
+ * -EIO (not preserved memory: nothing to claim); -EPROTONOSUPPORT (a
+ * version this module does not read); or -EINVAL (damaged). On the last
+ * two the caller leaves the handover untouched.
+ */
+static int fdbox_kho_root_check(phys_addr_t phys, size_t size)
+{
+	int order = fdbox_kho_preserved_order(phys);
+	const struct fdbox_kho_root *root;
+
+	if (order < 0 || size < sizeof(*root) || size > PAGE_SIZE << order)
+		return -EIO;
+	root = phys_to_virt(phys);
+	if (root->magic != FDBOX_KHO_ROOT_MAGIC)
+		return -EINVAL;
+	if (root->version != FDBOX_KHO_VERSION)
+		return -EPROTONOSUPPORT;
+	if (root->reserved || root->nr_boxes > FDBOX_MAX_BOXES ||
+	    root->size != struct_size(root, boxes, root->nr_boxes) ||
+	    root->size > size)
+		return -EINVAL;
+	if (fdbox_crc_unset(root, root->size,
+			    offsetof(struct fdbox_kho_root, crc)) != root->crc)
+		return -EINVAL;
+	return 0;
+}
+
+/*
+ * The release list header of the handover whose root is at @root_phys,
+ * checked where it lies; NULL if there is none (a module without release
+ * lists sealed it) or it does not check out. *@order: its folio's order.
+ */
+static const struct fdbox_kho_release *
+fdbox_kho_release_find(phys_addr_t root_phys, int *order)
+{
+	const struct fdbox_kho_release *rel;
+	phys_addr_t phys;
+	size_t size;
+
+	if (kho_retrieve_subtree(FDBOX_KHO_RELEASE_NODE, &phys, &size))
+		return NULL;
+	*order = fdbox_kho_preserved_order(phys);
+	if (*order < 0 || size < sizeof(*rel) || size > PAGE_SIZE << *order)
+		return NULL;
+	rel = phys_to_virt(phys);
+	if (rel->magic != FDBOX_KHO_RELEASE_MAGIC ||
+	    rel->layout != FDBOX_KHO_RELEASE_LAYOUT ||
+	    rel->root_phys != root_phys || rel->nr_lists > FDBOX_MAX_BOXES ||
+	    struct_size(rel, lists, rel->nr_lists) > size ||
+	    fdbox_crc_unset(rel, struct_size(rel, lists, rel->nr_lists),
+			    offsetof(struct fdbox_kho_release, crc)) != rel->crc)
+		return NULL;
+	return rel;
+}
+
+/* Bytes of a release list's range array, if its count is plausible. */
+static bool fdbox_kho_list_bytes(const struct fdbox_kho_release_list *l,
+				 u64 *bytes)
+{
+	return l->nr_ranges && l->nr_ranges <= totalram_pages() &&
+		!l->reserved &&
+		!check_mul_overflow(l->nr_ranges,
+				    (u64)sizeof(struct fdbox_kho_range), bytes);
+}
+
+struct fdbox_kho_crc_walk {
+	u64 bytes;
+	u32 crc;
+};
+
+static void fdbox_kho_crc_page(void *arg, const void *page, u64 idx)
+{
+	struct fdbox_kho_crc_walk *w = arg;
+	u64 off = idx * PAGE_SIZE;
+
+	if (off < w->bytes)
+		w->crc = crc32_le(w->crc, page, min_t(u64, PAGE_SIZE,
+						      w->bytes - off));
+}
+
+/* Is this release list intact (KHO's marks on its chain, count, CRC)? */
+static bool fdbox_kho_release_list_valid(const struct fdbox_kho_release_list *l)
+{
+	struct fdbox_kho_crc_walk w = { .crc = ~0U };
+
+	if (!fdbox_kho_list_bytes(l, &w.bytes) ||
+	    !fdbox_kho_vmalloc_valid(&l->ranges,
+				     DIV_ROUND_UP_ULL(w.bytes, PAGE_SIZE)))
+		return false;
+	fdbox_kho_vmalloc_for_each(&l->ranges, fdbox_kho_crc_page, &w);
+	return (w.crc ^ ~0U) == l->crc;
+}
+
+struct fdbox_kho_release_walk {
+	u64 nr_ranges;	/* ranges in the list */
+	u64 folios;	/* given back */
+	u64 bytes;	/* given back */
+	u64 skipped;	/* not preserved (claimed or never ours) */
+};
+
+static void fdbox_kho_release_page(void *arg, const void *page, u64 idx)
+{
+	const struct fdbox_kho_range *r = page;
+	struct fdbox_kho_release_walk *w = arg;
+	u64 per_page = PAGE_SIZE / sizeof(*r);
+	u64 first = idx * per_page;
+
+	for (u64 i = 0; i < per_page && first + i < w->nr_ranges; i++) {
+		u64 got = r[i].reserved ? 0 :
+			fdbox_kho_give_back(r[i].phys, r[i].order);
+
+		if (got) {
+			w->folios++;
+			w->bytes += got;
+		} else {
+			w->skipped++;
+		}
+		if (!(i % 64))
+			cond_resched();
+	}
+}
+
+/* Give back what a checked release list names, then the list itself. */
+static void fdbox_kho_release_list_free(const struct fdbox_kho_release_list *l,
+					struct fdbox_kho_release_walk *w)
+{
+	w->nr_ranges = l->nr_ranges;
+	fdbox_kho_vmalloc_for_each(&l->ranges, fdbox_kho_release_page, w);
+	fdbox_kho_vmalloc_give_back(&l->ranges);
+}
+
+/*
+ * After a box is restored, its release list names memory the restored
+ * entries own now: give back the list's own pages. The lists of refused
+ * boxes stay reserved, as the boxes' memory does.
+ */
+static void fdbox_kho_release_list_drop(const struct fdbox_kho_root *root,
+					u32 idx)
+{
+	const struct fdbox_kho_release *rel;
+	u64 bytes;
+	int order;
+
+	rel = fdbox_kho_release_find(__pa(root), &order);
+	if (rel && rel->nr_lists == root->nr_boxes &&
+	    fdbox_kho_list_bytes(&rel->lists[idx], &bytes) &&
+	    fdbox_kho_vmalloc_valid(&rel->lists[idx].ranges,
+				    DIV_ROUND_UP_ULL(bytes, PAGE_SIZE)))
+		fdbox_kho_vmalloc_give_back(&rel->lists[idx].ranges);
+}
+
+/* No box pending any more: give back the release list header. */
+static void fdbox_kho_release_header_drop(const struct fdbox_kho_root *root)
+{
+	const struct fdbox_kho_release *rel;
+	int order;
+
+	rel = fdbox_kho_release_find(__pa(root), &order);
+	if (rel)
+		fdbox_kho_give_back(__pa(rel), order);
+}
+
+/* Claim a checked root; it is kept, marked consumed, for this boot. */
+static struct fdbox_kho_root *fdbox_kho_root_claim(phys_addr_t phys)
+{
+	struct folio *folio = kho_restore_folio(phys);
+
+	return folio ? folio_address(folio) : NULL;
+}
+
+static void fdbox_kho_root_consume(struct fdbox_kho_root *root)
+{
+	/* the root page stays allocated for the life of this kernel */
+	WRITE_ONCE(root->magic, FDBOX_KHO_CONSUMED_MAGIC);
+}
+
+/*
+ * Boxes of the claimed root (kept for the boot) not restored yet because of
+ * a transient failure (-ENOMEM): retried on open and FDBOX_IOC_RESCAN.
+ * While any is pending the module holds a reference to itself, so an unload
+ * cannot lose them. fdbox_kho_restore_lock protects all of it; it comes
+ * before any box mutex.
+ */
+static DEFINE_MUTEX(fdbox_kho_restore_lock);
+static const struct fdbox_kho_root *fdbox_kho_in_root;
+static DECLARE_BITMAP(fdbox_kho_pending, FDBOX_MAX_BOXES);
+static int fdbox_kho_refused;	/* first error a box was refused with */
+
+/*
+ * Try every pending box once. Returns the restore status: the first
+ * refusal, else -ENOMEM while a box is pending, else 0.
+ */
+static int fdbox_kho_restore_pending(u32 *restored, u32 *pending)
+{
+	const struct fdbox_kho_root *root = fdbox_kho_in_root;
+	bool had_pending;
+	u32 n, nr_restored = 0, nr_refused = 0;
+	int err;
+
+	lockdep_assert_held(&fdbox_kho_restore_lock);
+	*restored = 0;
+	*pending = 0;
+	if (!root)
+		return fdbox_kho_refused;
+	had_pending = !bitmap_empty(fdbox_kho_pending, root->nr_boxes);
+	for_each_set_bit(n, fdbox_kho_pending, root->nr_boxes) {
+		err = fdbox_kho_restore_box(n, root->boxes[n]);
+		if (err == -ENOMEM) {
+			(*pending)++;
+			continue;
+		}
+		__clear_bit(n, fdbox_kho_pending);
+		if (!err) {
+			nr_restored++;
+			fdbox_kho_release_list_drop(root, n);
+		} else {
+			nr_refused++;
+			if (!fdbox_kho_refused)
+				fdbox_kho_refused = err;
+		}
+		cond_resched();
+	}
+	if (nr_restored)
+		WRITE_ONCE(fdbox_kho_restored, true);
+	if (had_pending && !*pending) {
+		fdbox_kho_release_header_drop(root);
+		module_put(THIS_MODULE);
+	}
+	if (*pending || nr_refused)
+		pr_err("restored %u box(es) from the previous kernel, refused %u, %u pending\n",
+		       nr_restored, nr_refused, *pending);
+	else if (nr_restored)
+		pr_info("restored %u box(es) from the previous kernel\n",
+			nr_restored);
+	*restored = nr_restored;
+	return fdbox_kho_refused ?: (*pending ? -ENOMEM : 0);
+}
+
+/* Restore every box a checked, claimed root lists; the restore status. */
+static int fdbox_kho_restore_boxes(const struct fdbox_kho_root *root)
+{
+	u32 restored, pending;
+
+	guard(mutex)(&fdbox_kho_restore_lock);
+	fdbox_kho_in_root = root;
+	if (!root->nr_boxes)
+		return 0;
+	bitmap_set(fdbox_kho_pending, 0, root->nr_boxes);
+	__module_get(THIS_MODULE);	/* put when none is pending */
+	return fdbox_kho_restore_pending(&restored, &pending);
+}
+
+/**
+ * fdbox_kho_rescan - retry the boxes a transient failure left pending.
+ * @restored: out: boxes restored now.
+ * @pending:  out: boxes still pending.
+ *
+ * Context: Process context; takes fdbox_kho_restore_lock, then box mutexes.
+ *
+ * Return: the restore status: the first error a box was refused with, else
+ * -ENOMEM while a box is pending, else 0.
+ */
+int fdbox_kho_rescan(u32 *restored, u32 *pending)
+{
+	guard(mutex)(&fdbox_kho_restore_lock);
+	return fdbox_kho_restore_pending(restored, pending);
+}
+
+/**
+ * fdbox_kho_pending_any - is a box of the previous kernel still pending?
+ *
+ * Context: Any; a hint (unlocked read).
+ */
+bool fdbox_kho_pending_any(void)
+{
+	const struct fdbox_kho_root *root = READ_ONCE(fdbox_kho_in_root);
+
+	return root && !bitmap_empty(fdbox_kho_pending, root->nr_boxes);
+}
+
+/* Say why the handover at @phys is left untouched, and remember it. */
+static void fdbox_kho_hold(phys_addr_t phys, int err)
+{
+	const struct fdbox_kho_root *root = phys_to_virt(phys);
+
+	if (err == -EPROTONOSUPPORT)
+		pr_err("the previous kernel's handover has version %u, this module reads %u: left untouched for a module of that version; FDBOX_IOC_RELEASE_HANDOVER (fdboxctl release-handover) gives its memory back instead\n",
+		       root->version, FDBOX_KHO_VERSION);
+	else
+		pr_err("the previous kernel's handover root is damaged: left untouched; FDBOX_IOC_RELEASE_HANDOVER (fdboxctl release-handover) gives its memory back\n");
+	guard(mutex)(&fdbox_kho_held_lock);
+	fdbox_kho_held = phys;
+}
+
 /**
  * fdbox_kho_init - take the boxes the previous kernel handed over.
+ *
+ * The root is checked where it lies before anything is claimed: a handover
+ * of another version, or with a damaged root, is left to KHO untouched (a
+ * module of its version loaded later restores it; RELEASE_HANDOVER gives
+ * its memory back).
  *
  * Context: Module init, after /dev/fdbox is registered, before it opens.
  *
  * Return: 0 (also when there was nothing to take), or the error of the
- * first part of the handover that was refused (-EINVAL: damaged; -EIO:
- * memory KHO did not give back; -ENOMEM). Every box that could be restored
- * is, whatever the return value.
+ * first part of the handover that was refused: -EPROTONOSUPPORT (another
+ * version, left untouched); -EINVAL (damaged: the root, left untouched, or
+ * a box); -EIO (memory KHO did not give back); -ENOMEM (a box is pending:
+ * nothing of it was claimed, fdbox_kho_rescan() retries it). Every box that
+ * could be restored is, whatever the return value.
  */
 int fdbox_kho_init(void)
 {
 	struct fdbox_kho_root *root;
-	struct folio *folio;
 	phys_addr_t phys;
-	u32 crc, n, restored = 0;
 	size_t size;
-	int err, first_err = 0;
+	int err;
 
 	if (!is_kho_boot())
 		return 0;
@@ -1285,51 +2011,83 @@ int fdbox_kho_init(void)
 		return err;
 	if (fdbox_kho_consumed(phys))
 		return 0;
-	if (size < sizeof(*root) || !fdbox_kho_preserved(phys, -1)) {
+	err = fdbox_kho_root_check(phys, size);
+	if (err == -EIO)
 		pr_err("root descriptor at %pa is not preserved memory\n", &phys);
+	if (err == -EINVAL || err == -EPROTONOSUPPORT)
+		fdbox_kho_hold(phys, err);
+	if (err)
+		return err;
+	root = fdbox_kho_root_claim(phys);
+	if (!root)
+		return -EIO;
+	fdbox_kho_root_consume(root);
+	return fdbox_kho_restore_boxes(root);
+}
+
+/*
+ * Check every list before giving anything back: a release is whole, or
+ * nothing happens.
+ */
+static int fdbox_kho_release_check(const struct fdbox_kho_release *rel)
+{
+	for (u32 i = 0; i < rel->nr_lists; i++)
+		if (!fdbox_kho_release_list_valid(&rel->lists[i]))
+			return -EIO;
+	return 0;
+}
+
+/**
+ * fdbox_kho_release_handover - give back the memory of a handover this
+ * module left untouched.
+ * @folios: out: folios given back.
+ * @bytes:  out: their bytes.
+ *
+ * Frees everything the handover's release lists name (each range only if KHO
+ * still marks it preserved with that order), the lists, and their header;
+ * the root is claimed and kept, marked consumed, so no later load in this
+ * boot looks at the handover again. Logged.
+ *
+ * Context: Process context; takes fdbox_kho_held_lock.
+ *
+ * Return: 0; -ENOENT (no handover is held); or -EIO (its release lists are
+ * missing or damaged: nothing was freed, it stays reserved until a reboot).
+ */
+int fdbox_kho_release_handover(u64 *folios, u64 *bytes)
+{
+	struct fdbox_kho_release_walk w = {};
+	const struct fdbox_kho_release *rel;
+	struct fdbox_kho_root *root;
+	u32 version;
+	int order;
+
+	guard(mutex)(&fdbox_kho_held_lock);
+	if (!fdbox_kho_held)
+		return -ENOENT;
+	rel = fdbox_kho_release_find(fdbox_kho_held, &order);
+	if (!rel || fdbox_kho_release_check(rel)) {
+		pr_err("release: the previous kernel's handover has no intact release list; it stays reserved until the next reboot\n");
 		return -EIO;
 	}
-	folio = kho_restore_folio(phys);
-	if (!folio)
-		return -EIO;
-	root = folio_address(folio);
-	if (size > folio_size(folio) ||
-	    root->magic != FDBOX_KHO_ROOT_MAGIC ||
-	    root->version != FDBOX_KHO_VERSION || root->reserved ||
-	    root->nr_boxes > FDBOX_MAX_BOXES ||
-	    root->size != struct_size(root, boxes, root->nr_boxes) ||
-	    root->size > size) {
-		err = -EINVAL;
-		goto out_consumed;
-	}
-	crc = root->crc;
-	root->crc = 0;
-	if (fdbox_crc(root, root->size) != crc) {
-		err = -EINVAL;
-		goto out_consumed;
-	}
+	version = rel->handover_version;
+	for (u32 i = 0; i < rel->nr_lists; i++) {
+		struct fdbox_kho_release_walk one = {};
 
-	for (n = 0; n < root->nr_boxes; n++) {
-		err = fdbox_kho_restore_box(n, root->boxes[n]);
-		if (!err)
-			restored++;
-		else if (!first_err)
-			first_err = err;
-		cond_resched();
+		fdbox_kho_release_list_free(&rel->lists[i], &one);
+		w.folios += one.folios;
+		w.bytes += one.bytes;
+		w.skipped += one.skipped;
 	}
-	err = first_err;
-	WRITE_ONCE(fdbox_kho_restored, restored > 0);
-	if (restored == root->nr_boxes)
-		pr_info("restored %u box(es) from the previous kernel\n",
-			restored);
-	else
-		pr_err("restored %u box(es) from the previous kernel, refused %u\n",
-		       restored, root->nr_boxes - restored);
-
-out_consumed:
-	/* the root page stays allocated for the life of this kernel */
-	root->magic = FDBOX_KHO_CONSUMED_MAGIC;
-	return err;
+	fdbox_kho_give_back(__pa(rel), order);
+	root = fdbox_kho_root_claim(fdbox_kho_held);
+	if (root)
+		fdbox_kho_root_consume(root);
+	fdbox_kho_held = 0;
+	pr_info("released the previous kernel's handover (version %u): %llu folio(s), %llu KiB given back, %llu range(s) not preserved skipped\n",
+		version, w.folios, w.bytes >> 10, w.skipped);
+	*folios = w.folios;
+	*bytes = w.bytes;
+	return 0;
 }
 
 /**

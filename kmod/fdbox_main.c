@@ -44,16 +44,32 @@
  *
  * - &fdbox_box.mutex protects one box: its state and entries. Held across
  *   a whole operation, including a seal, which can take a while; other
- *   boxes are not blocked by it.
+ *   boxes are not blocked by it, nor is LIST_BOXES (it answers from the
+ *   snapshot the last unlock took, fdbox_box_snapshot()). Waiting for it
+ *   is killable (EINTR), and SEAL's pin, preserve and RESTORE_FD's copy
+ *   loops stop on a fatal signal, undoing what they did.
  * - fdbox_boxes_lock (mutex) protects the box list and the box count.
  *   Lookups take it briefly and leave with a kref on the box.
  * - fdbox_inodes_lock (spinlock) protects the inode hash that keeps a file
  *   in at most one entry.
- * - fdbox_kho.c's fdbox_kho_lock protects the KHO root descriptor.
+ * - fdbox_kho.c's fdbox_kho_rwsem (read: SEAL and UNSEAL, each whole; write:
+ *   the reboot notifier) makes them atomic with respect to kexec.
+ * - fdbox_kho.c's fdbox_kho_lock protects the KHO root descriptor, the
+ *   release list header, the sealed list and the count of SEALs in flight.
+ * - fdbox_kho.c's fdbox_kho_restore_lock protects the boxes of the previous
+ *   kernel still pending (open and RESCAN retry them);
+ *   fdbox_kho_held_lock, a leaf, the handover left untouched.
+ * - The inode lock of an entry's file (or of RESTORE_FD's target) is taken
+ *   under the box mutex and fdbox_kho_rwsem, never the other way round.
  *
- * Order: box->mutex -> fdbox_kho_lock -> fdbox_boxes_lock -> fdbox_inodes_lock.
+ * Order: fdbox_kho_restore_lock -> box->mutex -> fdbox_kho_rwsem ->
+ * inode lock -> fdbox_kho_lock -> fdbox_boxes_lock -> fdbox_inodes_lock.
  * No box mutex is taken while fdbox_boxes_lock is held, so a long seal
  * never blocks lookups of other boxes.
+ *
+ * Box names are global: one namespace for the whole machine, kept by the
+ * initial user namespace's CAP_SYS_ADMIN (every ioctl checks capable()), so
+ * any holder of it can GET_FD any box's files.
  *
  * Lifetime
  * ========
@@ -440,7 +456,11 @@ static struct fdbox_box *fdbox_lock_box(const char *name)
 
 	if (!box)
 		return ERR_PTR(-ENOENT);
-	mutex_lock(&box->mutex);
+	/* a long SEAL holds it: a caller that is killed meanwhile leaves */
+	if (mutex_lock_killable(&box->mutex)) {
+		fdbox_box_put(box);
+		return ERR_PTR(-EINTR);
+	}
 	if (box->dead) {
 		mutex_unlock(&box->mutex);
 		fdbox_box_put(box);
@@ -451,6 +471,7 @@ static struct fdbox_box *fdbox_lock_box(const char *name)
 
 static void fdbox_unlock_box(struct fdbox_box *box)
 {
+	fdbox_box_snapshot(box);
 	mutex_unlock(&box->mutex);
 	fdbox_box_put(box);
 }
@@ -488,7 +509,7 @@ static int fdbox_ioctl_version(struct fdbox_ucmd *ucmd)
 	argp->max_boxes = FDBOX_MAX_BOXES;
 	argp->max_entries_per_box = FDBOX_MAX_ENTRIES_PER_BOX;
 	argp->max_entries = FDBOX_MAX_ENTRIES;
-	argp->restore_status = fdbox_restore_status;
+	argp->restore_status = READ_ONCE(fdbox_restore_status);
 	return fdbox_respond(ucmd, sizeof(*argp));
 }
 
@@ -676,6 +697,7 @@ static int fdbox_ioctl_get_fd(struct fdbox_ucmd *ucmd)
 	struct fdbox_entry *entry;
 	struct fdbox_box *box;
 	struct file *file;
+	int __user *ufd;
 	int fd, err;
 
 	if (argp->flags)
@@ -700,21 +722,26 @@ static int fdbox_ioctl_get_fd(struct fdbox_ucmd *ucmd)
 	argp->type = entry->type;
 	fdbox_unlock_box(box);
 
-	fd = get_unused_fd_flags(O_CLOEXEC);
-	if (fd < 0) {
-		fput(file);
-		return fd;
-	}
-	argp->fd = fd;
+	argp->fd = -1;
 	err = fdbox_respond(ucmd, sizeof(*argp));
-	if (err) {
-		put_unused_fd(fd);
-		fput(file);
-		return err;
+	if (err)
+		goto out_fput;
+	/*
+	 * As SCM_RIGHTS, pidfd_getfd() and seccomp do: receive_fd() asks the
+	 * LSM (security_file_receive()) before it installs the fd, and writes
+	 * the fd number last.
+	 */
+	ufd = (int __user *)(ucmd->ubuffer + offsetof(struct fdbox_get_fd, fd));
+	fd = receive_fd(file, ufd, O_CLOEXEC);
+	if (fd < 0) {
+		err = fd;
+		goto out_fput;
 	}
-	fd_install(fd, file);
 	atomic64_inc(&fdbox_counters.gets);
-	return 0;
+	err = 0;
+out_fput:
+	fput(file);	/* receive_fd() took its own reference */
+	return err;
 }
 
 static int fdbox_ioctl_remove_entry(struct fdbox_ucmd *ucmd)
@@ -757,12 +784,59 @@ static u64 fdbox_entry_size(struct fdbox_entry *entry)
 	return entry->size;
 }
 
+void fdbox_box_snapshot(struct fdbox_box *box)
+{
+	struct fdbox_entry *entry;
+	u64 total = 0;
+
+	lockdep_assert_held(&box->mutex);
+	list_for_each_entry(entry, &box->entries, node)
+		total += fdbox_entry_size(entry);
+	WRITE_ONCE(box->snap_state, box->state);
+	WRITE_ONCE(box->snap_nr_entries, box->nr_entries);
+	WRITE_ONCE(box->snap_total, total);
+}
+
+/*
+ * One box for LIST_BOXES. A box whose mutex is held (a SEAL of a large
+ * memfd can hold it for seconds) answers from the snapshot its last unlock
+ * took, so a list never waits for a seal. Returns false if it is deleted.
+ */
+static bool fdbox_box_info(struct fdbox_box *box, struct fdbox_box_info *info)
+{
+	struct fdbox_entry *entry;
+
+	if (!mutex_trylock(&box->mutex)) {
+		if (READ_ONCE(box->dead))
+			return false;
+		strscpy(info->name, box->name);
+		info->state = READ_ONCE(box->snap_state);
+		info->nr_entries = READ_ONCE(box->snap_nr_entries);
+		info->total_size = READ_ONCE(box->snap_total);
+		return true;
+	}
+	if (box->dead) {
+		mutex_unlock(&box->mutex);
+		return false;
+	}
+	strscpy(info->name, box->name);
+	info->state = box->state;
+	info->nr_entries = box->nr_entries;
+	list_for_each_entry(entry, &box->entries, node)
+		info->total_size += fdbox_entry_size(entry);
+	mutex_unlock(&box->mutex);
+	return true;
+}
+
 /* Check a list request's array description. */
 static int fdbox_check_list(u32 info_size, u32 min_info, u32 count, u64 uptr,
 			    u32 flags)
 {
 	if (flags || info_size < min_info)
 		return -EINVAL;
+	/* as for the struct size: the tail past the kernel's is cleared */
+	if (info_size > PAGE_SIZE)
+		return -E2BIG;
 	if (count && !uptr)
 		return -EFAULT;
 	return 0;
@@ -792,7 +866,7 @@ static int fdbox_ioctl_list_boxes(struct fdbox_ucmd *ucmd)
 	struct fdbox_box_info *infos = NULL;
 	struct fdbox_box **boxes = NULL;
 	struct fdbox_box *box;
-	u32 n = 0, i;
+	u32 n = 0, listed = 0, i;
 	int err;
 
 	err = fdbox_check_list(argp->info_size,
@@ -818,10 +892,9 @@ static int fdbox_ioctl_list_boxes(struct fdbox_ucmd *ucmd)
 			boxes[n++] = box;
 		}
 	}
-	if (err == -EOVERFLOW) {
-		fdbox_respond(ucmd, sizeof(*argp));
-		return err;
-	}
+	/* the count must reach the caller, or the EOVERFLOW means nothing */
+	if (err == -EOVERFLOW)
+		return fdbox_respond(ucmd, sizeof(*argp)) ?: err;
 	if (err)
 		return err;
 
@@ -831,21 +904,13 @@ static int fdbox_ioctl_list_boxes(struct fdbox_ucmd *ucmd)
 		goto out;
 	}
 	for (i = 0; i < n; i++) {
-		struct fdbox_box_info *info = &infos[i];
-		struct fdbox_entry *entry;
-
-		box = boxes[i];
-		strscpy(info->name, box->name);
-		mutex_lock(&box->mutex);
-		info->state = box->state;
-		info->nr_entries = box->nr_entries;
-		list_for_each_entry(entry, &box->entries, node)
-			info->total_size += fdbox_entry_size(entry);
-		mutex_unlock(&box->mutex);
+		/* deleted since the list was read: not listed */
+		if (fdbox_box_info(boxes[i], &infos[listed]))
+			listed++;
 	}
-	argp->count = n;
+	argp->count = listed;
 	err = fdbox_copy_infos(argp->boxes, argp->info_size, infos,
-			       sizeof(*infos), n);
+			       sizeof(*infos), listed);
 	if (!err)
 		err = fdbox_respond(ucmd, sizeof(*argp));
 out:
@@ -1037,6 +1102,30 @@ static int fdbox_ioctl_finish(struct fdbox_ucmd *ucmd)
 	return 0;
 }
 
+static int fdbox_ioctl_release_handover(struct fdbox_ucmd *ucmd)
+{
+	struct fdbox_release_handover *argp = ucmd->cmd;
+	int err;
+
+	if (argp->flags)
+		return -EINVAL;
+	err = fdbox_kho_release_handover(&argp->folios, &argp->bytes);
+	if (err)
+		return err;
+	return fdbox_respond(ucmd, sizeof(*argp));
+}
+
+static int fdbox_ioctl_rescan(struct fdbox_ucmd *ucmd)
+{
+	struct fdbox_rescan *argp = ucmd->cmd;
+
+	if (argp->flags)
+		return -EINVAL;
+	WRITE_ONCE(fdbox_restore_status,
+		   fdbox_kho_rescan(&argp->restored, &argp->pending));
+	return fdbox_respond(ucmd, sizeof(*argp));
+}
+
 union fdbox_ucmd_buffer {
 	struct fdbox_version version;
 	struct fdbox_stats stats;
@@ -1047,6 +1136,8 @@ union fdbox_ucmd_buffer {
 	struct fdbox_list_boxes list_boxes;
 	struct fdbox_list_entries list_entries;
 	struct fdbox_restore_fd restore;
+	struct fdbox_release_handover release;
+	struct fdbox_rescan rescan;
 };
 
 struct fdbox_ioctl_op {
@@ -1093,6 +1184,10 @@ static const struct fdbox_ioctl_op fdbox_ioctl_ops[] = {
 		 struct fdbox_restore_fd, name),
 	IOCTL_OP(FDBOX_IOC_FINISH, fdbox_ioctl_finish,
 		 struct fdbox_box_req, box),
+	IOCTL_OP(FDBOX_IOC_RELEASE_HANDOVER, fdbox_ioctl_release_handover,
+		 struct fdbox_release_handover, bytes),
+	IOCTL_OP(FDBOX_IOC_RESCAN, fdbox_ioctl_rescan,
+		 struct fdbox_rescan, pending),
 };
 
 static long fdbox_ioctl(struct file *filp, unsigned int cmd,
@@ -1140,8 +1235,15 @@ static bool fdbox_ready;
 
 static int fdbox_open(struct inode *inode, struct file *filp)
 {
+	u32 restored, pending;
+
+	/* pairs with fdbox_init()'s release: the restored boxes are listed */
 	if (!smp_load_acquire(&fdbox_ready))
 		return -EAGAIN;
+	/* a box a transient failure kept back at load: try it again */
+	if (fdbox_kho_pending_any())
+		WRITE_ONCE(fdbox_restore_status,
+			   fdbox_kho_rescan(&restored, &pending));
 	return nonseekable_open(inode, filp);
 }
 
@@ -1180,6 +1282,7 @@ static int __init fdbox_init(void)
 	if (fdbox_restore_status)
 		pr_err("previous kernel's boxes refused: %pe\n",
 		       ERR_PTR(fdbox_restore_status));
+	/* after the restore: an open that sees it sees every restored box */
 	smp_store_release(&fdbox_ready, true);
 	return 0;
 }

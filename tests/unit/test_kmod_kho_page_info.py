@@ -54,9 +54,9 @@ def test_page_info_layout_matches_kho() -> None:
 
 
 def test_page_info_is_read_in_one_place() -> None:
-    """Only fdbox_kho_preserved() reads page->private (the one dependency on KHO internals)."""
+    """Only fdbox_kho_preserved_order() reads page->private (the one dependency on KHO internals)."""
     ours = MODULE.read_text()
-    assert ours.count("->private") == 1, "page->private read outside fdbox_kho_preserved()"
-    fn = ours[ours.index("static bool fdbox_kho_preserved("):]
+    assert ours.count("->private") == 1, "page->private read outside fdbox_kho_preserved_order()"
+    fn = ours[ours.index("static int fdbox_kho_preserved_order("):]
     fn = fn[: fn.index("\n}\n")]
     assert "->private" in fn

@@ -18,9 +18,29 @@ Scenarios:
   path (KHO kernels without LUO) tested.
 - ``empty``: nothing sealed: the new kernel starts clean.
 - ``corrupt-box`` / ``corrupt-root``: stage 1 loads the module with
-  ``test_corrupt_handover=1``/``2`` so the box / root descriptor it hands over is
-  damaged; the new kernel's module must refuse the whole handover (no box, the errno
-  in ``restore_status``, no kernel warning) and a reload must not try again.
+  ``test_corrupt_handover=1``/``2`` so the box descriptors / the root's version it hands
+  over are damaged; the new kernel's module must refuse the whole handover (no box, the
+  errno in ``restore_status``, no kernel warning). A damaged box is claimed with its
+  root and a reload does not try again; a root of another version is left untouched
+  (issue 27, H1), and a reload leaves it untouched again.
+- ``other-version`` (issue 27, H1): stage 1 seals with a build of another
+  ``FDBOX_KHO_VERSION`` (``$FDBOX_VM_OTHER_MODULE``); stage 2's module leaves the
+  handover untouched (``EPROTONOSUPPORT``, the root not claimed, twice), then the build
+  of that version restores it byte for byte.
+- ``shmem-thp`` (issue 27, M1): booted with ``transparent_hugepage_shmem=always``, a
+  3 MiB shmem memfd is two 2 MiB folios, the second running past the end of the file;
+  the test build (``test_shmem_beside_luo=1``) seals it and the box restores byte for
+  byte.
+- ``load-enomem`` (issue 27, M2): stage 2 loads the test build with
+  ``test_fail_restore=31``: each allocation of the load path (the box, an entry, a folio
+  list copy, the pfn sort buffer, a folio array) fails once with ENOMEM, one per try.
+  The box stays pending (``restore_status`` ``ENOMEM``, not listed, the module pinned),
+  nothing of it freed; the open and each ``FDBOX_IOC_RESCAN`` retry it, and the fifth
+  retry restores it byte for byte.
+- ``bad-root-crc`` (issue 27, H1): the root's CRC fails (``test_corrupt_handover=256``);
+  stage 2 leaves it untouched (``EINVAL``), then ``fdboxctl release-handover`` gives
+  every sealed byte back (MemFree, the per-CPU lists and the huge page pool) and a
+  reload finds nothing.
 - ``review`` (issue 11, items 3-8): one good box ``vm1`` (a write-sealed memfd, a plain
   one, a hugetlb one); three boxes damaged in three ways by the test build
   (``test_corrupt_handover=28``: a descriptor byte, a folio pfn that KHO never
@@ -43,6 +63,7 @@ import json
 import mmap
 import os
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -97,6 +118,16 @@ def meminfo(key: str) -> int:
     raise KeyError(key)
 
 
+def free() -> int:
+    """Free memory wherever a freed folio can land: the buddy lists (MemFree), the
+    per-CPU lists (order-9 folios are cached there and MemFree does not count them:
+    the CI failure that read 0 MiB) and the huge page pool."""
+    pcp = sum(int(line.split()[1]) for line in Path("/proc/zoneinfo").read_text().splitlines()
+              if line.split()[:1] == ["count:"])
+    return (meminfo("MemFree") + pcp * mmap.PAGESIZE
+            + meminfo("HugePages_Free") // 1024 * meminfo("Hugepagesize"))
+
+
 def check(cond: bool, what: str) -> None:
     if not cond:
         raise AssertionError(what)
@@ -106,6 +137,12 @@ def check(cond: bool, what: str) -> None:
 def stage1(scenario: str) -> None:
     if scenario == "review":
         return review_stage1()
+    if scenario in UNREAD:
+        return unread_stage1(scenario)
+    if scenario == "shmem-thp":
+        return thp_stage1()
+    if scenario == "load-enomem":
+        return unread_stage1(scenario)
     corrupt = {"corrupt-box": 1, "corrupt-root": 2}.get(scenario, 0)
     # the corrupt scenarios run the test build, whose hook lets it seal shmem beside LUO
     km.load(params=f"test_corrupt_handover={corrupt} test_shmem_beside_luo=1" if corrupt else "")
@@ -182,6 +219,12 @@ def stage1(scenario: str) -> None:
 def stage2(scenario: str) -> None:
     if scenario == "review":
         return review_stage2()
+    if scenario in UNREAD:
+        return unread_stage2(scenario)
+    if scenario == "shmem-thp":
+        return thp_stage2()
+    if scenario == "load-enomem":
+        return enomem_stage2()
     record = json.loads((OUT / f"{scenario}.json").read_text())
     km.load()
     d = uapi.FdboxDevice()
@@ -190,6 +233,22 @@ def stage2(scenario: str) -> None:
         check(v.restore_status == 0, f"handover accepted (restore_status {v.restore_status})")
     check(bool(v.features & uapi.FDBOX_FEATURE_KHO_BOOT), "booted by a KHO kexec")
     boxes = {b.name: b for b in d.list_boxes()}
+    if scenario == "corrupt-root":
+        # issue 27, H1: a root of another version is never claimed, so a module of that
+        # version can still take it; a reload leaves it untouched again
+        for _ in range(2):
+            v = d.version()
+            check(v.restore_status == -errno.EPROTONOSUPPORT,
+                  f"other version: EPROTONOSUPPORT (restore_status {v.restore_status})")
+            check(bool(v.features & uapi.FDBOX_FEATURE_HANDOVER_HELD), "handover held")
+            check(d.list_boxes() == [] and km.stats(d)["entries"] == 0, "no box, no entry")
+            check(KHO_IN.read_bytes()[:8] == b"FDBXROOT", "root untouched")
+            d.close()
+            km.unload()
+            km.load()
+            d = uapi.FdboxDevice()
+        d.close()
+        return
     if scenario.startswith("corrupt"):
         check(v.restore_status == -22, f"handover refused with EINVAL (restore_status {v.restore_status})")
         check(boxes == {}, "no box from a damaged handover")
@@ -253,15 +312,6 @@ def stage2(scenario: str) -> None:
         check(got[name] == record["entries"][name], f"{name} identical: size, seals, type, owner, SHA-256")
 
     # vm2 is never claimed: FINISH frees its preserved memory and drops the entry
-    def free() -> int:
-        """Free memory wherever a freed folio can land: the buddy lists (MemFree), the
-        per-CPU lists (order-9 folios are cached there and MemFree does not count them:
-        the CI failure that read 0 MiB) and the huge page pool."""
-        pcp = sum(int(line.split()[1]) for line in Path("/proc/zoneinfo").read_text().splitlines()
-                  if line.split()[:1] == ["count:"])
-        return (meminfo("MemFree") + pcp * mmap.PAGESIZE
-                + meminfo("HugePages_Free") // 1024 * meminfo("Hugepagesize"))
-
     free_before = free()
     d.finish("vm2")
     freed = free() - free_before
@@ -479,6 +529,169 @@ def review_stage2() -> None:
     with uapi.FdboxDevice() as d2:
         v2 = d2.version()
         check(v2.restore_status == 0 and d2.list_boxes() == [], "reload: clean")
+    km.unload()
+
+
+UNREAD = ("other-version", "bad-root-crc")
+UNREAD_SIZES = {"shm": 16 * MIB, "huge": 16 * MIB}
+
+
+def other_module() -> str:
+    path = os.environ.get("FDBOX_VM_OTHER_MODULE")
+    if not path:
+        raise RuntimeError("FDBOX_VM_OTHER_MODULE is not set: run through tests/vm/test_kexec_module.py")
+    return path
+
+
+def unread_stage1(scenario: str) -> None:
+    """Seal box vm1 (a shmem and a hugetlb memfd) with a handover stage 2's module cannot read."""
+    params = "test_shmem_beside_luo=1" + (" test_corrupt_handover=256" if scenario == "bad-root-crc" else "")
+    km.load(other_module() if scenario == "other-version" else None, params)
+    record: dict[str, str] = {}
+    with uapi.FdboxDevice() as d:
+        d.create_box("vm1")
+        for i, (name, size) in enumerate(UNREAD_SIZES.items()):
+            flags = os.MFD_ALLOW_SEALING | (os.MFD_HUGETLB if name == "huge" else 0)
+            fd = new_memfd(name, size, flags)
+            record[name] = fill(fd, size, 30 + i)
+            d.put_fd("vm1", name, fd)
+            os.close(fd)
+        d.seal("vm1")
+    check(KHO_OUT.parent.joinpath("fdbox-release").exists(), "release list published beside the root")
+    (OUT / f"{scenario}.json").write_text(json.dumps(record))
+
+
+def unread_stage2(scenario: str) -> None:
+    record = json.loads((OUT / f"{scenario}.json").read_text())
+    want = -errno.EPROTONOSUPPORT if scenario == "other-version" else -errno.EINVAL
+    for _ in range(2):  # a reload leaves it untouched too
+        km.load()
+        with uapi.FdboxDevice() as d:
+            v = d.version()
+            check(v.restore_status == want, f"refused: restore_status {v.restore_status} (want {want})")
+            check(bool(v.features & uapi.FDBOX_FEATURE_HANDOVER_HELD), "handover held")
+            check(d.list_boxes() == [] and km.stats(d)["entries"] == 0, "no box, no entry")
+        check(KHO_IN.read_bytes()[:8] == b"FDBXROOT", "root not claimed")
+        km.unload()
+    check("left untouched" in subprocess_out(["dmesg"]), "the kernel log says the handover is left untouched")
+    if scenario == "other-version":
+        km.load(other_module())  # the build of the handover's version restores it
+        with uapi.FdboxDevice() as d:
+            v = d.version()
+            check(v.restore_status == 0 and not v.features & uapi.FDBOX_FEATURE_HANDOVER_HELD,
+                  f"its own version takes it ({v.restore_status})")
+            for e in d.list_entries("vm1"):
+                flags = os.MFD_ALLOW_SEALING | (os.MFD_HUGETLB if e.type == uapi.EntryType.MEMFD_HUGETLB else 0)
+                fd = new_memfd(e.name, e.size, flags)
+                d.restore_fd("vm1", e.name, fd)
+                check(sha_of(fd) == record[e.name], f"vm1/{e.name} restored byte for byte")
+                os.close(fd)
+            d.finish("vm1")
+            d.delete_box("vm1")
+        check(KHO_IN.read_bytes()[:8] == b"FDBXUSED", "handover consumed")
+        km.unload()
+        return
+    km.load()
+    before = free()
+    p = subprocess.run([sys.executable, "-m", "fdboxd.ctl", "release-handover", "--json"],
+                       capture_output=True, text=True)
+    check(p.returncode == 0, f"fdboxctl release-handover: {p.returncode} {p.stdout} {p.stderr}")
+    freed = free() - before
+    out = json.loads(p.stdout)
+    sealed = sum(UNREAD_SIZES.values())
+    log(f"release gave back {out['bytes'] >> 20} MiB in {out['folios']} folios; free memory +{freed >> 20} MiB")
+    check(out["bytes"] >= sealed, f"release freed all {sealed >> 20} MiB sealed ({out['bytes']} bytes)")
+    check(freed >= sealed - 4 * MIB, f"free memory grew by what was sealed ({freed >> 20} MiB)")
+    check("released the previous kernel's handover" in subprocess_out(["dmesg"]), "release logged")
+    with uapi.FdboxDevice() as d:
+        check(not d.version().features & uapi.FDBOX_FEATURE_HANDOVER_HELD, "nothing held any more")
+        expect_errno(errno.ENOENT, d.release_handover)
+    check(KHO_IN.read_bytes()[:8] == b"FDBXUSED", "root kept, marked consumed")
+    km.unload()
+    km.load()
+    with uapi.FdboxDevice() as d:
+        v = d.version()
+        check(v.restore_status == 0 and d.list_boxes() == [], "reload after release: clean")
+    km.unload()
+
+
+THP_SIZE = 3 * MIB  # two PMD folios: [0, 2 MiB) and [2 MiB, 4 MiB), the second past EOF
+
+
+def thp_stage1() -> None:
+    km.load(params="test_shmem_beside_luo=1")
+    with uapi.FdboxDevice() as d:
+        d.create_box("thp")
+        fd = new_memfd("thp", THP_SIZE)
+        # write(), not a mapping: a fault maps a PMD folio only where the VMA covers all
+        # of it, the write path takes the huge=always policy as it is
+        data = os.urandom(THP_SIZE)
+        for off in range(0, THP_SIZE, MIB):
+            os.pwrite(fd, data[off : off + MIB], off)
+        sha = hashlib.sha256(data).hexdigest()
+        d.put_fd("thp", "mem", fd)
+        d.seal("thp")
+        pinned = km.stats(d)["pinned_folios"]
+        check(pinned == 2, f"3 MiB shmem memfd is 2 huge folios ({pinned} pinned): one runs past EOF")
+        os.close(fd)
+    (OUT / "shmem-thp.json").write_text(json.dumps({"sha256": sha}))
+
+
+def thp_stage2() -> None:
+    record = json.loads((OUT / "shmem-thp.json").read_text())
+    km.load()
+    with uapi.FdboxDevice() as d:
+        v = d.version()
+        check(v.restore_status == 0, f"handover accepted (restore_status {v.restore_status})")
+        [e] = d.list_entries("thp")
+        fd = new_memfd("thp", e.size)
+        d.restore_fd("thp", "mem", fd)
+        check(sha_of(fd) == record["sha256"], "thp/mem restored byte for byte")
+        os.close(fd)
+        d.finish("thp")
+        d.delete_box("thp")
+    km.unload()
+
+
+def enomem_stage2() -> None:
+    record = json.loads((OUT / "load-enomem.json").read_text())
+    km.load(params="test_fail_restore=31")
+    before = free()
+    d = uapi.FdboxDevice()  # the open retries once too: the second failure
+    tries = 2
+    while True:
+        v = d.version()
+        if not v.features & uapi.FDBOX_FEATURE_RESTORE_PENDING:
+            break
+        check(v.restore_status == -errno.ENOMEM, f"try {tries}: pending, restore_status ENOMEM ({v.restore_status})")
+        check(d.list_boxes() == [], f"try {tries}: a pending box is not listed")
+        check(free() < before + 8 * MIB, f"try {tries}: nothing of it freed")
+        if tries == 2:
+            d.close()
+            try:
+                km.unload()
+                raise AssertionError("fdbox.ko unloaded with a box pending")
+            except OSError as e:
+                check(e.errno in (errno.EBUSY, errno.EAGAIN), f"no unload while a box is pending ({e})")
+            d = uapi.FdboxDevice()  # another retry
+            tries += 1
+            continue
+        r = d.rescan()
+        tries += 1
+        log(f"rescan: {r.restored} restored, {r.pending} pending")
+        check(tries <= 7, "restored after one failure per allocation")
+    check(tries == 6, f"each of the 5 allocations failed once: restored on try {tries}")
+    check(v.restore_status == 0, f"restore_status 0 once restored ({v.restore_status})")
+    check(subprocess_out(["dmesg"]).count("test: failing load allocation") == 5, "5 allocations failed")
+    for e in d.list_entries("vm1"):
+        flags = os.MFD_ALLOW_SEALING | (os.MFD_HUGETLB if e.type == uapi.EntryType.MEMFD_HUGETLB else 0)
+        fd = new_memfd(e.name, e.size, flags)
+        d.restore_fd("vm1", e.name, fd)
+        check(sha_of(fd) == record[e.name], f"vm1/{e.name} restored byte for byte after the retries")
+        os.close(fd)
+    d.finish("vm1")
+    d.delete_box("vm1")
+    d.close()
     km.unload()
 
 

@@ -30,8 +30,12 @@
  * Each errno has exactly one meaning on every ioctl:
  *
  *  - EPERM:       the caller lacks CAP_SYS_ADMIN.
+ *  - EACCES:      SEAL would have to add seals to an entry whose reference
+ *                 is not open for writing (fcntl(F_ADD_SEALS) refuses that
+ *                 too).
  *  - ENOTTY:      unknown ioctl number.
- *  - E2BIG:       @size is larger than the kernel's struct and the unknown
+ *  - E2BIG:       @size (or a list's @info_size) is larger than a page, or
+ *                 @size is larger than the kernel's struct and the unknown
  *                 tail is not all zero.
  *  - EINVAL:      a malformed argument: @size smaller than the first version
  *                 of the struct, a nonzero flags/reserved field, or a name
@@ -46,7 +50,8 @@
  *                 this version cannot carry, or F_SEAL_SEAL set on a hugetlb
  *                 memfd that lacks F_SEAL_GROW, F_SEAL_SHRINK and a write
  *                 seal (the seal rules forbid adding them).
- *  - ENOENT:      no such box, or no such entry in the box.
+ *  - ENOENT:      no such box, or no such entry in the box; on
+ *                 RELEASE_HANDOVER: no previous kernel's handover is held.
  *  - EEXIST:      the box or entry name is taken, or the file is already
  *                 held elsewhere: an entry of some box, or preserved by the
  *                 Live Update Orchestrator (its mapping is frozen).
@@ -75,14 +80,24 @@
  *                 number needed.
  *  - EIO:         preserved data from the previous kernel could not be
  *                 restored (a folio was missing or not what the descriptor
- *                 said).
+ *                 said); on RELEASE_HANDOVER: the handover has no intact
+ *                 release list, nothing was freed.
+ *  - EINTR:       a fatal signal arrived while the ioctl waited for a box
+ *                 or worked (SEAL is undone; RESTORE_FD leaves the entry
+ *                 pending).
  *  - ENOMEM:      out of memory.
  *
  * Other errnos come from the memory management code the module calls (for
  * example pinning hugetlb folios) and are passed through unchanged.
  */
 
-#define FDBOX_IOCTL_TYPE	0xB8
+/*
+ * 0xBB, unassigned in Documentation/userspace-api/ioctl/ioctl-number.rst
+ * (0xB8 was MSHV's, whose MSHV_INITIALIZE_PARTITION equals the old
+ * FDBOX_IOC_VERSION bit for bit). The ABI is pre-1.0: it changed here
+ * without a compatibility path.
+ */
+#define FDBOX_IOCTL_TYPE	0xBB
 #define FDBOX_API_VERSION	1
 
 /* ioctl numbers: _IO(FDBOX_IOCTL_TYPE, cmd); each FDBOX_IOC_* sits under its struct. */
@@ -100,6 +115,8 @@ enum {
 	FDBOX_CMD_UNSEAL = 0x0a,
 	FDBOX_CMD_RESTORE_FD = 0x0b,
 	FDBOX_CMD_FINISH = 0x0c,
+	FDBOX_CMD_RELEASE_HANDOVER = 0x0d,
+	FDBOX_CMD_RESCAN = 0x0e,
 };
 
 /* Name arrays, including the terminating NUL. */
@@ -143,6 +160,10 @@ enum fdbox_box_state {
 #define FDBOX_FEATURE_RESTORED	(1U << 3) /* boxes came from the previous kernel */
 /* LUO's memfd handler is in this kernel: SEAL refuses shmem memfds (EOPNOTSUPP) */
 #define FDBOX_FEATURE_SHMEM_LUO	(1U << 4)
+/* a previous kernel's handover was left untouched (see RELEASE_HANDOVER) */
+#define FDBOX_FEATURE_HANDOVER_HELD	(1U << 5)
+/* a previous kernel's box met a transient failure (ENOMEM) at load: RESCAN */
+#define FDBOX_FEATURE_RESTORE_PENDING	(1U << 6)
 
 /**
  * struct fdbox_version - ioctl(FDBOX_IOC_VERSION)
@@ -155,6 +176,16 @@ enum fdbox_box_state {
  * @restore_status:      Output; 0, or the negative errno with which (part
  *                       of) the previous kernel's handover was refused at
  *                       load; the boxes that were valid are restored anyway.
+ *                       -EPROTONOSUPPORT: the handover has another
+ *                       FDBOX_KHO_VERSION; -EINVAL with
+ *                       %FDBOX_FEATURE_HANDOVER_HELD: its root is damaged.
+ *                       Either way nothing of it was touched: a module of
+ *                       its version loaded later restores it, or
+ *                       RELEASE_HANDOVER gives its memory back. -ENOMEM
+ *                       (and %FDBOX_FEATURE_RESTORE_PENDING): a box could
+ *                       not be read for lack of memory; nothing of it was
+ *                       claimed, and it is retried on each open and by
+ *                       RESCAN.
  * @__reserved:          Input; must be zero.
  */
 struct fdbox_version {
@@ -419,5 +450,48 @@ struct fdbox_restore_fd {
 };
 
 #define FDBOX_IOC_RESTORE_FD	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_RESTORE_FD)
+
+/**
+ * struct fdbox_release_handover - ioctl(FDBOX_IOC_RELEASE_HANDOVER)
+ * @size:   Input; sizeof(struct fdbox_release_handover).
+ * @flags:  Input; must be zero.
+ * @folios: Output; preserved folios given back.
+ * @bytes:  Output; their size in bytes.
+ *
+ * Gives back the memory of a previous kernel's handover the module left
+ * untouched at load (%FDBOX_FEATURE_HANDOVER_HELD: another FDBOX_KHO_VERSION,
+ * or a damaged root), as the handover's release list names it; its boxes are
+ * gone for good. Logged in the kernel log. Use it when no module that can
+ * read the handover will come; otherwise load that module instead.
+ */
+struct fdbox_release_handover {
+	__u32		size;
+	__u32		flags;
+	__aligned_u64	folios;
+	__aligned_u64	bytes;
+};
+
+#define FDBOX_IOC_RELEASE_HANDOVER	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_RELEASE_HANDOVER)
+
+/**
+ * struct fdbox_rescan - ioctl(FDBOX_IOC_RESCAN)
+ * @size:     Input; sizeof(struct fdbox_rescan).
+ * @flags:    Input; must be zero.
+ * @restored: Output; boxes of the previous kernel restored by this call.
+ * @pending:  Output; boxes still pending (a transient failure again).
+ *
+ * Retries the previous kernel's boxes that a transient failure (ENOMEM) kept
+ * from being restored at load (%FDBOX_FEATURE_RESTORE_PENDING). Nothing of
+ * a pending box is claimed or freed, so a retry loses nothing. Every open of
+ * /dev/fdbox retries too; this is the explicit form.
+ */
+struct fdbox_rescan {
+	__u32	size;
+	__u32	flags;
+	__u32	restored;
+	__u32	pending;
+};
+
+#define FDBOX_IOC_RESCAN	_IO(FDBOX_IOCTL_TYPE, FDBOX_CMD_RESCAN)
 
 #endif /* _UAPI_LINUX_FDBOX_H */
