@@ -232,6 +232,10 @@ class Daemon:
         # 145 ms per full pass, 0 ms once frozen). Refcounting still frees what is removed;
         # entries put later are walked until the next restart.
         gc.freeze()
+        # Only now, with every file held where a restart finds it again (the fd store's
+        # mirror has them): LUO FINISHes what it carried. A start that failed before this
+        # left every session with its keeper, for the next start to retrieve again.
+        self.backend.started()
         self.systemd.ready()
 
     async def run(self) -> None:

@@ -43,6 +43,9 @@ ENV = "FDBOX_FAILPOINTS"
 #: name; add yours here, then call :func:`hit` at that step.
 FAILPOINTS: dict[str, str] = {
     "failpoints.selftest": "tests/unit/test_failpoints.py's own point (fires only where the test calls it)",
+    "restore.after_retrieve": "a carried LUO session's files are retrieved and its keeper holds it; not FINISHed",
+    "seal.after_index_create": "the new LUO index session is held by the keeper; the older one not dropped yet",
+    "start.before_finish": "the daemon has started; an incoming LUO session is about to be FINISHed",
 }
 
 

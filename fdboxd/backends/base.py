@@ -151,6 +151,11 @@ class Backend(abc.ABC):
     def finish(self, box: str) -> None:
         """A restored box is done: release restore-only resources. Default: nothing."""
 
+    def started(self) -> None:
+        """The daemon has started and every entry sits where a restart finds it again
+        (the fd store's mirror under systemd included): release what only a start that
+        failed would have needed (LUO: FINISH the incoming sessions). Default: nothing."""
+
     @abc.abstractmethod
     def inventory(self) -> dict[str, BackendBox]:
         """What the backend really holds, by box name."""

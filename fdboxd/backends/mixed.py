@@ -100,6 +100,10 @@ class MixedBackend(Backend):
             elif held.state == BoxState.RESTORED:
                 side.finish(box)
 
+    def started(self) -> None:
+        for side in self._sides():
+            side.started()
+
     def inventory(self) -> dict[str, BackendBox]:
         out: dict[str, BackendBox] = {}
         for side in self._sides():
