@@ -42,6 +42,7 @@ ENV = "FDBOX_FAILPOINTS"
 #: Every failpoint: name → the step it marks (what has happened when it fires). Sorted by
 #: name; add yours here, then call :func:`hit` at that step.
 FAILPOINTS: dict[str, str] = {
+    "adopt.before_seal": "every fd from systemd's fd store is adopted; boxes sealed before the restart not sealed again",
     "failpoints.selftest": "tests/unit/test_failpoints.py's own point (fires only where the test calls it)",
     "restore.after_retrieve": "a carried LUO session's files are retrieved and its keeper holds it; not FINISHed",
     "seal.after_index_create": "the new LUO index session is held by the keeper; the older one not dropped yet",

@@ -309,6 +309,8 @@ class LiveupdateBackend(MemoryBackend):
 
     name = "liveupdate"
     survives_kexec = True
+    holds_in_process = True
+    holds_every_type = True
 
     def __init__(self, device: str = uapi_luo.DEVICE_PATH, fdbox_device: str | None = None,
                  wait: float = OPEN_RETRY_S, carried: list[int] | None = None,

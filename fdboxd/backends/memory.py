@@ -19,6 +19,8 @@ from .base import Backend, BackendBox, BackendEntry
 class MemoryBackend(Backend):
     name = "memory"
     survives_kexec = False
+    holds_in_process = True
+    holds_every_type = True
 
     def __init__(self) -> None:
         self._boxes: dict[str, BackendBox] = {}
@@ -69,9 +71,8 @@ class MemoryBackend(Backend):
         fds = [held.get((box, n)) for n in names]
         return None if None in fds else fds  # type: ignore[return-value]
 
-    def peek(self, box: str, name: str) -> int:
-        """The held fd itself (borrowed: never close it), for the fdstore mirror."""
-        return self._fds[(box, name)]
+    def peek(self, box: str, name: str) -> int | None:
+        return self._fds.get((box, name))
 
     def remove(self, box: str, name: str) -> None:
         b = self._box(box)

@@ -23,10 +23,16 @@ _RANK = {BoxState.OPEN: 0, BoxState.SEALED: 1, BoxState.RESTORED: 2}
 class MixedBackend(Backend):
     name = "liveupdate+kernel"
     survives_kexec = True
+    #: The LUO side holds its entries (open, restored, and the files of sealed ones) in
+    #: this process: they are mirrored into the fd store and adopted back by that side.
+    holds_in_process = True
+    #: Taps are not LUO's to hold here: the store keeps its own side backend for them.
+    holds_every_type = False
 
     def __init__(self, luo: LiveupdateBackend, kernel: KernelBackend) -> None:
         self.luo = luo
         self.kernel = kernel
+        self.holds_in_process = luo.holds_in_process or kernel.holds_in_process
 
     def problems(self) -> list[str]:
         return super().problems() + self.luo.problems() + self.kernel.problems()
@@ -73,18 +79,43 @@ class MixedBackend(Backend):
     def get(self, box: str, name: str) -> int:
         return self._holding(box, name).get(box, name)
 
+    def peek(self, box: str, name: str) -> int | None:
+        try:
+            return self._holding(box, name).peek(box, name)
+        except FdboxError:
+            return None
+
+    def adopt(self, box: str, name: str, fd: int) -> None:
+        """The fd store holds only what an in-process side mirrored: the LUO side's."""
+        side = next((s for s in self._sides() if s.holds_in_process), None)
+        if side is None:
+            super().adopt(box, name, fd)
+            return
+        side.adopt(box, name, fd)
+
     def remove(self, box: str, name: str) -> None:
         self._holding(box, name).remove(box, name)
 
     def seal(self, box: str) -> None:
+        """Seal both sides, all or nothing. A side already sealed is left as it is (after
+        a daemon restart fdbox.ko's half stayed sealed while the LUO half is sealed again
+        from what the fd store gave back), and is never unsealed by a failure here."""
+        now: list[Backend] = []
         for side in self._sides():
-            if not self._has(side, box):
+            held = side.inventory().get(box)
+            if held is None:
                 side.create_box(box)
-        self.kernel.seal(box)
+            elif held.state == BoxState.SEALED:
+                continue
+            now.append(side)
+        done: list[Backend] = []
         try:
-            self.luo.seal(box)
+            for side in sorted(now, key=lambda s: s is self.luo):  # fdbox.ko first, as before
+                side.seal(box)
+                done.append(side)
         except BaseException:
-            self.kernel.unseal(box)
+            for side in reversed(done):
+                side.unseal(box)
             raise
 
     def unseal(self, box: str) -> None:

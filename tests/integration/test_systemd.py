@@ -27,12 +27,21 @@ from pathlib import Path
 import pytest
 from fdboxtest import REPO, DaemonProcess, memfd_with, pattern, run_as_user, wait_for
 
+from fdboxd.backends.memory import MemoryBackend
+from fdboxd.backends.mixed import MixedBackend
 from fdboxd.client import Client, read_all
 from fdboxd.errors import FdboxError
+from fdboxd.fdtypes import FdType
+from fdboxd.manifest import Manifest
+from fdboxd.model import Caller
+from fdboxd.store import Store
 from fdboxd.systemd import (
     FDNAME_MAX,
+    Activation,
     FdStoreKeeper,
     Notifier,
+    SystemdIntegration,
+    adopt_store_fds,
     fdname_for,
     fdname_is_valid,
     manager_version,
@@ -502,3 +511,59 @@ def test_sessions_come_back_in_listen_fds(notify, tmp_path):
         keeper.close()
     got = json.loads(out.stdout)
     assert got == {"luo": ["luo#vm1"], "entries": ["vm1/ram0"], "listener": True, "ino": {"luo#vm1": ino}}, got
+
+
+class _Side(MemoryBackend):
+    """One side of ``auto``'s MixedBackend on the host (the real LUO and fdbox.ko sides
+    are exercised in tests/vm): what it accepts and whether it holds in-process."""
+
+    def __init__(self, types: set[FdType], in_process: bool) -> None:
+        super().__init__()
+        self.types = types
+        self.holds_in_process = in_process
+
+    def accepts(self, fd_type: FdType) -> bool:
+        return fd_type in self.types
+
+
+def test_auto_mixed_backend_keeps_its_plain_memfds_in_the_fd_store(notify, tmp_path):
+    """``auto`` with LUO and fdbox.ko: plain memfds (RAM and devstate) are held by the
+    daemon, so they go to the fd store and come back at a restart (a package upgrade
+    restarts fdboxd); the backend declares it (holds_in_process), it is no MemoryBackend."""
+    alice = Caller(1000, 1000)
+    ko = _Side({FdType.MEMFD_HUGETLB, FdType.GUEST_MEMFD}, in_process=False)  # the kernel's: outlives us
+
+    def start(act: Activation) -> tuple[Store, SystemdIntegration]:
+        backend = MixedBackend(_Side({FdType.MEMFD}, in_process=True), ko)  # type: ignore[arg-type]
+        refused = adopt_store_fds(act, backend, Manifest(tmp_path))
+        store = Store(backend, Manifest(tmp_path))
+        sd = SystemdIntegration(store, act, refused, notifier=Notifier(notify.path))
+        sd.attach()
+        return store, sd
+
+    store, sd = start(Activation())
+    blobs = {"ram0": pattern(64 * 1024, seed=3), "devstate": b"device state"}
+    for name, data in blobs.items():
+        fd = memfd_with(data)
+        store.put(alice, "vm1", name, fd, {"k": name})
+        os.close(fd)
+    want = {fdname_for("vm1", n) for n in blobs}
+    assert notify.wait(lambda: want <= set(notify.store), 5), sorted(notify.store)
+
+    sd.close()  # the daemon stops: what it held in-process dies with it
+    store.manifest.close()
+    store.backend.close()
+    with notify.lock:
+        kept = [(n, os.dup(fd)) for n, fd in notify.store.items() if n in want]
+    store, sd = start(Activation(store_fds=kept))
+    try:
+        assert not store.status()["lost"] and not store.status()["adopted"], store.status()
+        for name, data in blobs.items():
+            entry, fd = store.get(alice, "vm1", name)
+            try:
+                assert read_all(fd) == data and entry.metadata == {"k": name}
+            finally:
+                os.close(fd)
+    finally:
+        sd.close()
+        store.manifest.close()

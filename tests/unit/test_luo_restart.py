@@ -309,3 +309,32 @@ def test_a_rewrite_cut_between_create_and_drop_uses_the_newer_index() -> None:
     assert {n for n, x in nb.inventory().items() if x.state == BoxState.RESTORED} == {"vm1"}
     nb.started()
     nb.close()
+
+
+def test_adopted_box_is_sealed_once_with_every_file(tmp_path) -> None:
+    """A restart whose sealed sessions did not come back (their keeper lost them): the
+    box the manifest records sealed is sealed again from the fd store's files, all of
+    them in one session, not the first file alone."""
+    from fdboxd.manifest import Manifest
+    from fdboxd.model import Caller
+    from fdboxd.store import Store
+    from fdboxd.systemd import Activation, adopt_store_fds, fdname_for
+
+    root = Caller(0, 0)
+    b = open_backend(FdStore())
+    store = Store(b, Manifest(tmp_path))
+    for name in ("ram0", "ram1", "devstate"):
+        fd = memfd(name.encode())
+        store.put(root, "vm1", name, fd)
+        os.close(fd)
+    store.seal(root, "vm1")
+    mirror = [(fdname_for("vm1", n), os.dup(b.peek("vm1", n))) for n in ("ram0", "ram1", "devstate")]
+    store.manifest.close()
+    b.close()
+    KERNEL.sessions.clear()  # the sessions went with their keeper
+
+    nb = open_backend(FdStore())
+    assert adopt_store_fds(Activation(store_fds=mirror), nb, Manifest(tmp_path)) == []
+    assert nb.inventory()["vm1"].state == BoxState.SEALED
+    assert sorted(KERNEL.sessions["vm1"].files) == [0, 1, 2, 3]  # the description, then every file
+    nb.close()
