@@ -773,7 +773,7 @@ class LiveupdateBackend(MemoryBackend):
                 log.error("LUO %s/%s not retrieved: %s", box, name, e)
                 continue
             info = detect(fd)
-            self._fds[(box, name)] = fd
+            self._set_fd((box, name), fd)
             b.entries[name] = BackendEntry(name, _restored_type(rec, info.type), info.size,
                                            int(rec.get("uid", 0)), int(rec.get("gid", 0)))
         failpoints.hit("restore.after_retrieve")

@@ -51,8 +51,22 @@ from fdboxd.systemd import (
 OTHER_UID = 65534
 
 
+F_DUPFD_QUERY = 1027  # fcntl(2), Linux 6.10
+
+
+def _same_fd(a: int, b: int) -> bool:
+    """systemd's same_fd() (src/basic/fd-util.c), which service_add_fd_store() asks of
+    every stored fd before it stores one: the same open file description."""
+    import fcntl
+
+    return fcntl.fcntl(a, F_DUPFD_QUERY, b) == 1
+
+
 class NotifySocket:
     """What systemd's end of NOTIFY_SOCKET sees: messages, and the fds they carried.
+
+The fd store keeps an fd as systemd's service_add_fd_store() does: one whose open file
+description is stored already (under any name) is closed and not stored.
 
     A thread reads all the time, as systemd does: an unread datagram socket fills up
     and would make the daemon wait.
@@ -65,6 +79,7 @@ class NotifySocket:
         self.sock.settimeout(0.1)
         self.messages: list[dict[str, str]] = []
         self.store: dict[str, int] = {}  # FDNAME -> fd, maintained like systemd's fdstore
+        self.dropped: list[str] = []  # FDNAMEs of fds the store had already (same_fd)
         self.lock = threading.Lock()
         # Called in the reader thread with each message, before the next is read: a
         # sender waiting on BARRIER=1 (sent after the message) is still waiting then.
@@ -93,6 +108,10 @@ class NotifySocket:
                 self.messages.append(msg)
                 if msg.get("FDSTORE") == "1":
                     assert len(fds) == 1 and fdname_is_valid(msg["FDNAME"]), msg
+                    if any(_same_fd(held, fds[0]) for held in self.store.values()):
+                        os.close(fds[0])  # systemd keeps an open file once: this name is dropped
+                        self.dropped.append(msg["FDNAME"])
+                        continue
                     old = self.store.pop(msg["FDNAME"], None)
                     if old is not None:
                         os.close(old)
@@ -567,3 +586,34 @@ def test_auto_mixed_backend_keeps_its_plain_memfds_in_the_fd_store(notify, tmp_p
     finally:
         sd.close()
         store.manifest.close()
+
+
+def test_the_same_open_file_under_two_names_survives_a_restart(daemon_factory, notify):
+    """systemd stores an open file once: an fd put under a second name must still reach
+    the fd store as a file of its own, or that name is lost at the restart."""
+    d = daemon_factory(env={"NOTIFY_SOCKET": notify.path})
+    fd = memfd_with(b"shared pages")
+    with d.client() as c:
+        c.put("vm1", "ram0", fd)
+        c.put("vm1", "alias", fd)  # the same open file description
+    os.close(fd)
+    want = {"vm1/ram0", "vm1/alias"}
+    assert notify.wait(lambda: want <= set(notify.store) or bool(notify.dropped), 5)
+    assert not notify.dropped, notify.dropped
+    with notify.lock:
+        kept = {n: notify.store[n] for n in want}
+    assert d.stop() == 0
+    restart_from_fdstore(d, notify, kept)
+    with d.client() as c:
+        st = c.status()
+        assert st["entries"] == 2 and not st["lost"], st
+        _e, a = c.get("vm1", "ram0")
+        _e, b = c.get("vm1", "alias")
+    try:
+        assert (os.fstat(a).st_ino, read_all(a)) == (os.fstat(b).st_ino, b"shared pages")
+        os.pwrite(a, b"SHARED", 0)  # the same file: one write, both names
+        assert read_all(b) == b"SHARED pages"
+    finally:
+        os.close(a)
+        os.close(b)
+    d.stop()
