@@ -47,8 +47,8 @@ Design (the uAPI is :mod:`fdboxd.uapi_luo`):
   :meth:`LiveupdateBackend.started`, called once the daemon has started and (under
   systemd) the fd store's mirror holds the restored files, FINISHes the box sessions,
   the index last, and drops the keeper's copies.
-- The index is replaced create-before-drop under two alternating names
-  (:data:`INDEX_SESSIONS`), each with a generation: a rewrite that fails half-way
+- The index is replaced create-before-drop, through a stand-in session of a second
+  name (:data:`INDEX_SESSIONS`), each with a generation: a rewrite that fails half-way
   leaves the old index (or both; the newer is read after the kexec).
 - Never twice: a file already preserved (in another session, by fdbox.ko, or named
   twice in fdbox) is refused at seal with ``AlreadyExists``. When ``/dev/fdbox`` is
@@ -81,7 +81,7 @@ log = logging.getLogger("fdboxd.liveupdate")
 
 #: The session listing every sealed box's session; a colon keeps it out of box names.
 INDEX_SESSION = "fdboxd:index"
-#: The index is rewritten create-before-drop, so it alternates between two names (a
+#: The index is rewritten create-before-drop, through a stand-in of the second name (a
 #: session name exists once); each index records a ``generation`` and after a kexec the
 #: highest one that crossed is read (both cross when a rewrite was cut short).
 INDEX_SESSIONS = (INDEX_SESSION, "fdboxd:index2")
@@ -604,38 +604,43 @@ class LiveupdateBackend(MemoryBackend):
             self._keeper.drop(name)
 
     def _write_index(self, dev: uapi_luo.LuoDevice) -> None:
-        """Replace the index session with one listing :attr:`_sealed` (none if empty):
-        the new one is created and held before the old one is dropped, so a failure at
-        any step leaves an index that lists every box sealed before it (see
-        :data:`INDEX_SESSIONS`)."""
-        old = set(self._held_index)
-        if self._sealed:
-            free = [n for n in INDEX_SESSIONS if n not in old]
-            if not free:  # both held (reclaimed after a rewrite cut short): one goes first
-                self._drop_index(INDEX_SESSIONS[1])
-                old.discard(INDEX_SESSIONS[1])
-                free = [INDEX_SESSIONS[1]]
-            name = free[0]
-            # A restarted fdboxd cannot read an outgoing index's generation (RETRIEVE_FD is
-            # EINVAL before the kexec): the clock orders them across restarts.
-            generation = max(self._index_generation + 1, time.time_ns())
-            session = self._create_session(dev, name)
-            try:
-                index = _json_memfd({"version": 1, "generation": generation, "boxes": sorted(self._sealed)})
-                try:
-                    session.preserve_fd(index, INDEX_TOKEN)
-                except uapi_luo.LuoOSError as e:
-                    raise _luo_error(e, "LUO preserve of the index") from None
-                finally:
-                    os.close(index)
-                self._hold(name, session.fd)
-            finally:
-                session.close()
-            self._held_index.add(name)
-            self._index_generation = generation
-            failpoints.hit("seal.after_index_create")
-        for name in sorted(old):
+        """Replace the index session with one listing :attr:`_sealed` (none if empty),
+        create before drop: a stand-in (``INDEX_SESSIONS[1]``) is made and held
+        before the index goes, and the index made again before the stand-in goes, so a
+        failure at any step leaves an index listing every box sealed before it, and the
+        steady state is the one session :data:`INDEX_SESSION`."""
+        if not self._sealed:
+            for name in sorted(self._held_index):
+                self._drop_index(name)
+            return
+        if INDEX_SESSION in self._held_index:
+            self._put_index(dev, INDEX_SESSIONS[1])
+        self._put_index(dev, INDEX_SESSION)
+
+    def _put_index(self, dev: uapi_luo.LuoDevice, name: str) -> None:
+        """Create index session ``name``, hold it, then drop every other index held."""
+        if name in self._held_index:  # a stale one (reclaimed after a cut-short rewrite)
             self._drop_index(name)
+        # A restarted fdboxd cannot read an outgoing index's generation (RETRIEVE_FD is
+        # EINVAL before the kexec): the clock orders them across restarts.
+        generation = max(self._index_generation + 1, time.time_ns())
+        session = self._create_session(dev, name)
+        try:
+            index = _json_memfd({"version": 1, "generation": generation, "boxes": sorted(self._sealed)})
+            try:
+                session.preserve_fd(index, INDEX_TOKEN)
+            except uapi_luo.LuoOSError as e:
+                raise _luo_error(e, "LUO preserve of the index") from None
+            finally:
+                os.close(index)
+            self._hold(name, session.fd)
+        finally:
+            session.close()
+        self._held_index.add(name)
+        self._index_generation = generation
+        failpoints.hit("seal.after_index_create")
+        for old in sorted(self._held_index - {name}):
+            self._drop_index(old)
 
     def _drop_index(self, name: str) -> None:
         """Release an older index session; if that fails it stays preserved and, with a
