@@ -67,7 +67,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .. import failpoints, uapi_luo
 from ..errors import FdboxError
@@ -248,8 +248,15 @@ class Holder:
         return cls(ours, proc)
 
     @classmethod
-    def reclaim(cls) -> list[tuple[str, int]]:
-        """Take the sessions an earlier fdboxd's holder still keeps (after a daemon restart)."""
+    def reclaim(cls, keep: Callable[[str, int], None] | None = None) -> list[tuple[str, int]]:
+        """Take the sessions an earlier fdboxd's holder still keeps (after a daemon restart).
+
+        Create before drop: the holder lends them (``lend``: copies, it keeps its own),
+        ``keep(name, fd)`` hands each to our keeper, and only once every one is kept is
+        the holder told to ``forget`` them; if ``keep`` fails the holder keeps them all.
+        A holder from before ``lend`` is asked to ``take`` (send and forget at once).
+        Returns ``(name, fd)`` pairs; the fds are the caller's.
+        """
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             s.connect(luo_holder.RECLAIM_ADDRESS)
@@ -261,19 +268,41 @@ class Holder:
             if int.from_bytes(cred[4:8], sys.byteorder) != os.geteuid():
                 log.warning("ignoring a squatter on the LUO holder's reclaim address")
                 return []
-            s.send(b"take")
-            got: list[tuple[str, int]] = []
-            while True:
-                msg, fds = luo_holder.recv_message(s)
-                text = msg.decode(errors="replace")
-                if text.startswith("fd ") and len(fds) == 1:
-                    got.append((text[3:], fds[0]))
-                    continue
-                for fd in fds:
+            s.send(b"lend")
+            got, done = cls._received(s)
+            lent = done == "ok"
+            if not lent:  # an older holder: it knows only "take"
+                s.send(b"take")
+                got, _done = cls._received(s)
+            try:
+                for name, fd in got:
+                    if keep is not None:
+                        keep(name, fd)
+            except BaseException:
+                for _name, fd in got:
                     os.close(fd)
-                return got
+                raise
+            if lent:
+                s.send(b"forget")
+                if luo_holder.recv_message(s)[0] != b"ok":
+                    log.warning("the previous LUO holder did not release its copies: it keeps them until the kexec")
+            return got
         finally:
             s.close()
+
+    @staticmethod
+    def _received(s: socket.socket) -> tuple[list[tuple[str, int]], str]:
+        """The ``fd NAME`` datagrams of a lend or take, and the reply that ended them."""
+        got: list[tuple[str, int]] = []
+        while True:
+            msg, fds = luo_holder.recv_message(s)
+            text = msg.decode(errors="replace")
+            if text.startswith("fd ") and len(fds) == 1:
+                got.append((text[3:], fds[0]))
+                continue
+            for fd in fds:
+                os.close(fd)
+            return got, text
 
     def _call(self, msg: str, fd: int | None = None) -> None:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder, signed=True))] if fd is not None else []
@@ -804,15 +833,10 @@ class LiveupdateBackend(MemoryBackend):
         handed to our keeper at once, then sorted like the fd store's (:meth:`_sort_carried`):
         outgoing ones are sealed boxes again, incoming ones (a start after a kexec that
         failed before :meth:`started`) are restored by :meth:`_restore`."""
-        got = Holder.reclaim()
+        got = Holder.reclaim(self._hold)  # each one held by our keeper before the old holder lets go
         if not got:
             return
         for name, fd in got:
-            try:
-                self._hold(name, fd)
-            except BaseException:
-                os.close(fd)
-                raise
             session = uapi_luo.LuoSession(fd)
             if self._is_incoming(session):
                 self._reclaimed_in[name] = session

@@ -150,7 +150,7 @@ def fake_luo(monkeypatch):
     KERNEL = Kernel()
     monkeypatch.setattr(uapi_luo, "LuoDevice", FakeDevice)
     monkeypatch.setattr(uapi_luo, "LuoSession", FakeSession)
-    monkeypatch.setattr(liveupdate.Holder, "reclaim", classmethod(lambda cls: []))
+    monkeypatch.setattr(liveupdate.Holder, "reclaim", classmethod(lambda cls, keep=None: []))
     yield
     failpoints.configure(None)
 
