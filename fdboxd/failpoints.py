@@ -46,7 +46,10 @@ FAILPOINTS: dict[str, str] = {
     "failpoints.selftest": "tests/unit/test_failpoints.py's own point (fires only where the test calls it)",
     "restore.after_retrieve": "a carried LUO session's files are retrieved and its keeper holds it; not FINISHed",
     "seal.after_index_create": "the new LUO index session is held by the keeper; the older one not dropped yet",
+    "seal.after_kernel_side": "auto (LUO + fdbox.ko): the box's fdbox.ko half is sealed, its LUO half not yet",
+    "seal.after_session_held": "a box's LUO session holds its files and the keeper has it; the index not rewritten yet",
     "start.before_finish": "the daemon has started; an incoming LUO session is about to be FINISHed",
+    "unseal.after_session_drop": "a box's LUO session is dropped (unpreserved); the index still lists it",
 }
 
 

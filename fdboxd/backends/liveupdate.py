@@ -481,6 +481,7 @@ class LiveupdateBackend(MemoryBackend):
                 session.close()  # the holder has its own copy now (or the seal failed)
             try:
                 self._sealed.add(box)
+                failpoints.hit("seal.after_session_held")
                 self._write_index(dev)
             except BaseException:
                 self._sealed.discard(box)
@@ -518,6 +519,7 @@ class LiveupdateBackend(MemoryBackend):
             self._sealed.discard(box)
             dev = None
             try:
+                failpoints.hit("unseal.after_session_drop")
                 dev = open_device(self.device, self.wait, self.busy)
                 self._write_index(dev)
             except (FdboxError, OSError):

@@ -15,6 +15,7 @@ side for its inventory (on fdbox.ko, an ioctl per box).
 
 from __future__ import annotations
 
+from .. import failpoints
 from ..errors import FdboxError
 from ..fdtypes import FdInfo, FdType
 from ..model import BoxState
@@ -150,6 +151,8 @@ class MixedBackend(Backend):
             for side in sorted(now, key=lambda s: s is self.luo):  # fdbox.ko first, as before
                 side.seal(box)
                 done.append(side)
+                if side is self.kernel:
+                    failpoints.hit("seal.after_kernel_side")
         except BaseException:
             for side in reversed(done):
                 side.unseal(box)

@@ -120,3 +120,19 @@ def test_get_put_and_remove_read_no_inventory() -> None:
     with pytest.raises(FdboxError):
         b.get("vm", "ram11")
     assert "vm" not in luo.inventory() and "vm" not in ko.inventory()
+
+
+def test_a_failure_between_the_two_sides_unseals_the_kernel_half() -> None:
+    from fdboxd import failpoints
+
+    b, luo, ko = mixed()
+    b.create_box("vm")
+    put(b, "vm", "ram0", FdType.MEMFD)
+    put(b, "vm", "ram1", FdType.MEMFD_HUGETLB)
+    failpoints.configure("seal.after_kernel_side=error(EIO)")
+    try:
+        with pytest.raises(OSError):
+            b.seal("vm")
+    finally:
+        failpoints.configure(None)
+    assert ko.inventory()["vm"].state == luo.inventory()["vm"].state == BoxState.OPEN

@@ -341,3 +341,20 @@ def test_adopted_box_is_sealed_once_with_every_file(tmp_path) -> None:
     assert nb.inventory()["vm1"].state == BoxState.SEALED
     assert sorted(KERNEL.sessions["vm1"].files) == [0, 1, 2, 3]  # the description, then every file
     nb.close()
+
+
+def test_a_seal_failing_after_its_session_is_held_leaves_the_box_open_and_the_index_as_it_was() -> None:
+    store = FdStore()
+    b = open_backend(store)
+    for box in ("vm1", "vm2"):
+        b.create_box(box)
+        put(b, box, "ram0", box.encode())
+    b.seal("vm1")
+    failpoints.configure("seal.after_session_held=error(ENOMEM)")
+    with pytest.raises(OSError):
+        b.seal("vm2")
+    failpoints.configure(None)
+    assert b.inventory()["vm2"].state == BoxState.OPEN
+    assert sorted(store.held) == [INDEX_SESSION, "vm1"]
+    b.seal("vm2")  # nothing left behind in the way
+    b.close()
