@@ -82,7 +82,11 @@ tell kernel lines from test output on the console."""
 
 KERNEL_PROBLEM_RE = re.compile(
     r"\bBUG[: ]|\bWARNING:|\bOops\b|Kernel panic|general protection|"
-    r"\bUBSAN:|\bKASAN:|kernel BUG at|Call Trace:"
+    r"\bUBSAN:|\bKASAN:|kernel BUG at|Call Trace:|"
+    # what the debug kernel's checkers print (lockdep, DEBUG_ATOMIC_SLEEP, DEBUG_LIST, RCU)
+    r"possible (circular|recursive) locking|inconsistent lock state|"
+    r"sleeping function called from invalid context|suspicious RCU usage|"
+    r"lock held when returning to user space|DEBUG_LOCKS_WARN_ON|list_(add|del) corruption"
 )
 _KMSG_TIME_RE = re.compile(r"\[\s*\d+\.\d{6}\]")
 
@@ -224,17 +228,19 @@ def _locked(name: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- module
 
 
-def kernel_build_dir(kernel: TestKernel | None = None) -> Path:
-    """``linux-build.tar.xz`` extracted once into ``build/vm/linux-build``.
+def kernel_build_dir(kernel: TestKernel | None = None, *, name: str = "linux-build") -> Path:
+    """``linux-build.tar.xz`` extracted once into ``build/vm/<name>``.
 
-    Re-extracted when the tarball changes (its size and mtime are remembered).
+    Re-extracted when the tarball changes (its size and mtime are remembered). Each
+    kernel its own ``name`` (the debug kernel's tree is ``linux-build-debug``): the two
+    share a release string, and a module built against one does not load in the other.
     """
     kernel = kernel or _require_kernel()
-    dest = cache_dir() / "linux-build"
+    dest = cache_dir() / name
     st = kernel.build_tarball.stat()
     stamp = f"{kernel.build_tarball} {st.st_size} {st.st_mtime_ns}\n"
-    marker = cache_dir() / "linux-build.stamp"
-    with _locked("linux-build"):
+    marker = cache_dir() / f"{name}.stamp"
+    with _locked(name):
         if marker.is_file() and marker.read_text() == stamp and dest.is_dir():
             return dest
         shutil.rmtree(dest, ignore_errors=True)
