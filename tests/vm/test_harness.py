@@ -151,6 +151,10 @@ def test_kernel_problem_scan_ignores_untimed_console_lines() -> None:
         "[    3.000000] BUG: kernel NULL pointer dereference, address: 0000000000000000",
     ]
     assert vmlib.kernel_problems("general protection fault, probably for non-canonical address")
+    # the debug kernel's checkers, whatever line their report starts on
+    for line in ("[    5.000000] inconsistent lock state", "[    5.000000] suspicious RCU usage.",
+                 "[    5.000000] list_add corruption. prev->next should be next"):
+        assert vmlib.kernel_problems(line, console=True) == [line], line
 
 
 def test_guest_path_maps_out_dir(tmp_path: Path) -> None:
