@@ -29,6 +29,7 @@ from .manifest import Manifest
 from .model import Caller
 from .names import BoxRules
 from .preflight import Preflighter
+from .statelock import StateLock
 from .checksum import DEFAULT_VERIFY, Verify
 from .limits import Budget, Limits, add_arguments, from_args
 from .store import Store
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     """fdboxd's command line; also what the man page and bash completion are generated from."""
     p = argparse.ArgumentParser(prog="fdboxd", description="fdbox daemon: named boxes of file descriptors.",
                                 epilog="exit codes: 0 stopped by SIGTERM/SIGINT, 1 could not start (a missing "
-                                "optional package, the socket or bus name taken, a bad state directory; one line "
-                                "on stderr says which), 2 bad command line.")
+                                "optional package, the socket or bus name taken, another fdboxd on the state "
+                                "directory, a bad state directory; one line on stderr says which), 2 bad command line.")
     p.add_argument("--user", action="store_true", default=None,
                    help="run as a user daemon: socket and state under the user's own directories")
     p.add_argument("--socket", help="Varlink socket path (default: /run/fdbox/fdboxd.sock as root)")
@@ -132,6 +133,9 @@ class Daemon:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Before anything is read or taken (the manifest, LUO sessions from the fd store
+        # or the holder): one daemon per state directory, for its whole life.
+        self.state_lock = StateLock.acquire(config.state_dir)
         from . import systemd as sd  # standard library only
 
         # Under systemd: the Varlink listener and the fdstore's fds come in LISTEN_FDS;
@@ -232,6 +236,10 @@ class Daemon:
         # 145 ms per full pass, 0 ms once frozen). Refcounting still frees what is removed;
         # entries put later are walked until the next restart.
         gc.freeze()
+        # Only now, with every file held where a restart finds it again (the fd store's
+        # mirror has them): LUO FINISHes what it carried. A start that failed before this
+        # left every session with its keeper, for the next start to retrieve again.
+        self.backend.started()
         self.systemd.ready()
 
     async def run(self) -> None:
@@ -260,6 +268,7 @@ class Daemon:
             self.store.manifest.close()  # the journal, and a compaction still running
         self.systemd.close()
         log.info("fdboxd stopped")
+        self.state_lock.release()  # last: everything above may still write the state directory
 
 
 def log_what_stop_drops(backend: Any, in_fd_store: bool, shown: int = 8) -> None:

@@ -42,6 +42,7 @@ ENV = "FDBOX_FAILPOINTS"
 #: Every failpoint: name → the step it marks (what has happened when it fires). Sorted by
 #: name; add yours here, then call :func:`hit` at that step.
 FAILPOINTS: dict[str, str] = {
+    "adopt.before_seal": "every fd from systemd's fd store is adopted; boxes sealed before the restart not sealed again",
     "failpoints.selftest": "tests/unit/test_failpoints.py's own point (fires only where the test calls it)",
     "finish.before_release": "Finish is journalled (box open, unclaimed entries gone); one is not released yet",
     "finish.journal": "Finish's journal write: the box is reopened in memory only, nothing released",
@@ -53,19 +54,25 @@ FAILPOINTS: dict[str, str] = {
     "remove.box_before_release": "DeleteBox is journalled; the backend still holds the box",
     "remove.box_journal": "DeleteBox's journal write: nothing changed yet",
     "remove.journal": "Remove's journal write: nothing changed yet",
+    "restore.after_retrieve": "a carried LUO session's files are retrieved and its keeper holds it; not FINISHed",
     "restore.before_backend_finish": "a restored box is reopened and journalled (last claim, Finish); no FINISH yet",
     "restore.claim_journal": "a claim's journal write (Get in a restored box): the fd is made, nothing recorded",
     "restore.verify_drop": "a restored entry failed its checksum and is reported lost; it is not dropped yet",
     "restore.verify_get": "a restored entry is about to be opened for its check (at start, or a Get's retry)",
     "seal.after_carry": "seal: sealed in the backend, snapshot written, manifest carried; no reply yet",
+    "seal.after_index_create": "the new LUO index session is held by the keeper; the older one not dropped yet",
+    "seal.after_kernel_side": "auto (LUO + fdbox.ko): the box's fdbox.ko half is sealed, its LUO half not yet",
     "seal.after_manifest": "seal: sealed in the backend, snapshot (SEALED) written; manifest not carried",
     "seal.after_preserve": "seal: a box sealed in the backend, SEALED in memory; no snapshot written",
+    "seal.after_session_held": "a box's LUO session holds its files and the keeper has it; the index not rewritten yet",
     "seal.before_preserve": "seal: checksums recorded, boxes frozen; nothing sealed in the backend",
     "seal.begin": "seal: every check passed; nothing frozen, opened or sealed",
     "seal.rollback": "seal: a later step failed; a box sealed in the backend is about to be unsealed",
+    "start.before_finish": "the daemon has started; an incoming LUO session is about to be FINISHed",
     "unseal.after_carry": "unseal: OPEN journalled, the carried manifest rewritten without the box",
     "unseal.after_journal": "unseal: released, OPEN journalled; the carried manifest still lists the box",
     "unseal.after_release": "unseal: the backend released the box (session dropped); the store says SEALED",
+    "unseal.after_session_drop": "a box's LUO session is dropped (unpreserved); the index still lists it",
     "unseal.begin": "unseal: the box is sealed; nothing released yet",
 }
 

@@ -104,7 +104,7 @@ class Store:
         self.verify = Verify(verify)
         # Types the main backend cannot hold (tap fds with the kernel backend) are
         # held by the daemon itself.
-        self.side: Backend = backend if isinstance(backend, MemoryBackend) else MemoryBackend()
+        self.side: Backend = backend if backend.holds_every_type else MemoryBackend()
         self.manifest = manifest
         self.limits = limits
         self.allowed_types = frozenset(allowed_types)

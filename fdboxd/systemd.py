@@ -16,11 +16,13 @@ compiler to install (no wheels on PyPI), and the daemon must run where it is mis
 above are a few dozen lines, and speaking them ourselves lets the tests point the
 daemon at their own notify and journal sockets.
 
-**fdstore self-preservation** (memory backend): each held fd is also pushed to the
-service's fd store (``FDSTORE=1``, ``FDNAME=<box>/<entry>``) and taken out again
+**fdstore self-preservation** (every backend that declares ``holds_in_process``: memory,
+liveupdate, and ``auto``'s mixed backend for its LUO side): each fd held by the daemon
+itself (:meth:`~fdboxd.backends.base.Backend.peek`) is also pushed to the service's fd
+store (``FDSTORE=1``, ``FDNAME=<box>/<entry>``) and taken out again
 (``FDSTOREREMOVE=1``) when the entry goes. When the service restarts, systemd hands
-the fds back in ``LISTEN_FDS``; :func:`adopt_store_fds` gives them to the
-:class:`~fdboxd.backends.memory.MemoryBackend` *before* the store is built, so the
+the fds back in ``LISTEN_FDS``; :func:`adopt_store_fds` gives them to the backend
+(:meth:`~fdboxd.backends.base.Backend.adopt`) *before* the store is built, so the
 store's reconciliation sees them (owners and metadata come from the manifest).
 
 FDNAME encoding: systemd's ``fdname_is_valid`` accepts printable ASCII except ``:``
@@ -56,8 +58,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import failpoints
 from .backends.base import Backend
-from .backends.memory import MemoryBackend
 from .errors import FdboxError
 from .manifest import Manifest
 from .model import BoxState, Caller
@@ -170,7 +172,9 @@ def _is_listening_stream(fd: int) -> bool:
 
 
 def adopt_store_fds(act: Activation, backend: Backend, manifest: Manifest) -> list[str]:
-    """Give the fdstore's fds to the memory backend, before the store is built.
+    """Give the fdstore's fds to a backend that ``holds_in_process``, before the store is
+    built; then seal, once each, the boxes the manifest records sealed (all adopted
+    first: a LUO seal preserves the box's files as they are then).
 
     Returns the FDNAMEs that could not be adopted (their fds are closed; the caller
     removes them from the fdstore once the notify socket is known).
@@ -178,7 +182,7 @@ def adopt_store_fds(act: Activation, backend: Backend, manifest: Manifest) -> li
     refused: list[str] = []
     if not act.store_fds:
         return refused
-    if not isinstance(backend, MemoryBackend):
+    if not backend.holds_in_process:
         log.warning("%d fds from the fd store ignored: backend %s keeps its own", len(act.store_fds), backend.name)
         for name, fd in act.store_fds:
             os.close(fd)
@@ -190,6 +194,7 @@ def adopt_store_fds(act: Activation, backend: Backend, manifest: Manifest) -> li
     except FdboxError as e:
         log.error("manifest unreadable (%s): fd store entries adopted without owners", e.message)
         data = None
+    sealed: list[str] = []
     for fdname, fd in act.store_fds:
         parsed = parse_fdname(fdname)
         assert parsed is not None
@@ -208,8 +213,14 @@ def adopt_store_fds(act: Activation, backend: Backend, manifest: Manifest) -> li
             refused.append(fdname)
             continue
         act.adopted.add(fdname_for(box, entry))
-        if mbox is not None and mbox.state == BoxState.SEALED:
+        if mbox is not None and mbox.state == BoxState.SEALED and box not in sealed:
+            sealed.append(box)
+    failpoints.hit("adopt.before_seal")
+    for box in sealed:
+        try:
             backend.seal(box)
+        except (FdboxError, OSError) as e:  # the store's reconciliation sees it open
+            log.error("box %s, sealed before the restart, not sealed again: %s", box, e)
     log.info("adopted %d fds from the systemd fd store", len(act.adopted))
     act.store_fds = []
     return refused
@@ -243,7 +254,8 @@ class SystemdIntegration:
         self._watchdog: asyncio.Task[Any] | None = None
         self._pin: int | None = None
         self._stopping = False
-        self.mirror = self.notifier.enabled and isinstance(store.backend, MemoryBackend)
+        #: Mirror held fds into the fd store: what the backend declares, not its class.
+        self.mirror = self.notifier.enabled and store.backend.holds_in_process
 
     def attach(self, state_dir: str | None = None) -> None:
         """Subscribe to the store and bring the fdstore in line with what is held."""
@@ -257,16 +269,14 @@ class SystemdIntegration:
         for fdname in self.refused:
             self.notifier.send(f"FDSTOREREMOVE=1\nFDNAME={fdname}")
         backend = self.store.backend
-        assert isinstance(backend, MemoryBackend)
         pushed = 0
         for e in self.store.list(_ROOT):
             name = fdname_for(e.box, e.name)
             if name in self.activation.adopted:
                 continue
-            try:
-                fd = backend.peek(e.box, e.name)
-            except KeyError:
-                continue  # recorded only (a tap to recreate): nothing held
+            fd = backend.peek(e.box, e.name)
+            if fd is None:
+                continue  # held by the kernel, or recorded only (a tap to recreate)
             if self._push(name, fd):
                 pushed += 1
         if pushed:
@@ -282,12 +292,9 @@ class SystemdIntegration:
         if self.mirror and ev.entry is not None:
             name = fdname_for(ev.box, ev.entry.name)
             if ev.kind == "entry-added":
-                backend = self.store.backend
-                assert isinstance(backend, MemoryBackend)
-                try:
-                    self._push(name, backend.peek(ev.box, ev.entry.name))
-                except KeyError:
-                    pass
+                fd = self.store.backend.peek(ev.box, ev.entry.name)
+                if fd is not None:
+                    self._push(name, fd)
             elif ev.kind == "entry-removed":
                 self.notifier.send(f"FDSTOREREMOVE=1\nFDNAME={name}")
         self.notifier.send(f"STATUS={self.status_text()}")

@@ -74,10 +74,24 @@ class BackendBox:
 
 
 class Backend(abc.ABC):
+    """A backend; what it can do is *declared* by the capabilities below, each backend
+    setting its own, and the rest of fdboxd reads the declarations (never the class:
+    ``auto``'s mixed backend holds in-process like the memory backend without being one).
+    """
+
     #: Short name shown in Status and on D-Bus ("memory", "kernel").
     name: str = "?"
-    #: True if sealed boxes survive a kexec with this backend.
+    #: Capability: sealed boxes survive a kexec with this backend.
     survives_kexec: bool = False
+    #: Capability: some entries are held by this process only (a dup each, gone with
+    #: it): :meth:`peek` gives them, the daemon mirrors them into systemd's fd store
+    #: (fdboxd.systemd) and :meth:`adopt` takes them back at a restart.
+    holds_in_process: bool = False
+    #: Capability: besides the types it :meth:`accepts`, this backend holds any other
+    #: type in this process (taps, recorded for recreation) and never carries them: the
+    #: store uses it as its side backend; without it the store keeps a separate memory
+    #: backend for them.
+    holds_every_type: bool = False
 
     @abc.abstractmethod
     def accepts(self, fd_type: FdType) -> bool:
@@ -111,6 +125,17 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def remove(self, box: str, name: str) -> None: ...
+
+    def peek(self, box: str, name: str) -> int | None:
+        """The fd this process holds for the entry (borrowed: never close it), for the fd
+        store's mirror; None where the entry is held elsewhere (the kernel) or not at all."""
+        return None
+
+    def adopt(self, box: str, name: str, fd: int) -> None:
+        """Take ownership of ``fd`` (the fd store's) as entry ``box/name``: backends that
+        declare :attr:`holds_in_process` only. On an error ``fd`` stays the caller's."""
+        raise FdboxError("UnsupportedType", f"backend {self.name} holds nothing in this process: "
+                         f"{box}/{name} from the fd store not adopted", box=box, name=name)
 
     def discard(self, box: str, name: str) -> bool:
         """Remove the entry if this backend holds it; whether it did (a quiet :meth:`remove`)."""
@@ -150,6 +175,11 @@ class Backend(abc.ABC):
 
     def finish(self, box: str) -> None:
         """A restored box is done: release restore-only resources. Default: nothing."""
+
+    def started(self) -> None:
+        """The daemon has started and every entry sits where a restart finds it again
+        (the fd store's mirror under systemd included): release what only a start that
+        failed would have needed (LUO: FINISH the incoming sessions). Default: nothing."""
 
     @abc.abstractmethod
     def inventory(self) -> dict[str, BackendBox]:

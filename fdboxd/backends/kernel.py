@@ -52,6 +52,10 @@ def _error(e: uapi.FdboxOSError, box: str, name: str | None = None) -> FdboxErro
 
 
 class KernelBackend(Backend):
+    #: /dev/fdbox holds every reference (the daemon none): nothing to mirror or adopt,
+    #: and no type outside :meth:`accepts` is held here.
+    holds_in_process = False
+    holds_every_type = False
     name = "kernel"
 
     def __init__(self, device: str = "/dev/fdbox") -> None:

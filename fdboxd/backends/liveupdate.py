@@ -39,10 +39,17 @@ Design (the uAPI is :mod:`fdboxd.uapi_luo`):
     process (:mod:`fdboxd.backends.luo_holder`, ``argv[0]`` starting with ``@`` so
     systemd-shutdown spares it), as before.
 - After the kexec, opening the backend retrieves the index, every session and every
-  file — a session the fd store gave back is used as it is, any other is retrieved by
-  name — FINISHes each session and closes the device (and removes the fd store's copy):
-  LUO is done with them before any client connects, and the boxes are reported
-  ``restored`` holding ordinary memfds.
+  file — a session the fd store gave back is used as it is, one the holder gave back
+  too, any other is retrieved by name and handed to the keeper before it is read — and
+  the boxes are reported ``restored`` holding ordinary memfds. Nothing is FINISHed
+  then: a start that fails later (a newer manifest, the bus name taken) leaves every
+  session with its keeper, and the next start retrieves the same files again.
+  :meth:`LiveupdateBackend.started`, called once the daemon has started and (under
+  systemd) the fd store's mirror holds the restored files, FINISHes the box sessions,
+  the index last, and drops the keeper's copies.
+- The index is replaced create-before-drop, through a stand-in session of a second
+  name (:data:`INDEX_SESSIONS`), each with a generation: a rewrite that fails half-way
+  leaves the old index (or both; the newer is read after the kexec).
 - Never twice: a file already preserved (in another session, by fdbox.ko, or named
   twice in fdbox) is refused at seal with ``AlreadyExists``. When ``/dev/fdbox`` is
   available the module is asked too (:meth:`LiveupdateBackend._module_holds`).
@@ -60,9 +67,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
-from .. import uapi_luo
+from .. import failpoints, uapi_luo
 from ..errors import FdboxError
 from ..fdtypes import FdInfo, FdType, detect
 from ..model import BoxState
@@ -74,6 +81,10 @@ log = logging.getLogger("fdboxd.liveupdate")
 
 #: The session listing every sealed box's session; a colon keeps it out of box names.
 INDEX_SESSION = "fdboxd:index"
+#: The index is rewritten create-before-drop, through a stand-in of the second name (a
+#: session name exists once); each index records a ``generation`` and after a kexec the
+#: highest one that crossed is read (both cross when a rewrite was cut short).
+INDEX_SESSIONS = (INDEX_SESSION, "fdboxd:index2")
 INDEX_TOKEN = 0
 #: Box names that are other agents' session names (systemd >= 261 uses "systemd").
 RESERVED_SESSIONS = frozenset({"systemd"})
@@ -237,8 +248,15 @@ class Holder:
         return cls(ours, proc)
 
     @classmethod
-    def reclaim(cls) -> list[tuple[str, int]]:
-        """Take the sessions an earlier fdboxd's holder still keeps (after a daemon restart)."""
+    def reclaim(cls, keep: Callable[[str, int], None] | None = None) -> list[tuple[str, int]]:
+        """Take the sessions an earlier fdboxd's holder still keeps (after a daemon restart).
+
+        Create before drop: the holder lends them (``lend``: copies, it keeps its own),
+        ``keep(name, fd)`` hands each to our keeper, and only once every one is kept is
+        the holder told to ``forget`` them; if ``keep`` fails the holder keeps them all.
+        A holder from before ``lend`` is asked to ``take`` (send and forget at once).
+        Returns ``(name, fd)`` pairs; the fds are the caller's.
+        """
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             s.connect(luo_holder.RECLAIM_ADDRESS)
@@ -250,19 +268,41 @@ class Holder:
             if int.from_bytes(cred[4:8], sys.byteorder) != os.geteuid():
                 log.warning("ignoring a squatter on the LUO holder's reclaim address")
                 return []
-            s.send(b"take")
-            got: list[tuple[str, int]] = []
-            while True:
-                msg, fds = luo_holder.recv_message(s)
-                text = msg.decode(errors="replace")
-                if text.startswith("fd ") and len(fds) == 1:
-                    got.append((text[3:], fds[0]))
-                    continue
-                for fd in fds:
+            s.send(b"lend")
+            got, done = cls._received(s)
+            lent = done == "ok"
+            if not lent:  # an older holder: it knows only "take"
+                s.send(b"take")
+                got, _done = cls._received(s)
+            try:
+                for name, fd in got:
+                    if keep is not None:
+                        keep(name, fd)
+            except BaseException:
+                for _name, fd in got:
                     os.close(fd)
-                return got
+                raise
+            if lent:
+                s.send(b"forget")
+                if luo_holder.recv_message(s)[0] != b"ok":
+                    log.warning("the previous LUO holder did not release its copies: it keeps them until the kexec")
+            return got
         finally:
             s.close()
+
+    @staticmethod
+    def _received(s: socket.socket) -> tuple[list[tuple[str, int]], str]:
+        """The ``fd NAME`` datagrams of a lend or take, and the reply that ended them."""
+        got: list[tuple[str, int]] = []
+        while True:
+            msg, fds = luo_holder.recv_message(s)
+            text = msg.decode(errors="replace")
+            if text.startswith("fd ") and len(fds) == 1:
+                got.append((text[3:], fds[0]))
+                continue
+            for fd in fds:
+                os.close(fd)
+            return got, text
 
     def _call(self, msg: str, fd: int | None = None) -> None:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder, signed=True))] if fd is not None else []
@@ -286,8 +326,20 @@ class Holder:
 
 
 class LiveupdateBackend(MemoryBackend):
+    """LUO for sealed plain memfds; everything else held in this process.
+
+    Built on :class:`~fdboxd.backends.memory.MemoryBackend` on purpose, and said so by
+    its capabilities (:mod:`fdboxd.backends.base`): every entry, open or restored, is a
+    dup held in-process (``holds_in_process``: mirrored into systemd's fd store and
+    adopted back at a restart), LUO is involved only while a box is sealed, and types
+    LUO cannot preserve (taps) are held here too (``holds_every_type``), recorded and
+    never sealed into a session.
+    """
+
     name = "liveupdate"
     survives_kexec = True
+    holds_in_process = True
+    holds_every_type = True
 
     def __init__(self, device: str = uapi_luo.DEVICE_PATH, fdbox_device: str | None = None,
                  wait: float = OPEN_RETRY_S, carried: list[int] | None = None,
@@ -302,7 +354,9 @@ class LiveupdateBackend(MemoryBackend):
         self._fdstore = fdstore
         self._keeper: SessionKeeper | None = fdstore if fdstore is not None and fdstore.keeps_sessions else None
         self._sealed: set[str] = set()  # boxes whose session the holder keeps
-        self._held_index = False
+        #: The index sessions our keeper holds (two only while a rewrite is cut short).
+        self._held_index: set[str] = set()
+        self._index_generation = 0
         #: Sessions reclaimed from an earlier fdboxd's holder, not yet matched to a box
         #: (the fdstore gives the entries back and seals the box again: see seal()).
         self._orphans: set[str] = set()
@@ -312,6 +366,13 @@ class LiveupdateBackend(MemoryBackend):
         #: Timings of the last restore (seconds), for the bench and the log.
         self.restore_timing: dict[str, float] = {}
         self._carried: dict[str, uapi_luo.LuoSession] = {}  # retrieved by PID 1, by name
+        #: Incoming sessions (after a kexec) that are retrieved and not yet FINISHed, by
+        #: name, each with the keeper whose copy keeps it for a restart: FINISHed only by
+        #: :meth:`started`, so a start that fails leaves LUO as it found it.
+        self._incoming: dict[str, tuple[uapi_luo.LuoSession, SessionKeeper | None]] = {}
+        #: Incoming sessions an earlier fdboxd's holder gave back (a start that failed),
+        #: re-held by our keeper already.
+        self._reclaimed_in: dict[str, uapi_luo.LuoSession] = {}
         outgoing = self._sort_carried(carried or [])
         # Prove the device works now (and take back what the last kernel carried),
         # rather than failing the first seal hours later.
@@ -323,24 +384,45 @@ class LiveupdateBackend(MemoryBackend):
                 session.close()
             raise
         try:
+            self._reclaim()
             self._restore(dev)
         finally:
             dev.close()
         for name, session in self._carried.items():
-            log.warning("LUO session %s from the fd store is not in the index: released", name)
-            self._done_with_carried(name, session)
+            log.warning("LUO session %s from the fd store is not in the index: released once started", name)
+            assert self._fdstore is not None  # carried sessions come from it
+            self._incoming[name] = (session, self._fdstore)
         self._carried.clear()
+        for name, session in self._reclaimed_in.items():
+            log.warning("LUO session %s from the holder is not in the index: released once started", name)
+            self._incoming[name] = (session, self._keeper)
+        self._reclaimed_in.clear()
         self._take_outgoing(outgoing)
-        self._reclaim()
         # The holder is started now, not at the first seal: the seal is on the blackout
         # path, and the holder's interpreter start (measured: ~1.5 s of a 2.2 s seal in a
         # TCG guest, bench/liveupdate.py) would be waited for there. Starting it costs
         # the daemon a fork+exec; an idle holder costs one small process, and exits when
         # fdboxd goes away with nothing held.
-        if self._keeper is None:
-            self._keeper = Holder.spawn()
+        self._keeper_or_holder()
 
     # ------------------------------------------------------------------ contract
+
+    def started(self) -> None:
+        """FINISH every incoming session, boxes first and the index last, then drop the
+        keeper's copy: LUO releases what was not retrieved (nothing: every file was).
+        Until this runs a restart finds every session again (the fd store or the holder
+        keeps it) and retrieves the same files; afterwards the restored files are held
+        like open ones (in this process, and in the fd store's mirror under systemd)."""
+        for name in sorted(self._incoming, key=lambda n: (n in INDEX_SESSIONS, n)):
+            failpoints.hit("start.before_finish")
+            session, keeper = self._incoming.pop(name)
+            self._finish(session, name)
+            session.close()
+            try:
+                if keeper is not None:
+                    keeper.drop(name)
+            except FdboxError as e:
+                log.warning("LUO session %s stays with its keeper: %s", name, e.message)
 
     def accepts(self, fd_type: FdType) -> bool:
         return fd_type == FdType.MEMFD
@@ -399,6 +481,7 @@ class LiveupdateBackend(MemoryBackend):
                 session.close()  # the holder has its own copy now (or the seal failed)
             try:
                 self._sealed.add(box)
+                failpoints.hit("seal.after_session_held")
                 self._write_index(dev)
             except BaseException:
                 self._sealed.discard(box)
@@ -436,10 +519,13 @@ class LiveupdateBackend(MemoryBackend):
             self._sealed.discard(box)
             dev = None
             try:
+                failpoints.hit("unseal.after_session_drop")
                 dev = open_device(self.device, self.wait, self.busy)
                 self._write_index(dev)
-            except FdboxError:
-                log.exception("index session not rewritten after unsealing %s (its entry is stale, harmless)", box)
+            except (FdboxError, OSError):
+                log.exception("index session not rewritten after unsealing %s: the index still lists it, so a "
+                              "kexec now logs it not restored (its files are open, held here, and do not cross "
+                              "anyway); the next seal or unseal rewrites the index", box)
             finally:
                 if dev is not None:
                     dev.close()
@@ -452,6 +538,9 @@ class LiveupdateBackend(MemoryBackend):
         super().delete_box(box)
 
     def close(self) -> None:
+        for session, _keeper in self._incoming.values():
+            session.close()  # not FINISHed (a start that failed): the keeper keeps its copy
+        self._incoming.clear()
         for keeper in {id(k): k for k in (self._keeper, self._fdstore) if k is not None}.values():
             keeper.close()
         self._keeper = self._fdstore = None
@@ -532,52 +621,94 @@ class LiveupdateBackend(MemoryBackend):
                 pass
             dev.close()
 
-    def _hold(self, name: str, fd: int) -> None:
+    def _keeper_or_holder(self) -> SessionKeeper:
+        """The keeper (the holder process, started now if none was chosen)."""
         if self._keeper is None:
             self._keeper = Holder.spawn()
-        self._keeper.hold(name, fd)
+        return self._keeper
+
+    def _hold(self, name: str, fd: int) -> None:
+        self._keeper_or_holder().hold(name, fd)
 
     def _keeper_drop(self, name: str) -> None:
         if self._keeper is not None:
             self._keeper.drop(name)
 
     def _write_index(self, dev: uapi_luo.LuoDevice) -> None:
-        """Replace the index session with one listing :attr:`_sealed` (none if empty)."""
-        if self._held_index:
-            self._keeper_drop(INDEX_SESSION)
-            self._held_index = False
+        """Replace the index session with one listing :attr:`_sealed` (none if empty),
+        create before drop: a stand-in (``INDEX_SESSIONS[1]``) is made and held
+        before the index goes, and the index made again before the stand-in goes, so a
+        failure at any step leaves an index listing every box sealed before it, and the
+        steady state is the one session :data:`INDEX_SESSION`."""
         if not self._sealed:
+            for name in sorted(self._held_index):
+                self._drop_index(name)
             return
-        session = self._create_session(dev, INDEX_SESSION)
+        if INDEX_SESSION in self._held_index:
+            self._put_index(dev, INDEX_SESSIONS[1])
+        self._put_index(dev, INDEX_SESSION)
+
+    def _put_index(self, dev: uapi_luo.LuoDevice, name: str) -> None:
+        """Create index session ``name``, hold it, then drop every other index held."""
+        if name in self._held_index:  # a stale one (reclaimed after a cut-short rewrite)
+            self._drop_index(name)
+        # A restarted fdboxd cannot read an outgoing index's generation (RETRIEVE_FD is
+        # EINVAL before the kexec): the clock orders them across restarts.
+        generation = max(self._index_generation + 1, time.time_ns())
+        session = self._create_session(dev, name)
         try:
-            index = _json_memfd({"version": 1, "boxes": sorted(self._sealed)})
+            index = _json_memfd({"version": 1, "generation": generation, "boxes": sorted(self._sealed)})
             try:
                 session.preserve_fd(index, INDEX_TOKEN)
             except uapi_luo.LuoOSError as e:
                 raise _luo_error(e, "LUO preserve of the index") from None
             finally:
                 os.close(index)
-            self._hold(INDEX_SESSION, session.fd)
-            self._held_index = True
+            self._hold(name, session.fd)
         finally:
             session.close()
+        self._held_index.add(name)
+        self._index_generation = generation
+        failpoints.hit("seal.after_index_create")
+        for old in sorted(self._held_index - {name}):
+            self._drop_index(old)
+
+    def _drop_index(self, name: str) -> None:
+        """Release an older index session; if that fails it stays preserved and, with a
+        lower generation, is never read."""
+        try:
+            self._keeper_drop(name)
+        except FdboxError as e:
+            log.warning("older LUO index session %s not released (%s): it crosses too, and is ignored "
+                        "after the kexec (a lower generation)", name, e.message)
+            return
+        self._held_index.discard(name)
 
     # ------------------------------------------------------------------ restore
 
     def _restore(self, dev: uapi_luo.LuoDevice) -> None:
-        """Retrieve what the previous kernel carried: every file, then FINISH each session."""
+        """Retrieve what the previous kernel carried: the index, then every session and
+        file. Nothing is FINISHed here (:meth:`started` does): each session is first
+        where a restart finds it again (:meth:`_retrieve_kept`)."""
         t0 = time.perf_counter()
-        try:
-            idx = self._retrieve(dev, INDEX_SESSION)
-        except uapi_luo.LuoOSError as e:
-            if e.errno in (errno.ENOENT, errno.EINVAL):
-                return  # nothing carried (first boot, or a kexec with nothing sealed)
-            raise _luo_error(e, "retrieve the LUO index session") from None
-        try:
-            boxes = self._read_token(idx, INDEX_TOKEN).get("boxes", [])
-            self._finish(idx, INDEX_SESSION)
-        finally:
-            self._release(INDEX_SESSION, idx)
+        docs: dict[str, dict[str, Any]] = {}
+        for name in INDEX_SESSIONS:
+            try:
+                idx = self._retrieve_kept(dev, name)
+            except uapi_luo.LuoOSError as e:
+                if e.errno in (errno.ENOENT, errno.EINVAL):
+                    continue  # nothing carried (first boot, or a kexec with nothing sealed)
+                raise _luo_error(e, f"retrieve the LUO index session {name}") from None
+            try:
+                docs[name] = self._read_token(idx, INDEX_TOKEN)
+            except (uapi_luo.LuoOSError, ValueError) as e:
+                log.error("LUO index session %s unreadable: %s", name, e)
+        if not docs:
+            return
+        used = max(docs, key=lambda n: int(docs[n].get("generation", 0)))
+        if len(docs) > 1:
+            log.info("two LUO index sessions crossed (a rewrite was cut short): %s, the newer, is used", used)
+        boxes = docs[used].get("boxes", [])
         t1 = time.perf_counter()
         for box in boxes:
             tb = time.perf_counter()
@@ -592,24 +723,30 @@ class LiveupdateBackend(MemoryBackend):
         log.info("LUO restore: index %.1f ms, all sessions %.1f ms", (t1 - t0) * 1e3,
                  self.restore_timing["retrieve_s"] * 1e3)
 
-    def _retrieve(self, dev: uapi_luo.LuoDevice, name: str) -> uapi_luo.LuoSession:
-        """The incoming session ``name``: the fd store's (PID 1 retrieved it), else by name."""
-        return self._carried.get(name) or dev.retrieve_session(name)
-
-    def _release(self, name: str, session: uapi_luo.LuoSession) -> None:
-        if self._carried.pop(name, None) is session:
-            self._done_with_carried(name, session)
-        else:
-            session.close()
-
-    def _done_with_carried(self, name: str, session: uapi_luo.LuoSession) -> None:
-        """Close a carried session, and the fd store's copy: both must go for the kernel."""
-        session.close()
-        if self._fdstore is not None:
+    def _retrieve_kept(self, dev: uapi_luo.LuoDevice, name: str) -> uapi_luo.LuoSession:
+        """The incoming session ``name``, recorded in :attr:`_incoming` with the keeper
+        whose copy keeps it: the fd store's (PID 1 retrieved it), one the holder gave
+        back, or retrieved by name now and handed to our keeper before it is read (a
+        session is retrieved once: if this process died holding the only fd, the kernel
+        would FINISH it at the close)."""
+        session = self._carried.pop(name, None)
+        if session is not None:
+            assert self._fdstore is not None  # carried sessions come from it
+            self._incoming[name] = (session, self._fdstore)
+            return session
+        session = self._reclaimed_in.pop(name, None)
+        if session is None:
+            session = dev.retrieve_session(name)
             try:
-                self._fdstore.drop(name)
+                self._hold(name, session.fd)
             except FdboxError as e:
-                log.warning("LUO session %s stays in the fd store: %s", name, e.message)
+                # Going on keeps it in this process at least; failing the start would close it.
+                log.error("LUO session %s is held by this process only (%s): a restart before "
+                          "the start completes loses it", name, e.message)
+                self._incoming[name] = (session, None)
+                return session
+        self._incoming[name] = (session, self._keeper_or_holder())
+        return session
 
     def _sort_carried(self, fds: list[int]) -> dict[str, uapi_luo.LuoSession]:
         """Sort the fd store's sessions: incoming ones (PID 1 retrieved them after a kexec)
@@ -625,15 +762,22 @@ class LiveupdateBackend(MemoryBackend):
                 log.warning("fd %d from the fd store is not a LUO session (%s): closed", fd, e)
                 session.close()
                 continue
-            try:
-                os.close(session.retrieve_fd(INDEX_TOKEN))
+            if self._is_incoming(session):
                 self._carried[name] = session
-            except uapi_luo.LuoOSError as e:
-                if e.errno == errno.EINVAL:
-                    outgoing[name] = session
-                else:
-                    self._carried[name] = session  # incoming, but broken: _restore logs it
+            else:
+                outgoing[name] = session
         return outgoing
+
+    @staticmethod
+    def _is_incoming(session: uapi_luo.LuoSession) -> bool:
+        """Whether a session came from the last kernel: RETRIEVE_FD on an outgoing one
+        (still preserved, no kexec since) is EINVAL; an incoming one gives its file (a
+        broken incoming one another error, which :meth:`_restore` logs)."""
+        try:
+            os.close(session.retrieve_fd(INDEX_TOKEN))
+        except uapi_luo.LuoOSError as e:
+            return e.errno != errno.EINVAL
+        return True
 
     def _take_outgoing(self, outgoing: dict[str, uapi_luo.LuoSession]) -> None:
         """Sessions the fd store kept through a daemon restart: sealed boxes again (their
@@ -646,8 +790,8 @@ class LiveupdateBackend(MemoryBackend):
                         self._fdstore.drop(name)
             finally:
                 session.close()  # the keeper has its own copy
-            if name == INDEX_SESSION:
-                self._held_index = True
+            if name in INDEX_SESSIONS:
+                self._held_index.add(name)
             else:
                 self._orphans.add(name)
                 self._sealed.add(name)
@@ -655,23 +799,20 @@ class LiveupdateBackend(MemoryBackend):
             log.info("took back %d sealed LUO sessions from the fd store", len(outgoing))
 
     def _restore_box(self, dev: uapi_luo.LuoDevice, box: str) -> None:
-        session = self._retrieve(dev, box)
-        try:
-            desc = self._read_token(session, INDEX_TOKEN)
-            b = BackendBox(box, BoxState.RESTORED)
-            for name, rec in sorted(desc.get("entries", {}).items()):
-                try:
-                    fd = session.retrieve_fd(int(rec["token"]))
-                except uapi_luo.LuoOSError as e:
-                    log.error("LUO %s/%s not retrieved: %s", box, name, e)
-                    continue
-                info = detect(fd)
-                self._fds[(box, name)] = fd
-                b.entries[name] = BackendEntry(name, _restored_type(rec, info.type), info.size,
-                                               int(rec.get("uid", 0)), int(rec.get("gid", 0)))
-            self._finish(session, box)
-        finally:
-            self._release(box, session)
+        session = self._retrieve_kept(dev, box)
+        desc = self._read_token(session, INDEX_TOKEN)
+        b = BackendBox(box, BoxState.RESTORED)
+        for name, rec in sorted(desc.get("entries", {}).items()):
+            try:
+                fd = session.retrieve_fd(int(rec["token"]))
+            except uapi_luo.LuoOSError as e:
+                log.error("LUO %s/%s not retrieved: %s", box, name, e)
+                continue
+            info = detect(fd)
+            self._set_fd((box, name), fd)
+            b.entries[name] = BackendEntry(name, _restored_type(rec, info.type), info.size,
+                                           int(rec.get("uid", 0)), int(rec.get("gid", 0)))
+        failpoints.hit("restore.after_retrieve")
         self._boxes[box] = b
 
     @staticmethod
@@ -690,20 +831,25 @@ class LiveupdateBackend(MemoryBackend):
             log.warning("LUO session %s: finish failed (%s); released at close", name, e)
 
     def _reclaim(self) -> None:
-        """A restarted fdboxd takes back the sessions the last one's holder keeps."""
-        got = Holder.reclaim()
+        """A restarted fdboxd takes back the sessions the last one's holder keeps: each is
+        handed to our keeper at once, then sorted like the fd store's (:meth:`_sort_carried`):
+        outgoing ones are sealed boxes again, incoming ones (a start after a kexec that
+        failed before :meth:`started`) are restored by :meth:`_restore`."""
+        got = Holder.reclaim(self._hold)  # each one held by our keeper before the old holder lets go
         if not got:
             return
         for name, fd in got:
-            try:
-                self._hold(name, fd)
-            finally:
-                os.close(fd)
-            if name == INDEX_SESSION:
+            session = uapi_luo.LuoSession(fd)
+            if self._is_incoming(session):
+                self._reclaimed_in[name] = session
+                continue
+            session.close()
+            if name in INDEX_SESSIONS:
                 # Kept, not closed: it lists the reclaimed sessions, and a kexec before the
                 # next seal or unseal rewrites it finds nothing carried without it.
-                self._held_index = True
+                self._held_index.add(name)
                 continue
             self._orphans.add(name)
             self._sealed.add(name)
-        log.info("reclaimed %d LUO sessions from the previous fdboxd's holder", len(self._orphans))
+        log.info("reclaimed %d LUO sessions from the previous fdboxd's holder (%d incoming)",
+                 len(got), len(self._reclaimed_in))

@@ -14,8 +14,12 @@ each request is one datagram, answered by one datagram ``ok`` or ``error …``:
 - ``hold NAME`` with one fd (SCM_RIGHTS): keep it as NAME (replacing and closing an
   older fd of that name);
 - ``drop NAME``: close it (for unseal: the kernel unpreserves when the last fd goes);
-- ``take``: send back every held fd, one datagram ``fd NAME`` each, then ``ok``, and
-  forget them (a restarted fdboxd reclaiming its sessions).
+- ``lend``: send a copy of every held fd, one datagram ``fd NAME`` each, then ``ok``,
+  and keep holding them; ``forget``: close every held fd. A restarted fdboxd reclaims
+  its sessions with ``lend``, hands each to its own keeper, and only then says
+  ``forget``: create before drop, so a restarted fdboxd that dies half-way through a
+  reclaim leaves every session held;
+- ``take``: ``lend`` and ``forget`` in one (the request of fdboxd before ``lend``).
 
 When fdboxd goes away (EOF), the holder keeps its fds and listens on the abstract
 socket :data:`RECLAIM_ADDRESS` so a new fdboxd can ``take`` them; it answers only root
@@ -67,11 +71,15 @@ def _serve(sock: socket.socket, held: dict[str, int]) -> None:
             reply = "ok" if old is not None else "error not held"
             if old is not None:
                 os.close(old)
-        elif cmd == "take":
-            for n, fd in sorted(held.items()):
-                sock.sendmsg([f"fd {n}".encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-                os.close(fd)
-            held.clear()
+        elif cmd in ("lend", "take", "forget") and not name:
+            if cmd != "forget":
+                for n, fd in sorted(held.items()):
+                    sock.sendmsg([f"fd {n}".encode()],
+                                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            if cmd != "lend":
+                for fd in held.values():
+                    os.close(fd)
+                held.clear()
         else:
             reply = "error bad request"
         for fd in fds:  # anything unexpected

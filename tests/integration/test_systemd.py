@@ -27,12 +27,21 @@ from pathlib import Path
 import pytest
 from fdboxtest import REPO, DaemonProcess, memfd_with, pattern, run_as_user, wait_for
 
+from fdboxd.backends.memory import MemoryBackend
+from fdboxd.backends.mixed import MixedBackend
 from fdboxd.client import Client, read_all
 from fdboxd.errors import FdboxError
+from fdboxd.fdtypes import FdType
+from fdboxd.manifest import Manifest
+from fdboxd.model import Caller
+from fdboxd.store import Store
 from fdboxd.systemd import (
     FDNAME_MAX,
+    Activation,
     FdStoreKeeper,
     Notifier,
+    SystemdIntegration,
+    adopt_store_fds,
     fdname_for,
     fdname_is_valid,
     manager_version,
@@ -42,8 +51,22 @@ from fdboxd.systemd import (
 OTHER_UID = 65534
 
 
+F_DUPFD_QUERY = 1027  # fcntl(2), Linux 6.10
+
+
+def _same_fd(a: int, b: int) -> bool:
+    """systemd's same_fd() (src/basic/fd-util.c), which service_add_fd_store() asks of
+    every stored fd before it stores one: the same open file description."""
+    import fcntl
+
+    return fcntl.fcntl(a, F_DUPFD_QUERY, b) == 1
+
+
 class NotifySocket:
     """What systemd's end of NOTIFY_SOCKET sees: messages, and the fds they carried.
+
+The fd store keeps an fd as systemd's service_add_fd_store() does: one whose open file
+description is stored already (under any name) is closed and not stored.
 
     A thread reads all the time, as systemd does: an unread datagram socket fills up
     and would make the daemon wait.
@@ -56,6 +79,7 @@ class NotifySocket:
         self.sock.settimeout(0.1)
         self.messages: list[dict[str, str]] = []
         self.store: dict[str, int] = {}  # FDNAME -> fd, maintained like systemd's fdstore
+        self.dropped: list[str] = []  # FDNAMEs of fds the store had already (same_fd)
         self.lock = threading.Lock()
         # Called in the reader thread with each message, before the next is read: a
         # sender waiting on BARRIER=1 (sent after the message) is still waiting then.
@@ -84,6 +108,10 @@ class NotifySocket:
                 self.messages.append(msg)
                 if msg.get("FDSTORE") == "1":
                     assert len(fds) == 1 and fdname_is_valid(msg["FDNAME"]), msg
+                    if any(_same_fd(held, fds[0]) for held in self.store.values()):
+                        os.close(fds[0])  # systemd keeps an open file once: this name is dropped
+                        self.dropped.append(msg["FDNAME"])
+                        continue
                     old = self.store.pop(msg["FDNAME"], None)
                     if old is not None:
                         os.close(old)
@@ -502,3 +530,90 @@ def test_sessions_come_back_in_listen_fds(notify, tmp_path):
         keeper.close()
     got = json.loads(out.stdout)
     assert got == {"luo": ["luo#vm1"], "entries": ["vm1/ram0"], "listener": True, "ino": {"luo#vm1": ino}}, got
+
+
+class _Side(MemoryBackend):
+    """One side of ``auto``'s MixedBackend on the host (the real LUO and fdbox.ko sides
+    are exercised in tests/vm): what it accepts and whether it holds in-process."""
+
+    def __init__(self, types: set[FdType], in_process: bool) -> None:
+        super().__init__()
+        self.types = types
+        self.holds_in_process = in_process
+
+    def accepts(self, fd_type: FdType) -> bool:
+        return fd_type in self.types
+
+
+def test_auto_mixed_backend_keeps_its_plain_memfds_in_the_fd_store(notify, tmp_path):
+    """``auto`` with LUO and fdbox.ko: plain memfds (RAM and devstate) are held by the
+    daemon, so they go to the fd store and come back at a restart (a package upgrade
+    restarts fdboxd); the backend declares it (holds_in_process), it is no MemoryBackend."""
+    alice = Caller(1000, 1000)
+    ko = _Side({FdType.MEMFD_HUGETLB, FdType.GUEST_MEMFD}, in_process=False)  # the kernel's: outlives us
+
+    def start(act: Activation) -> tuple[Store, SystemdIntegration]:
+        backend = MixedBackend(_Side({FdType.MEMFD}, in_process=True), ko)  # type: ignore[arg-type]
+        refused = adopt_store_fds(act, backend, Manifest(tmp_path))
+        store = Store(backend, Manifest(tmp_path))
+        sd = SystemdIntegration(store, act, refused, notifier=Notifier(notify.path))
+        sd.attach()
+        return store, sd
+
+    store, sd = start(Activation())
+    blobs = {"ram0": pattern(64 * 1024, seed=3), "devstate": b"device state"}
+    for name, data in blobs.items():
+        fd = memfd_with(data)
+        store.put(alice, "vm1", name, fd, {"k": name})
+        os.close(fd)
+    want = {fdname_for("vm1", n) for n in blobs}
+    assert notify.wait(lambda: want <= set(notify.store), 5), sorted(notify.store)
+
+    sd.close()  # the daemon stops: what it held in-process dies with it
+    store.manifest.close()
+    store.backend.close()
+    with notify.lock:
+        kept = [(n, os.dup(fd)) for n, fd in notify.store.items() if n in want]
+    store, sd = start(Activation(store_fds=kept))
+    try:
+        assert not store.status()["lost"] and not store.status()["adopted"], store.status()
+        for name, data in blobs.items():
+            entry, fd = store.get(alice, "vm1", name)
+            try:
+                assert read_all(fd) == data and entry.metadata == {"k": name}
+            finally:
+                os.close(fd)
+    finally:
+        sd.close()
+        store.manifest.close()
+
+
+def test_the_same_open_file_under_two_names_survives_a_restart(daemon_factory, notify):
+    """systemd stores an open file once: an fd put under a second name must still reach
+    the fd store as a file of its own, or that name is lost at the restart."""
+    d = daemon_factory(env={"NOTIFY_SOCKET": notify.path})
+    fd = memfd_with(b"shared pages")
+    with d.client() as c:
+        c.put("vm1", "ram0", fd)
+        c.put("vm1", "alias", fd)  # the same open file description
+    os.close(fd)
+    want = {"vm1/ram0", "vm1/alias"}
+    assert notify.wait(lambda: want <= set(notify.store) or bool(notify.dropped), 5)
+    assert not notify.dropped, notify.dropped
+    with notify.lock:
+        kept = {n: notify.store[n] for n in want}
+    assert d.stop() == 0
+    restart_from_fdstore(d, notify, kept)
+    with d.client() as c:
+        st = c.status()
+        assert st["entries"] == 2 and not st["lost"], st
+        _e, a = c.get("vm1", "ram0")
+        _e, b = c.get("vm1", "alias")
+    try:
+        assert (os.fstat(a).st_ino, read_all(a)) == (os.fstat(b).st_ino, b"shared pages")
+        os.pwrite(a, b"SHARED", 0)  # the same file: one write, both names
+        assert read_all(b) == b"SHARED pages"
+    finally:
+        os.close(a)
+        os.close(b)
+    d.stop()

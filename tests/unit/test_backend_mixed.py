@@ -80,3 +80,59 @@ def test_a_box_restored_on_one_side_reopens_on_both() -> None:
     assert b.inventory()["vm"].state == BoxState.RESTORED
     b.finish("vm")
     assert "vm" in ko.inventory() and b.inventory()["vm"].state == BoxState.OPEN
+
+
+class CountingSide(Side):
+    """A side that counts how often its inventory is read (an ioctl per box on fdbox.ko)."""
+
+    def __init__(self, types: set[FdType]) -> None:
+        super().__init__(types)
+        self.reads = 0
+
+    def inventory(self):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return super().inventory()
+
+
+def test_get_put_and_remove_read_no_inventory() -> None:
+    luo, ko = CountingSide({FdType.MEMFD}), CountingSide({FdType.MEMFD_HUGETLB, FdType.GUEST_MEMFD})
+    ko.create_box("carried")  # held before the daemon started (a restored box)
+    fd = os.memfd_create("x")
+    ko.put("carried", "ram1", fd, FdInfo(FdType.MEMFD_HUGETLB, 0))
+    os.close(fd)
+    b = MixedBackend(luo, ko)  # type: ignore[arg-type]
+    luo.reads = ko.reads = 0
+    b.create_box("vm")
+    for i in range(20):
+        put(b, "vm", f"ram{i}", FdType.MEMFD if i % 2 else FdType.MEMFD_HUGETLB)
+    for i in range(20):
+        os.close(b.get("vm", f"ram{i}"))
+    os.close(b.get("carried", "ram1"))
+    assert b.peek("vm", "ram1") is not None and b.peek("vm", "ram0") is not None
+    for i in range(10):
+        b.remove("vm", f"ram{i}")
+    assert (luo.reads, ko.reads) == (0, 0)
+    assert set(luo.inventory()["vm"].entries) == {f"ram{i}" for i in range(11, 20, 2)}
+    assert set(ko.inventory()["vm"].entries) == {f"ram{i}" for i in range(10, 20, 2)}
+    with pytest.raises(FdboxError):
+        b.get("vm", "ram0")
+    b.delete_box("vm")
+    with pytest.raises(FdboxError):
+        b.get("vm", "ram11")
+    assert "vm" not in luo.inventory() and "vm" not in ko.inventory()
+
+
+def test_a_failure_between_the_two_sides_unseals_the_kernel_half() -> None:
+    from fdboxd import failpoints
+
+    b, luo, ko = mixed()
+    b.create_box("vm")
+    put(b, "vm", "ram0", FdType.MEMFD)
+    put(b, "vm", "ram1", FdType.MEMFD_HUGETLB)
+    failpoints.configure("seal.after_kernel_side=error(EIO)")
+    try:
+        with pytest.raises(OSError):
+            b.seal("vm")
+    finally:
+        failpoints.configure(None)
+    assert ko.inventory()["vm"].state == luo.inventory()["vm"].state == BoxState.OPEN

@@ -65,3 +65,41 @@ def test_holder_with_nothing_exits_when_fdboxd_leaves() -> None:
     h = Holder.spawn()
     h.close()
     assert h.proc is not None and h.proc.wait(timeout=10) == 0
+
+
+def test_reclaim_lets_the_old_holder_go_only_once_every_session_is_kept() -> None:
+    """Create before drop: a restarted fdboxd that fails while taking the sessions over
+    (its keeper refuses one) leaves every one with the old holder, for the next try."""
+    h = Holder.spawn()
+    assert h.proc is not None
+    pid = h.proc.pid
+    try:
+        for name in ("a", "b"):
+            fd = os.memfd_create(f"sess-{name}")
+            h.hold(name, fd)
+            os.close(fd)
+        h.close()
+
+        def refuse(name: str, fd: int) -> None:
+            if name == "b":
+                raise OSError(5, "keeper gone")
+
+        got: list = []
+        for _ in range(50):
+            try:
+                got = Holder.reclaim(refuse)
+            except OSError:
+                break
+            time.sleep(0.1)  # not listening yet
+        assert got == []
+        assert {"/memfd:sess-a (deleted)", "/memfd:sess-b (deleted)"} <= _holder_fds(pid)
+        kept: list[str] = []
+        got = Holder.reclaim(lambda name, fd: kept.append(name))
+        assert kept == ["a", "b"] and [n for n, _ in got] == ["a", "b"]
+        for _n, fd in got:
+            os.close(fd)
+        assert h.proc.wait(timeout=10) == 0  # told to forget them: holds nothing, exits
+    finally:
+        if h.proc.poll() is None:
+            h.proc.kill()
+            h.proc.wait()

@@ -8,9 +8,12 @@ One run, three boots (the VM budget is a few minutes, so the checks share boots)
    file named twice, are refused at seal (never preserved twice); then the mixed box
    ``vm1`` (memfd on LUO + hugetlb on the module) and ``vm9`` are sealed, fdboxd stops,
    and the ``@`` holder process alone keeps the sessions open into the kexec.
-2. auto again: ``vm1`` comes back whole, byte for byte, its memfd through LUO and its
-   hugetlb through the module; ``vm9`` is left restored and unclaimed; kexec with
-   nothing sealed.
+2. auto again, after two starts that fail once the sessions are retrieved (issue 25,
+   case a): one stopped by a failpoint just before LUO's FINISH, one by a manifest
+   from a newer fdbox (schema 99), each leaving the sessions with the ``@`` holder;
+   then a good start: ``vm1`` comes back whole, byte for byte, its memfd through LUO
+   and its hugetlb through the module; ``vm9`` is left restored and unclaimed; kexec
+   with nothing sealed.
 3. ``--backend liveupdate`` without the module: the daemon starts clean — ``vm9`` did not
    cross the second kexec, no LUO session is left over, the device is free. Then a
    second process holds /dev/liveupdate (as luod does): a seal retries for
@@ -33,6 +36,12 @@ pytestmark = pytest.mark.vm
 STAGE_LIB = ". tests/vm/stagelib.sh\n"
 STEP = "python3 tests/vm/guest/luo_stages.py"
 HUGEPAGES = "hugepages=24"  # 2 MiB pages: 8 + 4 MiB, the module's restore copy, room
+FDBOXD = "python3 -m fdboxd --backend auto --socket /run/fdbox/fdboxd.sock --state-dir /var/lib/fdbox"
+#: A start that must fail (the stage goes on only if it did; ``! cmd`` would not stop ``sh -e``).
+FAILED_START = "must_fail env"
+MUST_FAIL = 'must_fail() { if "$@"; then log "should have failed: $*"; exit 1; fi; }\n'
+NEWER_SCHEMA = ("python3 -c 'import json, sys; p = sys.argv[1]; d = json.load(open(p)); d[\"schema\"] = 99; "
+                "json.dump(d, open(p, \"w\"))' /var/lib/fdbox/manifest.json")
 
 
 def _json(out: Path, step: str) -> dict:
@@ -52,8 +61,14 @@ stop_fdboxd
 {STEP} 1-stopped
 vm-kexec --reuse-cmdline
 """
-    stage2 = STAGE_LIB + f"""
+    stage2 = STAGE_LIB + MUST_FAIL + f"""
 load_module
+mkdir -p /run/fdbox /var/lib/fdbox
+{FAILED_START} FDBOX_FAILPOINTS='start.before_finish=error(EIO)' {FDBOXD} > /out/fdboxd-stage2-failpoint.log 2>&1
+cp /var/lib/fdbox/manifest.json /run/manifest.json.keep
+{NEWER_SCHEMA}
+{FAILED_START} {FDBOXD} > /out/fdboxd-stage2-schema.log 2>&1
+mv /run/manifest.json.keep /var/lib/fdbox/manifest.json
 start_fdboxd --backend auto
 {STEP} 2
 stop_fdboxd
@@ -86,7 +101,16 @@ stop_fdboxd
     assert [h["sessions"] for h in stopped["holders"]] == [["fdboxd.manifest", "fdboxd:index", "vm1", "vm9"]]
     assert stopped["agent"] == ""
 
-    # stage 2: the mixed box is back whole; LUO is done with the device after restore
+    # stage 2: two starts failed after retrieving the sessions (a failpoint just before
+    # FINISH, a manifest from a newer fdbox); each left them with the holder, and the
+    # good start took them back from it
+    failed = (out / "fdboxd-stage2-failpoint.log").read_text()
+    assert "failpoint start.before_finish" in failed, failed[-3000:]
+    newer = (out / "fdboxd-stage2-schema.log").read_text()
+    assert "schema" in newer and "reclaimed" in newer, newer[-3000:]
+    good = (out / "fdboxd-stage2.log").read_text()
+    assert "LUO sessions from the previous fdboxd's holder (4 incoming)" in good, good[-3000:]
+    # the mixed box is back whole; LUO is done with the device after restore
     s2 = _json(out, "2")
     assert s2["status"]["restored"] == 2 and s2["status"]["lost"] == [], s2["status"]
     assert s2["agent"] == ""
