@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .lifecycle import CARRY_BOX, take_carried_manifest
+from .errors import FdboxError
+from .lifecycle import CARRY_BOX, carried_boxes, carry_manifest, take_carried_manifest
 from .manifest import ManifestData, lost_record
 from .model import Box, BoxState, Entry
 
@@ -70,6 +71,28 @@ def reconcile(store: Store, data: ManifestData) -> None:
                 log.warning("adopted %s/%s (uid %d) held by the backend but not in the manifest",
                             name, ename, he.uid)
     store.recount()
+    _match_preserved(store)
     if store.manifest is not None:
         store.save_snapshot()
         store.manifest.open()
+
+
+def _match_preserved(store: Store) -> None:
+    """What crosses the next kexec is what the manifest says is sealed, nothing else.
+
+    The last daemon may have died (or failed) between preserving and recording: a
+    session of a box now open, an index or a carried manifest listing boxes no longer
+    sealed, or no carried manifest at all. The backend releases what no sealed box
+    accounts for (the files stay in the open box) and rewrites its index; the carried
+    manifest is written again from the reconciled boxes. A failure is logged: the next
+    seal or unseal rewrites both.
+    """
+    sealed = {n for n, b in store.boxes.items() if b.state == BoxState.SEALED}
+    store.backend.reconciled(sealed | ({CARRY_BOX} if sealed else set()))
+    if not store.backend.survives_kexec or carried_boxes(store) == sealed:
+        return
+    try:
+        carry_manifest(store)
+    except (FdboxError, OSError) as e:
+        log.error("the carried manifest not rewritten at start-up (%s): the next seal or unseal rewrites it", e)
+
