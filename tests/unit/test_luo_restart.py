@@ -359,3 +359,34 @@ def test_a_seal_failing_after_its_session_is_held_leaves_the_box_open_and_the_in
     assert sorted(store.held) == [INDEX_SESSION, "vm1"]
     b.seal("vm2")  # nothing left behind in the way
     b.close()
+
+
+def test_a_restart_without_the_files_keeps_the_session_of_a_box_recorded_sealed(tmp_path) -> None:
+    """A restart whose fd store did not give the sealed box's files back (only its
+    sessions): the session is the files' only copy. The start-up match releases the
+    sessions of boxes recorded open, never this one: it crosses, and the box is restored."""
+    from fdboxd.manifest import Manifest
+    from fdboxd.model import Caller
+    from fdboxd.store import Store
+
+    root = Caller(0, 0)
+    fdstore = FdStore()
+    b = open_backend(fdstore)
+    store = Store(b, Manifest(tmp_path))
+    fd = memfd(b"guest RAM")
+    store.put(root, "vm1", "ram0", fd)
+    os.close(fd)
+    store.seal(root, "vm1")
+    store.manifest.close()
+    b.close()
+
+    nb = open_backend(fdstore)  # the sessions come back, the files do not
+    restarted = Store(nb, Manifest(tmp_path))
+    assert "vm1" in KERNEL.sessions
+    restarted.manifest.close()
+    nb.close()
+    after = open_backend(kexec(fdstore))
+    assert after.inventory()["vm1"].state == BoxState.RESTORED
+    assert read(after, "vm1", "ram0") == b"guest RAM"
+    after.started()
+    after.close()
