@@ -80,6 +80,7 @@ FAILPOINTS: dict[str, str] = {
     "seal.before_preserve": "seal: checksums recorded, boxes frozen; nothing sealed in the backend",
     "seal.begin": "seal: every check passed; nothing frozen, opened or sealed",
     "seal.rollback": "seal: a later step failed; a box sealed in the backend is about to be unsealed",
+    "start.after_index_rewrite": "start-up: LUO sessions of open boxes released, the index rewritten; the carried manifest not yet",
     "start.before_finish": "the daemon has started; an incoming LUO session is about to be FINISHed",
     "unseal.after_carry": "unseal: OPEN journalled, the carried manifest rewritten without the box",
     "unseal.after_journal": "unseal: released, OPEN journalled; the carried manifest still lists the box",

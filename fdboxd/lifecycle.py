@@ -173,6 +173,8 @@ def seal_commit(store: Store, plan: SealPlan) -> list[str]:
             for item, kind in carried:
                 kind.unfreeze(store, item.box, store.boxes[item.box].entries[item.name])
             store.record_or_log(store.box_ops(sealed))
+            if sealed:  # a manifest carried before the failure lists them: carried again without
+                _carry_or_log(store, "after the failed seal")
             raise
     finally:
         seal_abort(store, plan)
@@ -200,13 +202,25 @@ def unseal(store: Store, caller: Caller, box: str) -> None:
     for e in b.entries.values():
         store.kind(e.type).unfreeze(store, box, e)
     store.record_or_log(store.box_ops([box]))
-    failpoints.hit("unseal.after_journal")
+    # Done: the box is open and so recorded. What follows cannot undo it, so a failure
+    # there is logged, not answered (a restart writes the carried manifest again).
+    try:
+        failpoints.hit("unseal.after_journal")
+        carry_manifest(store)
+        failpoints.hit("unseal.after_carry")
+    except (FdboxError, OSError) as e:
+        log.error("box %s unsealed, but the carried manifest not rewritten (%s): it still lists the box "
+                  "until the next seal, unseal or start rewrites it", box, e)
+    store.emit(Event("state-changed", box, state=BoxState.OPEN))
+
+
+def _carry_or_log(store: Store, when: str) -> None:
+    """:func:`carry_manifest`, a failure logged (a restart writes it again)."""
     try:
         carry_manifest(store)
-    except FdboxError:
-        log.exception("could not rewrite the carried manifest after unsealing %s", box)
-    failpoints.hit("unseal.after_carry")
-    store.emit(Event("state-changed", box, state=BoxState.OPEN))
+    except (FdboxError, OSError) as e:
+        log.error("the carried manifest not rewritten %s (%s): the next seal, unseal or start rewrites it",
+                  when, e)
 
 
 def finish(store: Store, caller: Caller, box: str | None = None) -> list[str]:
@@ -412,6 +426,23 @@ def carry_manifest(store: Store) -> None:
         raise
     finally:
         os.close(fd)
+
+
+def carried_boxes(store: Store) -> set[str] | None:
+    """The boxes the carried manifest held now lists (empty: none is held; None: one is
+    held that cannot be read)."""
+    held = store.backend.inventory().get(CARRY_BOX)
+    if held is None:
+        return set()
+    try:
+        fd = store.backend.get(CARRY_BOX, CARRY_ENTRY)
+        try:
+            return set(decode(_read_fd(fd).rstrip(b"\0")).boxes)
+        finally:
+            os.close(fd)
+    except (FdboxError, OSError) as e:
+        log.warning("the carried manifest held is unreadable: %s", e)
+        return None
 
 
 def drop_carry_box(store: Store) -> None:

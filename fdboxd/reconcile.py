@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .lifecycle import CARRY_BOX, take_carried_manifest
+from .errors import FdboxError
+from .lifecycle import CARRY_BOX, carried_boxes, carry_manifest, take_carried_manifest
 from .manifest import ManifestData, lost_record
 from .model import Box, BoxState, Entry
 
@@ -25,6 +26,9 @@ log = logging.getLogger("fdboxd.reconcile")
 
 def reconcile(store: Store, data: ManifestData) -> None:
     """Believe the backends for what exists, the manifest for who owns it."""
+    # What the manifest recorded sealed, before the backends' view changes it: a LUO
+    # session of such a box may hold the only copy of its files (no fd store gave them back).
+    recorded = {n for n, b in data.boxes.items() if b.state == BoxState.SEALED}
     held = dict(store.backend.inventory())
     carried = held.pop(CARRY_BOX, None)
     if carried is not None and carried.state == BoxState.RESTORED:
@@ -70,6 +74,31 @@ def reconcile(store: Store, data: ManifestData) -> None:
                 log.warning("adopted %s/%s (uid %d) held by the backend but not in the manifest",
                             name, ename, he.uid)
     store.recount()
+    _match_preserved(store, recorded)
     if store.manifest is not None:
         store.save_snapshot()
         store.manifest.open()
+
+
+def _match_preserved(store: Store, recorded: set[str]) -> None:
+    """What crosses the next kexec is what the manifest says is sealed, nothing else.
+
+    The last daemon may have died (or failed) between preserving and recording: a
+    session of a box recorded open, an index or a carried manifest listing boxes no
+    longer sealed, or no carried manifest at all. The backend releases what no box
+    sealed or ``recorded`` sealed accounts for (the files stay in the open box) and
+    rewrites its index; the carried manifest is written again from the reconciled boxes
+    when it lists others. A box recorded sealed whose files came back from nowhere but
+    its session (no fd store) keeps that session, and the carried manifest is left as
+    found. A failure is logged: the next seal or unseal rewrites both.
+    """
+    sealed = {n for n, b in store.boxes.items() if b.state == BoxState.SEALED}
+    keep = sealed | recorded
+    store.backend.reconciled(keep | ({CARRY_BOX} if keep else set()))
+    if not store.backend.survives_kexec or not recorded <= sealed or carried_boxes(store) == sealed:
+        return
+    try:
+        carry_manifest(store)
+    except (FdboxError, OSError) as e:
+        log.error("the carried manifest not rewritten at start-up (%s): the next seal or unseal rewrites it", e)
+

@@ -181,6 +181,13 @@ class Backend(abc.ABC):
         (the fd store's mirror under systemd included): release what only a start that
         failed would have needed (LUO: FINISH the incoming sessions). Default: nothing."""
 
+    def reconciled(self, keep: set[str]) -> None:
+        """The store has reconciled at start-up: ``keep`` are the boxes it knows sealed
+        (and what crosses with them). Release whatever the backend still preserves for any
+        other box (a seal or unseal cut short left it) and make the backend's own records
+        list exactly ``keep``. A failure is logged, never raised: the start goes on with
+        the state as it found it. Default: nothing (nothing is preserved apart from boxes)."""
+
     @abc.abstractmethod
     def inventory(self) -> dict[str, BackendBox]:
         """What the backend really holds, by box name."""

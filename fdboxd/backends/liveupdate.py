@@ -424,6 +424,42 @@ class LiveupdateBackend(MemoryBackend):
             except FdboxError as e:
                 log.warning("LUO session %s stays with its keeper: %s", name, e.message)
 
+    def reconciled(self, keep: set[str]) -> None:
+        """Match the outgoing sessions to what the store reconciled as sealed.
+
+        A restarted fdboxd takes back every outgoing session (from the holder or the fd
+        store) without knowing which seal or unseal the last one finished: a session of a
+        box the store has open (a seal killed before its snapshot, an unseal killed before
+        its journal's effect) is released, so nothing crosses the kexec unaccounted for;
+        its files are the open box's, held here. The index is then rewritten (its content
+        cannot be read before a kexec) to list exactly the boxes kept, or dropped when
+        none is."""
+        for name in sorted(self._sealed - keep):
+            try:
+                self._keeper_drop(name)
+            except FdboxError as e:
+                log.error("LUO session %s, of a box not sealed, not released: %s", name, e.message)
+                continue
+            self._sealed.discard(name)
+            self._orphans.discard(name)
+            b = self._boxes.get(name)
+            if b is not None and b.state == BoxState.SEALED:
+                b.state = BoxState.OPEN
+            log.warning("LUO session %s released at start-up: the manifest has box %s open "
+                        "(a seal or unseal was cut short)", name, name)
+        if not self._sealed and not self._held_index:
+            return
+        dev = None
+        try:
+            dev = open_device(self.device, self.wait, self.busy)
+            self._write_index(dev)
+            failpoints.hit("start.after_index_rewrite")
+        except (FdboxError, OSError) as e:
+            log.error("LUO index not rewritten at start-up (%s): the next seal or unseal rewrites it", e)
+        finally:
+            if dev is not None:
+                dev.close()
+
     def accepts(self, fd_type: FdType) -> bool:
         return fd_type == FdType.MEMFD
 
@@ -486,6 +522,11 @@ class LiveupdateBackend(MemoryBackend):
             except BaseException:
                 self._sealed.discard(box)
                 self._keeper_drop(box)
+                try:  # an index made before the failure must not list the box
+                    self._write_index(dev)
+                except (FdboxError, OSError) as e:
+                    log.error("LUO index not rewritten after the failed seal of %s (%s): it may list the "
+                              "box; the next seal, unseal or start rewrites it", box, e)
                 raise
         finally:
             dev.close()

@@ -179,6 +179,10 @@ class MixedBackend(Backend):
         for side in self._sides():
             side.started()
 
+    def reconciled(self, keep: set[str]) -> None:
+        for side in self._sides():
+            side.reconciled(keep)
+
     def inventory(self) -> dict[str, BackendBox]:
         out: dict[str, BackendBox] = {}
         for side in self._sides():

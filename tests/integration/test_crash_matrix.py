@@ -96,34 +96,10 @@ def backends_of(point: str, hits: dict[str, set[str]]) -> set[str]:
     return out
 
 #: Cells that fail today because of a data-loss bug of issue 25 another branch fixes:
-#: (backend or "*", failpoint, action or "*") → the item and what goes wrong.
-#: "(crash matrix)": found by this matrix, not one of the issue's numbered items; for the
-#: lead to number. All four are the start or a failed step leaving LUO sessions nobody
-#: accounts for (reconcile at start: fdboxd/reconcile.py, backends/liveupdate.py).
-KNOWN: dict[tuple[str, str, str], str] = {
-    ("luo-model", "seal.after_preserve", "kill"):
-        "issue 25 (crash matrix): killed after the backend sealed a box, before the snapshot: the restart "
-        "reclaims the box's LUO session while the manifest says the box is open; the stale session stays "
-        "held (with the index) and would cross the next kexec",
-    ("luo-model", "seal.after_manifest", "kill"):
-        "issue 25 (crash matrix): killed between the sealed snapshot and the carried manifest: the restart "
-        "never makes the carried manifest, so the sealed set would cross without it",
-    ("luo-model", "seal.after_carry", "error"):
-        "issue 25 (crash matrix): a seal that fails after carrying the manifest unseals its boxes but leaves "
-        "the carried manifest (and the index) listing them as sealed; the restart keeps both held",
-    # a point of the "startup" branch (backends/liveupdate.py), seen on a trial merge of
-    # the store and startup branches: the cells exist once it is merged
-    ("luo-model", "seal.after_index_create", "error"):
-        "issue 25 (crash matrix): a seal failing after the index session is rewritten leaves that index "
-        "(listing nothing the daemon has sealed) held through the restart",
-    ("luo-model", "seal.after_index_create", "kill"):
-        "issue 25 (crash matrix): as seal.after_preserve:kill, the box's session and the index reclaimed while "
-        "the manifest says the box is open",
-    ("luo-model", "unseal.after_journal", "*"):
-        "issue 25 (crash matrix): an unseal that fails or dies after the release leaves the carried manifest "
-        "listing the box as sealed, and the restart keeps it (and the index) held; an error there also "
-        "answers failure for an unseal that was done",
-}
+#: (backend or "*", failpoint, action or "*") → the item and what goes wrong. None now:
+#: the LUO sessions a failed seal or unseal left without an owner (the "(crash matrix)"
+#: cells) are matched to the manifest at start-up (fdboxd/reconcile.py).
+KNOWN: dict[tuple[str, str, str], str] = {}
 
 #: Failpoints reached only after another fault: point → the spec armed beside it.
 TRIGGERS: dict[str, str] = {
