@@ -396,8 +396,12 @@ def test_ctrl_c_during_get_out_leaves_the_file_as_it_was(daemon, tmp_path):
     out_dir.mkdir()
     dst = out_dir / "copy"
     dst.write_bytes(b"old contents\n")
+    # A user's Ctrl-C reaches a process whose SIGINT is the default; a test run started in
+    # the background of a non-interactive shell (as CI may be) ignores SIGINT, and Python
+    # keeps an ignored SIGINT ignored: give fdboxctl the default back.
     proc = subprocess.Popen(ctl_cmd("--socket", daemon.socket, "get", "big", "ram0", "--out", str(dst)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         def writing() -> bool:
             return proc.poll() is not None or any(

@@ -304,7 +304,7 @@ def test_policy_root_owns_users_call_signals_stay_private(daemon_factory, system
     time.sleep(1.0)
     texts = {}
     for who, proc in monitors.items():
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # not SIGINT: a background CI run ignores it
         try:
             texts[who] = proc.communicate(timeout=10)[0]
         except subprocess.TimeoutExpired:
