@@ -178,7 +178,10 @@ class GuestMemfdKind(Kind):
 
     def release(self, store: StoreSurface, b: Box, entry: Entry) -> None:
         if gmem.is_carried(entry):
-            gone = b.state == BoxState.RESTORED or gmem.is_copy_only(entry)
+            # Carried and not sealed means restored: Finish reopens the box (journalled first)
+            # before it releases, and Unseal drops the copy and the mark, so an open box holds
+            # a carried entry only then. Its guest_memfd died with the old kernel.
+            gone = b.state != BoxState.SEALED or gmem.is_copy_only(entry)
             self.drop_copy(store, b.name, entry)
             if gone:
                 return  # the guest_memfd itself died with the old kernel (or the old daemon)
