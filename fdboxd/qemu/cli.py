@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
@@ -133,23 +134,10 @@ def _suspend(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str) ->
             print("no VM running")
     else:
         outcomes = fleet.suspend_many(a.vm, socket_path=a.socket, run_dir=run_dir)
-    code = 0
-    for o in outcomes:
-        if o.error is not None:
-            print(f"fdbox-qemu: {o.error.name}: {o.error.message}", file=sys.stderr)
-            if a.json:
-                print(json.dumps({"vm": o.vm, "error": o.error.name, "message": o.error.message}, sort_keys=True))
-            code = code or EXIT_CODES[o.error.name]
-            continue
-        r = o.result or {}
-        if a.json:
-            print(json.dumps(r, sort_keys=True))
-        else:
-            print(f"{o.vm}: suspended ({r['was']} before); devstate {r['devstate_bytes'] >> 10} KiB; "
-                  f"stop {r['stop_ms']:.1f} ms, save {r['save_ms']:.1f} ms, put {r['put_ms']:.1f} ms, "
-                  f"quit {r['quit_ms']:.1f} ms")
-    sys.stdout.flush()
-    return code
+    return _report(outcomes, a.json, lambda vm, r: (
+        f"{vm}: suspended ({r['was']} before); devstate {r['devstate_bytes'] >> 10} KiB; "
+        f"stop {r['stop_ms']:.1f} ms, save {r['save_ms']:.1f} ms, put {r['put_ms']:.1f} ms, "
+        f"quit {r['quit_ms']:.1f} ms"))
 
 
 def _upgrade(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str, qemu_args: list[str] | None) -> int:
@@ -168,21 +156,25 @@ def _upgrade(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str, qe
         notify = os.environ.pop("NOTIFY_SOCKET", None)
         outcomes = fleet.upgrade_many(a.vm, socket_path=a.socket, run_dir=run_dir, qemu=a.qemu, qemu_args=qemu_args,
                                       notify=notify)
+    return _report(outcomes, a.json, lambda vm, r: (
+        f"{vm}: upgraded ({r['was']}): QEMU pid {r['old_pid']} ({r['old_qemu']}) -> {r['new_pid']} "
+        f"({r['new_qemu']}); new QEMU up in {r['spawn_ms']:.1f} ms, guest paused {r['blackout_ms']:.1f} ms, "
+        f"old quit in {r['quit_ms']:.1f} ms"))
+
+
+def _report(outcomes: Any, as_json: bool, line: Callable[[str, dict[str, Any]], str]) -> int:
+    """Print each VM's outcome of suspend or upgrade (one line, or JSON); the exit code of the
+    first error, 0 if none."""
     code = 0
     for o in outcomes:
         if o.error is not None:
             print(f"fdbox-qemu: {o.error.name}: {o.error.message}", file=sys.stderr)
-            if a.json:
+            if as_json:
                 print(json.dumps({"vm": o.vm, "error": o.error.name, "message": o.error.message}, sort_keys=True))
             code = code or EXIT_CODES[o.error.name]
             continue
         r = o.result or {}
-        if a.json:
-            print(json.dumps(r, sort_keys=True))
-        else:
-            print(f"{o.vm}: upgraded ({r['was']}): QEMU pid {r['old_pid']} ({r['old_qemu']}) -> {r['new_pid']} "
-                  f"({r['new_qemu']}); new QEMU up in {r['spawn_ms']:.1f} ms, guest paused {r['blackout_ms']:.1f} ms, "
-                  f"old quit in {r['quit_ms']:.1f} ms")
+        print(json.dumps(r, sort_keys=True) if as_json else line(o.vm, r))
     sys.stdout.flush()
     return code
 
