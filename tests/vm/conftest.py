@@ -13,8 +13,6 @@ test through ``vm.pytest([...])``.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,14 +86,11 @@ def vm_module(vm_kbuild: Path) -> Path:
 def vm_test_module(vm_kbuild: Path) -> Path:
     """fdbox.ko built with FDBOX_TEST=1 (the hooks that damage the handover, slow SEAL
     down, or let it seal shmem beside LUO), once per session; never a production build."""
-    src = vmlib.cache_dir() / "kmod-test-src"  # in the checkout: the guest sees it
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(vmlib.repo_root() / "kmod", src, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd"))
-    p = subprocess.run(["make", "-C", str(src), f"KDIR={vm_kbuild}", "FDBOX_TEST=1"],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if p.returncode != 0:
-        pytest.fail(f"FDBOX_TEST=1 build failed:\n{p.stdout}", pytrace=False)
-    ko = src / "fdbox.ko"
+    try:
+        ko = vmlib.build_module(vmlib.repo_root() / "kmod", vm_kbuild, name="kmod-test",
+                                make_args=("FDBOX_TEST=1",))
+    except RuntimeError as e:
+        pytest.fail(f"FDBOX_TEST=1 build failed:\n{e}", pytrace=False)
     assert b"test_corrupt_handover" in ko.read_bytes()
     return ko
 

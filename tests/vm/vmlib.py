@@ -257,30 +257,46 @@ def kernel_build_dir(kernel: TestKernel | None = None, *, name: str = "linux-bui
     return dest
 
 
-def build_module(src: Path | None = None, kdir: Path | None = None, *, jobs: int | None = None) -> Path:
-    """Build an out-of-tree module with ``make -C <copy of src> KDIR=<kdir>``; return the .ko.
+def build_module(src: Path | None = None, kdir: Path | None = None, *, jobs: int | None = None,
+                 name: str | None = None, make_args: Sequence[str] = ()) -> Path:
+    """Build an out-of-tree module with ``make -C <copy of src> KDIR=<kdir> MAKE_ARGS``;
+    return the .ko.
 
     ``src`` defaults to the checkout's ``kmod/``. It is copied to
-    ``build/vm/<name>-src`` first so a build never writes into the source tree (and
-    never races with a developer's own build there). ``kdir`` defaults to
-    :func:`kernel_build_dir`. Raises ``RuntimeError`` with make's output on failure.
+    ``build/vm/<name>-src`` (``name`` defaults to the source directory's name) first so a
+    build never writes into the source tree (and never races with a developer's own
+    build there). ``kdir`` defaults to :func:`kernel_build_dir`. A copy already built from
+    the same sources, tree and arguments is reused, not rebuilt: two test processes
+    (scripts/test-lanes) share it, and one never deletes the ``.ko`` a running guest of the
+    other is loading. Raises ``RuntimeError`` with make's output on failure.
     """
     src = (src or repo_root() / "kmod").resolve()
     if not (src / "Makefile").is_file():
         raise FileNotFoundError(f"{src}/Makefile: no module source")
     kdir = kdir or kernel_build_dir()
-    work = cache_dir() / f"{src.name}-src"
-    with _locked(f"module-{src.name}"):
+    name = name or src.name
+    work = cache_dir() / f"{name}-src"
+    junk = ("*.o", "*.ko", "*.mod", "*.mod.c", ".*.cmd", "Module.symvers", "modules.order", ".tmp_versions")
+    digest = hashlib.sha256(f"{kdir}\0{list(make_args)}\0".encode())
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and not any(p.match(j) for j in junk)):
+        digest.update(f"{f.relative_to(src)}\0".encode())
+        digest.update(f.read_bytes())
+    stamp = cache_dir() / f"{name}-src.stamp"
+    with _locked(f"module-{name}"):
+        kos = sorted(work.rglob("*.ko"), key=lambda p: p.stat().st_mtime) if work.is_dir() else []
+        if kos and stamp.is_file() and stamp.read_text() == digest.hexdigest():
+            return kos[-1]
+        stamp.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
-        junk = ("*.o", "*.ko", "*.mod", "*.mod.c", ".*.cmd", "Module.symvers", "modules.order", ".tmp_versions")
         shutil.copytree(src, work, symlinks=True, ignore=shutil.ignore_patterns(*junk))
-        cmd = ["make", "-C", str(work), f"KDIR={kdir}", f"-j{jobs or os.cpu_count() or 1}"]
+        cmd = ["make", "-C", str(work), f"KDIR={kdir}", f"-j{jobs or os.cpu_count() or 1}", *make_args]
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"{shlex.join(cmd)} failed ({p.returncode}):\n{p.stdout}")
         kos = sorted(work.rglob("*.ko"), key=lambda p: p.stat().st_mtime)
         if not kos:
             raise RuntimeError(f"{shlex.join(cmd)} built no .ko:\n{p.stdout}")
+        stamp.write_text(digest.hexdigest())
         return kos[-1]
 
 
