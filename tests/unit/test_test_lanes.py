@@ -4,6 +4,7 @@ unnoticed)."""
 
 from __future__ import annotations
 
+import importlib.util
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
 from types import ModuleType
@@ -12,7 +13,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _lanes() -> ModuleType:
-    return SourceFileLoader("test_lanes_script", str(ROOT / "scripts" / "test-lanes")).load_module()
+    loader = SourceFileLoader("test_lanes_script", str(ROOT / "scripts" / "test-lanes"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def test_every_vm_file_runs_in_exactly_one_lane() -> None:
