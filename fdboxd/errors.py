@@ -9,10 +9,7 @@ such, not dressed up as one of these.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-log = logging.getLogger("fdboxd")
 
 #: What a caller is told about a bug: never a traceback (callers may be other users).
 INTERNAL = "internal error; see the daemon log"
@@ -62,5 +59,7 @@ def describe(exc: BaseException, what: object = "a request") -> tuple[str, dict[
     """
     if isinstance(exc, FdboxError):
         return exc.name, exc.to_params()
-    log.error("internal error in %s", what, exc_info=exc)
+    import logging  # here, not at the top: fdbox-qemu start imports this module on the resume path
+
+    logging.getLogger("fdboxd").error("internal error in %s", what, exc_info=exc)
     return "BackendUnavailable", {"message": INTERNAL}

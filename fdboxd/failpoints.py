@@ -35,7 +35,6 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass
 
 ENV = "FDBOX_FAILPOINTS"
 
@@ -90,11 +89,14 @@ FAILPOINTS: dict[str, str] = {
 }
 
 
-@dataclass
 class _Action:
-    kind: str  # "error" | "kill" | "delay"
-    arg: int = 0  # errno or milliseconds
-    left: int = -1  # hits that still fire; -1: every hit
+    # A plain class: fdbox-qemu start imports this module, and not dataclasses.
+    __slots__ = ("kind", "arg", "left")
+
+    def __init__(self, kind: str, arg: int = 0, left: int = -1) -> None:
+        self.kind = kind  # "error" | "kill" | "delay"
+        self.arg = arg  # errno or milliseconds
+        self.left = left  # hits that still fire; -1: every hit
 
     def fire(self, name: str) -> None:
         if self.left == 0:

@@ -10,7 +10,8 @@
 Exit codes as fdboxctl: 0 done, 1 usage or unexpected, 2 argparse usage, and
 ``fdboxd.errors.EXIT_CODES[name]`` (10 and up) for each fdbox error name; a suspend of
 several VMs (and an upgrade of several) exits with the code of the first VM (in the
-order given) that failed, after all were tried. ``start`` becomes QEMU (exec), so once QEMU runs its exit status is QEMU's.
+order given) that failed, after all were tried, and each failed VM's stderr line names it
+(``VM NAME: ...``). ``start`` becomes QEMU (exec), so once QEMU runs its exit status is QEMU's.
 """
 
 from __future__ import annotations
@@ -164,11 +165,15 @@ def _upgrade(p: argparse.ArgumentParser, a: argparse.Namespace, run_dir: str, qe
 
 def _report(outcomes: Any, as_json: bool, line: Callable[[str, dict[str, Any]], str]) -> int:
     """Print each VM's outcome of suspend or upgrade (one line, or JSON); the exit code of the
-    first error, 0 if none."""
+    first error, 0 if none. Each error line names its VM (``VM NAME:`` unless the message
+    starts so): with several VMs, the exit status is one VM's, and stderr says which."""
     code = 0
     for o in outcomes:
         if o.error is not None:
-            print(f"fdbox-qemu: {o.error.name}: {o.error.message}", file=sys.stderr)
+            message = o.error.message
+            if not message.startswith(f"VM {o.vm} ") and not message.startswith(f"VM {o.vm}:"):
+                message = f"VM {o.vm}: {message}"
+            print(f"fdbox-qemu: {o.error.name}: {message}", file=sys.stderr)
             if as_json:
                 print(json.dumps({"vm": o.vm, "error": o.error.name, "message": o.error.message}, sort_keys=True))
             code = code or EXIT_CODES[o.error.name]

@@ -26,8 +26,7 @@ import fcntl
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import FdboxError
 
@@ -41,9 +40,10 @@ TUNSETQUEUE = 0x400454D9  # _IOW('T', 217, int)
 IFF_ATTACH_QUEUE = 0x0200
 
 
-@dataclass(frozen=True)
-class TapSpec:
-    """One ``--tap``: the interface, its queue count and the bridge to join (if any)."""
+class TapSpec(NamedTuple):
+    """One ``--tap``: the interface, its queue count and the bridge to join (if any).
+    (A NamedTuple, not a frozen dataclass: ``dataclasses`` is not imported on the
+    ``start`` path.)"""
 
     ifname: str
     queues: int = 1

@@ -12,7 +12,6 @@ import stat
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import failpoints, paths
@@ -42,16 +41,20 @@ META_ARGS, META_QEMU = "qemu_args", "qemu"
 MAX_RECORDED_ARGS = 3072
 
 
-@dataclass
 class Plan:
-    """What ``start`` will exec: argv, the fds to keep, and whether it resumes."""
+    """What ``start`` will exec: argv, the fds to keep, and whether it resumes. (A plain
+    class: ``dataclasses`` and the ``inspect`` behind it are not imported on this path.)"""
 
-    argv: list[str]
-    keep_fds: list[int]
-    resume_fd: int | None = None
-    runstate: str = "running"
-    created: list[str] = field(default_factory=list)
-    box_created: bool = False
+    __slots__ = ("argv", "keep_fds", "resume_fd", "runstate", "created", "box_created")
+
+    def __init__(self, argv: list[str], keep_fds: list[int], resume_fd: int | None = None,
+                 runstate: str = "running", created: list[str] | None = None, box_created: bool = False) -> None:
+        self.argv = argv
+        self.keep_fds = keep_fds
+        self.resume_fd = resume_fd
+        self.runstate = runstate
+        self.created: list[str] = [] if created is None else created
+        self.box_created = box_created
 
 
 def default_qemu() -> str:

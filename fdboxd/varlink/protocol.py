@@ -22,7 +22,6 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 #: Linux refuses more than SCM_MAX_FD (253) fds in one SCM_RIGHTS message.
@@ -40,19 +39,29 @@ _OVER_BUDGET = "too many file descriptors in flight for this user: read your rep
 CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
 
 
-@dataclass
 class Frame:
-    """One received message and the fds that came with it (now owned by the taker)."""
+    """One received message and the fds that came with it (now owned by the taker).
 
-    message: Any
-    fds: list[int] = field(default_factory=list)
-    error: str | None = None  # set instead of message when the frame was refused
-    #: The fdbox error name for ``error``: the peer's fault, or ours (out of fds).
-    error_name: str = "InvalidRequest"
-    #: A refused frame that still parsed as an object saying ``"oneway": true``: its
-    #: sender asked for no reply, and gets none (the server answers nothing else
-    #: in its place, so the replies after it stay in step).
-    oneway: bool = False
+    A plain class, not a dataclass: the client imports this module, and ``dataclasses``
+    (with ``inspect`` behind it) would be most of ``fdbox-qemu start``'s imports."""
+
+    __slots__ = ("message", "fds", "error", "error_name", "oneway")
+
+    def __init__(self, message: Any, fds: list[int] | None = None, error: str | None = None,
+                 error_name: str = "InvalidRequest", oneway: bool = False) -> None:
+        self.message = message
+        self.fds: list[int] = [] if fds is None else fds
+        self.error = error  # set instead of message when the frame was refused
+        #: The fdbox error name for ``error``: the peer's fault, or ours (out of fds).
+        self.error_name = error_name
+        #: A refused frame that still parsed as an object saying ``"oneway": true``: its
+        #: sender asked for no reply, and gets none (the server answers nothing else
+        #: in its place, so the replies after it stay in step).
+        self.oneway = oneway
+
+    def __repr__(self) -> str:
+        return (f"Frame(message={self.message!r}, fds={self.fds!r}, error={self.error!r}, "
+                f"error_name={self.error_name!r}, oneway={self.oneway!r})")
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # built once, not per message

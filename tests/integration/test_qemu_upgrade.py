@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -203,6 +204,73 @@ def test_upgrade_whose_new_qemu_dies_before_the_switch(uvm):
     _runs_on(uvm)
     assert _stable(uvm.box()) == _stable(box)
     assert fleet.qemu_processes(uvm.run_dir) == {uvm.name: p.pid}
+
+
+@pytest.fixture
+def two(daemon, image, tmp_path):
+    vms = [UVM(daemon, image, tmp_path, name) for name in ("vm1", "vm2")]
+    yield vms
+    for v in vms:
+        v.cleanup()
+
+
+def test_upgrade_all_moves_every_guest(two):
+    """``upgrade --all`` with two VMs: each guest runs on (its counter, token, one boot)
+    under a new QEMU pid, each old QEMU quit cleanly, each keeps its own recorded QEMU-ARGS
+    (its own serial log), and the fleet finds exactly the two new QEMUs."""
+    procs = [v.boot() for v in two]
+    r = two[0].cli("upgrade", "--all", "--json")
+    outs = {o["vm"]: o for o in map(json.loads, r.stdout.splitlines())}
+    assert set(outs) == {"vm1", "vm2"}, r.stdout
+    for v, p in zip(two, procs):
+        out = outs[v.name]
+        v.pids.add(out["new_pid"])
+        assert out["old_pid"] == p.pid and out["new_pid"] != p.pid, out
+        assert p.wait(30) == 0, f"{v.name}: the old QEMU should quit cleanly"
+        assert v.qmp_pid() == out["new_pid"]
+    for v in two:
+        _runs_on(v)
+    from fdboxd.qemu import fleet
+
+    assert fleet.qemu_processes(two[0].run_dir) == {o["vm"]: o["new_pid"] for o in outs.values()}
+
+
+def test_upgrade_of_two_where_one_new_qemu_dies(two):
+    """``upgrade vm1 vm2``: vm1's new QEMU is killed before the switch (both upgrades wait
+    at ``qemu.upgrade.before_migrate``). vm1's old QEMU runs its guest on, its box as it
+    was; vm2 is upgraded all the same. The exit status is vm1's error, its stderr line names vm1,
+    and stdout has vm2's outcome line only."""
+    procs = [v.boot() for v in two]
+    boxes = [v.box() for v in two]
+    udir = Path(two[0].run_dir) / "upgrade"
+    cmd = qemuguest.fdbox_qemu_cmd(two[0].daemon.socket, two[0].run_dir, "upgrade", "vm1", "vm2")
+    up = subprocess.Popen(cmd, env=qemuguest.env() | {"FDBOX_FAILPOINTS": "qemu.upgrade.before_migrate=delay(5000)"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: all((udir / f"{v.name}.mig").exists() for v in two), 60), \
+            "the new QEMUs never listened for the device state"
+        new1 = [pid for pid in _pids_with(str(udir / "vm1.qmp")) if pid != procs[0].pid]
+        assert len(new1) == 1, new1
+        os.kill(new1[0], signal.SIGKILL)
+        out, err = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    print(out, err)
+    m = re.fullmatch(r"fdbox-qemu: (\w+): VM vm1: .*; the new QEMU was killed, the old one runs on\n", err)
+    assert m and up.returncode == EXIT_CODES[m.group(1)], (up.returncode, err)
+    lines = out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vm2: upgraded (running)"), out
+    new2 = int(lines[0].split(" -> ")[1].split()[0])
+    two[1].pids.add(new2)
+    assert procs[0].poll() is None and two[0].qmp_pid() == procs[0].pid
+    assert procs[1].wait(30) == 0 and two[1].qmp_pid() == new2
+    for v in two:
+        _runs_on(v)
+    assert [_stable(v.box()) for v in two] == [_stable(b) for b in boxes]
+    from fdboxd.qemu import fleet
+
+    assert fleet.qemu_processes(two[0].run_dir) == {"vm1": procs[0].pid, "vm2": new2}
 
 
 @pytest.mark.parametrize("point", ["before_switch", "after_switch"])
