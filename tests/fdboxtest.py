@@ -101,8 +101,9 @@ class DaemonProcess:
             finally:
                 s.close()
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM and wait; returns the exit status (None if it was not running)."""
+    def stop(self, timeout: float = READY_TIMEOUT) -> int | None:
+        """SIGTERM and wait (as long as a start may take: a slow kernel stops slowly too);
+        returns the exit status (None if it was not running)."""
         if self.proc is None:
             return None
         proc, self.proc = self.proc, None

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fdboxtest import REPO, DaemonProcess, memfd_with, pattern, run_as_user, wait_for
+from fdboxtest import READY_TIMEOUT, REPO, DaemonProcess, memfd_with, pattern, run_as_user, wait_for
 
 from fdboxd.backends.memory import MemoryBackend
 from fdboxd.backends.mixed import MixedBackend
@@ -124,7 +124,7 @@ description is stored already (under any name) is closed and not stored.
             for fd in fds:
                 os.close(fd)
 
-    def wait(self, predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    def wait(self, predicate, timeout: float = max(10.0, READY_TIMEOUT)) -> bool:  # type: ignore[no-untyped-def]
         return wait_for(predicate, timeout)
 
     def seen(self, key: str, value: str | None = None, since: int = 0) -> list[dict[str, str]]:
