@@ -174,7 +174,7 @@ struct fdbox_box_release {
 static int test_corrupt_handover;
 module_param(test_corrupt_handover, int, 0);
 MODULE_PARM_DESC(test_corrupt_handover,
-		 "testing only, bits: 1 every box descriptor, 2 root version, 4 the descriptor of boxes named bad-desc*, 8 a folio pfn of bad-pfn*, 16 the root's pointer to bad-ptr*, 32 a CRC-valid huge nr_folios in bad-nr*, 64 a CRC-valid pfn listed twice in bad-dup*, 128 a CRC-valid index near 2^64 in bad-idx*, 256 the root's CRC");
+		 "testing only, bits: 1 every box descriptor, 2 root version, 4 the descriptor of boxes named bad-desc*, 8 a folio pfn of bad-pfn*, 16 the root's pointer to bad-ptr*, 32 a CRC-valid huge nr_folios in bad-nr*, 64 a CRC-valid pfn listed twice in bad-dup*, 128 a CRC-valid index near 2^64 in bad-idx*, 256 the root's CRC, 512 a CRC-valid gap before the last folio of bad-gap*, 1024 a CRC-valid size of 2^64 - 1 for the empty entry of bad-size*, 2048 a CRC-valid folio of bad-xdup*'s second entry that is a page of its first entry's folio list");
 static bool test_shmem_beside_luo;
 module_param(test_shmem_beside_luo, bool, 0);
 MODULE_PARM_DESC(test_shmem_beside_luo,
@@ -220,23 +220,38 @@ static bool fdbox_test_fail(unsigned int bit)
 
 /*
  * Damage that keeps every CRC valid (applied before the CRCs are taken), for
- * the checks behind the CRC: a pfn listed twice, an index whose end wraps.
- * The list must have two folios.
+ * the checks behind the CRC: a pfn listed twice, an index whose end wraps, a
+ * gap (with the size grown to match, in fdbox_test_damage_count()), a folio
+ * that is a page of the previous entry's (@prev's) folio list. The lists
+ * must have two folios.
  */
 static void fdbox_test_damage_list(struct fdbox_box *box,
-				   struct fdbox_entry_kho *kho)
+				   struct fdbox_entry_kho *kho,
+				   const struct fdbox_entry_kho *prev)
 {
+	u64 last = kho->nr_folios - 1;
+
 	if (kho->nr_folios < 2)
 		return;
 	if (fdbox_test_corrupt(64) && !strncmp(box->name, "bad-dup", 7))
 		kho->ser[1].pfn = kho->ser[0].pfn;
 	if (fdbox_test_corrupt(128) && !strncmp(box->name, "bad-idx", 7))
 		kho->ser[1].index = -(1ULL << kho->ser[1].order);
+	if (fdbox_test_corrupt(512) && !strncmp(box->name, "bad-gap", 7))
+		kho->ser[last].index += 1ULL << kho->ser[last].order;
+	if (fdbox_test_corrupt(2048) && !strncmp(box->name, "bad-xdup", 8) &&
+	    prev && prev->nr_folios && !kho->ser[0].order) {
+		const struct kho_vmalloc_chunk *chunk =
+			phys_to_virt(prev->ser_kho.first.phys);
+
+		kho->ser[0].pfn = PHYS_PFN(chunk->phys[0]);
+	}
 }
 
 /*
  * A CRC-valid count whose list size, truncated to 32 bits, is one page: the
- * list CRC used to read 2^44 bytes past the one-page list.
+ * list CRC used to read 2^44 bytes past the one-page list. A size one page
+ * past the gap fdbox_test_damage_list() made; a size whose page count wraps.
  */
 static void fdbox_test_damage_count(struct fdbox_box *box,
 				    struct fdbox_kho_entry *e)
@@ -245,6 +260,12 @@ static void fdbox_test_damage_count(struct fdbox_box *box,
 		e->nr_folios = 733007751851ULL;	/* * 24 = 2^44 + 8 bytes */
 		e->size = e->nr_folios * e->page_size;
 	}
+	if (fdbox_test_corrupt(512) && !strncmp(box->name, "bad-gap", 7) &&
+	    e->nr_folios >= 2)
+		e->size += e->page_size;
+	if (fdbox_test_corrupt(1024) && !strncmp(box->name, "bad-size", 8) &&
+	    !e->nr_folios)
+		e->size = U64_MAX;
 }
 #else
 static inline bool fdbox_test_corrupt(unsigned int bit)
@@ -263,7 +284,8 @@ static inline int fdbox_test_seal_delay(struct fdbox_box *box)
 }
 
 static inline void fdbox_test_damage_list(struct fdbox_box *box,
-					  struct fdbox_entry_kho *kho) { }
+					  struct fdbox_entry_kho *kho,
+					  const struct fdbox_entry_kho *prev) { }
 static inline void fdbox_test_damage_count(struct fdbox_box *box,
 					   struct fdbox_kho_entry *e) { }
 #endif
@@ -563,6 +585,7 @@ static struct fdbox_kho_box *fdbox_kho_box_desc(struct fdbox_box *box,
 	struct fdbox_kho_box *desc;
 	struct fdbox_entry *entry;
 	size_t size = struct_size(desc, entries, box->nr_entries);
+	struct fdbox_entry_kho *prev __maybe_unused = NULL;
 	u32 i = 0;
 
 	desc = kho_alloc_preserve(size);
@@ -586,16 +609,19 @@ static struct fdbox_kho_box *fdbox_kho_box_desc(struct fdbox_box *box,
 		e->gid = entry->gid;
 		e->ctime = entry->ctime;
 		e->nr_folios = kho->nr_folios;
-		if (!kho->nr_folios)
-			continue;
-		if (fdbox_test_corrupt(8) && !strncmp(box->name, "bad-pfn", 7))
-			/* a tail page of the root folio: never KHO-marked */
-			kho->ser[0].pfn = PHYS_PFN(virt_to_phys(fdbox_kho_root)) + 1;
-		fdbox_test_damage_list(box, kho);
-		e->folios = kho->ser_kho;
-		e->folios_crc = fdbox_crc(kho->ser, kho->nr_folios *
-					  sizeof(*kho->ser));
+		if (kho->nr_folios) {
+			if (fdbox_test_corrupt(8) &&
+			    !strncmp(box->name, "bad-pfn", 7))
+				/* a tail page of the root folio: never KHO-marked */
+				kho->ser[0].pfn =
+					PHYS_PFN(virt_to_phys(fdbox_kho_root)) + 1;
+			fdbox_test_damage_list(box, kho, prev);
+			e->folios = kho->ser_kho;
+			e->folios_crc = fdbox_crc(kho->ser, kho->nr_folios *
+						  sizeof(*kho->ser));
+		}
 		fdbox_test_damage_count(box, e);
+		prev = kho;
 	}
 	desc->crc = fdbox_crc(desc, size);
 	if (fdbox_test_corrupt(1) ||
@@ -1321,22 +1347,66 @@ static int fdbox_cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
+/* The pages of a checked vmalloc chain (chunks and data), into @out if set. */
+static u64 fdbox_kho_vmalloc_pfns(const struct kho_vmalloc *v, u64 *out)
+{
+	phys_addr_t chunk_phys = v->first.phys;
+	u64 n = 0;
+
+	while (chunk_phys) {
+		const struct kho_vmalloc_chunk *chunk = phys_to_virt(chunk_phys);
+
+		for (int i = 0; i < ARRAY_SIZE(chunk->phys) && chunk->phys[i];
+		     i++, n++)
+			if (out)
+				out[n] = PHYS_PFN(chunk->phys[i]);
+		if (out)
+			out[n] = PHYS_PFN(chunk_phys);
+		n++;
+		chunk_phys = chunk->hdr.next.phys;
+	}
+	return n;
+}
+
+/* Sort @pfns; -EINVAL if one is there twice. */
+static int fdbox_pfns_distinct(u64 *pfns, u64 n)
+{
+	sort(pfns, n, sizeof(*pfns), fdbox_cmp_u64, NULL);
+	for (u64 i = 1; i < n; i++) {
+		if (pfns[i] == pfns[i - 1])
+			return -EINVAL;
+		if (!(i % 4096))
+			cond_resched();
+	}
+	return 0;
+}
+
 /*
- * No pfn twice in a box: KHO's mark check passes a pfn as often as it is
- * listed, and the second kho_restore_folio() of it would WARN. (Distinct
- * marked heads cannot overlap otherwise: KHO marks only the head page of a
- * preserved folio.) Across boxes, the mark itself tells: a box whose folio
- * an earlier box claimed is refused before it claims anything. Returns 0,
- * -EINVAL, or -ENOMEM.
+ * No page twice in what a box claims: its descriptor, every entry's folios,
+ * and the chunk and data pages of every entry's folio list. KHO's mark check
+ * passes a pfn as often as it is listed: a second kho_restore_folio() of it
+ * would WARN and give NULL, and a list page given back after its entry is
+ * claimed would free a folio a later entry of the box is about to claim.
+ * (Distinct marked heads cannot overlap otherwise: KHO marks only the head
+ * page of a preserved folio.) Across boxes, the mark itself tells: a box
+ * naming a page an earlier box claimed or gave back is refused before it
+ * claims anything. Returns 0, -EINVAL, or -ENOMEM.
  */
-static int fdbox_kho_pfns_unique(struct fdbox_box *box)
+static int fdbox_kho_pfns_unique(struct fdbox_box *box,
+				 const struct fdbox_kho_box *desc)
 {
 	struct fdbox_entry *entry;
-	u64 n = 0, *pfns;
-	int err = 0;
+	u64 n = 1, *pfns;
+	u32 i = 0;
+	int err;
 
-	list_for_each_entry(entry, &box->entries, node)
-		n += entry->kho->nr_folios;
+	list_for_each_entry(entry, &box->entries, node) {
+		if (entry->kho->nr_folios)
+			n += entry->kho->nr_folios +
+			     fdbox_kho_vmalloc_pfns(&desc->entries[i].folios,
+						    NULL);
+		i++;
+	}
 	if (n < 2)
 		return 0;
 	pfns = fdbox_test_fail(3) ? NULL :
@@ -1344,26 +1414,33 @@ static int fdbox_kho_pfns_unique(struct fdbox_box *box)
 	if (!pfns)
 		return -ENOMEM;
 	n = 0;
-	list_for_each_entry(entry, &box->entries, node)
-		for (u64 i = 0; i < entry->kho->nr_folios; i++)
-			pfns[n++] = entry->kho->ser[i].pfn;
-	sort(pfns, n, sizeof(*pfns), fdbox_cmp_u64, NULL);
-	for (u64 i = 1; i < n && !err; i++) {
-		if (pfns[i] == pfns[i - 1])
-			err = -EINVAL;
-		if (!(i % 4096))
-			cond_resched();
+	i = 0;
+	pfns[n++] = PHYS_PFN(__pa(desc));
+	list_for_each_entry(entry, &box->entries, node) {
+		const struct fdbox_entry_kho *kho = entry->kho;
+
+		for (u64 j = 0; j < kho->nr_folios; j++)
+			pfns[n++] = kho->ser[j].pfn;
+		if (kho->nr_folios)
+			n += fdbox_kho_vmalloc_pfns(&desc->entries[i].folios,
+						    &pfns[n]);
+		i++;
+		cond_resched();
 	}
+	err = fdbox_pfns_distinct(pfns, n);
 	kvfree(pfns);
 	return err;
 }
 
 /*
- * The folio list: sorted, non-overlapping, each folio starting inside the
- * file, aligned. A folio may run past the end of the file: shmem allocates
- * large folios past i_size on purpose (huge=always), so only its start is
- * bounded by the size, and its end by its order (at most MAX_PAGE_ORDER;
- * hugetlb exactly the page size), so no end wraps. Returns 0 or -EINVAL.
+ * The folio list: sorted, aligned, and covering [0, size) with neither
+ * overlap nor gap (SEAL pins every page of the file, holes allocated, so a
+ * gap would only restore as zeroes what was data). A folio may run past the
+ * end of the file: shmem allocates large folios past i_size on purpose
+ * (huge=always), so only its start is bounded by the size, and its end by
+ * its order (at most MAX_PAGE_ORDER; hugetlb exactly the page size), so no
+ * end wraps. The caller bounds the size (fdbox_kho_entry_valid()). Returns
+ * 0 or -EINVAL.
  */
 static int fdbox_kho_folio_list_valid(const struct fdbox_kho_entry *e,
 				      const struct fdbox_preserved_folio *ser)
@@ -1381,14 +1458,14 @@ static int fdbox_kho_folio_list_valid(const struct fdbox_kho_entry *e,
 		    s->order > max_order ||
 		    !IS_ALIGNED(s->pfn, 1ULL << s->order) ||
 		    !IS_ALIGNED(s->index, 1ULL << s->order) ||
-		    s->index < next || s->index >= pages ||
+		    s->index != next || s->index >= pages ||
 		    !fdbox_kho_preserved(PFN_PHYS(s->pfn), s->order))
 			return -EINVAL;
 		next = s->index + (1ULL << s->order);
 		if (!(i % 4096))
 			cond_resched();
 	}
-	return 0;
+	return next < pages ? -EINVAL : 0;
 }
 
 struct fdbox_kho_copy_walk {
@@ -1418,7 +1495,7 @@ static int fdbox_kho_read_folios(const struct fdbox_kho_entry *e,
 
 	kho->nr_folios = e->nr_folios;
 	if (!e->nr_folios)
-		return 0;
+		return e->size ? -EINVAL : 0;	/* SEAL pins every page */
 	/* each folio is at least a page of this machine's memory */
 	if (e->nr_folios > min_t(u64, DIV_ROUND_UP_ULL(e->size, PAGE_SIZE),
 				 totalram_pages()) ||
@@ -1471,6 +1548,9 @@ static void fdbox_kho_claim_folios(const struct fdbox_kho_entry *e,
 static bool fdbox_kho_entry_valid(const struct fdbox_kho_entry *e)
 {
 	if (!fdbox_valid_entry_name(e->name, sizeof(e->name)) || e->reserved)
+		return false;
+	/* a file size this kernel can have: no page count below wraps */
+	if (e->size > MAX_LFS_FILESIZE)
 		return false;
 	if (e->seals & ~FDBOX_KHO_SEALS)
 		return false;
@@ -1579,7 +1659,7 @@ static struct fdbox_box *fdbox_kho_box_read(const struct fdbox_kho_box *desc)
 	for (u32 i = 0; i < desc->nr_entries && !err; i++)
 		err = fdbox_kho_entry_from_desc(box, &desc->entries[i]);
 	if (!err)
-		err = fdbox_kho_pfns_unique(box);
+		err = fdbox_kho_pfns_unique(box, desc);
 	if (err) {
 		fdbox_kho_free_unclaimed(box);
 		return ERR_PTR(err);
