@@ -183,6 +183,10 @@ static unsigned long test_fail_restore;
 module_param(test_fail_restore, ulong, 0);
 MODULE_PARM_DESC(test_fail_restore,
 		 "testing only, bits: each fails once with ENOMEM at load: 1 the box, 2 an entry, 4 a folio list copy, 8 the pfn sort buffer, 16 a folio array");
+static bool test_page_info_skew;
+module_param(test_page_info_skew, bool, 0);
+MODULE_PARM_DESC(test_page_info_skew,
+		 "testing only: read KHO's page mark with its order one too high (a KHO whose union kho_page_info changed)");
 static unsigned int test_seal_delay_ms;
 module_param(test_seal_delay_ms, uint, 0);
 MODULE_PARM_DESC(test_seal_delay_ms,
@@ -1030,6 +1034,49 @@ union fdbox_kho_page_info {
 static_assert(sizeof(union fdbox_kho_page_info) ==
 	      sizeof_field(struct page, private));
 
+/* KHO's mark on @page as this module's copy of the union reads it. */
+static union fdbox_kho_page_info fdbox_kho_page_info(const struct page *page)
+{
+	union fdbox_kho_page_info info;
+
+	info.page_private = READ_ONCE(page->private);
+#ifdef FDBOX_TEST
+	if (test_page_info_skew && info.magic == FDBOX_KHO_PAGE_MAGIC)
+		info.order++;
+#endif
+	return info;
+}
+
+/*
+ * The runtime half of the check on the copy above (the build-time half is
+ * the static_assert): the handover's root is a folio KHO handed over, and
+ * its order is get_order() of the subtree's size (kho_alloc_preserve() of
+ * that size made it), so its mark must read as exactly that. If it does
+ * not, either KHO's layout changed under this module (a stable update) or
+ * the root is not what KHO preserved; either way no other mark can be
+ * trusted, so nothing is read, claimed or released. Returns 0 or -EPROTO.
+ */
+static int fdbox_kho_page_info_check(phys_addr_t phys, size_t size)
+{
+	unsigned long pfn = PHYS_PFN(phys);
+	union fdbox_kho_page_info info;
+	struct page *page;
+
+	if (!size || !PAGE_ALIGNED(phys) || !pfn_valid(pfn) ||
+	    !page_is_ram(pfn))
+		return 0;	/* not memory: fdbox_kho_root_check() says so */
+	page = pfn_to_online_page(pfn);
+	if (!page)
+		return 0;
+	info = fdbox_kho_page_info(page);
+	if (info.magic == FDBOX_KHO_PAGE_MAGIC &&
+	    info.order == get_order(size))
+		return 0;
+	pr_err("KHO's mark on the handover root (page private %#lx) does not read as this module's copy of union kho_page_info (magic %#x, order %u): KHO's layout changed or the root is not what KHO preserved; nothing read, the handover stays reserved until the next reboot\n",
+	       info.page_private, FDBOX_KHO_PAGE_MAGIC, get_order(size));
+	return -EPROTO;
+}
+
 /*
  * The order of the folio KHO preserved at @phys, or -1 if @phys is not the
  * head of one. Reads only struct page, never the memory. kho_restore_folio()
@@ -1048,7 +1095,7 @@ static int fdbox_kho_preserved_order(phys_addr_t phys)
 	page = pfn_to_online_page(pfn);
 	if (!page)
 		return -1;
-	info.page_private = READ_ONCE(page->private);
+	info = fdbox_kho_page_info(page);
 	if (info.magic != FDBOX_KHO_PAGE_MAGIC || info.order > INT_MAX)
 		return -1;
 	return info.order;
@@ -2069,11 +2116,13 @@ static void fdbox_kho_hold(phys_addr_t phys, int err)
  * Context: Module init, after /dev/fdbox is registered, before it opens.
  *
  * Return: 0 (also when there was nothing to take), or the error of the
- * first part of the handover that was refused: -EPROTONOSUPPORT (another
- * version, left untouched); -EINVAL (damaged: the root, left untouched, or
- * a box); -EIO (memory KHO did not give back); -ENOMEM (a box is pending:
- * nothing of it was claimed, fdbox_kho_rescan() retries it). Every box that
- * could be restored is, whatever the return value.
+ * first part of the handover that was refused: -EPROTO (KHO's page mark
+ * does not read as this module expects: nothing read, left untouched);
+ * -EPROTONOSUPPORT (another version, left untouched); -EINVAL (damaged:
+ * the root, left untouched, or a box); -EIO (memory KHO did not give
+ * back); -ENOMEM (a box is pending: nothing of it was claimed,
+ * fdbox_kho_rescan() retries it). Every box that could be restored is,
+ * whatever the return value.
  */
 int fdbox_kho_init(void)
 {
@@ -2091,6 +2140,9 @@ int fdbox_kho_init(void)
 		return err;
 	if (fdbox_kho_consumed(phys))
 		return 0;
+	err = fdbox_kho_page_info_check(phys, size);
+	if (err)
+		return err;
 	err = fdbox_kho_root_check(phys, size);
 	if (err == -EIO)
 		pr_err("root descriptor at %pa is not preserved memory\n", &phys);

@@ -38,7 +38,10 @@ Scenarios:
   nothing of it freed; the open and each ``FDBOX_IOC_RESCAN`` retry it, and the fifth
   retry restores it byte for byte.
 - ``bad-root-crc`` (issue 27, H1): the root's CRC fails (``test_corrupt_handover=256``);
-  stage 2 leaves it untouched (``EINVAL``), then ``fdboxctl release-handover`` gives
+  stage 2 first loads the test build with ``test_page_info_skew=1`` (KHO's page mark
+  read with every order one too high, as after a KHO layout change): the runtime
+  self-check refuses (``EPROTO``), nothing read or claimed (L5); then it is left
+  untouched (``EINVAL``), then ``fdboxctl release-handover`` gives
   every sealed byte back (MemFree, the per-CPU lists and the huge page pool) and a
   reload finds nothing.
 - ``review`` (issue 11, items 3-8): one good box ``vm1`` (a write-sealed memfd, a plain
@@ -588,6 +591,19 @@ def unread_stage1(scenario: str) -> None:
 def unread_stage2(scenario: str) -> None:
     record = json.loads((OUT / f"{scenario}.json").read_text())
     want = -errno.EPROTONOSUPPORT if scenario == "other-version" else -errno.EINVAL
+    if scenario == "bad-root-crc":
+        # issue 27, L5: a KHO whose page mark reads otherwise (test_page_info_skew: every
+        # order one too high) is caught by the runtime self-check: nothing read or claimed
+        km.load(params="test_page_info_skew=1")
+        with uapi.FdboxDevice() as d:
+            v = d.version()
+            check(v.restore_status == -errno.EPROTO, f"skewed page mark: restore_status {v.restore_status}")
+            check(not v.features & uapi.FDBOX_FEATURE_HANDOVER_HELD, "skewed page mark: nothing held")
+            check(d.list_boxes() == [], "skewed page mark: no box")
+        check(KHO_IN.read_bytes()[:8] == b"FDBXROOT", "skewed page mark: root not claimed")
+        check("does not read as this module's copy of union kho_page_info" in subprocess_out(["dmesg"]),
+              "skewed page mark: logged")
+        km.unload()
     for _ in range(2):  # a reload leaves it untouched too
         km.load()
         with uapi.FdboxDevice() as d:

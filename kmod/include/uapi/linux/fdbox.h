@@ -185,7 +185,11 @@ enum fdbox_box_state {
  *                       (and %FDBOX_FEATURE_RESTORE_PENDING): a box could
  *                       not be read for lack of memory; nothing of it was
  *                       claimed, and it is retried on each open and by
- *                       RESCAN.
+ *                       RESCAN. -EPROTO: KHO's mark on the
+ *                       handover's root does not read as this module
+ *                       expects (a KHO layout change): nothing was read,
+ *                       claimed or released; it stays reserved until the
+ *                       next reboot.
  * @__reserved:          Input; must be zero.
  */
 struct fdbox_version {
