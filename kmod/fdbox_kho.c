@@ -513,6 +513,33 @@ static int fdbox_kho_seals_to_add(struct fdbox_entry *entry, u32 seals,
 	return 0;
 }
 
+/*
+ * Pinning a shmem file allocates every hole (and swaps every swapped page
+ * in): refuse up front, naming the sizes, when that is more than this
+ * machine has available, instead of pushing it into reclaim and the OOM
+ * killer. An estimate (si_mem_available()), as MemAvailable is: a SEAL that
+ * passes can still fail with ENOMEM, whole and harmless. Called with the
+ * inode lock held. Returns 0 or -ENOMEM.
+ */
+static int fdbox_kho_room_for_holes(struct fdbox_entry *entry,
+				    struct inode *inode, u64 size)
+{
+	struct shmem_inode_info *info = SHMEM_I(inode);
+	u64 pages = DIV_ROUND_UP_ULL(size, PAGE_SIZE);
+	unsigned long alloced = READ_ONCE(info->alloced);
+	unsigned long swapped = READ_ONCE(info->swapped);
+	u64 resident = alloced > swapped ? alloced - swapped : 0;
+	u64 need = pages > resident ? pages - resident : 0;
+	long avail = si_mem_available();
+
+	if (!need || (avail > 0 && need <= avail))
+		return 0;
+	pr_info_ratelimited("%s: SEAL would allocate %llu KiB (the holes of a %llu KiB file), %ld KiB available: ENOMEM\n",
+			    entry->name, need << (PAGE_SHIFT - 10), size >> 10,
+			    max(avail, 0L) << (PAGE_SHIFT - 10));
+	return -ENOMEM;
+}
+
 static int fdbox_kho_seal_entry(struct fdbox_entry *entry)
 {
 	struct inode *inode = file_inode(entry->file);
@@ -540,6 +567,11 @@ static int fdbox_kho_seal_entry(struct fdbox_entry *entry)
 	if (DIV_ROUND_UP_ULL(size, PAGE_SIZE) > min_t(u64, UINT_MAX,
 						      totalram_pages()))
 		goto err_unlock;
+	if (entry->type == FDBOX_TYPE_MEMFD) {
+		err = fdbox_kho_room_for_holes(entry, inode, size);
+		if (err)
+			goto err_unlock;
+	}
 	err = fdbox_kho_preserve_folios(entry, kho, size);
 	if (err)
 		goto err_unlock;

@@ -85,7 +85,10 @@
  *  - EINTR:       a fatal signal arrived while the ioctl waited for a box
  *                 or worked (SEAL is undone; RESTORE_FD leaves the entry
  *                 pending).
- *  - ENOMEM:      out of memory.
+ *  - ENOMEM:      out of memory; on SEAL also before anything is pinned:
+ *                 the holes of a shmem memfd (SEAL allocates every page)
+ *                 need more than the machine has available (MemAvailable);
+ *                 the kernel log names the sizes.
  *
  * Other errnos come from the memory management code the module calls (for
  * example pinning hugetlb folios) and are passed through unchanged.
