@@ -403,6 +403,18 @@ static void fdbox_kho_release_folios(struct fdbox_entry_kho *kho,
 }
 
 /*
+ * An error of KHO or of pinning, as the uAPI's errno (one meaning each):
+ * ENOMEM and EINTR keep theirs, anything else (EINVAL from
+ * kho_preserve_folio() or memfd_pin_folios(), EEXIST from
+ * kho_add_subtree(), E2BIG from kho_alloc_preserve(), ...) is EIO: the
+ * kernel could not pin or preserve the memory. The caller logs the original.
+ */
+static int fdbox_kho_errno(int err)
+{
+	return err == -ENOMEM || err == -EINTR ? err : -EIO;
+}
+
+/*
  * Pin and preserve every folio of the first @size bytes of @file, and the
  * list of them. Unwinds only what it did.
  */
@@ -428,7 +440,7 @@ static int fdbox_kho_preserve_folios(struct fdbox_entry *entry,
 				   entry->name, ERR_PTR(nr));
 		kvfree(kho->folios);
 		kho->folios = NULL;
-		return nr;
+		return fdbox_kho_errno(nr);
 	}
 	kho->nr_folios = nr;
 	atomic64_add(nr, &fdbox_counters.pinned_folios);
@@ -447,8 +459,12 @@ static int fdbox_kho_preserve_folios(struct fdbox_entry *entry,
 		if (fatal_signal_pending(current))
 			goto err_release;
 		err = kho_preserve_folio(folio);
-		if (err)
+		if (err) {
+			pr_err_ratelimited("%s: preserving a folio failed: %pe\n",
+					   entry->name, ERR_PTR(err));
+			err = fdbox_kho_errno(err);
 			goto err_release;
+		}
 		folio_lock(folio);
 		/*
 		 * RESTORE_FD copies every preserved page, so a folio that was
@@ -469,8 +485,12 @@ static int fdbox_kho_preserve_folios(struct fdbox_entry *entry,
 		cond_resched();
 	}
 	err = kho_preserve_vmalloc(kho->ser, &kho->ser_kho);
-	if (err)
+	if (err) {
+		pr_err_ratelimited("%s: preserving the folio list failed: %pe\n",
+				   entry->name, ERR_PTR(err));
+		err = fdbox_kho_errno(err);
 		goto err_release;
+	}
 	return 0;
 
 err_release:
@@ -748,8 +768,12 @@ static int fdbox_kho_release_build(struct fdbox_box *box)
 	rel->nr = n;
 	rel->crc = fdbox_crc(rel->ranges, n * sizeof(*rel->ranges));
 	err = kho_preserve_vmalloc(rel->ranges, &rel->kho);
-	if (err)
+	if (err) {
+		pr_err_ratelimited("%s: preserving the release list failed: %pe\n",
+				   box->name, ERR_PTR(err));
+		err = fdbox_kho_errno(err);
 		goto err_free;
+	}
 	box->kho_release = rel;
 	return 0;
 
@@ -778,7 +802,7 @@ static int fdbox_kho_rel_get(void)
 
 	rel = kho_alloc_preserve(size);
 	if (IS_ERR(rel))
-		return PTR_ERR(rel);
+		return fdbox_kho_errno(PTR_ERR(rel));
 	rel->magic = FDBOX_KHO_RELEASE_MAGIC;
 	rel->layout = FDBOX_KHO_RELEASE_LAYOUT;
 	rel->handover_version = FDBOX_KHO_VERSION;
@@ -787,7 +811,7 @@ static int fdbox_kho_rel_get(void)
 		pr_err_ratelimited("adding KHO subtree %s failed: %pe\n",
 				   FDBOX_KHO_RELEASE_NODE, ERR_PTR(err));
 		kho_unpreserve_free(rel);
-		return err;
+		return fdbox_kho_errno(err);
 	}
 	fdbox_kho_rel = rel;
 	return 0;
@@ -816,7 +840,7 @@ static int fdbox_kho_root_get(void)
 	root = kho_alloc_preserve(size);
 	if (IS_ERR(root)) {
 		fdbox_kho_rel_put();
-		return PTR_ERR(root);
+		return fdbox_kho_errno(PTR_ERR(root));
 	}
 	root->magic = FDBOX_KHO_ROOT_MAGIC;
 	root->version = FDBOX_KHO_VERSION;
@@ -828,7 +852,7 @@ static int fdbox_kho_root_get(void)
 				   ERR_PTR(err));
 		kho_unpreserve_free(root);
 		fdbox_kho_rel_put();
-		return err;
+		return fdbox_kho_errno(err);
 	}
 	fdbox_kho_root = root;
 	fdbox_kho_rel->root_phys = virt_to_phys(root);
@@ -947,7 +971,7 @@ int fdbox_kho_seal(struct fdbox_box *box)
 	}
 	box->kho_desc = fdbox_kho_box_desc(box, &box->kho_size);
 	if (IS_ERR(box->kho_desc)) {
-		err = PTR_ERR(box->kho_desc);
+		err = fdbox_kho_errno(PTR_ERR(box->kho_desc));
 		box->kho_desc = NULL;
 		goto err_unseal;
 	}
@@ -1265,7 +1289,7 @@ static int fdbox_kho_copy_to(struct fdbox_entry *entry, struct file *target)
 				      FDBOX_RESTORE_BATCH, &offset);
 
 		if (nr <= 0) {
-			err = nr ?: -EIO;
+			err = nr ? fdbox_kho_errno(nr) : -EIO;
 			break;
 		}
 		for (long i = 0; i < nr; i++) {

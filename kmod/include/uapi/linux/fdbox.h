@@ -78,10 +78,15 @@
  *                 CONFIG_KEXEC_HANDOVER or was booted without kho=on.
  *  - EOVERFLOW:   a list did not fit the caller's array; @count now holds the
  *                 number needed.
- *  - EIO:         preserved data from the previous kernel could not be
- *                 restored (a folio was missing or not what the descriptor
- *                 said); on RELEASE_HANDOVER: the handover has no intact
- *                 release list, nothing was freed.
+ *  - EIO:         the kernel could not pin, preserve or restore the memory:
+ *                 on SEAL, pinning a file or KHO's preservation failed for
+ *                 a reason other than memory (the kernel log has KHO's or
+ *                 the memory manager's own error); on RESTORE_FD, the
+ *                 target could not be pinned, or preserved data from the
+ *                 previous kernel could not be restored (a folio was
+ *                 missing or not what the descriptor said); on
+ *                 RELEASE_HANDOVER: the handover has no intact release
+ *                 list, nothing was freed.
  *  - EINTR:       a fatal signal arrived while the ioctl waited for a box
  *                 or worked (SEAL is undone; RESTORE_FD leaves the entry
  *                 pending).
@@ -90,8 +95,9 @@
  *                 need more than the machine has available (MemAvailable);
  *                 the kernel log names the sizes.
  *
- * Other errnos come from the memory management code the module calls (for
- * example pinning hugetlb folios) and are passed through unchanged.
+ * Errors of the memory management and KHO calls the module makes are
+ * mapped to these: ENOMEM and EINTR stay, any other is EIO (so an EINVAL,
+ * EEXIST or E2BIG of theirs never reads as the caller's mistake).
  */
 
 /*
