@@ -1134,6 +1134,24 @@ static int fdbox_kho_page_info_check(phys_addr_t phys, size_t size)
 }
 
 /*
+ * KHO's mark on the page at @pfn, which the caller knows is RAM: the order
+ * of the folio KHO preserved there, or -1 (not a preserved head, or not
+ * online).
+ */
+static int fdbox_kho_mark_order(unsigned long pfn)
+{
+	struct page *page = pfn_to_online_page(pfn);
+	union fdbox_kho_page_info info;
+
+	if (!page)
+		return -1;
+	info = fdbox_kho_page_info(page);
+	if (info.magic != FDBOX_KHO_PAGE_MAGIC || info.order > INT_MAX)
+		return -1;
+	return info.order;
+}
+
+/*
  * The order of the folio KHO preserved at @phys, or -1 if @phys is not the
  * head of one. Reads only struct page, never the memory. kho_restore_folio()
  * WARNs on a page without the mark; fdbox checks first, so a corrupt
@@ -1142,19 +1160,11 @@ static int fdbox_kho_page_info_check(phys_addr_t phys, size_t size)
 static int fdbox_kho_preserved_order(phys_addr_t phys)
 {
 	unsigned long pfn = PHYS_PFN(phys);
-	union fdbox_kho_page_info info;
-	struct page *page;
 
 	if (!phys || !PAGE_ALIGNED(phys) || !pfn_valid(pfn) ||
 	    !page_is_ram(pfn))
 		return -1;
-	page = pfn_to_online_page(pfn);
-	if (!page)
-		return -1;
-	info = fdbox_kho_page_info(page);
-	if (info.magic != FDBOX_KHO_PAGE_MAGIC || info.order > INT_MAX)
-		return -1;
-	return info.order;
+	return fdbox_kho_mark_order(pfn);
 }
 
 /* Is @phys the head of a folio KHO preserved with @order (any if < 0)? */
@@ -1622,13 +1632,23 @@ static int fdbox_kho_read_folios(const struct fdbox_kho_entry *e,
 	return kho->folios ? 0 : -ENOMEM;
 }
 
-/* Does KHO still mark every folio the entry lists (none claimed since)? */
+/*
+ * Does KHO still mark every folio the entry lists (none claimed since)? The
+ * list passed fdbox_kho_folio_list_valid() in this same restore, which
+ * checked each pfn is RAM (page_is_ram() walks the resource tree: once per
+ * folio is enough; preserved memory is reserved, so it cannot go offline
+ * meanwhile, and pfn_to_online_page() would tell): only the mark is read
+ * again.
+ */
 static bool fdbox_kho_folios_unclaimed(const struct fdbox_entry_kho *kho)
 {
-	for (u64 i = 0; i < kho->nr_folios; i++)
-		if (!fdbox_kho_preserved(PFN_PHYS(kho->ser[i].pfn),
-					 kho->ser[i].order))
+	for (u64 i = 0; i < kho->nr_folios; i++) {
+		if (fdbox_kho_mark_order(kho->ser[i].pfn) !=
+		    (int)kho->ser[i].order)
 			return false;
+		if (!(i % 4096))
+			cond_resched();
+	}
 	return true;
 }
 
