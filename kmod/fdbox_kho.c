@@ -934,7 +934,8 @@ static int fdbox_kho_begin(void)
  * -EOPNOTSUPP (a shmem memfd where LUO carries
  * those, or seals that cannot be carried or held), -EACCES (seals to add to
  * a file not open for writing), -EEXIST (LUO preserves a file), -EFBIG,
- * -ENOMEM, or what pinning or KHO returned.
+ * -ENOMEM (also: the holes of a shmem memfd need more than is available),
+ * or -EIO (pinning or KHO failed otherwise: fdbox_kho_errno()).
  */
 int fdbox_kho_seal(struct fdbox_box *box)
 {
