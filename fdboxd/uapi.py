@@ -275,10 +275,11 @@ ERRNO_MEANINGS: dict[int, tuple[str, str]] = {
     errno.ESHUTDOWN: ("reboot/kexec has begun: sealed state is final", "Sealed"),
     errno.ENODEV: ("sealing needs KHO (CONFIG_KEXEC_HANDOVER and kho=on)", "BackendUnavailable"),
     errno.EOVERFLOW: ("list did not fit; count holds the number needed", "InvalidRequest"),
-    errno.EIO: ("preserved data from the previous kernel unusable (RELEASE_HANDOVER: no intact release list)",
-                "BackendUnavailable"),
+    errno.EIO: ("the kernel could not pin, preserve or restore the memory (see the kernel log; "
+                "RELEASE_HANDOVER: no intact release list)", "BackendUnavailable"),
     errno.EINTR: ("a fatal signal arrived while waiting or working (SEAL undone)", "BackendUnavailable"),
-    errno.ENOMEM: ("out of memory", "BackendUnavailable"),
+    errno.ENOMEM: ("out of memory (SEAL: a memfd's holes need more than is available, sizes in the kernel log)",
+                   "BackendUnavailable"),
 }
 
 

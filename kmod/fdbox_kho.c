@@ -174,7 +174,7 @@ struct fdbox_box_release {
 static int test_corrupt_handover;
 module_param(test_corrupt_handover, int, 0);
 MODULE_PARM_DESC(test_corrupt_handover,
-		 "testing only, bits: 1 every box descriptor, 2 root version, 4 the descriptor of boxes named bad-desc*, 8 a folio pfn of bad-pfn*, 16 the root's pointer to bad-ptr*, 32 a CRC-valid huge nr_folios in bad-nr*, 64 a CRC-valid pfn listed twice in bad-dup*, 128 a CRC-valid index near 2^64 in bad-idx*, 256 the root's CRC");
+		 "testing only, bits: 1 every box descriptor, 2 root version, 4 the descriptor of boxes named bad-desc*, 8 a folio pfn of bad-pfn*, 16 the root's pointer to bad-ptr*, 32 a CRC-valid huge nr_folios in bad-nr*, 64 a CRC-valid pfn listed twice in bad-dup*, 128 a CRC-valid index near 2^64 in bad-idx*, 256 the root's CRC, 512 a CRC-valid gap before the last folio of bad-gap*, 1024 a CRC-valid size of 2^64 - 1 for the empty entry of bad-size*, 2048 a CRC-valid folio of bad-xdup*'s second entry that is a page of its first entry's folio list");
 static bool test_shmem_beside_luo;
 module_param(test_shmem_beside_luo, bool, 0);
 MODULE_PARM_DESC(test_shmem_beside_luo,
@@ -183,6 +183,10 @@ static unsigned long test_fail_restore;
 module_param(test_fail_restore, ulong, 0);
 MODULE_PARM_DESC(test_fail_restore,
 		 "testing only, bits: each fails once with ENOMEM at load: 1 the box, 2 an entry, 4 a folio list copy, 8 the pfn sort buffer, 16 a folio array");
+static bool test_page_info_skew;
+module_param(test_page_info_skew, bool, 0);
+MODULE_PARM_DESC(test_page_info_skew,
+		 "testing only: read KHO's page mark with its order one too high (a KHO whose union kho_page_info changed)");
 static unsigned int test_seal_delay_ms;
 module_param(test_seal_delay_ms, uint, 0);
 MODULE_PARM_DESC(test_seal_delay_ms,
@@ -220,23 +224,38 @@ static bool fdbox_test_fail(unsigned int bit)
 
 /*
  * Damage that keeps every CRC valid (applied before the CRCs are taken), for
- * the checks behind the CRC: a pfn listed twice, an index whose end wraps.
- * The list must have two folios.
+ * the checks behind the CRC: a pfn listed twice, an index whose end wraps, a
+ * gap (with the size grown to match, in fdbox_test_damage_count()), a folio
+ * that is a page of the previous entry's (@prev's) folio list. The lists
+ * must have two folios.
  */
 static void fdbox_test_damage_list(struct fdbox_box *box,
-				   struct fdbox_entry_kho *kho)
+				   struct fdbox_entry_kho *kho,
+				   const struct fdbox_entry_kho *prev)
 {
+	u64 last = kho->nr_folios - 1;
+
 	if (kho->nr_folios < 2)
 		return;
 	if (fdbox_test_corrupt(64) && !strncmp(box->name, "bad-dup", 7))
 		kho->ser[1].pfn = kho->ser[0].pfn;
 	if (fdbox_test_corrupt(128) && !strncmp(box->name, "bad-idx", 7))
 		kho->ser[1].index = -(1ULL << kho->ser[1].order);
+	if (fdbox_test_corrupt(512) && !strncmp(box->name, "bad-gap", 7))
+		kho->ser[last].index += 1ULL << kho->ser[last].order;
+	if (fdbox_test_corrupt(2048) && !strncmp(box->name, "bad-xdup", 8) &&
+	    prev && prev->nr_folios && !kho->ser[0].order) {
+		const struct kho_vmalloc_chunk *chunk =
+			phys_to_virt(prev->ser_kho.first.phys);
+
+		kho->ser[0].pfn = PHYS_PFN(chunk->phys[0]);
+	}
 }
 
 /*
  * A CRC-valid count whose list size, truncated to 32 bits, is one page: the
- * list CRC used to read 2^44 bytes past the one-page list.
+ * list CRC used to read 2^44 bytes past the one-page list. A size one page
+ * past the gap fdbox_test_damage_list() made; a size whose page count wraps.
  */
 static void fdbox_test_damage_count(struct fdbox_box *box,
 				    struct fdbox_kho_entry *e)
@@ -245,6 +264,12 @@ static void fdbox_test_damage_count(struct fdbox_box *box,
 		e->nr_folios = 733007751851ULL;	/* * 24 = 2^44 + 8 bytes */
 		e->size = e->nr_folios * e->page_size;
 	}
+	if (fdbox_test_corrupt(512) && !strncmp(box->name, "bad-gap", 7) &&
+	    e->nr_folios >= 2)
+		e->size += e->page_size;
+	if (fdbox_test_corrupt(1024) && !strncmp(box->name, "bad-size", 8) &&
+	    !e->nr_folios)
+		e->size = U64_MAX;
 }
 #else
 static inline bool fdbox_test_corrupt(unsigned int bit)
@@ -263,7 +288,8 @@ static inline int fdbox_test_seal_delay(struct fdbox_box *box)
 }
 
 static inline void fdbox_test_damage_list(struct fdbox_box *box,
-					  struct fdbox_entry_kho *kho) { }
+					  struct fdbox_entry_kho *kho,
+					  const struct fdbox_entry_kho *prev) { }
 static inline void fdbox_test_damage_count(struct fdbox_box *box,
 					   struct fdbox_kho_entry *e) { }
 #endif
@@ -377,6 +403,18 @@ static void fdbox_kho_release_folios(struct fdbox_entry_kho *kho,
 }
 
 /*
+ * An error of KHO or of pinning, as the uAPI's errno (one meaning each):
+ * ENOMEM and EINTR keep theirs, anything else (EINVAL from
+ * kho_preserve_folio() or memfd_pin_folios(), EEXIST from
+ * kho_add_subtree(), E2BIG from kho_alloc_preserve(), ...) is EIO: the
+ * kernel could not pin or preserve the memory. The caller logs the original.
+ */
+static int fdbox_kho_errno(int err)
+{
+	return err == -ENOMEM || err == -EINTR ? err : -EIO;
+}
+
+/*
  * Pin and preserve every folio of the first @size bytes of @file, and the
  * list of them. Unwinds only what it did.
  */
@@ -402,7 +440,7 @@ static int fdbox_kho_preserve_folios(struct fdbox_entry *entry,
 				   entry->name, ERR_PTR(nr));
 		kvfree(kho->folios);
 		kho->folios = NULL;
-		return nr;
+		return fdbox_kho_errno(nr);
 	}
 	kho->nr_folios = nr;
 	atomic64_add(nr, &fdbox_counters.pinned_folios);
@@ -421,8 +459,12 @@ static int fdbox_kho_preserve_folios(struct fdbox_entry *entry,
 		if (fatal_signal_pending(current))
 			goto err_release;
 		err = kho_preserve_folio(folio);
-		if (err)
+		if (err) {
+			pr_err_ratelimited("%s: preserving a folio failed: %pe\n",
+					   entry->name, ERR_PTR(err));
+			err = fdbox_kho_errno(err);
 			goto err_release;
+		}
 		folio_lock(folio);
 		/*
 		 * RESTORE_FD copies every preserved page, so a folio that was
@@ -443,8 +485,12 @@ static int fdbox_kho_preserve_folios(struct fdbox_entry *entry,
 		cond_resched();
 	}
 	err = kho_preserve_vmalloc(kho->ser, &kho->ser_kho);
-	if (err)
+	if (err) {
+		pr_err_ratelimited("%s: preserving the folio list failed: %pe\n",
+				   entry->name, ERR_PTR(err));
+		err = fdbox_kho_errno(err);
 		goto err_release;
+	}
 	return 0;
 
 err_release:
@@ -487,6 +533,33 @@ static int fdbox_kho_seals_to_add(struct fdbox_entry *entry, u32 seals,
 	return 0;
 }
 
+/*
+ * Pinning a shmem file allocates every hole (and swaps every swapped page
+ * in): refuse up front, naming the sizes, when that is more than this
+ * machine has available, instead of pushing it into reclaim and the OOM
+ * killer. An estimate (si_mem_available()), as MemAvailable is: a SEAL that
+ * passes can still fail with ENOMEM, whole and harmless. Called with the
+ * inode lock held. Returns 0 or -ENOMEM.
+ */
+static int fdbox_kho_room_for_holes(struct fdbox_entry *entry,
+				    struct inode *inode, u64 size)
+{
+	struct shmem_inode_info *info = SHMEM_I(inode);
+	u64 pages = DIV_ROUND_UP_ULL(size, PAGE_SIZE);
+	unsigned long alloced = READ_ONCE(info->alloced);
+	unsigned long swapped = READ_ONCE(info->swapped);
+	u64 resident = alloced > swapped ? alloced - swapped : 0;
+	u64 need = pages > resident ? pages - resident : 0;
+	long avail = si_mem_available();
+
+	if (!need || (avail > 0 && need <= avail))
+		return 0;
+	pr_info_ratelimited("%s: SEAL would allocate %llu KiB (the holes of a %llu KiB file), %ld KiB available: ENOMEM\n",
+			    entry->name, need << (PAGE_SHIFT - 10), size >> 10,
+			    max(avail, 0L) << (PAGE_SHIFT - 10));
+	return -ENOMEM;
+}
+
 static int fdbox_kho_seal_entry(struct fdbox_entry *entry)
 {
 	struct inode *inode = file_inode(entry->file);
@@ -514,6 +587,11 @@ static int fdbox_kho_seal_entry(struct fdbox_entry *entry)
 	if (DIV_ROUND_UP_ULL(size, PAGE_SIZE) > min_t(u64, UINT_MAX,
 						      totalram_pages()))
 		goto err_unlock;
+	if (entry->type == FDBOX_TYPE_MEMFD) {
+		err = fdbox_kho_room_for_holes(entry, inode, size);
+		if (err)
+			goto err_unlock;
+	}
 	err = fdbox_kho_preserve_folios(entry, kho, size);
 	if (err)
 		goto err_unlock;
@@ -563,6 +641,7 @@ static struct fdbox_kho_box *fdbox_kho_box_desc(struct fdbox_box *box,
 	struct fdbox_kho_box *desc;
 	struct fdbox_entry *entry;
 	size_t size = struct_size(desc, entries, box->nr_entries);
+	struct fdbox_entry_kho *prev __maybe_unused = NULL;
 	u32 i = 0;
 
 	desc = kho_alloc_preserve(size);
@@ -586,16 +665,19 @@ static struct fdbox_kho_box *fdbox_kho_box_desc(struct fdbox_box *box,
 		e->gid = entry->gid;
 		e->ctime = entry->ctime;
 		e->nr_folios = kho->nr_folios;
-		if (!kho->nr_folios)
-			continue;
-		if (fdbox_test_corrupt(8) && !strncmp(box->name, "bad-pfn", 7))
-			/* a tail page of the root folio: never KHO-marked */
-			kho->ser[0].pfn = PHYS_PFN(virt_to_phys(fdbox_kho_root)) + 1;
-		fdbox_test_damage_list(box, kho);
-		e->folios = kho->ser_kho;
-		e->folios_crc = fdbox_crc(kho->ser, kho->nr_folios *
-					  sizeof(*kho->ser));
+		if (kho->nr_folios) {
+			if (fdbox_test_corrupt(8) &&
+			    !strncmp(box->name, "bad-pfn", 7))
+				/* a tail page of the root folio: never KHO-marked */
+				kho->ser[0].pfn =
+					PHYS_PFN(virt_to_phys(fdbox_kho_root)) + 1;
+			fdbox_test_damage_list(box, kho, prev);
+			e->folios = kho->ser_kho;
+			e->folios_crc = fdbox_crc(kho->ser, kho->nr_folios *
+						  sizeof(*kho->ser));
+		}
 		fdbox_test_damage_count(box, e);
+		prev = kho;
 	}
 	desc->crc = fdbox_crc(desc, size);
 	if (fdbox_test_corrupt(1) ||
@@ -686,8 +768,12 @@ static int fdbox_kho_release_build(struct fdbox_box *box)
 	rel->nr = n;
 	rel->crc = fdbox_crc(rel->ranges, n * sizeof(*rel->ranges));
 	err = kho_preserve_vmalloc(rel->ranges, &rel->kho);
-	if (err)
+	if (err) {
+		pr_err_ratelimited("%s: preserving the release list failed: %pe\n",
+				   box->name, ERR_PTR(err));
+		err = fdbox_kho_errno(err);
 		goto err_free;
+	}
 	box->kho_release = rel;
 	return 0;
 
@@ -716,7 +802,7 @@ static int fdbox_kho_rel_get(void)
 
 	rel = kho_alloc_preserve(size);
 	if (IS_ERR(rel))
-		return PTR_ERR(rel);
+		return fdbox_kho_errno(PTR_ERR(rel));
 	rel->magic = FDBOX_KHO_RELEASE_MAGIC;
 	rel->layout = FDBOX_KHO_RELEASE_LAYOUT;
 	rel->handover_version = FDBOX_KHO_VERSION;
@@ -725,7 +811,7 @@ static int fdbox_kho_rel_get(void)
 		pr_err_ratelimited("adding KHO subtree %s failed: %pe\n",
 				   FDBOX_KHO_RELEASE_NODE, ERR_PTR(err));
 		kho_unpreserve_free(rel);
-		return err;
+		return fdbox_kho_errno(err);
 	}
 	fdbox_kho_rel = rel;
 	return 0;
@@ -754,7 +840,7 @@ static int fdbox_kho_root_get(void)
 	root = kho_alloc_preserve(size);
 	if (IS_ERR(root)) {
 		fdbox_kho_rel_put();
-		return PTR_ERR(root);
+		return fdbox_kho_errno(PTR_ERR(root));
 	}
 	root->magic = FDBOX_KHO_ROOT_MAGIC;
 	root->version = FDBOX_KHO_VERSION;
@@ -766,7 +852,7 @@ static int fdbox_kho_root_get(void)
 				   ERR_PTR(err));
 		kho_unpreserve_free(root);
 		fdbox_kho_rel_put();
-		return err;
+		return fdbox_kho_errno(err);
 	}
 	fdbox_kho_root = root;
 	fdbox_kho_rel->root_phys = virt_to_phys(root);
@@ -848,7 +934,8 @@ static int fdbox_kho_begin(void)
  * -EOPNOTSUPP (a shmem memfd where LUO carries
  * those, or seals that cannot be carried or held), -EACCES (seals to add to
  * a file not open for writing), -EEXIST (LUO preserves a file), -EFBIG,
- * -ENOMEM, or what pinning or KHO returned.
+ * -ENOMEM (also: the holes of a shmem memfd need more than is available),
+ * or -EIO (pinning or KHO failed otherwise: fdbox_kho_errno()).
  */
 int fdbox_kho_seal(struct fdbox_box *box)
 {
@@ -885,7 +972,7 @@ int fdbox_kho_seal(struct fdbox_box *box)
 	}
 	box->kho_desc = fdbox_kho_box_desc(box, &box->kho_size);
 	if (IS_ERR(box->kho_desc)) {
-		err = PTR_ERR(box->kho_desc);
+		err = fdbox_kho_errno(PTR_ERR(box->kho_desc));
 		box->kho_desc = NULL;
 		goto err_unseal;
 	}
@@ -1004,6 +1091,67 @@ union fdbox_kho_page_info {
 static_assert(sizeof(union fdbox_kho_page_info) ==
 	      sizeof_field(struct page, private));
 
+/* KHO's mark on @page as this module's copy of the union reads it. */
+static union fdbox_kho_page_info fdbox_kho_page_info(const struct page *page)
+{
+	union fdbox_kho_page_info info;
+
+	info.page_private = READ_ONCE(page->private);
+#ifdef FDBOX_TEST
+	if (test_page_info_skew && info.magic == FDBOX_KHO_PAGE_MAGIC)
+		info.order++;
+#endif
+	return info;
+}
+
+/*
+ * The runtime half of the check on the copy above (the build-time half is
+ * the static_assert): the handover's root is a folio KHO handed over, and
+ * its order is get_order() of the subtree's size (kho_alloc_preserve() of
+ * that size made it), so its mark must read as exactly that. If it does
+ * not, either KHO's layout changed under this module (a stable update) or
+ * the root is not what KHO preserved; either way no other mark can be
+ * trusted, so nothing is read, claimed or released. Returns 0 or -EPROTO.
+ */
+static int fdbox_kho_page_info_check(phys_addr_t phys, size_t size)
+{
+	unsigned long pfn = PHYS_PFN(phys);
+	union fdbox_kho_page_info info;
+	struct page *page;
+
+	if (!size || !PAGE_ALIGNED(phys) || !pfn_valid(pfn) ||
+	    !page_is_ram(pfn))
+		return 0;	/* not memory: fdbox_kho_root_check() says so */
+	page = pfn_to_online_page(pfn);
+	if (!page)
+		return 0;
+	info = fdbox_kho_page_info(page);
+	if (info.magic == FDBOX_KHO_PAGE_MAGIC &&
+	    info.order == get_order(size))
+		return 0;
+	pr_err("KHO's mark on the handover root (page private %#lx) does not read as this module's copy of union kho_page_info (magic %#x, order %u): KHO's layout changed or the root is not what KHO preserved; nothing read, the handover stays reserved until the next reboot\n",
+	       info.page_private, FDBOX_KHO_PAGE_MAGIC, get_order(size));
+	return -EPROTO;
+}
+
+/*
+ * KHO's mark on the page at @pfn, which the caller knows is RAM: the order
+ * of the folio KHO preserved there, or -1 (not a preserved head, or not
+ * online).
+ */
+static int fdbox_kho_mark_order(unsigned long pfn)
+{
+	struct page *page = pfn_to_online_page(pfn);
+	union fdbox_kho_page_info info;
+
+	if (!page)
+		return -1;
+	info = fdbox_kho_page_info(page);
+	if (info.magic != FDBOX_KHO_PAGE_MAGIC || info.order > INT_MAX)
+		return -1;
+	return info.order;
+}
+
 /*
  * The order of the folio KHO preserved at @phys, or -1 if @phys is not the
  * head of one. Reads only struct page, never the memory. kho_restore_folio()
@@ -1013,19 +1161,11 @@ static_assert(sizeof(union fdbox_kho_page_info) ==
 static int fdbox_kho_preserved_order(phys_addr_t phys)
 {
 	unsigned long pfn = PHYS_PFN(phys);
-	union fdbox_kho_page_info info;
-	struct page *page;
 
 	if (!phys || !PAGE_ALIGNED(phys) || !pfn_valid(pfn) ||
 	    !page_is_ram(pfn))
 		return -1;
-	page = pfn_to_online_page(pfn);
-	if (!page)
-		return -1;
-	info.page_private = READ_ONCE(page->private);
-	if (info.magic != FDBOX_KHO_PAGE_MAGIC || info.order > INT_MAX)
-		return -1;
-	return info.order;
+	return fdbox_kho_mark_order(pfn);
 }
 
 /* Is @phys the head of a folio KHO preserved with @order (any if < 0)? */
@@ -1160,7 +1300,7 @@ static int fdbox_kho_copy_to(struct fdbox_entry *entry, struct file *target)
 				      FDBOX_RESTORE_BATCH, &offset);
 
 		if (nr <= 0) {
-			err = nr ?: -EIO;
+			err = nr ? fdbox_kho_errno(nr) : -EIO;
 			break;
 		}
 		for (long i = 0; i < nr; i++) {
@@ -1321,22 +1461,66 @@ static int fdbox_cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
+/* The pages of a checked vmalloc chain (chunks and data), into @out if set. */
+static u64 fdbox_kho_vmalloc_pfns(const struct kho_vmalloc *v, u64 *out)
+{
+	phys_addr_t chunk_phys = v->first.phys;
+	u64 n = 0;
+
+	while (chunk_phys) {
+		const struct kho_vmalloc_chunk *chunk = phys_to_virt(chunk_phys);
+
+		for (int i = 0; i < ARRAY_SIZE(chunk->phys) && chunk->phys[i];
+		     i++, n++)
+			if (out)
+				out[n] = PHYS_PFN(chunk->phys[i]);
+		if (out)
+			out[n] = PHYS_PFN(chunk_phys);
+		n++;
+		chunk_phys = chunk->hdr.next.phys;
+	}
+	return n;
+}
+
+/* Sort @pfns; -EINVAL if one is there twice. */
+static int fdbox_pfns_distinct(u64 *pfns, u64 n)
+{
+	sort(pfns, n, sizeof(*pfns), fdbox_cmp_u64, NULL);
+	for (u64 i = 1; i < n; i++) {
+		if (pfns[i] == pfns[i - 1])
+			return -EINVAL;
+		if (!(i % 4096))
+			cond_resched();
+	}
+	return 0;
+}
+
 /*
- * No pfn twice in a box: KHO's mark check passes a pfn as often as it is
- * listed, and the second kho_restore_folio() of it would WARN. (Distinct
- * marked heads cannot overlap otherwise: KHO marks only the head page of a
- * preserved folio.) Across boxes, the mark itself tells: a box whose folio
- * an earlier box claimed is refused before it claims anything. Returns 0,
- * -EINVAL, or -ENOMEM.
+ * No page twice in what a box claims: its descriptor, every entry's folios,
+ * and the chunk and data pages of every entry's folio list. KHO's mark check
+ * passes a pfn as often as it is listed: a second kho_restore_folio() of it
+ * would WARN and give NULL, and a list page given back after its entry is
+ * claimed would free a folio a later entry of the box is about to claim.
+ * (Distinct marked heads cannot overlap otherwise: KHO marks only the head
+ * page of a preserved folio.) Across boxes, the mark itself tells: a box
+ * naming a page an earlier box claimed or gave back is refused before it
+ * claims anything. Returns 0, -EINVAL, or -ENOMEM.
  */
-static int fdbox_kho_pfns_unique(struct fdbox_box *box)
+static int fdbox_kho_pfns_unique(struct fdbox_box *box,
+				 const struct fdbox_kho_box *desc)
 {
 	struct fdbox_entry *entry;
-	u64 n = 0, *pfns;
-	int err = 0;
+	u64 n = 1, *pfns;
+	u32 i = 0;
+	int err;
 
-	list_for_each_entry(entry, &box->entries, node)
-		n += entry->kho->nr_folios;
+	list_for_each_entry(entry, &box->entries, node) {
+		if (entry->kho->nr_folios)
+			n += entry->kho->nr_folios +
+			     fdbox_kho_vmalloc_pfns(&desc->entries[i].folios,
+						    NULL);
+		i++;
+	}
 	if (n < 2)
 		return 0;
 	pfns = fdbox_test_fail(3) ? NULL :
@@ -1344,26 +1528,33 @@ static int fdbox_kho_pfns_unique(struct fdbox_box *box)
 	if (!pfns)
 		return -ENOMEM;
 	n = 0;
-	list_for_each_entry(entry, &box->entries, node)
-		for (u64 i = 0; i < entry->kho->nr_folios; i++)
-			pfns[n++] = entry->kho->ser[i].pfn;
-	sort(pfns, n, sizeof(*pfns), fdbox_cmp_u64, NULL);
-	for (u64 i = 1; i < n && !err; i++) {
-		if (pfns[i] == pfns[i - 1])
-			err = -EINVAL;
-		if (!(i % 4096))
-			cond_resched();
+	i = 0;
+	pfns[n++] = PHYS_PFN(__pa(desc));
+	list_for_each_entry(entry, &box->entries, node) {
+		const struct fdbox_entry_kho *kho = entry->kho;
+
+		for (u64 j = 0; j < kho->nr_folios; j++)
+			pfns[n++] = kho->ser[j].pfn;
+		if (kho->nr_folios)
+			n += fdbox_kho_vmalloc_pfns(&desc->entries[i].folios,
+						    &pfns[n]);
+		i++;
+		cond_resched();
 	}
+	err = fdbox_pfns_distinct(pfns, n);
 	kvfree(pfns);
 	return err;
 }
 
 /*
- * The folio list: sorted, non-overlapping, each folio starting inside the
- * file, aligned. A folio may run past the end of the file: shmem allocates
- * large folios past i_size on purpose (huge=always), so only its start is
- * bounded by the size, and its end by its order (at most MAX_PAGE_ORDER;
- * hugetlb exactly the page size), so no end wraps. Returns 0 or -EINVAL.
+ * The folio list: sorted, aligned, and covering [0, size) with neither
+ * overlap nor gap (SEAL pins every page of the file, holes allocated, so a
+ * gap would only restore as zeroes what was data). A folio may run past the
+ * end of the file: shmem allocates large folios past i_size on purpose
+ * (huge=always), so only its start is bounded by the size, and its end by
+ * its order (at most MAX_PAGE_ORDER; hugetlb exactly the page size), so no
+ * end wraps. The caller bounds the size (fdbox_kho_entry_valid()). Returns
+ * 0 or -EINVAL.
  */
 static int fdbox_kho_folio_list_valid(const struct fdbox_kho_entry *e,
 				      const struct fdbox_preserved_folio *ser)
@@ -1381,14 +1572,14 @@ static int fdbox_kho_folio_list_valid(const struct fdbox_kho_entry *e,
 		    s->order > max_order ||
 		    !IS_ALIGNED(s->pfn, 1ULL << s->order) ||
 		    !IS_ALIGNED(s->index, 1ULL << s->order) ||
-		    s->index < next || s->index >= pages ||
+		    s->index != next || s->index >= pages ||
 		    !fdbox_kho_preserved(PFN_PHYS(s->pfn), s->order))
 			return -EINVAL;
 		next = s->index + (1ULL << s->order);
 		if (!(i % 4096))
 			cond_resched();
 	}
-	return 0;
+	return next < pages ? -EINVAL : 0;
 }
 
 struct fdbox_kho_copy_walk {
@@ -1418,7 +1609,7 @@ static int fdbox_kho_read_folios(const struct fdbox_kho_entry *e,
 
 	kho->nr_folios = e->nr_folios;
 	if (!e->nr_folios)
-		return 0;
+		return e->size ? -EINVAL : 0;	/* SEAL pins every page */
 	/* each folio is at least a page of this machine's memory */
 	if (e->nr_folios > min_t(u64, DIV_ROUND_UP_ULL(e->size, PAGE_SIZE),
 				 totalram_pages()) ||
@@ -1442,13 +1633,23 @@ static int fdbox_kho_read_folios(const struct fdbox_kho_entry *e,
 	return kho->folios ? 0 : -ENOMEM;
 }
 
-/* Does KHO still mark every folio the entry lists (none claimed since)? */
+/*
+ * Does KHO still mark every folio the entry lists (none claimed since)? The
+ * list passed fdbox_kho_folio_list_valid() in this same restore, which
+ * checked each pfn is RAM (page_is_ram() walks the resource tree: once per
+ * folio is enough; preserved memory is reserved, so it cannot go offline
+ * meanwhile, and pfn_to_online_page() would tell): only the mark is read
+ * again.
+ */
 static bool fdbox_kho_folios_unclaimed(const struct fdbox_entry_kho *kho)
 {
-	for (u64 i = 0; i < kho->nr_folios; i++)
-		if (!fdbox_kho_preserved(PFN_PHYS(kho->ser[i].pfn),
-					 kho->ser[i].order))
+	for (u64 i = 0; i < kho->nr_folios; i++) {
+		if (fdbox_kho_mark_order(kho->ser[i].pfn) !=
+		    (int)kho->ser[i].order)
 			return false;
+		if (!(i % 4096))
+			cond_resched();
+	}
 	return true;
 }
 
@@ -1471,6 +1672,9 @@ static void fdbox_kho_claim_folios(const struct fdbox_kho_entry *e,
 static bool fdbox_kho_entry_valid(const struct fdbox_kho_entry *e)
 {
 	if (!fdbox_valid_entry_name(e->name, sizeof(e->name)) || e->reserved)
+		return false;
+	/* a file size this kernel can have: no page count below wraps */
+	if (e->size > MAX_LFS_FILESIZE)
 		return false;
 	if (e->seals & ~FDBOX_KHO_SEALS)
 		return false;
@@ -1579,7 +1783,7 @@ static struct fdbox_box *fdbox_kho_box_read(const struct fdbox_kho_box *desc)
 	for (u32 i = 0; i < desc->nr_entries && !err; i++)
 		err = fdbox_kho_entry_from_desc(box, &desc->entries[i]);
 	if (!err)
-		err = fdbox_kho_pfns_unique(box);
+		err = fdbox_kho_pfns_unique(box, desc);
 	if (err) {
 		fdbox_kho_free_unclaimed(box);
 		return ERR_PTR(err);
@@ -1989,11 +2193,13 @@ static void fdbox_kho_hold(phys_addr_t phys, int err)
  * Context: Module init, after /dev/fdbox is registered, before it opens.
  *
  * Return: 0 (also when there was nothing to take), or the error of the
- * first part of the handover that was refused: -EPROTONOSUPPORT (another
- * version, left untouched); -EINVAL (damaged: the root, left untouched, or
- * a box); -EIO (memory KHO did not give back); -ENOMEM (a box is pending:
- * nothing of it was claimed, fdbox_kho_rescan() retries it). Every box that
- * could be restored is, whatever the return value.
+ * first part of the handover that was refused: -EPROTO (KHO's page mark
+ * does not read as this module expects: nothing read, left untouched);
+ * -EPROTONOSUPPORT (another version, left untouched); -EINVAL (damaged:
+ * the root, left untouched, or a box); -EIO (memory KHO did not give
+ * back); -ENOMEM (a box is pending: nothing of it was claimed,
+ * fdbox_kho_rescan() retries it). Every box that could be restored is,
+ * whatever the return value.
  */
 int fdbox_kho_init(void)
 {
@@ -2011,6 +2217,9 @@ int fdbox_kho_init(void)
 		return err;
 	if (fdbox_kho_consumed(phys))
 		return 0;
+	err = fdbox_kho_page_info_check(phys, size);
+	if (err)
+		return err;
 	err = fdbox_kho_root_check(phys, size);
 	if (err == -EIO)
 		pr_err("root descriptor at %pa is not preserved memory\n", &phys);

@@ -31,6 +31,9 @@
  * layout that never changes (%FDBOX_KHO_RELEASE_LAYOUT): a module that cannot
  * read the handover's version leaves the handover untouched, and can still
  * give all of its memory back when asked to (FDBOX_IOC_RELEASE_HANDOVER).
+ *
+ * Each subtree's size is the size given to kho_alloc_preserve() for it: the
+ * next kernel checks that KHO's mark on the root reads as that order.
  */
 
 #define FDBOX_KHO_NODE			"fdbox"

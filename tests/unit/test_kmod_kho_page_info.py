@@ -54,9 +54,13 @@ def test_page_info_layout_matches_kho() -> None:
 
 
 def test_page_info_is_read_in_one_place() -> None:
-    """Only fdbox_kho_preserved_order() reads page->private (the one dependency on KHO internals)."""
+    """Only fdbox_kho_page_info() reads page->private (the one dependency on KHO internals),
+    and fdbox_kho_mark_order() and the load-time self-check read the mark through it."""
     ours = MODULE.read_text()
-    assert ours.count("->private") == 1, "page->private read outside fdbox_kho_preserved_order()"
-    fn = ours[ours.index("static int fdbox_kho_preserved_order("):]
+    assert ours.count("->private") == 1, "page->private read outside fdbox_kho_page_info()"
+    fn = ours[ours.index("static union fdbox_kho_page_info fdbox_kho_page_info("):]
     fn = fn[: fn.index("\n}\n")]
     assert "->private" in fn
+    for caller in ("static int fdbox_kho_mark_order(", "static int fdbox_kho_page_info_check("):
+        body = ours[ours.index(caller):]
+        assert "fdbox_kho_page_info(page)" in body[: body.index("\n}\n")], caller

@@ -38,13 +38,20 @@ Scenarios:
   nothing of it freed; the open and each ``FDBOX_IOC_RESCAN`` retry it, and the fifth
   retry restores it byte for byte.
 - ``bad-root-crc`` (issue 27, H1): the root's CRC fails (``test_corrupt_handover=256``);
-  stage 2 leaves it untouched (``EINVAL``), then ``fdboxctl release-handover`` gives
+  stage 2 first loads the test build with ``test_page_info_skew=1`` (KHO's page mark
+  read with every order one too high, as after a KHO layout change): the runtime
+  self-check refuses (``EPROTO``), nothing read or claimed (L5); then it is left
+  untouched (``EINVAL``), then ``fdboxctl release-handover`` gives
   every sealed byte back (MemFree, the per-CPU lists and the huge page pool) and a
   reload finds nothing.
 - ``review`` (issue 11, items 3-8): one good box ``vm1`` (a write-sealed memfd, a plain
   one, a hugetlb one); three boxes damaged in three ways by the test build
   (``test_corrupt_handover=28``: a descriptor byte, a folio pfn that KHO never
-  preserved, a root pointer to memory that is not preserved); and box ``slow`` whose
+  preserved, a root pointer to memory that is not preserved), six more behind valid
+  CRCs (``bad-nr``, ``bad-dup``, ``bad-idx``; issue 27, L3: ``bad-gap``, a gap before
+  the last folio with the size grown to match, ``bad-size``, an empty entry of size
+  2^64 - 1, ``bad-xdup``, a folio of the second entry that is a page of the first
+  entry's folio list); and box ``slow`` whose
   SEAL is still running (``test_seal_delay_ms``) when ``kexec -e`` starts. Stage 2 starts
   a racer that creates a box named ``vm1`` the moment /dev/fdbox appears, then loads the
   module: every good box is back (``slow`` too: reboot waited for its seal), each
@@ -338,6 +345,10 @@ REVIEW_BAD = ("bad-desc", "bad-pfn", "bad-ptr")
 #: Issue 20, items 3 and 8: damage behind valid CRCs (test_corrupt_handover 32|64|128): a
 #: huge nr_folios with a one-page list, a pfn listed twice, an index whose end wraps 2^64.
 REVIEW_BAD_CRC = ("bad-nr", "bad-dup", "bad-idx")
+#: Issue 27, L3 (test_corrupt_handover 512|1024|2048), behind valid CRCs: a gap in the
+#: folios (the size grown to match), a size of 2^64 - 1 (its page count wraps), a folio
+#: of one entry that is a page of another entry's folio list (claimed, then given back).
+REVIEW_BAD_L3 = ("bad-gap", "bad-size", "bad-xdup")
 MFD_NOEXEC_SEAL = 8
 F_SEAL_EXEC = 0x20
 
@@ -349,7 +360,7 @@ def new_memfd(name: str, size: int, flags: int = os.MFD_ALLOW_SEALING) -> int:
 
 
 def review_stage1() -> None:
-    km.load(params="test_corrupt_handover=252 test_seal_delay_ms=20000 test_shmem_beside_luo=1")
+    km.load(params="test_corrupt_handover=3836 test_seal_delay_ms=20000 test_shmem_beside_luo=1")
     d = uapi.FdboxDevice()
     record: dict[str, object] = {}
     d.create_box("vm1")
@@ -379,6 +390,21 @@ def review_stage1() -> None:
         d.put_fd(box, "mem", fd)
         d.seal(box)
         os.close(fd)
+    for i, box in enumerate(REVIEW_BAD_L3):
+        d.create_box(box)
+        if box == "bad-gap":  # two folios: one for the gap, one after it
+            fds = {"mem": new_memfd(box, 2 * HUGE, os.MFD_HUGETLB | os.MFD_ALLOW_SEALING)}
+        elif box == "bad-size":  # an empty entry: no folio list for the size to disagree with
+            fds = {"empty": new_memfd(box, 0)}
+        else:  # two entries of 4 KiB folios: the second names a page of the first's list
+            fds = {"a": new_memfd("a", 64 * 1024), "b": new_memfd("b", 64 * 1024)}
+        for name, fd in fds.items():
+            if os.fstat(fd).st_size:
+                fill(fd, os.fstat(fd).st_size, 30 + i)
+            d.put_fd(box, name, fd)
+        d.seal(box)
+        for fd in fds.values():
+            os.close(fd)
     for fd in (ram, plain, huge, noexec):
         os.close(fd)
     # "slow": SEAL sleeps 20 s between preserving and publishing, in a child that outlives
@@ -448,10 +474,11 @@ def review_stage2() -> None:
     check(set(boxes) == {"vm1", "slow"}, f"good boxes restored, damaged ones refused: {sorted(boxes)}")
     check(v.restore_status == -errno.EINVAL, f"restore_status EINVAL ({v.restore_status})")
     dmesg = subprocess_out(["dmesg"])
-    check("restored 2 box(es) from the previous kernel, refused 6" in dmesg, "dmesg counts restored and refused")
-    for box in ("bad-pfn", *REVIEW_BAD_CRC):
+    check("restored 2 box(es) from the previous kernel, refused 9" in dmesg, "dmesg counts restored and refused")
+    # bad-size fails the descriptor check (its name is not trusted then: refused by number)
+    for box in ("bad-pfn", *REVIEW_BAD_CRC, "bad-gap", "bad-xdup"):
         check(any(f"box {box}:" in ln and "refused" in ln for ln in dmesg.splitlines()), f"{box} refused by name")
-    check(dmesg.count("refused") >= 6, "every refused box reported")
+    check(dmesg.count("refused") >= 9, "every refused box reported")
 
     entries = {e.name: e for e in d.list_entries("vm1")}
     # item 4: unfit targets are refused before anything is copied
@@ -564,6 +591,19 @@ def unread_stage1(scenario: str) -> None:
 def unread_stage2(scenario: str) -> None:
     record = json.loads((OUT / f"{scenario}.json").read_text())
     want = -errno.EPROTONOSUPPORT if scenario == "other-version" else -errno.EINVAL
+    if scenario == "bad-root-crc":
+        # issue 27, L5: a KHO whose page mark reads otherwise (test_page_info_skew: every
+        # order one too high) is caught by the runtime self-check: nothing read or claimed
+        km.load(params="test_page_info_skew=1")
+        with uapi.FdboxDevice() as d:
+            v = d.version()
+            check(v.restore_status == -errno.EPROTO, f"skewed page mark: restore_status {v.restore_status}")
+            check(not v.features & uapi.FDBOX_FEATURE_HANDOVER_HELD, "skewed page mark: nothing held")
+            check(d.list_boxes() == [], "skewed page mark: no box")
+        check(KHO_IN.read_bytes()[:8] == b"FDBXROOT", "skewed page mark: root not claimed")
+        check("does not read as this module's copy of union kho_page_info" in subprocess_out(["dmesg"]),
+              "skewed page mark: logged")
+        km.unload()
     for _ in range(2):  # a reload leaves it untouched too
         km.load()
         with uapi.FdboxDevice() as d:

@@ -31,6 +31,7 @@ F_ADD_SEALS = 1033
 F_GET_SEALS = 1034
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE, F_SEAL_FUTURE_WRITE = 1, 2, 4, 8, 16
 HUGE = 2 << 20
+PAGE = mmap.PAGESIZE
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -1096,6 +1097,36 @@ def test_one_tib_sparse_memfd_seal_is_efbig(shmem_seal: None, dev: uapi.FdboxDev
     assert dev.list_boxes()[0].state == uapi.BoxState.OPEN
     assert km.stats(dev)["pinned_folios"] == 0
     os.ftruncate(fd, 4096)  # not left frozen
+    os.close(fd)
+
+
+def _meminfo_kib(field: str) -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/meminfo")
+
+
+@needs_kho
+def test_sparse_memfd_past_available_memory_seal_is_enomem(shmem_seal: None, dev: uapi.FdboxDevice) -> None:
+    """Issue 27, L7: a sparse shmem memfd smaller than RAM but whose holes need more than is
+    available is refused up front with ENOMEM, the sizes in the kernel log, nothing pinned
+    (it used to fill the holes into reclaim and the OOM killer)."""
+    avail, total = _meminfo_kib("MemAvailable"), _meminfo_kib("MemTotal")
+    size = ((avail + total) // 2) << 10 & ~(PAGE - 1)  # between what is available and RAM
+    dev.create_box("b")
+    fd = memfd(size=size)
+    os.pwrite(fd, b"x" * PAGE, 0)  # one page resident: only the holes are counted
+    dev.put_fd("b", "sparse", fd)
+    before = _kmsg_count("SEAL would allocate")
+    e = expect_errno(errno.ENOMEM, dev.seal, "b")
+    assert _kmsg_count("SEAL would allocate") == before + 1
+    assert f"(the holes of a {size >> 10} KiB file)" in subprocess.run(
+        ["dmesg"], capture_output=True, text=True, check=True).stdout, e
+    assert dev.list_boxes()[0].state == uapi.BoxState.OPEN
+    assert km.stats(dev)["pinned_folios"] == 0
+    assert os.fstat(fd).st_blocks <= 2 * PAGE // 512, "no hole was filled"
+    os.ftruncate(fd, PAGE)  # not left frozen
     os.close(fd)
 
 

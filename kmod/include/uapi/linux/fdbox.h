@@ -78,17 +78,26 @@
  *                 CONFIG_KEXEC_HANDOVER or was booted without kho=on.
  *  - EOVERFLOW:   a list did not fit the caller's array; @count now holds the
  *                 number needed.
- *  - EIO:         preserved data from the previous kernel could not be
- *                 restored (a folio was missing or not what the descriptor
- *                 said); on RELEASE_HANDOVER: the handover has no intact
- *                 release list, nothing was freed.
+ *  - EIO:         the kernel could not pin, preserve or restore the memory:
+ *                 on SEAL, pinning a file or KHO's preservation failed for
+ *                 a reason other than memory (the kernel log has KHO's or
+ *                 the memory manager's own error); on RESTORE_FD, the
+ *                 target could not be pinned, or preserved data from the
+ *                 previous kernel could not be restored (a folio was
+ *                 missing or not what the descriptor said); on
+ *                 RELEASE_HANDOVER: the handover has no intact release
+ *                 list, nothing was freed.
  *  - EINTR:       a fatal signal arrived while the ioctl waited for a box
  *                 or worked (SEAL is undone; RESTORE_FD leaves the entry
  *                 pending).
- *  - ENOMEM:      out of memory.
+ *  - ENOMEM:      out of memory; on SEAL also before anything is pinned:
+ *                 the holes of a shmem memfd (SEAL allocates every page)
+ *                 need more than the machine has available (MemAvailable);
+ *                 the kernel log names the sizes.
  *
- * Other errnos come from the memory management code the module calls (for
- * example pinning hugetlb folios) and are passed through unchanged.
+ * Errors of the memory management and KHO calls the module makes are
+ * mapped to these: ENOMEM and EINTR stay, any other is EIO (so an EINVAL,
+ * EEXIST or E2BIG of theirs never reads as the caller's mistake).
  */
 
 /*
@@ -185,7 +194,11 @@ enum fdbox_box_state {
  *                       (and %FDBOX_FEATURE_RESTORE_PENDING): a box could
  *                       not be read for lack of memory; nothing of it was
  *                       claimed, and it is retried on each open and by
- *                       RESCAN.
+ *                       RESCAN. -EPROTO: KHO's mark on the
+ *                       handover's root does not read as this module
+ *                       expects (a KHO layout change): nothing was read,
+ *                       claimed or released; it stays reserved until the
+ *                       next reboot.
  * @__reserved:          Input; must be zero.
  */
 struct fdbox_version {
