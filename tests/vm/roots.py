@@ -278,3 +278,44 @@ def package_versions(root: Path, *packages: str) -> dict[str, str]:
     p = subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package} ${Version}\n",
                         *packages], capture_output=True, text=True)
     return dict(line.split(" ", 1) for line in p.stdout.splitlines() if " " in line)
+
+
+def pytest_root(suite: str, record: dict[str, float] | None = None) -> Path:
+    """A copy of :func:`base_root` with the suite's ``python3-pytest`` (apt, from the
+    mirror), for the unit tier on the suite's python; cached by the base root."""
+    base = base_root(suite, record)
+
+    def build(tmp: Path) -> None:
+        _run(["cp", "-a", "--reflink=auto", f"{base}/.", str(tmp)], "copy the base root")
+        env = {"PATH": DEB_PATH, "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}
+        opts = [f"-o{o.replace(' ', '=').replace(chr(34), '')}" for o in APT_OPTS]
+        _run(["chroot", str(tmp), "apt-get", "update", "-q", *opts], f"apt-get update in the {suite} root",
+             env=env, timeout=600)
+        _run(["chroot", str(tmp), "apt-get", "install", "-y", "-q", "-oDpkg::Use-Pty=0", *opts, "python3-pytest"],
+             f"apt-get install python3-pytest in the {suite} root", env=env, timeout=600)
+
+    return _cached(f"{suite}-pytest-{base.name.rsplit('-', 1)[1]}", build, record)
+
+
+def run_in_root(root: Path, script: str, *, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``sh -c script`` chroot'ed in ``root`` without changing it: in a private mount
+    namespace, on a tmpfs overlay of it, with /proc, a fresh /tmp and this checkout at its
+    host path (cwd). Needs root (unshare, mount, chroot)."""
+    repo = vmlib.repo_root()
+    work = Path(tempfile.mkdtemp(prefix="fdbox-root-"))
+    inner = f"""set -e
+mount -t tmpfs tmpfs {work}
+mkdir {work}/u {work}/w {work}/m
+mount -t overlay overlay -o lowerdir={root},upperdir={work}/u,workdir={work}/w {work}/m
+mkdir -p {work}/m{repo}
+mount --bind {repo} {work}/m{repo}
+mount -t proc proc {work}/m/proc
+mount -t tmpfs tmpfs {work}/m/tmp
+exec chroot {work}/m /bin/sh -c 'cd {repo} && exec /bin/sh -ec "$1"' sh "$1"
+"""
+    try:
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "/bin/sh", "-c", inner, "sh", script],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                              env={"PATH": DEB_PATH, "LANG": "C.UTF-8", "HOME": "/root"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
