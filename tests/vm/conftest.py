@@ -96,6 +96,17 @@ def vm_test_module(vm_kbuild: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vm_roots_tools(vm_kernel: vmlib.TestKernel) -> None:
+    """The host tools the Debian roots need (tests/vm/roots.py: mmdebstrap, the package
+    build); skips (fails in CI) when one is missing."""
+    import roots
+
+    missing = roots.missing_tools()
+    if missing:
+        _cannot_run("missing host tools for the Debian roots: " + ", ".join(missing))
+
+
+@pytest.fixture(scope="session")
 def vm_debug_kernel(vm_kernel: vmlib.TestKernel) -> vmlib.TestKernel:
     """The debug test kernel (KASAN, lockdep, KVM with guest_memfd); skips (fails in CI)
     when its directory is missing."""

@@ -546,17 +546,23 @@ def compile_checkout() -> None:
             compileall.compile_dir(root / sub, quiet=1, workers=1)
 
 
-def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment every stage script starts with (see the module docstring)."""
-    py = sys.executable
+def guest_env(extra: Mapping[str, str] | None = None, *, root: Path | None = None) -> dict[str, str]:
+    """The environment every stage script starts with (see the module docstring).
+
+    With ``root`` (another root than the host's, :mod:`roots`) the stage gets that root's
+    own ``/usr/bin/python3`` and no ``PYTHONPATH``: what runs is what is installed there
+    (a stage that wants the checkout's code sets ``PYTHONPATH=$FDBOX_VM_REPO`` itself).
+    """
+    py = sys.executable if root is None else "/usr/bin/python3"
+    pydir = f"{Path(py).parent}:" if root is None else ""
     env = {
-        "PATH": f"{GUEST_BIN}:{Path(py).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        "PATH": f"{GUEST_BIN}:{pydir}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         ":/run/fdbox-vm/bin",
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "TERM": "dumb",
         "PYTHON": py,
-        "PYTHONPATH": str(repo_root()),
+        **({"PYTHONPATH": str(repo_root())} if root is None else {}),
         "PYTHONUNBUFFERED": "1",
         "FDBOX_VM_GUEST": "1",
         "FDBOX_VM_REPO": str(repo_root()),
@@ -570,19 +576,23 @@ def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 GUEST_TMPFS = ("/tmp", "/var/tmp", "/run")
 
 
-def _kept_paths(kernel: TestKernel, initramfs: Path, module: Path | None) -> list[str]:
+def _kept_paths(kernel: TestKernel, initramfs: Path, module: Path | None, root: Path | None = None) -> list[str]:
     """Host paths a run needs that would be hidden under the guest's fresh tmpfs dirs.
 
     A CI checkout cloned under /tmp (with ../shared beside it) must still be the guest's
-    checkout; init overlays each of these back in from the host's copy.
+    checkout; init overlays each of these back in from the host's copy. With ``root``
+    (another root) every one of them is kept, wherever it is: that root has none of them,
+    and its python is its own (the host's interpreter is not one of them).
     """
-    wanted = [repo_root(), kernel.dir, initramfs.parent, Path(sys.executable).parent, Path(sys.prefix)]
+    wanted = [repo_root(), kernel.dir, initramfs.parent]
+    if root is None:
+        wanted += [Path(sys.executable).parent, Path(sys.prefix)]
     if module is not None:
         wanted.append(Path(module).parent)
     out: list[str] = []
     for p in wanted:
         p = p.resolve()
-        under = any(str(p).startswith(t + "/") for t in GUEST_TMPFS)
+        under = root is not None or any(str(p).startswith(t + "/") for t in GUEST_TMPFS)
         if under and not any(str(p).startswith(k + "/") or str(p) == k for k in out):
             out = [k for k in out if not k.startswith(str(p) + "/")] + [str(p)]
     return out
@@ -606,6 +616,7 @@ def run_guest(
     kernel: TestKernel | None = None,
     initramfs: Path | None = None,
     qemu_extra: Sequence[str] = (),
+    root: Path | None = None,
     check: bool = False,
 ) -> GuestRun:
     """Boot the test kernel and run ``stage1`` (then ``stage2`` after a kexec).
@@ -628,6 +639,10 @@ def run_guest(
     ``systemctl`` in the stage, or with ``[Install]``-less ``Wants=`` from your own
     target). Each stage's ``journalctl -b`` lands in ``/out/stage<N>.journal``.
     ``qemu_extra`` is appended to qemu's arguments (e.g. ``["-cpu", "max"]``).
+    ``root`` boots another root than the host's (a directory on the host, e.g. a Debian
+    root from :mod:`roots`), still over the same 9p export with a tmpfs overlay, with the
+    checkout, the kernel and the initramfs laid over it at their host paths; the stage's
+    ``python3`` and ``$PYTHON`` are that root's, with no ``PYTHONPATH`` (see :func:`guest_env`).
     ``check=True`` raises :class:`VMTestFailure` unless the run is ``ok``.
     """
     kernel = kernel or _require_kernel()
@@ -647,13 +662,14 @@ def run_guest(
         (ctl / f"stage{i}.sh").write_text(text if text.endswith("\n") else text + "\n")
     initramfs = initramfs or build_initramfs()
     compile_checkout()
-    e = guest_env(env)
+    root = Path(root).resolve() if root is not None else None
+    e = guest_env(env, root=root)
     e["FDBOX_VM_KERNEL"] = str(kernel.bzimage)
     e["FDBOX_VM_INITRD"] = str(initramfs)
     if module is not None:
         e["FDBOX_VM_MODULE"] = str(Path(module).resolve())
     (ctl / "env").write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in e.items()))
-    (ctl / "keep").write_text("".join(f"{p}\n" for p in _kept_paths(kernel, initramfs, module)))
+    (ctl / "keep").write_text("".join(f"{p}\n" for p in _kept_paths(kernel, initramfs, module, root)))
     if systemd:
         (ctl / "units").mkdir()
         for unit in (INITRAMFS_SRC / "systemd").iterdir():
@@ -669,6 +685,7 @@ def run_guest(
     cmdline = " ".join(
         [*BASE_CMDLINE, f"fdbox.deadline={int(time.time() + timeout)}"]
         + (["fdbox.init=systemd", f"systemd.unit={systemd_unit}"] if systemd else [])
+        + ([f"fdbox.root={root}"] if root is not None else [])
         + list(cmdline_extra)
     )
     console_path = out / "console.log"
