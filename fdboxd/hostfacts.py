@@ -10,6 +10,9 @@ one list and nowhere else:
   recorded it. The kernel does not expose a loaded image's command line (neither sysfs
   nor KHO's debugfs has it), so this file is the only way to check it; without it the
   preflight says it cannot be checked;
+- ``/run/fdbox/kexec-kernel``: the path of the loaded kernel image, recorded the same way
+  (the kernel keeps no name of it either); the release in that bzImage's header, and
+  whether ``/lib/modules/RELEASE`` has an ``fdbox.ko`` for it;
 - ``/proc/meminfo`` (``MemAvailable`` for guest_memfd copies, the hugetlb pool);
 - ``/sys/module/fdbox`` (fdbox.ko loaded) and ``/dev/liveupdate`` (LUO present);
 - ``/proc/PID/cgroup`` and ``/proc/PID/maps`` of every process: which of them run in an
@@ -34,6 +37,8 @@ from pathlib import Path
 ROOT_ENV = "FDBOX_TEST_HOST_ROOT"
 #: Where the loaded kernel's command line is recorded (the kernel does not keep it readable).
 KEXEC_CMDLINE = "run/fdbox/kexec-cmdline"
+#: Where the loaded kernel image's path is recorded (the same reason).
+KEXEC_KERNEL = "run/fdbox/kexec-kernel"
 
 _UNIT_RE = re.compile(r"(?:^|/)fdbox-qemu@([^/]+)\.service(?:/|$)")
 
@@ -85,6 +90,33 @@ class HostFacts:
         """The loaded kernel's command line as recorded in :data:`KEXEC_CMDLINE`, if it was."""
         text = self._read(KEXEC_CMDLINE)
         return None if text is None else text.strip()
+
+    def kexec_kernel(self) -> str | None:
+        """The loaded kernel image's path as recorded in :data:`KEXEC_KERNEL`, if it was."""
+        text = self._read(KEXEC_KERNEL)
+        return None if text is None or not text.strip() else text.strip()
+
+    def kernel_release(self, image: str) -> str | None:
+        """The release (``uname -r``) an x86 bzImage says it is, from its setup header's
+        ``kernel_version`` string; None when ``image`` is no bzImage or cannot be read."""
+        try:
+            with open(self._path(image), "rb") as f:
+                head = f.read(0x4000)
+        except OSError:
+            return None
+        if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+            return None
+        at = 0x200 + int.from_bytes(head[0x20E:0x210], "little")
+        text = head[at:at + 256].split(b"\0", 1)[0].decode("ascii", "replace").split()
+        return text[0] if text else None
+
+    def module_built_for(self, release: str, name: str = "fdbox") -> bool | None:
+        """Whether ``/lib/modules/RELEASE`` holds ``NAME.ko`` (any compression); None when
+        that kernel has no module directory here at all."""
+        top = self._path(f"lib/modules/{release}")
+        if "/" in release or not top.is_dir():
+            return None
+        return any(top.rglob(f"{name}.ko*"))
 
     def meminfo(self) -> dict[str, int]:
         """``/proc/meminfo`` in bytes (``kB`` values multiplied out; counts as they are)."""

@@ -10,7 +10,11 @@ part) and the fix; what cannot be checked is a warning, never a refusal. The che
   plain memfds with ``auto``/``liveupdate``, fdbox.ko for hugetlb, KHO on);
 - **cmdline**: the running kernel has ``kho=on`` (and ``liveupdate=on`` where LUO
   carries), and so does the loaded kernel's command line where it was recorded;
-- **kexec**: a kernel is loaded (``/sys/kernel/kexec_loaded``);
+- **kexec**: a kernel is loaded (``/sys/kernel/kexec_loaded``); where fdbox.ko carries
+  an entry and the loaded image was recorded (``/run/fdbox/kexec-kernel``), that kernel's
+  ``/lib/modules/RELEASE`` has an fdbox.ko (without it the handover stays reserved until
+  ``fdboxctl release-handover``). A release string is all it can compare: two builds
+  of one release (the test and debug kernels here) look the same;
 - **entry**: each entry can be carried at all: not a private guest_memfd, not a hugetlb
   memfd that fdbox.ko cannot seal (``F_SEAL_SEAL`` without the seals it needs: a memfd
   made without ``MFD_ALLOW_SEALING``), not 1 GiB hugetlb pages, not an unknown type, a
@@ -36,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import FdboxError
 from .fdtypes import F_GET_SEALS, HUGE_2M
-from .hostfacts import KEXEC_CMDLINE, HostFacts, cmdline_options, hugepages_reserved, option_on
+from .hostfacts import KEXEC_CMDLINE, KEXEC_KERNEL, HostFacts, cmdline_options, hugepages_reserved, option_on
 from .kinds import Preflight
 from .lifecycle import CARRY_BOX
 from .model import BoxState, Caller, Entry
@@ -125,6 +129,7 @@ class _Checks:
         self.report = Report(store.backend.name)
         self.needs_kho = False
         self.needs_luo = False
+        self.needs_kmod = False
         self.hugetlb_pages = 0  # 2 MiB pages the restore copies into
         self.gmem_bytes = 0  # guest_memfd bytes copied at seal
         self.inodes: dict[str, set[tuple[int, int]]] = {}  # box -> held memfds, for the vm check
@@ -189,6 +194,8 @@ class _Checks:
         if verdict.via_luo and (self.backend.name in ("liveupdate", "liveupdate+kernel") or (
                 self.backend.name == "memory" and self.requested in ("auto", "liveupdate"))):
             self.needs_luo = True
+        elif self.backend.next_kernel_module:
+            self.needs_kmod = True
 
     def _fresh(self, box: str, e: Entry) -> tuple[int | None, int | None, tuple[int, int] | None]:
         """The entry's seals, page size and (dev, inode) now, from a new fd of it."""
@@ -276,6 +283,32 @@ class _Checks:
                                  f"/{KEXEC_CMDLINE}) lacks {' '.join(k + '=on' for k in missing)}: the next "
                                  "kernel would not take the handover",
                                  f"load it again with {' '.join(k + '=on' for k in missing)}")
+            if self.needs_kmod:
+                self._next_module()
+
+    def _next_module(self) -> None:
+        """fdbox.ko must exist for the kernel the kexec boots, or what it holds stays
+        reserved there: checked where the loaded image was recorded (the kernel keeps no
+        name of it), as a warning where it was not."""
+        f = self.facts
+        image = f.kexec_kernel()
+        if image is None:
+            self.warn("kexec", "which kernel is loaded is not recorded, so whether it has fdbox.ko is not checked",
+                      f"write the path of the kernel image you load to /{KEXEC_KERNEL}")
+            return
+        release = f.kernel_release(image)
+        if release is None:
+            self.warn("kexec", f"the loaded kernel {image} (recorded in /{KEXEC_KERNEL}) is not a bzImage "
+                      "this can read: whether it has fdbox.ko is not checked")
+            return
+        module = self.backend.next_kernel_module or "fdbox"
+        built = f.module_built_for(release, module)
+        if not built:
+            where = (f"/lib/modules/{release} has no {module}.ko" if built is False
+                     else f"there is no /lib/modules/{release}")
+            self.problem("kexec", "BackendUnavailable", f"the loaded kernel {image} is {release} and {where}: "
+                         f"what {module}.ko holds would stay reserved there, its boxes unrestored",
+                         f"build {module}.ko for it (dkms install {module} -k {release}), or load a kernel that has it")
 
     def _device(self) -> None:
         """Another process holding /dev/liveupdate (luod, a tool) now would make the seal

@@ -92,6 +92,10 @@ class Backend(abc.ABC):
     #: store uses it as its side backend; without it the store keeps a separate memory
     #: backend for them.
     holds_every_type: bool = False
+    #: Capability: the kernel module the next kernel must have to take this backend's
+    #: handover back (``"fdbox"``: without fdbox.ko there, its boxes stay reserved until
+    #: released); None where the handover needs no module (LUO's, or nothing crosses).
+    next_kernel_module: str | None = None
 
     @abc.abstractmethod
     def accepts(self, fd_type: FdType) -> bool:

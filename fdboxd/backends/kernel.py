@@ -56,6 +56,7 @@ class KernelBackend(Backend):
     #: and no type outside :meth:`accepts` is held here.
     holds_in_process = False
     holds_every_type = False
+    next_kernel_module = "fdbox"
     name = "kernel"
 
     def __init__(self, device: str = "/dev/fdbox") -> None:

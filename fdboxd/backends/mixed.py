@@ -34,6 +34,8 @@ class MixedBackend(Backend):
     holds_in_process = True
     #: Taps are not LUO's to hold here: the store keeps its own side backend for them.
     holds_every_type = False
+    #: Hugetlb RAM crosses in fdbox.ko's handover.
+    next_kernel_module = "fdbox"
 
     def __init__(self, luo: LiveupdateBackend, kernel: KernelBackend) -> None:
         self.luo = luo
