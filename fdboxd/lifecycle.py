@@ -457,7 +457,13 @@ def drop_carry_box(store: Store) -> None:
 
 
 def take_carried_manifest(store: Store, data: ManifestData, held: dict[str, Any]) -> ManifestData:
-    """After kexec: the manifest that crossed with the data wins for restored boxes."""
+    """After kexec: the manifest that crossed with the data wins for restored boxes.
+
+    Only read: the carried box stays held (restored) until :func:`release_carried`, once
+    the daemon has started and written what it read into its own snapshot. A start that
+    fails or dies before then (the state directory may not have survived the kexec, so
+    the carried manifest is the only record of owners, metadata and checksums) leaves it
+    for the next start to read again. An unreadable one is logged and left too."""
     try:
         fd = store.backend.get(CARRY_BOX, CARRY_ENTRY)
         try:
@@ -467,8 +473,6 @@ def take_carried_manifest(store: Store, data: ManifestData, held: dict[str, Any]
     except (FdboxError, OSError) as e:
         log.error("the manifest carried across kexec is unreadable: %s", e)
         return data
-    finally:
-        drop_carry_box(store)
     for name, box in carried.boxes.items():
         hbox = held.get(name)
         if hbox is not None and hbox.state == BoxState.RESTORED:
@@ -476,6 +480,22 @@ def take_carried_manifest(store: Store, data: ManifestData, held: dict[str, Any]
             data.owners[name] = carried.owners.get(name, 0)
     log.info("restored the manifest of %d sealed boxes from the previous kernel", len(carried.boxes))
     return data
+
+
+def release_carried(store: Store) -> None:
+    """Once started (the reconciled snapshot written, every restored file where a restart
+    finds it): drop the manifest that crossed the kexec (FINISH and DELETE_BOX on fdbox.ko).
+    A failure is logged and changes nothing: the box stays held, and the next seal (which
+    drops it before carrying its own) or a restart reads or drops it again. A kill before
+    the drop leaves it to the next start, which reads it again (the same boxes, restored)."""
+    held = store.backend.inventory().get(CARRY_BOX)
+    if held is None or held.state != BoxState.RESTORED:
+        return
+    try:
+        failpoints.hit("start.before_carry_drop")
+        drop_carry_box(store)
+    except (FdboxError, OSError) as e:
+        log.error("the manifest carried across the kexec not released (%s): the next seal drops it", e)
 
 
 def _read_fd(fd: int) -> bytes:

@@ -501,6 +501,15 @@ class Store:
         """The kind that handles files of ``fd_type`` (:mod:`fdboxd.kinds`)."""
         return self.kinds.of(fd_type)
 
+    def started(self) -> None:
+        """The daemon has started and every entry sits where a restart finds it again:
+        release what only a failed start would have needed, the manifest carried across
+        the kexec first (:func:`fdboxd.lifecycle.release_carried`), then the backend's
+        (:meth:`~fdboxd.backends.base.Backend.started`: LUO FINISHes its incoming sessions).
+        Until then a start that fails or dies leaves both for the next start."""
+        lifecycle.release_carried(self)
+        self.backend.started()
+
     def start_kinds(self) -> None:
         """Once the store serves: each kind brings back what it recreates (taps after a kexec)."""
         for kind in self.kinds.all():

@@ -114,7 +114,9 @@ OFF_CYCLE: dict[str, str] = {
 #: Prefixes a backend never reaches → why (no cells for that backend).
 OFF_BACKEND: dict[str, dict[str, str]] = {
     "memory": {"restore.": "nothing crosses a kexec on memory: nothing is restored",
-               "finish.": "nothing crosses a kexec on memory: nothing is finished"},
+               "finish.": "nothing crosses a kexec on memory: nothing is finished",
+               "reconcile.after_carried_read": "nothing crosses a kexec on memory: no manifest is carried",
+               "start.before_carry_drop": "nothing crosses a kexec on memory: no manifest is carried"},
 }
 
 #: Failpoints reached only when the model's kexec damages a carried file: point → (box's
