@@ -455,3 +455,52 @@ def test_a_start_killed_after_reading_the_carried_manifest_loses_nothing_at_the_
             assert sha256_of_fd(fd) == hashlib.sha256(ram).hexdigest()
         finally:
             os.close(fd)
+
+
+def test_on_the_kernel_backend_a_start_killed_after_reading_the_carried_manifest_loses_nothing(tmp_path):
+    """The same on ``--backend kernel`` itself (tests/kmodmodel.py's /dev/fdbox): the
+    module keeps the restored boxes and the carried manifest until the started daemon
+    drops it, whatever happened to the state directory."""
+    import kmodmodel
+
+    class KernelDaemon(DaemonProcess):
+        def command(self) -> list[str]:
+            return kmodmodel.daemon_command(tmp_path / "model", ["--socket", self.socket, "--state-dir",
+                                                                 self.state_dir, "--backend", "kernel"])
+
+    model = kmodmodel.ModelProcess(tmp_path / "model")
+    rt = make_runtime_dir()
+    d = KernelDaemon(rt)
+    ram = pattern(1 << 16, seed=8)
+    try:
+        d.start()
+        with d.client() as c:
+            fd = memfd_with(ram)
+            try:
+                c.put("vm1", "ram0", fd, metadata={"vm": "one"})
+            finally:
+                os.close(fd)
+            assert c.seal("vm1") == ["vm1"]
+        d.stop()
+        model.kexec()
+        shutil.rmtree(d.state_dir)  # a state directory that did not survive the kexec
+        d.env = {"FDBOX_FAILPOINTS": "reconcile.after_carried_read=kill"}
+        with pytest.raises(DaemonError, match="-9"):
+            d.start()
+        d.kill()
+        d.env = {}
+        d.start()
+        with d.client() as c:
+            st = c.status()
+            assert st["adopted"] == [] and st["lost"] == [], st
+            assert entries(c)["vm1/ram0"].get("metadata") == {"vm": "one"}
+            entry, fd = c.get("vm1", "ram0")
+            try:
+                assert sha256_of_fd(fd) == hashlib.sha256(ram).hexdigest()
+            finally:
+                os.close(fd)
+        assert "fdboxd.manifest" not in model.state()["boxes"]  # dropped once started
+    finally:
+        d.kill()
+        model.stop()
+        shutil.rmtree(rt, ignore_errors=True)
