@@ -6,6 +6,13 @@ entries a backend holds that the manifest does not know are adopted
 (``store.adopted``); after a kexec, the manifest carried in the sealed set wins for the
 restored boxes (:func:`fdboxd.lifecycle.take_carried_manifest`). The reconciled state is
 written as a fresh snapshot before the daemon serves anyone.
+
+Nothing is released here that a failed start would need again: the carried manifest is
+only read (:meth:`fdboxd.store.Store.started` drops it once the daemon has started) and
+LUO FINISHes nothing before then. A start that fails or dies during reconciliation (the
+snapshot cannot be written, a kill at ``reconcile.after_carried_read``) leaves the
+backends as it found them, apart from the LUO sessions of boxes the manifest has open,
+which :func:`_match_preserved` has released (their files are the open boxes', held).
 """
 
 from __future__ import annotations

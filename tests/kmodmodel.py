@@ -66,7 +66,9 @@ _TYPES = {FdType.MEMFD: uapi.EntryType.MEMFD, FdType.MEMFD_HUGETLB: uapi.EntryTy
 # --------------------------------------------------------------------------- the daemon's side
 
 
-def _call(sock: socket.socket, op: str, msg: dict[str, Any], fds: list[int] | None = None) -> tuple[dict[str, Any], list[int]]:
+def _call(sock: socket.socket, op: str, msg: dict[str, Any],
+          fds: list[int] | None = None) -> tuple[dict[str, Any], list[int]]:
+    """One ioctl: a request, a reply; an errno as :class:`fdboxd.uapi.FdboxOSError`."""
     try:
         _send(sock, {"op": op, **msg}, fds or [])
         reply, got = _recv(sock)
