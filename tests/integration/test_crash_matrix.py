@@ -46,6 +46,7 @@ import ast
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ import pytest
 
 import kmodmodel
 import luomodel
-from fdboxtest import DaemonError, DaemonProcess, make_runtime_dir, memfd_with
+from fdboxtest import DaemonError, DaemonProcess, make_runtime_dir, memfd_with, wait_for
 from test_systemd import NotifySocket, launch_activated
 
 from fdboxd.client import Client
@@ -241,6 +242,7 @@ class World:
     maybe: dict[tuple[str, str], str] = field(default_factory=dict)  # the reply never came
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    _syncs: int = 0
 
     def __post_init__(self) -> None:
         rt = make_runtime_dir()
@@ -286,6 +288,7 @@ class World:
         d = self.daemon
         assert d is not None
         env = {**self.env(), "NOTIFY_SOCKET": self.manager.path}
+        self.settle()
         with self.manager.lock:
             kept = sorted(self.manager.store.items())
         if kept:
@@ -293,6 +296,22 @@ class World:
         else:
             d.env = env
             d.start()
+
+    def settle(self) -> None:
+        """Wait until the manager has applied every message the last daemon sent, as
+        systemd has before it starts the unit again (it reads the notify socket in
+        order): a marker datagram queued behind them, then seen. Without it a loaded host
+        restarts from an fd store that misses the last FDSTORE/FDSTOREREMOVE."""
+        self._syncs += 1
+        marker = str(self._syncs)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(f"FDBOX_TEST_SYNC={marker}".encode(), self.manager.path)
+
+        def seen() -> bool:
+            with self.manager.lock:
+                return any(m.get("FDBOX_TEST_SYNC") == marker for m in reversed(self.manager.messages))
+
+        assert wait_for(seen, 60), "the notify socket's reader never got to the marker"
 
     def named(self, mark: int) -> bool:
         assert self.daemon is not None
@@ -333,6 +352,7 @@ class World:
     def kexec(self) -> None:
         """What a kexec does: fdboxd stopped (systemd-shutdown), then the new kernel."""
         self.down("kexec")
+        self.settle()  # the old world's last messages, before its fd store goes
         with self.manager.lock:  # the old world's service manager, and its fd store, are gone
             for fd in self.manager.store.values():
                 os.close(fd)
