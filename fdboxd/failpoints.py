@@ -3,7 +3,8 @@
 Why: fdbox's promise is about the unhappy paths (a restart mid-seal, ENOMEM while
 restoring, a kill between two steps). Those paths are proven by making them happen, one
 step at a time, with the real daemon and real files — not by fakes that share the code's
-assumptions (tests/integration/test_crash_matrix.py walks every failpoint listed here).
+assumptions (tests/integration/test_crash_matrix.py walks every fdboxd failpoint listed here
+but the few it names as off its cycle; docs/operating.md has a row for each).
 
 Set them with one environment variable, read once when this module is imported::
 
