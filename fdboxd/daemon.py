@@ -237,9 +237,11 @@ class Daemon:
         # entries put later are walked until the next restart.
         gc.freeze()
         # Only now, with every file held where a restart finds it again (the fd store's
-        # mirror has them): LUO FINISHes what it carried. A start that failed before this
-        # left every session with its keeper, for the next start to retrieve again.
-        self.backend.started()
+        # mirror has them) and the reconciled snapshot written: the carried manifest is
+        # dropped and LUO FINISHes what it carried. A start that failed before this left
+        # both (every session with its keeper, the carried manifest in the kernel), for the
+        # next start to read again.
+        self.store.started()
         self.systemd.ready()
 
     async def run(self) -> None:

@@ -3,7 +3,8 @@
 Why: fdbox's promise is about the unhappy paths (a restart mid-seal, ENOMEM while
 restoring, a kill between two steps). Those paths are proven by making them happen, one
 step at a time, with the real daemon and real files — not by fakes that share the code's
-assumptions (tests/integration/test_crash_matrix.py walks every failpoint listed here).
+assumptions (tests/integration/test_crash_matrix.py walks every fdboxd failpoint listed here
+but the few it names as off its cycle; docs/operating.md has a row for each).
 
 Set them with one environment variable, read once when this module is imported::
 
@@ -61,6 +62,7 @@ FAILPOINTS: dict[str, str] = {
     "qemu.upgrade.after_switch": "fdbox-qemu upgrade: the new QEMU runs the guest; the old one not yet told to quit",
     "qemu.upgrade.before_migrate": "fdbox-qemu upgrade: the new QEMU listens for the device state; the old one runs",
     "qemu.upgrade.before_switch": "fdbox-qemu upgrade: device state in the new QEMU (paused), the old one postmigrate: nothing runs the guest",
+    "reconcile.after_carried_read": "after a kexec: the carried manifest is read (not dropped); nothing written",
     "remove.before_release": "Remove is journalled; the backend still holds the entry",
     "remove.box_before_release": "DeleteBox is journalled; the backend still holds the box",
     "remove.box_journal": "DeleteBox's journal write: nothing changed yet",
@@ -80,6 +82,7 @@ FAILPOINTS: dict[str, str] = {
     "seal.begin": "seal: every check passed; nothing frozen, opened or sealed",
     "seal.rollback": "seal: a later step failed; a box sealed in the backend is about to be unsealed",
     "start.after_index_rewrite": "start-up: LUO sessions of open boxes released, the index rewritten; the carried manifest not yet",
+    "start.before_carry_drop": "the daemon has started; the manifest carried across the kexec is not dropped yet",
     "start.before_finish": "the daemon has started; an incoming LUO session is about to be FINISHed",
     "unseal.after_carry": "unseal: OPEN journalled, the carried manifest rewritten without the box",
     "unseal.after_journal": "unseal: released, OPEN journalled; the carried manifest still lists the box",

@@ -128,7 +128,19 @@ def seal_begin(store: Store, caller: Caller, box: str | None = None) -> SealPlan
 
 
 def seal_commit(store: Store, plan: SealPlan) -> list[str]:
-    """Record the checksums, seal in the backend, write the manifest (and carry it)."""
+    """Record the checksums, seal in the backend, write the manifest (and carry it).
+
+    What a failure at each step leaves (the failpoints name the steps): before the
+    backend seals anything (``seal.before_preserve``), nothing sealed; after it, the
+    seal is rolled back in reverse: each box sealed in the backend is unsealed
+    (``seal.rollback``), the kinds' carried copies dropped, the boxes journalled open and
+    the manifest carried again without them (a failure of that last write is logged: the
+    next seal, unseal or start rewrites it). An unseal that fails during the rollback
+    raises with that box still sealed in the backend; the next start lists it as the
+    backend holds it. A daemon killed part-way leaves what the manifest recorded (the
+    snapshot is written after the backend seals: ``seal.after_preserve``), and
+    :func:`fdboxd.reconcile.reconcile` matches the backend to it at the next start.
+    """
     try:
         for item in plan.items:
             if item.digest is None:
@@ -190,6 +202,17 @@ def seal_abort(store: Store, plan: SealPlan) -> None:
 
 
 def unseal(store: Store, caller: Caller, box: str) -> None:
+    """Undo a seal: the backend releases the box (a LUO session dropped: unpreserved),
+    then OPEN is journalled, then the carried manifest is rewritten without it.
+
+    A release that fails raises with nothing changed in the store (the backend may have
+    let part go: the next start lists the box as the backend holds it); so does a
+    failure right after it (``unseal.after_release``), over a released box. Once released,
+    the box is open in memory and a failed journal write is logged and kept for the next
+    one (:meth:`~fdboxd.store.Store.record_or_log`). A failure rewriting the carried
+    manifest is logged, never answered: it lists the box until the next seal, unseal or
+    start rewrites it (after a kexec in between the box is not held, so not restored).
+    """
     b = store.find_box(box)
     store.check_box_owner(caller, box)
     if b.state != BoxState.SEALED:
@@ -229,7 +252,11 @@ def finish(store: Store, caller: Caller, box: str | None = None) -> list[str]:
     A box's owner may finish it only while every unclaimed entry in it is theirs (as
     DeleteBox): another user's restored memory is theirs to take, or root's to release
     (``PermissionDenied``). The whole change is journalled before anything is released,
-    so a failed journal write is ``BackendUnavailable`` with nothing changed.
+    so a failed journal write is ``BackendUnavailable`` with nothing changed. Then each
+    unclaimed entry is released: one the backend refuses stays, unclaimed, in the open
+    box (logged, journalled again). Then the backend is told (FINISH): if it refuses,
+    the box is restored again with its claims as they were (the unclaimed entries are
+    gone already) and journalled so, and a Finish again completes it.
     """
     if box is None and not caller.is_root:
         raise FdboxError("PermissionDenied", "only root may finish every box")
@@ -296,7 +323,9 @@ def verify_restored(store: Store) -> list[dict[str, Any]]:
     it is worse than handing none. An entry that cannot be checked now (its restore or
     read failed: ENOMEM with the hugetlb pool not reserved yet, EAGAIN, EBUSY...) is
     kept, restored, with ``extra["unverified"]`` saying why; a Get of it checks it again
-    first (:func:`check_unverified`). Returns the entries dropped.
+    first (:func:`check_unverified`). Returns the entries dropped. A drop the backend
+    refuses still takes the entry out of the store (it is reported lost, never handed
+    out); the backend may then still hold the file, which a restart lists as adopted.
     """
     todo: list[tuple[Box, Entry]] = []
     for b in store.boxes.values():
@@ -407,7 +436,15 @@ def _check_all(items: list[tuple[int, Digest]], mode: Verify) -> list[tuple[str 
 
 
 def carry_manifest(store: Store) -> None:
-    """Put the manifest of every sealed box into the sealed set (kexec-capable backends)."""
+    """Put the manifest of every sealed box into the sealed set (kexec-capable backends).
+
+    Drop before create (the carry box has one name): the one held is dropped first, then
+    the new one is created, filled and sealed. A failure in between leaves no carried
+    manifest (a half-made one is dropped) and raises: a seal then rolls back, an unseal
+    or a start logs it, and the next seal, unseal or start writes it again. A kexec
+    before that carries the sealed boxes without it: the state directory's manifest is
+    then their only record of owners, metadata and checksums.
+    """
     if not store.backend.survives_kexec:
         return
     drop_carry_box(store)
@@ -446,6 +483,10 @@ def carried_boxes(store: Store) -> set[str] | None:
 
 
 def drop_carry_box(store: Store) -> None:
+    """Release the carried manifest held now: unseal it (or FINISH it, restored), then
+    delete its box. A failure between leaves the box held, open or finished: the next
+    drop deletes it. One whose unseal failed stays sealed and crosses: after the kexec it
+    is read as the carried manifest, though it may be older than the boxes it lists."""
     held = store.backend.inventory().get(CARRY_BOX)
     if held is None:
         return
@@ -457,7 +498,13 @@ def drop_carry_box(store: Store) -> None:
 
 
 def take_carried_manifest(store: Store, data: ManifestData, held: dict[str, Any]) -> ManifestData:
-    """After kexec: the manifest that crossed with the data wins for restored boxes."""
+    """After kexec: the manifest that crossed with the data wins for restored boxes.
+
+    Only read: the carried box stays held (restored) until :func:`release_carried`, once
+    the daemon has started and written what it read into its own snapshot. A start that
+    fails or dies before then (the state directory may not have survived the kexec, so
+    the carried manifest is the only record of owners, metadata and checksums) leaves it
+    for the next start to read again. An unreadable one is logged and left too."""
     try:
         fd = store.backend.get(CARRY_BOX, CARRY_ENTRY)
         try:
@@ -467,8 +514,6 @@ def take_carried_manifest(store: Store, data: ManifestData, held: dict[str, Any]
     except (FdboxError, OSError) as e:
         log.error("the manifest carried across kexec is unreadable: %s", e)
         return data
-    finally:
-        drop_carry_box(store)
     for name, box in carried.boxes.items():
         hbox = held.get(name)
         if hbox is not None and hbox.state == BoxState.RESTORED:
@@ -476,6 +521,22 @@ def take_carried_manifest(store: Store, data: ManifestData, held: dict[str, Any]
             data.owners[name] = carried.owners.get(name, 0)
     log.info("restored the manifest of %d sealed boxes from the previous kernel", len(carried.boxes))
     return data
+
+
+def release_carried(store: Store) -> None:
+    """Once started (the reconciled snapshot written, every restored file where a restart
+    finds it): drop the manifest that crossed the kexec (FINISH and DELETE_BOX on fdbox.ko).
+    A failure is logged and changes nothing: the box stays held, and the next seal (which
+    drops it before carrying its own) or a restart reads or drops it again. A kill before
+    the drop leaves it to the next start, which reads it again (the same boxes, restored)."""
+    held = store.backend.inventory().get(CARRY_BOX)
+    if held is None or held.state != BoxState.RESTORED:
+        return
+    try:
+        failpoints.hit("start.before_carry_drop")
+        drop_carry_box(store)
+    except (FdboxError, OSError) as e:
+        log.error("the manifest carried across the kexec not released (%s): the next seal drops it", e)
 
 
 def _read_fd(fd: int) -> bytes:

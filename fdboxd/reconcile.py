@@ -6,6 +6,13 @@ entries a backend holds that the manifest does not know are adopted
 (``store.adopted``); after a kexec, the manifest carried in the sealed set wins for the
 restored boxes (:func:`fdboxd.lifecycle.take_carried_manifest`). The reconciled state is
 written as a fresh snapshot before the daemon serves anyone.
+
+Nothing is released here that a failed start would need again: the carried manifest is
+only read (:meth:`fdboxd.store.Store.started` drops it once the daemon has started) and
+LUO FINISHes nothing before then. A start that fails or dies during reconciliation (the
+snapshot cannot be written, a kill at ``reconcile.after_carried_read``) leaves the
+backends as it found them, apart from the LUO sessions of boxes the manifest has open,
+which :func:`_match_preserved` has released (their files are the open boxes', held).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from . import failpoints
 from .errors import FdboxError
 from .lifecycle import CARRY_BOX, carried_boxes, carry_manifest, take_carried_manifest
 from .manifest import ManifestData, lost_record
@@ -33,6 +41,7 @@ def reconcile(store: Store, data: ManifestData) -> None:
     carried = held.pop(CARRY_BOX, None)
     if carried is not None and carried.state == BoxState.RESTORED:
         data = take_carried_manifest(store, data, held)
+        failpoints.hit("reconcile.after_carried_read")
     if store.side is not store.backend:
         for name, sbox in store.side.inventory().items():
             held.setdefault(name, sbox).entries.update(sbox.entries)
@@ -95,6 +104,9 @@ def _match_preserved(store: Store, recorded: set[str]) -> None:
     sealed = {n for n, b in store.boxes.items() if b.state == BoxState.SEALED}
     keep = sealed | recorded
     store.backend.reconciled(keep | ({CARRY_BOX} if keep else set()))
+    incoming = store.backend.inventory().get(CARRY_BOX)
+    if incoming is not None and incoming.state == BoxState.RESTORED:
+        return  # the manifest that crossed the kexec: dropped once started (lifecycle.release_carried)
     if not store.backend.survives_kexec or not recorded <= sealed or carried_boxes(store) == sealed:
         return
     try:

@@ -137,9 +137,12 @@ class Service:
         return [b for b in self.store.list_boxes(caller) if box is None or b["name"] == box]
 
     def remove(self, caller: Caller, box: str, name: str) -> None:
+        """Journalled before the backend lets go: a failed write is ``BackendUnavailable``
+        with the entry held (:meth:`fdboxd.store.Store.remove`)."""
         self.store.remove(caller, box, name)
 
     def delete_box(self, caller: Caller, box: str) -> None:
+        """As :meth:`remove`, for a whole box (:meth:`fdboxd.store.Store.delete_box`)."""
         self.store.delete_box(caller, box)
 
     # ------------------------------------------------------------------ live update
@@ -165,10 +168,13 @@ class Service:
         return self.preflighter.run(self.store, caller)
 
     def unseal(self, caller: Caller, box: str) -> None:
+        """Done once the box is released and open; what a failure leaves is
+        :func:`fdboxd.lifecycle.unseal`'s."""
         self.store.unseal(caller, box)
 
     def finish(self, caller: Caller, box: str | None) -> list[str]:
-        """End the restore phase of one box, or of every restored box when None (root only)."""
+        """End the restore phase of one box, or of every restored box when None (root only);
+        journalled before anything is released (:func:`fdboxd.lifecycle.finish`)."""
         return self.store.finish(caller, box)
 
     async def restore_into(self, caller: Caller, box: str, name: str, fd: int) -> Entry:

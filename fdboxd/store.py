@@ -252,7 +252,12 @@ class Store:
         return self.put_many(caller, box, [PutItem(name, fd, metadata or {})])[0]
 
     def put_many(self, caller: Caller, box: str, items: list[PutItem]) -> list[Entry]:
-        """Put several entries into one box: all of them, or none."""
+        """Put several entries into one box: all of them, or none. Every check runs before
+        anything is held; then each entry is held by its backend and the whole put is
+        journalled. A backend that refuses an entry, or a journal write that fails
+        (``BackendUnavailable``), undoes what this put held (and the box, if it made it).
+        A daemon killed before the journal write leaves the entries unrecorded: gone with
+        the process on the memory backend, listed as adopted (root's) on fdbox.ko."""
         check_box_name(box)
         if box == CARRY_BOX:
             raise FdboxError("InvalidName", f"box name {box} is reserved for fdboxd", box=box)
@@ -422,7 +427,10 @@ class Store:
             self.emit(Event("entry-removed", box, entry=entry))
 
     def delete_box(self, caller: Caller, box: str) -> None:
-        """Journalled first, as :meth:`remove`: a failed write changes nothing."""
+        """Journalled first, as :meth:`remove`: a failed write changes nothing. A backend
+        that then refuses the delete leaves the box listed, and the journal is told so
+        again; what was let go before the refusal (the main backend's entries, when the
+        side backend refuses) is gone, and the next start reports it lost."""
         b = self.find_box(box)
         self.check_box_owner(caller, box)
         if any(not e.owned_by(caller) for e in b.entries.values()):
@@ -485,7 +493,10 @@ class Store:
         """Hold a new file for an existing entry (a tap recreated after kexec).
 
         The old reference, if the backend still has one, is dropped first; front-ends
-        that mirror held fds (the systemd fdstore) see a removal and an addition.
+        that mirror held fds (the systemd fdstore) see a removal and an addition. A put
+        that fails after that leaves the entry listed with no file held for it: a tap is
+        recreated at the next start; a guest_memfd's carried copy, dropped only after
+        this, is still there for a RestoreInto again.
         """
         backend = self.backend_for(entry.type)
         if backend.inventory().get(box) is None:
@@ -500,6 +511,15 @@ class Store:
     def kind(self, fd_type: FdType) -> Kind:
         """The kind that handles files of ``fd_type`` (:mod:`fdboxd.kinds`)."""
         return self.kinds.of(fd_type)
+
+    def started(self) -> None:
+        """The daemon has started and every entry sits where a restart finds it again:
+        release what only a failed start would have needed, the manifest carried across
+        the kexec first (:func:`fdboxd.lifecycle.release_carried`), then the backend's
+        (:meth:`~fdboxd.backends.base.Backend.started`: LUO FINISHes its incoming sessions).
+        Until then a start that fails or dies leaves both for the next start."""
+        lifecycle.release_carried(self)
+        self.backend.started()
 
     def start_kinds(self) -> None:
         """Once the store serves: each kind brings back what it recreates (taps after a kexec)."""
@@ -702,7 +722,9 @@ class Store:
         return undo
 
     def finish_reopened(self, b: Box) -> None:
-        """The backend's half of reopening (FINISH), once the journal holds the reopened box."""
+        """The backend's half of reopening (FINISH), once the journal holds the reopened box.
+        A FINISH that fails raises with the store's half done: the callers (:meth:`claim`,
+        :func:`fdboxd.lifecycle.finish`) undo it and journal the box restored again."""
         failpoints.hit("restore.before_backend_finish")
         self.backend.finish(b.name)
         self.emit(Event("state-changed", b.name, state=BoxState.OPEN))

@@ -11,7 +11,11 @@ IMAGE_DIR, so it outlives the daemon process:
   ``sealed``;
 - with ``FDBOX_TEST_KEXEC=1`` in the environment the daemon starts "in the next kernel":
   each sealed box comes back ``restored``, its files copied into new memfds (what
-  RESTORE_FD does), and the image is consumed;
+  RESTORE_FD does). As fdbox.ko keeps a restored box until FINISH or DELETE_BOX, the
+  image keeps it too (``IMAGE/.restored/BOX``) until :meth:`~ImageBackend.finish` or
+  :meth:`~ImageBackend.delete_box`: a daemon that dies before it has finished a restored
+  box finds it again, restored, at its next start (a restored box nobody finished is
+  dropped at the next kexec, as it does not cross);
 - open boxes live in the daemon process only (they die with it, as open boxes die with
   the old kernel); guest_memfd and tap are not accepted (the side backend holds them, as
   beside fdbox.ko), so a guest_memfd's carried copy is what crosses;
@@ -19,6 +23,11 @@ IMAGE_DIR, so it outlives the daemon process:
   guest_memfd (tests/vm/gmemstage.py:standin_detect, the VM tier's stand-in: this host's
   /dev/kvm may lack KVM_CAP_GUEST_MEMFD). Only detection is stood in: the seal's copy,
   its carrying, RestoreInto are the real code.
+
+Where it is not fdbox.ko (so it proves the store's half, never backends/kernel.py's): the
+daemon's KernelBackend and uapi.py do not run; an entry of a restored box that was taken
+back and written to comes back with the image's bytes after a daemon restart (fdbox.ko
+keeps the restored memfd itself); open boxes die with the daemon (fdbox.ko keeps them).
 
 It proves the store's half of a live update (tests/unit/test_store_liveupdate.py's
 KexecBackend does the same in-process); the kernel's half is proven in tests/vm.
@@ -37,6 +46,8 @@ from fdboxd.fdtypes import FdInfo, FdType
 from fdboxd.model import BoxState
 
 KEXEC_ENV = "FDBOX_TEST_KEXEC"
+#: Where restored boxes stay until finished or deleted (a dot: never a box name).
+RESTORED = ".restored"
 
 
 class ImageBackend(Backend):
@@ -50,7 +61,14 @@ class ImageBackend(Backend):
         self.image = image
         self.held = MemoryBackend()
         image.mkdir(parents=True, exist_ok=True)
-        for bdir in sorted(p for p in image.iterdir() if p.is_dir()):
+        restored = image / RESTORED
+        if after_kexec:  # the kexec: sealed boxes cross, restored ones nobody finished do not
+            shutil.rmtree(restored, ignore_errors=True)
+            restored.mkdir()
+            for bdir in self._boxdirs(image):
+                os.rename(bdir, restored / bdir.name)
+        for bdir, state in [*((d, BoxState.SEALED) for d in self._boxdirs(image)),
+                            *((d, BoxState.RESTORED) for d in self._boxdirs(restored))]:
             box = bdir.name
             self.held.create_box(box)
             for f in sorted(bdir.iterdir()):
@@ -61,9 +79,13 @@ class ImageBackend(Backend):
                 except BaseException:
                     os.close(fd)
                     raise
-            self.held._boxes[box].state = BoxState.RESTORED if after_kexec else BoxState.SEALED
-            if after_kexec:
-                shutil.rmtree(bdir)
+            self.held._boxes[box].state = state
+
+    @staticmethod
+    def _boxdirs(where: Path) -> list[Path]:
+        if not where.is_dir():
+            return []
+        return sorted(p for p in where.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def accepts(self, fd_type: FdType) -> bool:
         return fd_type in (FdType.MEMFD, FdType.MEMFD_HUGETLB)
@@ -83,6 +105,7 @@ class ImageBackend(Backend):
 
     def remove(self, box: str, name: str) -> None:
         self.held.remove(box, name)
+        (self.image / RESTORED / box / name).unlink(missing_ok=True)  # a restored entry released
 
     def seal(self, box: str) -> None:
         tmp = self.image / f".{box}.tmp"
@@ -112,6 +135,7 @@ class ImageBackend(Backend):
 
     def _forget(self, box: str) -> None:
         shutil.rmtree(self.image / box, ignore_errors=True)
+        shutil.rmtree(self.image / RESTORED / box, ignore_errors=True)
 
 
 def main() -> int:

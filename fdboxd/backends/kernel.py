@@ -181,7 +181,9 @@ class KernelBackend(Backend):
             raise _error(e, box) from None
 
     def finish(self, box: str) -> None:
-        """End a restored box's restore phase; entries never filled are freed."""
+        """End a restored box's restore phase; entries never filled are freed. ``EBADFD``
+        (not restored: a FINISH that went through before a crash) is done; any other
+        error leaves the box restored with every entry, and a Finish again completes it."""
         try:
             self.dev.finish(box)
         except uapi.FdboxOSError as e:

@@ -2,13 +2,16 @@
 kill, on the host; after a restart nothing acknowledged is lost without being named.
 
 Cells: backend × failpoint × action. Backends: ``memory`` (its entries cross a restart
-through the fd store, never a kexec: after one they must be *reported* lost) and ``luo-model``
+through the fd store, never a kexec: after one they must be *reported* lost),
+``kernel-model`` (``--backend kernel``, the real KernelBackend, on tests/kmodmodel.py, a
+host-side /dev/fdbox whose boxes outlive every daemon, with a model kexec) and ``luo-model``
 (``--backend liveupdate`` on tests/luomodel.py, the host-side /dev/liveupdate, with its
-holder process and a model kexec). The ``kernel`` backend needs fdbox.ko and is not on
-the host. Failpoints: every name in :data:`fdboxd.failpoints.FAILPOINTS` under
+holder process and a model kexec). ``auto`` (LUO beside fdbox.ko) is not a column: its
+own code is the split of mixed.py, whose one failpoint needs both devices. Failpoints: every name in :data:`fdboxd.failpoints.FAILPOINTS` under
 :data:`PREFIXES`, so a point added anywhere joins the matrix by being declared; a cell
 exists where the backend's path can reach the point (:func:`off_path` says why not).
-Actions: ``error(EIO)`` (every hit in that daemon process) and ``kill`` (SIGKILL).
+Actions: ``error(EIO)`` (every hit in that daemon process) and ``kill`` (SIGKILL); the
+kernel-model column runs ``kill`` only unless ``FDBOX_CRASH_MATRIX=all`` (:data:`SHORT`).
 
 One cell is one small world (a model, a state dir, a service manager) driven through one
 cycle: put, seal, unseal, remove + put, seal all (:data:`STEPS`), a restart as a package
@@ -26,6 +29,8 @@ restart that follows a fault, after the upgrade, and after a last restart:
 - no LUO session is left without an owner: each outgoing session is held by a live
   process and is one the daemon accounts for (a sealed box, the index, the carried
   manifest); no incoming session is left unretrieved; the device is not held;
+- fdbox.ko (model) holds exactly the boxes the daemon lists, in the same states with the
+  same entries, and a sealed carried manifest while any box is sealed;
 - the next seal / model kexec / restore works and brings back every sealed entry
   byte for byte (memory: reports each lost).
 
@@ -41,6 +46,7 @@ import ast
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,30 +55,38 @@ from typing import Any
 
 import pytest
 
+import kmodmodel
 import luomodel
-from fdboxtest import DaemonError, DaemonProcess, make_runtime_dir, memfd_with
+from fdboxtest import DaemonError, DaemonProcess, make_runtime_dir, memfd_with, wait_for
 from test_systemd import NotifySocket, launch_activated
 
 from fdboxd.client import Client
 from fdboxd.errors import FdboxError
 from fdboxd.failpoints import FAILPOINTS
+from fdboxd.lifecycle import CARRY_BOX
 
 PREFIXES = ("seal.", "unseal.", "restore.", "start.", "reconcile.", "adopt.", "finish.", "put.", "remove.",
             "manifest.", "journal.")
 POINTS = sorted(n for n in FAILPOINTS if n.startswith(PREFIXES))
 ACTIONS = {"error": "error(EIO)", "kill": "kill"}
-BACKENDS = ("memory", "luo-model")
+#: Actions a column runs by default, where not all (CI time: about 3 s of CPU a cell).
+#: The kernel column's case is the kill: what the dead daemon left in fdbox.ko, which
+#: outlives it, is what only this column has; an error there runs the same rollback as
+#: in the other columns, with a live daemon to undo it (all 48 of its cells passed when
+#: the column was added). ``FDBOX_CRASH_MATRIX=all`` runs every action everywhere.
+SHORT: dict[str, tuple[str, ...]] = {"kernel-model": ("kill",)}
+BACKENDS = ("memory", "kernel-model", "luo-model")
 REPO = Path(__file__).resolve().parents[2]
 
 #: Files on one backend's path only: a point hit nowhere else gets cells on those
-#: backends alone (a LiveupdateBackend is a MemoryBackend; fdbox.ko's are not on the host).
+#: backends alone (a LiveupdateBackend is a MemoryBackend; auto's mixed.py needs both devices).
 BACKEND_FILES: dict[str, frozenset[str]] = {
     "fdboxd/backends/liveupdate.py": frozenset({"luo-model"}),
     "fdboxd/backends/luo_holder.py": frozenset({"luo-model"}),
     "fdboxd/uapi_luo.py": frozenset({"luo-model"}),
-    "fdboxd/backends/kernel.py": frozenset(),
+    "fdboxd/backends/kernel.py": frozenset({"kernel-model"}),
     "fdboxd/backends/mixed.py": frozenset(),
-    "fdboxd/uapi.py": frozenset(),
+    "fdboxd/uapi.py": frozenset({"kernel-model"}),
 }
 
 
@@ -114,7 +128,10 @@ OFF_CYCLE: dict[str, str] = {
 #: Prefixes a backend never reaches → why (no cells for that backend).
 OFF_BACKEND: dict[str, dict[str, str]] = {
     "memory": {"restore.": "nothing crosses a kexec on memory: nothing is restored",
-               "finish.": "nothing crosses a kexec on memory: nothing is finished"},
+               "finish.": "nothing crosses a kexec on memory: nothing is finished",
+               "reconcile.after_carried_read": "nothing crosses a kexec on memory: no manifest is carried",
+               "start.before_carry_drop": "nothing crosses a kexec on memory: no manifest is carried"},
+    "kernel-model": {"adopt.": "fdbox.ko holds every entry: nothing is mirrored into the fd store, nothing adopted"},
 }
 
 #: Failpoints reached only when the model's kexec damages a carried file: point → (box's
@@ -144,9 +161,15 @@ def off_path(backend: str, point: str, hits: dict[str, set[str]]) -> str | None:
     for prefix, why in [*OFF_CYCLE.items(), *OFF_BACKEND.get(backend, {}).items()]:
         if point.startswith(prefix):
             return why
-    if point in CORRUPT and backend != "luo-model":
+    if point in CORRUPT and backend == "memory":
         return "needs a carried file damaged in flight (the model's kexec)"
     return None
+
+
+def actions_of(backend: str) -> tuple[str, ...]:
+    if os.environ.get("FDBOX_CRASH_MATRIX") == "all":
+        return tuple(ACTIONS)
+    return SHORT.get(backend, tuple(ACTIONS))
 
 
 def on_path(backend: str, point: str, hits: dict[str, set[str]]) -> bool:
@@ -159,7 +182,7 @@ def _cells() -> Iterator[Any]:
         for point in POINTS:
             if not on_path(backend, point, hits):
                 continue  # the matrix's print lists why
-            for action in ACTIONS:
+            for action in actions_of(backend):
                 marks = [NEEDS_ROOT] if backend == "luo-model" else []
                 reason = _known(backend, point, action)
                 if reason:
@@ -168,6 +191,18 @@ def _cells() -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------- the world
+
+
+class KernelModelDaemon(DaemonProcess):
+    """fdboxd on tests/kmodmodel.py's /dev/fdbox (``--backend kernel``)."""
+
+    def __init__(self, runtime_dir: Path, model_dir: Path, args: list[str]) -> None:
+        super().__init__(runtime_dir, args)
+        self.model_dir = model_dir
+
+    def command(self) -> list[str]:
+        return kmodmodel.daemon_command(self.model_dir, ["--socket", self.socket, "--state-dir", self.state_dir,
+                                                         "--log-level", "debug", *self.args])
 
 
 class ModelDaemon(DaemonProcess):
@@ -199,7 +234,7 @@ class World:
     point: str
     spec: str
     root: Path
-    model: luomodel.ModelProcess | None = None
+    model: luomodel.ModelProcess | kmodmodel.ModelProcess | None = None
     daemon: DaemonProcess | None = None
     armed: bool = True
     fired: list[str] = field(default_factory=list)
@@ -207,6 +242,7 @@ class World:
     maybe: dict[tuple[str, str], str] = field(default_factory=dict)  # the reply never came
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    _syncs: int = 0
 
     def __post_init__(self) -> None:
         rt = make_runtime_dir()
@@ -214,6 +250,9 @@ class World:
         if self.backend == "luo-model":
             self.model = luomodel.ModelProcess(self.root / "model")
             self.daemon = ModelDaemon(rt, self.root / "model", ["--backend", "liveupdate", "--liveupdate-wait", "1"])
+        elif self.backend == "kernel-model":
+            self.model = kmodmodel.ModelProcess(self.root / "model")
+            self.daemon = KernelModelDaemon(rt, self.root / "model", ["--backend", "kernel"])
         else:
             self.daemon = DaemonProcess(rt, ["--backend", "memory"])
         self.runtime = rt
@@ -249,6 +288,7 @@ class World:
         d = self.daemon
         assert d is not None
         env = {**self.env(), "NOTIFY_SOCKET": self.manager.path}
+        self.settle()
         with self.manager.lock:
             kept = sorted(self.manager.store.items())
         if kept:
@@ -256,6 +296,22 @@ class World:
         else:
             d.env = env
             d.start()
+
+    def settle(self) -> None:
+        """Wait until the manager has applied every message the last daemon sent, as
+        systemd has before it starts the unit again (it reads the notify socket in
+        order): a marker datagram queued behind them, then seen. Without it a loaded host
+        restarts from an fd store that misses the last FDSTORE/FDSTOREREMOVE."""
+        self._syncs += 1
+        marker = str(self._syncs)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(f"FDBOX_TEST_SYNC={marker}".encode(), self.manager.path)
+
+        def seen() -> bool:
+            with self.manager.lock:
+                return any(m.get("FDBOX_TEST_SYNC") == marker for m in reversed(self.manager.messages))
+
+        assert wait_for(seen, 60), "the notify socket's reader never got to the marker"
 
     def named(self, mark: int) -> bool:
         assert self.daemon is not None
@@ -296,6 +352,7 @@ class World:
     def kexec(self) -> None:
         """What a kexec does: fdboxd stopped (systemd-shutdown), then the new kernel."""
         self.down("kexec")
+        self.settle()  # the old world's last messages, before its fd store goes
         with self.manager.lock:  # the old world's service manager, and its fd store, are gone
             for fd in self.manager.store.values():
                 os.close(fd)
@@ -334,7 +391,7 @@ class World:
     def check(self, when: str) -> None:
         """The invariants, now: what a restart after the fault left (added to problems)."""
         with self.client() as c:
-            self.problems += check_accounted(self, c, when) + check_sessions(self, c, when)
+            self.problems += check_accounted(self, c, when) + check_sessions(self, c, when) + check_kernel(self, c, when)
 
     def close(self) -> None:
         if self.daemon is not None:
@@ -456,8 +513,33 @@ def check_accounted(w: World, c: Client, when: str) -> list[str]:
     return problems
 
 
+def check_kernel(w: World, c: Client, when: str) -> list[str]:
+    """What fdbox.ko (the model) holds is what the daemon lists: nothing held unaccounted."""
+    if not isinstance(w.model, kmodmodel.ModelProcess):
+        return []
+    kboxes = w.model.state()["boxes"]
+    listing = c.list()
+    states = {b["name"]: b["state"] for b in listing["boxes"]}
+    entries: dict[str, set[str]] = {}
+    for e in listing["entries"]:
+        entries.setdefault(e["box"], set()).add(e["name"])
+    problems = []
+    carried = kboxes.pop(CARRY_BOX, None)
+    if any(s == "sealed" for s in states.values()) and (carried is None or carried["state"] != "sealed"):
+        problems.append(f"{when}: boxes are sealed, and fdbox.ko holds no sealed carried manifest ({carried})")
+    for name, kb in sorted(kboxes.items()):
+        if name not in states:
+            problems.append(f"{when}: fdbox.ko holds box {name} ({kb['state']}) the daemon does not list")
+        elif kb["state"] != states[name] or set(kb["entries"]) != entries.get(name, set()):
+            problems.append(f"{when}: box {name}: fdbox.ko holds {kb['state']} {kb['entries']}, the daemon "
+                            f"lists {states[name]} {sorted(entries.get(name, set()))}")
+    for name in sorted(set(states) - set(kboxes)):
+        problems.append(f"{when}: the daemon lists box {name}, fdbox.ko does not hold it")
+    return problems
+
+
 def check_sessions(w: World, c: Client, when: str) -> list[str]:
-    if w.model is None:
+    if not isinstance(w.model, luomodel.ModelProcess):
         return []
     st = w.model.state()
     _held, _lost, states = held_and_lost(c)
@@ -510,6 +592,7 @@ def final_round(w: World) -> list[str]:
                 problems.append(f"after the final kexec: {key[0]}/{key[1]} did not cross "
                                 f"({'reported lost' if key in lost else 'not even reported'})")
         problems += check_sessions(w, c, "after the final restore")
+        problems += check_kernel(w, c, "after the final restore")
     return problems
 
 
@@ -525,6 +608,9 @@ def _print_matrix(request: pytest.FixtureRequest) -> Iterator[None]:
             why = off_path(backend, point, hits)
             if why:
                 lines.append(f"  no cell {backend}:{point}: {why}")
+    for backend, acts in SHORT.items():
+        if actions_of(backend) == acts:
+            lines.append(f"  {backend}: {', '.join(acts)} only (FDBOX_CRASH_MATRIX=all runs every action)")
     width = max(len(p) for _b, p, _a in _RESULTS) + 2
     for backend in BACKENDS:
         lines.append(f"  [{backend}]")
@@ -551,6 +637,7 @@ def test_cell(backend: str, point: str, action: str, tmp_path: Path) -> None:
         with w.client() as c:
             problems += check_accounted(w, c, "after the restart")
             problems += check_sessions(w, c, "after the restart")
+            problems += check_kernel(w, c, "after the restart")
         problems += final_round(w)
         outcome = (f"fired in {w.fired[0]}; " if w.fired else "NOT REACHED; ") + (
             "ok" if not problems else f"{len(problems)} problems" + (" (xfail: known)"

@@ -134,3 +134,41 @@ def test_the_readmes_first_steps_print_what_they_say(tmp_path: Path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"fd 3 is notes\n{hostname}" in p.stdout, p.stdout
     assert p.stdout.count(hostname) >= 2, p.stdout  # --out - and cat <&3
+
+
+CRASH_TABLE = "### Failure by failure: the crash matrix"
+
+
+def _crash_table_rows() -> list[list[str]]:
+    """The cells of each row of operating.md's failure table (header and rule skipped)."""
+    text = (REPO / "docs" / "operating.md").read_text()
+    assert CRASH_TABLE in text, f"docs/operating.md lost its section {CRASH_TABLE!r}"
+    rows, started = [], False
+    for line in text.split(CRASH_TABLE, 1)[1].split("\n"):
+        if line.startswith("|"):
+            started = True
+            rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+        elif started:
+            break
+    return rows[2:]
+
+
+def test_every_failpoint_has_its_row_in_the_crash_table():
+    """docs/operating.md says, for every failpoint (and so for every cell of the crash
+    matrix), what fdbox does and what the operator does: one row each (grouped where the
+    outcome is the same), never a name that is not declared."""
+    from test_crash_matrix import POINTS
+
+    from fdboxd.failpoints import FAILPOINTS
+
+    rows = _crash_table_rows()
+    named: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        assert len(row) == 3 and all(row), f"row {i + 1} of the crash table wants 3 filled cells: {row}"
+        for name in re.findall(r"`([a-z_]+(?:\.[a-z_]+)+)`", row[0].split(" (", 1)[0]):
+            assert name not in named, f"{name} has two rows in the crash table"
+            named[name] = i
+    undeclared = sorted(set(named) - set(FAILPOINTS))
+    assert not undeclared, f"the crash table names failpoints fdboxd/failpoints.py does not declare: {undeclared}"
+    missing = sorted((set(FAILPOINTS) | set(POINTS)) - set(named))
+    assert not missing, f"failpoints without a row in docs/operating.md's crash table: {missing}"

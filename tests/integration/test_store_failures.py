@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fdboxtest import REPO, DaemonProcess, make_runtime_dir, memfd_with, pattern, sha256_of_fd, wait_for
+from fdboxtest import REPO, DaemonError, DaemonProcess, make_runtime_dir, memfd_with, pattern, sha256_of_fd, wait_for
 
 from fdboxd.errors import FdboxError
 from fdboxd.manifest import FILENAME, JOURNAL
@@ -417,3 +417,90 @@ def test_finish_that_the_backend_refuses_leaves_the_box_restored_and_finish_agai
         assert c.status()["restored"] == 1  # as the backend has it
         assert c.finish("vm1") == ["vm1"]
         assert set(entries(c)) == {"vm1/ram0"} and c.status()["restored"] == 0
+
+
+# ---------------------------------------------------------------------- the carried manifest
+
+
+def test_a_start_killed_after_reading_the_carried_manifest_loses_nothing_at_the_next(standin):
+    """Create before drop: the manifest carried in the sealed set is the only record of
+    owners, metadata and checksums when the state directory did not survive the kexec; a
+    start killed after reading it (before it has written its own) must leave it where the
+    next start reads it again (the kernel backend dropped it at once)."""
+    ram = pattern(1 << 16, seed=7)
+    standin.start()
+    with standin.client() as c:
+        fd = memfd_with(ram)
+        try:
+            c.put("vm1", "ram0", fd, metadata={"vm": "one"})
+        finally:
+            os.close(fd)
+        assert c.seal("vm1") == ["vm1"]
+    standin.stop()
+    shutil.rmtree(standin.state_dir)  # a state directory that did not survive the kexec
+    standin.with_env(FDBOX_TEST_KEXEC="1", FDBOX_FAILPOINTS="reconcile.after_carried_read=kill")
+    with pytest.raises(DaemonError, match="-9"):
+        standin.start()
+    standin.kill()
+    standin.with_env().start()  # the same kernel: the restored box is still held
+    with standin.client() as c:
+        st = c.status()
+        assert st["adopted"] == [] and st["lost"] == [], st
+        listed = entries(c)
+        assert set(listed) == {"vm1/ram0"}
+        assert listed["vm1/ram0"].get("metadata") == {"vm": "one"}, listed
+        assert c.list()["boxes"][0]["state"] == "restored"
+        entry, fd = c.get("vm1", "ram0")
+        try:
+            assert sha256_of_fd(fd) == hashlib.sha256(ram).hexdigest()
+        finally:
+            os.close(fd)
+
+
+def test_on_the_kernel_backend_a_start_killed_after_reading_the_carried_manifest_loses_nothing(tmp_path):
+    """The same on ``--backend kernel`` itself (tests/kmodmodel.py's /dev/fdbox): the
+    module keeps the restored boxes and the carried manifest until the started daemon
+    drops it, whatever happened to the state directory."""
+    import kmodmodel
+
+    class KernelDaemon(DaemonProcess):
+        def command(self) -> list[str]:
+            return kmodmodel.daemon_command(tmp_path / "model", ["--socket", self.socket, "--state-dir",
+                                                                 self.state_dir, "--backend", "kernel"])
+
+    model = kmodmodel.ModelProcess(tmp_path / "model")
+    rt = make_runtime_dir()
+    d = KernelDaemon(rt)
+    ram = pattern(1 << 16, seed=8)
+    try:
+        d.start()
+        with d.client() as c:
+            fd = memfd_with(ram)
+            try:
+                c.put("vm1", "ram0", fd, metadata={"vm": "one"})
+            finally:
+                os.close(fd)
+            assert c.seal("vm1") == ["vm1"]
+        d.stop()
+        model.kexec()
+        shutil.rmtree(d.state_dir)  # a state directory that did not survive the kexec
+        d.env = {"FDBOX_FAILPOINTS": "reconcile.after_carried_read=kill"}
+        with pytest.raises(DaemonError, match="-9"):
+            d.start()
+        d.kill()
+        d.env = {}
+        d.start()
+        with d.client() as c:
+            st = c.status()
+            assert st["adopted"] == [] and st["lost"] == [], st
+            assert entries(c)["vm1/ram0"].get("metadata") == {"vm": "one"}
+            entry, fd = c.get("vm1", "ram0")
+            try:
+                assert sha256_of_fd(fd) == hashlib.sha256(ram).hexdigest()
+            finally:
+                os.close(fd)
+        assert "fdboxd.manifest" not in model.state()["boxes"]  # dropped once started
+    finally:
+        d.kill()
+        model.stop()
+        shutil.rmtree(rt, ignore_errors=True)

@@ -92,7 +92,9 @@ def test_restore_after_kexec_uses_carried_manifest(sealed, tmp_path):
     entries = new.list(ALICE, "vm1")
     assert [(e.name, e.uid, e.metadata["slot"]) for e in entries] == [("ram0", 1000, "0"), ("ram1", 1000, "1"), ("ram2", 1000, "2")]
     assert new.verify_restored() == []
-    assert CARRY_BOX not in new.backend.inventory()  # read once, then released
+    assert CARRY_BOX in new.backend.inventory()  # read, and kept until the daemon has started
+    new.started()
+    assert CARRY_BOX not in new.backend.inventory()  # then released
     with pytest.raises(FdboxError) as err:
         new.get(Caller(1001, 1001), "vm1", "ram0")
     assert err.value.name == "NotFound"  # another user's entry: as if missing
