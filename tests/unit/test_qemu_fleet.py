@@ -98,7 +98,10 @@ def test_qemu_processes_of_another_user_do_not_count(tmp_path):
     try:
         assert wait_for(lambda: os.path.exists(f"/proc/{other}") and b"-qmp" in open(f"/proc/{other}/cmdline", "rb").read(), 10)
         assert os.stat(f"/proc/{other}").st_uid == 65534
-        assert fleet.qemu_processes(str(run)) == {"mine": mine.pid}
+        # Until its exec, /proc/PID/cmdline of ``mine`` is still pytest's: wait for it too
+        # (the other's is in already, so an answer counting it never equals this).
+        assert wait_for(lambda: fleet.qemu_processes(str(run)) == {"mine": mine.pid}, 10), \
+            fleet.qemu_processes(str(run))
         assert fleet.running_vms(str(run)) == {"mine": mine.pid}
     finally:
         mine.kill()
