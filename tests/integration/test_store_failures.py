@@ -422,20 +422,39 @@ def test_finish_that_the_backend_refuses_leaves_the_box_restored_and_finish_agai
 # ---------------------------------------------------------------------- the carried manifest
 
 
-def test_a_start_killed_after_reading_the_carried_manifest_loses_nothing_at_the_next(standin):
-    """Create before drop: the manifest carried in the sealed set is the only record of
-    owners, metadata and checksums when the state directory did not survive the kexec; a
-    start killed after reading it (before it has written its own) must leave it where the
-    next start reads it again (the kernel backend dropped it at once)."""
-    ram = pattern(1 << 16, seed=7)
-    standin.start()
-    with standin.client() as c:
+def put_one_with_metadata_and_seal(d: DaemonProcess, ram: bytes) -> None:
+    """vm1/ram0 holding ``ram``, metadata ``{"vm": "one"}``, sealed: what the carried
+    manifest must bring back when the state directory does not survive the kexec."""
+    with d.client() as c:
         fd = memfd_with(ram)
         try:
             c.put("vm1", "ram0", fd, metadata={"vm": "one"})
         finally:
             os.close(fd)
         assert c.seal("vm1") == ["vm1"]
+
+
+def assert_back_with_its_record(c, ram: bytes) -> None:  # type: ignore[no-untyped-def]
+    """vm1/ram0 is back whole: nothing adopted or lost, its metadata and its bytes."""
+    st = c.status()
+    assert st["adopted"] == [] and st["lost"] == [], st
+    listed = entries(c)
+    assert set(listed) == {"vm1/ram0"}
+    assert listed["vm1/ram0"].get("metadata") == {"vm": "one"}, listed
+    entry, fd = c.get("vm1", "ram0")
+    try:
+        assert sha256_of_fd(fd) == hashlib.sha256(ram).hexdigest()
+    finally:
+        os.close(fd)
+
+
+def test_a_start_killed_after_reading_the_carried_manifest_loses_nothing_at_the_next(standin):
+    """Create before drop: the manifest carried in the sealed set is the only record of
+    owners, metadata and checksums when the state directory did not survive the kexec; a
+    start killed after reading it (before it has written its own) must leave it where the
+    next start reads it again (the kernel backend dropped it at once)."""
+    ram = pattern(1 << 16, seed=7)
+    put_one_with_metadata_and_seal(standin.start(), ram)
     standin.stop()
     shutil.rmtree(standin.state_dir)  # a state directory that did not survive the kexec
     standin.with_env(FDBOX_TEST_KEXEC="1", FDBOX_FAILPOINTS="reconcile.after_carried_read=kill")
@@ -444,17 +463,8 @@ def test_a_start_killed_after_reading_the_carried_manifest_loses_nothing_at_the_
     standin.kill()
     standin.with_env().start()  # the same kernel: the restored box is still held
     with standin.client() as c:
-        st = c.status()
-        assert st["adopted"] == [] and st["lost"] == [], st
-        listed = entries(c)
-        assert set(listed) == {"vm1/ram0"}
-        assert listed["vm1/ram0"].get("metadata") == {"vm": "one"}, listed
         assert c.list()["boxes"][0]["state"] == "restored"
-        entry, fd = c.get("vm1", "ram0")
-        try:
-            assert sha256_of_fd(fd) == hashlib.sha256(ram).hexdigest()
-        finally:
-            os.close(fd)
+        assert_back_with_its_record(c, ram)
 
 
 def test_on_the_kernel_backend_a_start_killed_after_reading_the_carried_manifest_loses_nothing(tmp_path):
@@ -473,14 +483,7 @@ def test_on_the_kernel_backend_a_start_killed_after_reading_the_carried_manifest
     d = KernelDaemon(rt)
     ram = pattern(1 << 16, seed=8)
     try:
-        d.start()
-        with d.client() as c:
-            fd = memfd_with(ram)
-            try:
-                c.put("vm1", "ram0", fd, metadata={"vm": "one"})
-            finally:
-                os.close(fd)
-            assert c.seal("vm1") == ["vm1"]
+        put_one_with_metadata_and_seal(d.start(), ram)
         d.stop()
         model.kexec()
         shutil.rmtree(d.state_dir)  # a state directory that did not survive the kexec
@@ -491,14 +494,7 @@ def test_on_the_kernel_backend_a_start_killed_after_reading_the_carried_manifest
         d.env = {}
         d.start()
         with d.client() as c:
-            st = c.status()
-            assert st["adopted"] == [] and st["lost"] == [], st
-            assert entries(c)["vm1/ram0"].get("metadata") == {"vm": "one"}
-            entry, fd = c.get("vm1", "ram0")
-            try:
-                assert sha256_of_fd(fd) == hashlib.sha256(ram).hexdigest()
-            finally:
-                os.close(fd)
+            assert_back_with_its_record(c, ram)
         assert "fdboxd.manifest" not in model.state()["boxes"]  # dropped once started
     finally:
         d.kill()
