@@ -192,9 +192,7 @@ def test_upgrade_whose_new_qemu_dies_before_the_switch(uvm):
         assert wait_for(mig.exists, 60), "the new QEMU never listened for the device state"
         from fdboxd.qemu import fleet
 
-        new = [pid for pid in _pids_with(str(mig.parent)) if pid != p.pid]
-        assert len(new) == 1, new
-        os.kill(new[0], signal.SIGKILL)
+        _kill_the_new_qemu(str(mig.parent), p.pid)
         out, err = up.communicate(timeout=60)
     finally:
         if up.poll() is None:
@@ -249,9 +247,7 @@ def test_upgrade_of_two_where_one_new_qemu_dies(two):
     try:
         assert wait_for(lambda: all((udir / f"{v.name}.mig").exists() for v in two), 60), \
             "the new QEMUs never listened for the device state"
-        new1 = [pid for pid in _pids_with(str(udir / "vm1.qmp")) if pid != procs[0].pid]
-        assert len(new1) == 1, new1
-        os.kill(new1[0], signal.SIGKILL)
+        _kill_the_new_qemu(str(udir / "vm1.qmp"), procs[0].pid)
         out, err = up.communicate(timeout=60)
     finally:
         if up.poll() is None:
@@ -296,6 +292,14 @@ def test_upgrade_killed_midway_is_finished_by_the_next(uvm, point):
     assert stranded == [out["old_pid"]], (stranded, out)
     assert p.wait(30) == 0
     _runs_on(uvm)
+
+
+def _kill_the_new_qemu(text: str, old_pid: int) -> None:
+    """SIGKILL the one process besides ``old_pid`` whose command line holds ``text``: the
+    new QEMU an upgrade started, before its switch."""
+    new = [pid for pid in _pids_with(text) if pid != old_pid]
+    assert len(new) == 1, new
+    os.kill(new[0], signal.SIGKILL)
 
 
 def _pids_with(text: str) -> list[int]:
