@@ -41,7 +41,6 @@ import os
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from luomodel import _recv, _send  # noqa: E402  the same wire: JSON datagrams, SCM_RIGHTS
+from luomodel import _recv, _send, end_server, spawn_server  # noqa: E402  the same wire and server process
 
 from fdboxd import uapi  # noqa: E402
 from fdboxd.fdtypes import FdType, detect  # noqa: E402
@@ -183,18 +182,8 @@ class ModelProcess:
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.socket_path = str(self.dir / SOCKET_NAME)
-        with open(self.dir / "model.log", "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "serve", str(self.dir)],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                         close_fds=True)
-        assert self.proc.stdout is not None
-        with self.proc.stdout:
-            line = self.proc.stdout.readline()
-        if line.strip() != b"ready":
-            self.proc.kill()
-            raise RuntimeError(f"fdbox.ko model did not start: {(self.dir / 'model.log').read_text()}")
+        self.proc = spawn_server(__file__, self.dir, "fdbox.ko model")
 
     def call(self, what: str, **kw: Any) -> dict[str, Any]:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -220,13 +209,7 @@ class ModelProcess:
         self.call("corrupt", box=box, index=index)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_server(self.proc)
 
 
 # --------------------------------------------------------------------------- the model (the kernel)

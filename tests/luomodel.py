@@ -236,6 +236,34 @@ def install(socket_path: str | Path) -> None:
 # --------------------------------------------------------------------------- the test's hand
 
 
+def spawn_server(script: str | Path, directory: Path, what: str) -> subprocess.Popen[bytes]:
+    """``python3 SCRIPT serve DIR`` (a model's server: this one, or tests/kmodmodel.py's),
+    returned once it printed ``ready``; its stderr goes to ``DIR/model.log``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "model.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, str(Path(script).resolve()), "serve", str(directory)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, close_fds=True)
+    assert proc.stdout is not None
+    with proc.stdout:
+        line = proc.stdout.readline()
+    if line.strip() != b"ready":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{what} did not start: {(directory / 'model.log').read_text()}")
+    return proc
+
+
+def end_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a model's server, SIGKILL after 10 s; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ModelControl:
     """The test's view of a running model: state, kexec, stop."""
 
@@ -277,17 +305,7 @@ class ModelProcess(ModelControl):
 
     def __init__(self, directory: str | Path) -> None:
         super().__init__(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "model.log", "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "serve", str(self.dir)],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                         close_fds=True)
-        assert self.proc.stdout is not None
-        with self.proc.stdout:
-            line = self.proc.stdout.readline()
-        if line.strip() != b"ready":
-            self.proc.kill()
-            raise RuntimeError(f"LUO model did not start: {(self.dir / 'model.log').read_text()}")
+        self.proc = spawn_server(__file__, self.dir, "LUO model")
 
     @property
     def pid(self) -> int:
@@ -299,12 +317,7 @@ class ModelProcess(ModelControl):
                 self.call("kill_world")
             except OSError:
                 pass
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_server(self.proc)
 
     def __enter__(self) -> ModelProcess:
         return self
